@@ -1,0 +1,126 @@
+//! Typed errors, one enum per layer.
+
+use std::path::PathBuf;
+
+use crate::raft::{Index, NodeId};
+
+/// Errors of a [`Storage`](crate::storage::Storage) implementation.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// An operating-system IO error on a file. `op` names the operation ("write", "fsync", ...).
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// The operation that failed.
+        op: &'static str,
+        /// The file or directory it failed on.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The disk is full. What was durable before stays durable; retry once space is free.
+    #[error("no space left on device writing {path}")]
+    NoSpace {
+        /// The file being written.
+        path: PathBuf,
+    },
+    /// A file's content is damaged in a way that is not a torn tail write.
+    #[error("corrupt {path} at offset {offset}: {reason}")]
+    Corrupt {
+        /// The damaged file.
+        path: PathBuf,
+        /// Byte offset of the damage.
+        offset: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A file belongs to another cluster or node, or has an unknown format version.
+    #[error("{path} belongs elsewhere: {reason}")]
+    WrongIdentity {
+        /// The refused file.
+        path: PathBuf,
+        /// Expected versus found.
+        reason: String,
+    },
+    /// The requested index is below the first retained index (covered by the snapshot).
+    #[error("index {0} is compacted away")]
+    Compacted(Index),
+    /// The requested index is above the last index.
+    #[error("index {0} is not in the log")]
+    Unavailable(Index),
+    /// The caller broke the trait's contract (for example a gap between appended entries).
+    #[error("invalid storage call: {0}")]
+    Invalid(String),
+    /// A previous fsync failed; the storage refuses all further work (the page cache may have
+    /// dropped the dirty pages, so a retry that "succeeds" would prove nothing).
+    #[error("storage is poisoned by an earlier fsync failure")]
+    Poisoned,
+}
+
+/// Why [`Node::propose`](crate::Node::propose) failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProposeError {
+    /// This node is not the leader. Retry on `leader` if it is known.
+    #[error("not the leader (leader: {leader:?})")]
+    NotLeader {
+        /// The leader this node knows of.
+        leader: Option<NodeId>,
+    },
+    /// The command did not commit here within the deadline. It may still commit later.
+    #[error("timed out; the command may or may not be applied")]
+    Timeout,
+    /// Leadership changed and the command's log slot was taken by another entry: it was not
+    /// applied and never will be.
+    #[error("dropped by a leader change; not applied")]
+    Dropped,
+    /// Too many uncommitted commands are in flight; retry later.
+    #[error("too many proposals in flight")]
+    Busy,
+    /// The node is shut down (or stopped after a fatal storage error).
+    #[error("node is shut down")]
+    Shutdown,
+}
+
+/// Why the core refused a proposal.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CoreProposeError {
+    /// Only a leader takes proposals.
+    #[error("not the leader (leader: {leader:?})")]
+    NotLeader {
+        /// The leader this node knows of.
+        leader: Option<NodeId>,
+    },
+    /// The uncommitted tail already holds `max_uncommitted_bytes`.
+    #[error("too many uncommitted bytes")]
+    Busy,
+}
+
+/// Errors of a [`Transport`](crate::transport::Transport).
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The peer is unknown to the transport.
+    #[error("unknown peer {0}")]
+    UnknownPeer(NodeId),
+    /// The message could not be delivered (the transport may retry or drop; Raft tolerates loss).
+    #[error("send to {peer} failed: {reason}")]
+    Unreachable {
+        /// Receiver.
+        peer: NodeId,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Errors starting or running a [`Node`](crate::Node).
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// Storage failed (fatal: the node stopped).
+    #[error("storage: {0}")]
+    Storage(#[from] StorageError),
+    /// The configuration is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The node thread could not be started.
+    #[error("could not start the node thread: {0}")]
+    Spawn(std::io::Error),
+}

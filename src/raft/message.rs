@@ -1,0 +1,241 @@
+//! Wire types of the Raft core: log entries, hard state and the messages peers exchange.
+//!
+//! Everything here is plain data with serde derives, so a host transport can encode it with any
+//! serde format (the crate itself uses postcard). Payloads are reference-counted byte slices:
+//! cloning an [`Entry`] to send it to several followers never copies the command bytes.
+
+use std::fmt;
+use std::sync::Arc;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Identifies a node of the cluster. `0` is reserved and never a valid node id.
+pub type NodeId = u64;
+/// A Raft term. Terms start at 0 and only grow.
+pub type Term = u64;
+/// A log index. The first real entry has index 1; index 0 is the empty log's sentinel.
+pub type Index = u64;
+
+/// An immutable, cheaply clonable byte string (a command, or a chunk of a snapshot).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Payload(Arc<[u8]>);
+
+impl Payload {
+    /// The bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+    /// Number of bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    /// True when there are no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl From<Vec<u8>> for Payload {
+    fn from(v: Vec<u8>) -> Self {
+        Payload(v.into())
+    }
+}
+impl From<&[u8]> for Payload {
+    fn from(v: &[u8]) -> Self {
+        Payload(v.into())
+    }
+}
+impl<const N: usize> From<&[u8; N]> for Payload {
+    fn from(v: &[u8; N]) -> Self {
+        Payload(v.as_slice().into())
+    }
+}
+impl From<&str> for Payload {
+    fn from(v: &str) -> Self {
+        Payload(v.as_bytes().into())
+    }
+}
+impl AsRef<[u8]> for Payload {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+impl fmt::Debug for Payload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match std::str::from_utf8(&self.0) {
+            Ok(s) if self.0.len() <= 64 => write!(f, "{s:?}"),
+            _ => write!(f, "<{} bytes>", self.0.len()),
+        }
+    }
+}
+
+impl Serialize for Payload {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Payload {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct BytesVisitor;
+        impl<'de> serde::de::Visitor<'de> for BytesVisitor {
+            type Value = Payload;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a byte string")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Payload, E> {
+                Ok(Payload::from(v))
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Payload, E> {
+                Ok(Payload::from(v))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Payload, A::Error> {
+                let mut v = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 20));
+                while let Some(b) = seq.next_element::<u8>()? {
+                    v.push(b);
+                }
+                Ok(Payload::from(v))
+            }
+        }
+        d.deserialize_bytes(BytesVisitor)
+    }
+}
+
+/// What a log entry carries.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EntryPayload {
+    /// The empty entry a new leader appends to commit entries of earlier terms (Raft §5.4.2).
+    /// It never reaches the state machine.
+    Noop,
+    /// A command proposed by a client, applied to the state machine once committed.
+    Command(Payload),
+}
+
+/// One log entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Position in the log (1-based).
+    pub index: Index,
+    /// Term of the leader that created the entry.
+    pub term: Term,
+    /// What the entry carries.
+    pub payload: EntryPayload,
+}
+
+/// Bytes an entry accounts for in batch and memory limits (payload plus a fixed header).
+pub const ENTRY_OVERHEAD: u64 = 24;
+
+impl Entry {
+    /// Size used for batching limits: payload bytes plus [`ENTRY_OVERHEAD`].
+    pub fn size(&self) -> u64 {
+        ENTRY_OVERHEAD
+            + match &self.payload {
+                EntryPayload::Noop => 0,
+                EntryPayload::Command(p) => p.len() as u64,
+            }
+    }
+    /// The command bytes, if this is a user command.
+    pub fn command(&self) -> Option<&Payload> {
+        match &self.payload {
+            EntryPayload::Command(p) => Some(p),
+            EntryPayload::Noop => None,
+        }
+    }
+}
+
+/// The state that must be durable before the node relies on it: current term and vote.
+///
+/// The commit index is deliberately not part of it: it is re-learned from the leader.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HardState {
+    /// The latest term this node has seen.
+    pub term: Term,
+    /// The candidate this node voted for in `term`, if any.
+    pub vote: Option<NodeId>,
+}
+
+/// Identifies the last log entry a snapshot covers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotMeta {
+    /// Index of the last entry included in the snapshot (0 for "no snapshot").
+    pub index: Index,
+    /// Term of that entry.
+    pub term: Term,
+}
+
+/// A message between two Raft nodes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    /// Sender.
+    pub from: NodeId,
+    /// Receiver.
+    pub to: NodeId,
+    /// Sender's term (for a pre-vote request: the term the sender would campaign in).
+    pub term: Term,
+    /// What the message says.
+    pub body: MessageBody,
+}
+
+/// The kinds of [`Message`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MessageBody {
+    /// RequestVote (or PreVote when `pre_vote`), with the candidate's last log position.
+    Vote {
+        /// A pre-vote asks "would you vote for me" without anyone changing term.
+        pre_vote: bool,
+        /// Index of the candidate's last log entry.
+        last_index: Index,
+        /// Term of the candidate's last log entry.
+        last_term: Term,
+    },
+    /// Answer to [`MessageBody::Vote`].
+    VoteResponse {
+        /// Answers a pre-vote.
+        pre_vote: bool,
+        /// Whether the vote was granted.
+        granted: bool,
+    },
+    /// AppendEntries: entries following `(prev_index, prev_term)`, and the leader's commit index.
+    Append {
+        /// Index of the entry just before `entries`.
+        prev_index: Index,
+        /// Term of that entry.
+        prev_term: Term,
+        /// Entries to store (may be empty).
+        entries: Vec<Entry>,
+        /// The leader's commit index.
+        commit: Index,
+    },
+    /// Answer to [`MessageBody::Append`].
+    AppendResponse(AppendResponse),
+    /// Leader heartbeat. `commit` is capped at what the follower is known to hold.
+    Heartbeat {
+        /// Commit index the follower may adopt.
+        commit: Index,
+    },
+    /// Answer to [`MessageBody::Heartbeat`].
+    HeartbeatResponse,
+}
+
+/// Outcome of an AppendEntries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AppendResponse {
+    /// The follower's log now matches the leader's up to `match_index` (and it is durable).
+    Accepted {
+        /// Highest index known to match the leader's log.
+        match_index: Index,
+    },
+    /// The consistency check failed at `rejected_index` (the request's `prev_index`).
+    ///
+    /// `hint_index`/`hint_term` let the leader skip a whole term of conflicting entries per
+    /// round trip: the follower's entry at `hint_index` has term `hint_term`, the largest index
+    /// not above `rejected_index` whose term is not above the request's `prev_term`.
+    Rejected {
+        /// The `prev_index` that failed the check.
+        rejected_index: Index,
+        /// Probe hint: an index of the follower's log...
+        hint_index: Index,
+        /// ...and the follower's term there.
+        hint_term: Term,
+    },
+}

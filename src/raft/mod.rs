@@ -1,0 +1,3 @@
+//! The IO-free Raft core.
+mod message;
+pub use message::*;

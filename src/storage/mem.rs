@@ -1,0 +1,308 @@
+//! [`MemStorage`]: the storage in memory, with an explicit durability point.
+//!
+//! It keeps two copies of the state: `current` (every write) and `durable` (the writes up to
+//! the last `sync`). Writes are recorded as operations and replayed onto `durable` at `sync`,
+//! so a sync costs what was written since the last one, not the size of the log.
+//! [`MemStorage::crash`] throws away what was not synced, which is what the simulation uses to
+//! model a power loss. Clones share the same state (a handle for tests to look inside).
+
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use super::{InitialState, PersistedSize, Storage};
+use crate::error::StorageError;
+use crate::raft::{Entry, HardState, Index, SnapshotMeta, Term};
+
+/// Bytes a hard state accounts for in [`PersistedSize::log_bytes`].
+const HARD_STATE_BYTES: u64 = 24;
+
+#[derive(Clone, Debug, Default)]
+struct State {
+    hard_state: HardState,
+    snapshot: SnapshotMeta,
+    snapshot_data: Arc<[u8]>,
+    /// Entries `snapshot.index + 1 ..`.
+    entries: Vec<Entry>,
+    /// Sum of `Entry::size` over `entries`.
+    log_bytes: u64,
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    HardState(HardState),
+    Append(Vec<Entry>),
+    Truncate(Index),
+}
+
+impl State {
+    fn first_index(&self) -> Index {
+        self.snapshot.index + 1
+    }
+    fn last_index(&self) -> Index {
+        self.snapshot.index + self.entries.len() as u64
+    }
+    fn truncate(&mut self, from: Index) {
+        let keep = from.saturating_sub(self.first_index()) as usize;
+        if keep < self.entries.len() {
+            let removed: u64 = self.entries[keep..].iter().map(Entry::size).sum();
+            self.log_bytes -= removed;
+            self.entries.truncate(keep);
+        }
+    }
+    fn apply(&mut self, op: &Op) {
+        match op {
+            Op::HardState(hs) => self.hard_state = *hs,
+            Op::Truncate(from) => self.truncate(*from),
+            Op::Append(entries) => {
+                if let Some(first) = entries.first() {
+                    self.truncate(first.index);
+                    self.log_bytes += entries.iter().map(Entry::size).sum::<u64>();
+                    self.entries.extend_from_slice(entries);
+                }
+            }
+        }
+    }
+    fn compact(&mut self, through: Index) {
+        let drop = through.saturating_sub(self.snapshot.index) as usize;
+        let drop = drop.min(self.entries.len());
+        let removed: u64 = self.entries[..drop].iter().map(Entry::size).sum();
+        self.log_bytes -= removed;
+        self.entries.drain(..drop);
+    }
+    fn install_snapshot(&mut self, meta: SnapshotMeta, data: Arc<[u8]>) {
+        let matches = meta.index >= self.first_index()
+            && meta.index <= self.last_index()
+            && self.entries[(meta.index - self.first_index()) as usize].term == meta.term;
+        if matches {
+            // Keep the entries after the snapshot, drop the covered ones.
+            let keep_from = (meta.index + 1 - self.first_index()) as usize;
+            self.entries.drain(..keep_from);
+        } else {
+            self.entries.clear();
+        }
+        self.log_bytes = self.entries.iter().map(Entry::size).sum();
+        self.snapshot = meta;
+        self.snapshot_data = data;
+    }
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    current: State,
+    durable: State,
+    pending: Vec<Op>,
+    syncs: u64,
+}
+
+/// In-memory [`Storage`]. Cheap to clone; clones share one state.
+///
+/// ```
+/// use raftkv::storage::{MemStorage, Storage};
+/// use raftkv::raft::{Entry, EntryPayload, HardState};
+///
+/// let mut s = MemStorage::new();
+/// s.set_hard_state(HardState { term: 1, vote: Some(1) }).unwrap();
+/// s.append(&[Entry { index: 1, term: 1, payload: EntryPayload::Noop }]).unwrap();
+/// s.crash(); // nothing was synced
+/// assert_eq!(s.last_index(), 0);
+/// s.append(&[Entry { index: 1, term: 1, payload: EntryPayload::Noop }]).unwrap();
+/// s.sync().unwrap();
+/// s.crash();
+/// assert_eq!(s.last_index(), 1);
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct MemStorage {
+    inner: Arc<Mutex<Inner>>,
+}
+
+impl MemStorage {
+    /// An empty storage (term 0, no vote, empty log, no snapshot).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Simulates a power loss: every write since the last successful `sync` is lost.
+    pub fn crash(&self) {
+        let mut inner = self.inner.lock();
+        inner.pending.clear();
+        inner.current = inner.durable.clone();
+    }
+
+    /// The durable hard state (what a crash would keep).
+    pub fn durable_hard_state(&self) -> HardState {
+        self.inner.lock().durable.hard_state
+    }
+
+    /// The durable log's last index (what a crash would keep).
+    pub fn durable_last_index(&self) -> Index {
+        self.inner.lock().durable.last_index()
+    }
+
+    /// The durable entries (what a crash would keep).
+    pub fn durable_entries(&self) -> Vec<Entry> {
+        self.inner.lock().durable.entries.clone()
+    }
+
+    /// How many times `sync` has been called.
+    pub fn sync_count(&self) -> u64 {
+        self.inner.lock().syncs
+    }
+
+    fn check_range(state: &State, index: Index) -> Result<(), StorageError> {
+        if index < state.first_index() {
+            return Err(StorageError::Compacted(index));
+        }
+        if index > state.last_index() {
+            return Err(StorageError::Unavailable(index));
+        }
+        Ok(())
+    }
+}
+
+impl Storage for MemStorage {
+    fn initial_state(&self) -> Result<InitialState, StorageError> {
+        let inner = self.inner.lock();
+        let s = &inner.current;
+        Ok(InitialState {
+            hard_state: s.hard_state,
+            snapshot: s.snapshot,
+            first_index: s.first_index(),
+            last_index: s.last_index(),
+        })
+    }
+
+    fn first_index(&self) -> Index {
+        self.inner.lock().current.first_index()
+    }
+
+    fn last_index(&self) -> Index {
+        self.inner.lock().current.last_index()
+    }
+
+    fn term(&self, index: Index) -> Result<Term, StorageError> {
+        let inner = self.inner.lock();
+        let s = &inner.current;
+        if index == s.snapshot.index {
+            return Ok(s.snapshot.term);
+        }
+        Self::check_range(s, index)?;
+        Ok(s.entries[(index - s.first_index()) as usize].term)
+    }
+
+    fn entries(&self, lo: Index, hi: Index, max_bytes: u64) -> Result<Vec<Entry>, StorageError> {
+        let inner = self.inner.lock();
+        let s = &inner.current;
+        if lo >= hi {
+            return Ok(Vec::new());
+        }
+        Self::check_range(s, lo)?;
+        Self::check_range(s, hi - 1)?;
+        let from = (lo - s.first_index()) as usize;
+        let to = (hi - s.first_index()) as usize;
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for e in &s.entries[from..to] {
+            bytes += e.size();
+            if !out.is_empty() && bytes > max_bytes {
+                break;
+            }
+            out.push(e.clone());
+        }
+        Ok(out)
+    }
+
+    fn set_hard_state(&mut self, hard_state: HardState) -> Result<(), StorageError> {
+        let mut inner = self.inner.lock();
+        let op = Op::HardState(hard_state);
+        inner.current.apply(&op);
+        inner.pending.push(op);
+        Ok(())
+    }
+
+    fn append(&mut self, entries: &[Entry]) -> Result<(), StorageError> {
+        let Some(first) = entries.first() else {
+            return Ok(());
+        };
+        let mut inner = self.inner.lock();
+        let s = &inner.current;
+        if first.index < s.first_index() || first.index > s.last_index() + 1 {
+            return Err(StorageError::Invalid(format!(
+                "append at {} outside {}..={}",
+                first.index,
+                s.first_index(),
+                s.last_index() + 1
+            )));
+        }
+        if entries.windows(2).any(|w| w[1].index != w[0].index + 1) {
+            return Err(StorageError::Invalid("appended entries are not contiguous".into()));
+        }
+        let op = Op::Append(entries.to_vec());
+        inner.current.apply(&op);
+        inner.pending.push(op);
+        Ok(())
+    }
+
+    fn truncate_suffix(&mut self, from: Index) -> Result<(), StorageError> {
+        let mut inner = self.inner.lock();
+        if from < inner.current.first_index() {
+            return Err(StorageError::Compacted(from));
+        }
+        let op = Op::Truncate(from);
+        inner.current.apply(&op);
+        inner.pending.push(op);
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<(), StorageError> {
+        let mut inner = self.inner.lock();
+        let Inner {
+            pending, durable, ..
+        } = &mut *inner;
+        for op in pending.drain(..) {
+            durable.apply(&op);
+        }
+        inner.syncs += 1;
+        Ok(())
+    }
+
+    fn save_snapshot(&mut self, meta: SnapshotMeta, data: &[u8]) -> Result<(), StorageError> {
+        self.sync()?;
+        let mut inner = self.inner.lock();
+        if meta.index <= inner.current.snapshot.index {
+            return Ok(()); // never move backwards
+        }
+        let data: Arc<[u8]> = data.into();
+        inner.current.install_snapshot(meta, data.clone());
+        inner.durable.install_snapshot(meta, data);
+        Ok(())
+    }
+
+    fn snapshot(&self) -> Result<Option<(SnapshotMeta, Vec<u8>)>, StorageError> {
+        let inner = self.inner.lock();
+        let s = &inner.current;
+        Ok((s.snapshot.index > 0).then(|| (s.snapshot, s.snapshot_data.to_vec())))
+    }
+
+    fn compact(&mut self, through: Index) -> Result<(), StorageError> {
+        self.sync()?;
+        let mut inner = self.inner.lock();
+        if through > inner.current.snapshot.index {
+            return Err(StorageError::Invalid(format!(
+                "compact through {through} beyond snapshot {}",
+                inner.current.snapshot.index
+            )));
+        }
+        inner.current.compact(through);
+        inner.durable.compact(through);
+        Ok(())
+    }
+
+    fn persisted_size(&self) -> PersistedSize {
+        let inner = self.inner.lock();
+        PersistedSize {
+            log_bytes: HARD_STATE_BYTES + inner.durable.log_bytes,
+            snapshot_bytes: inner.durable.snapshot_data.len() as u64,
+        }
+    }
+}
