@@ -1,3 +1,19 @@
-//! The IO-free Raft core.
+//! The IO-free Raft core: [`RaftCore`] and the types it speaks.
+//!
+//! Nothing in here touches clocks, threads, sockets, files or global randomness; the host
+//! drives it (see [`Ready`] for the contract) — the crate's own driver is [`crate::Node`], and
+//! the simulation in `testing` drives it with virtual time.
+
+mod config;
+mod core;
+mod log;
 mod message;
-pub use message::*;
+mod progress;
+mod rng;
+
+pub use self::config::Config;
+pub use self::core::{PersistAck, Proposed, RaftCore, Ready, Role, Status};
+pub use self::log::RaftLog;
+pub use self::message::*;
+pub use self::progress::{Progress, ProgressState};
+pub use self::rng::Rng;

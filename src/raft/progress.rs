@@ -1,0 +1,170 @@
+//! [`Progress`]: what a leader knows about one follower's log, and how it replicates to it.
+//!
+//! Modes (as in etcd-io/raft):
+//! - **Probe**: the leader does not know where the follower's log matches. It sends one
+//!   AppendEntries at a time and waits for the answer (or the next heartbeat response) before
+//!   sending another, backing `next_index` up on each rejection.
+//! - **Replicate**: the follower matches; the leader streams entries optimistically, advancing
+//!   `next_index` as it sends, with at most `max_inflight` unacknowledged messages.
+//!
+//! Invariants: `match_index < next_index`; in Replicate mode the in-flight window holds the last
+//! index of each unacknowledged message, increasing, all `>= next_index - 1`... and all
+//! `> match_index`.
+
+use std::collections::VecDeque;
+
+use super::Index;
+
+/// Replication mode of a follower.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProgressState {
+    /// One probe at a time until the match point is found.
+    Probe,
+    /// Streaming, pipelined.
+    Replicate,
+}
+
+/// A leader's view of one follower.
+#[derive(Clone, Debug)]
+pub struct Progress {
+    /// Highest index known to be stored (durably) on the follower.
+    pub match_index: Index,
+    /// Next index to send.
+    pub next_index: Index,
+    /// Replication mode.
+    pub state: ProgressState,
+    /// Probe mode: a probe is outstanding, so do not send another.
+    probe_sent: bool,
+    /// Replicate mode: last index of each unacknowledged AppendEntries, oldest first.
+    inflight: VecDeque<Index>,
+    max_inflight: usize,
+    /// Heard from since the last check-quorum round.
+    pub recent_active: bool,
+}
+
+impl Progress {
+    /// A follower in probe mode, about to be sent `next_index`.
+    pub fn new(next_index: Index, max_inflight: usize) -> Self {
+        Progress {
+            match_index: 0,
+            next_index,
+            state: ProgressState::Probe,
+            probe_sent: false,
+            inflight: VecDeque::with_capacity(max_inflight.min(1024)),
+            max_inflight,
+            recent_active: true,
+        }
+    }
+
+    /// Number of unacknowledged AppendEntries (Replicate mode).
+    pub fn inflight(&self) -> usize {
+        self.inflight.len()
+    }
+
+    /// True if nothing may be sent now.
+    pub fn is_paused(&self) -> bool {
+        match self.state {
+            ProgressState::Probe => self.probe_sent,
+            ProgressState::Replicate => self.inflight.len() >= self.max_inflight,
+        }
+    }
+
+    /// Switches to probing from just after the match point.
+    pub fn become_probe(&mut self) {
+        self.state = ProgressState::Probe;
+        self.next_index = self.match_index + 1;
+        self.probe_sent = false;
+        self.inflight.clear();
+    }
+
+    /// Switches to streaming from just after the match point.
+    pub fn become_replicate(&mut self) {
+        self.state = ProgressState::Replicate;
+        self.next_index = self.match_index + 1;
+        self.inflight.clear();
+    }
+
+    /// Records that an AppendEntries ending at `last_index` was sent.
+    pub fn sent(&mut self, last_index: Index, had_entries: bool) {
+        match self.state {
+            ProgressState::Probe => self.probe_sent = true,
+            ProgressState::Replicate => {
+                if had_entries {
+                    self.next_index = last_index + 1;
+                    self.inflight.push_back(last_index);
+                }
+            }
+        }
+    }
+
+    /// Lets a new probe go out (a heartbeat response arrived).
+    pub fn resume(&mut self) {
+        self.probe_sent = false;
+    }
+
+    /// The follower stores everything through `index`. Returns true if that is news.
+    pub fn maybe_update(&mut self, index: Index) -> bool {
+        let updated = index > self.match_index;
+        if updated {
+            self.match_index = index;
+            self.probe_sent = false;
+        }
+        self.next_index = self.next_index.max(index + 1);
+        while self.inflight.front().is_some_and(|&i| i <= index) {
+            self.inflight.pop_front();
+        }
+        updated
+    }
+
+    /// The follower rejected an AppendEntries whose `prev_index` was `rejected`; `probe_hint`
+    /// is where the leader should look next. Returns false if the rejection is stale.
+    pub fn maybe_decrease_to(&mut self, rejected: Index, probe_hint: Index) -> bool {
+        match self.state {
+            ProgressState::Replicate => {
+                if rejected <= self.match_index {
+                    return false;
+                }
+                self.become_probe();
+                true
+            }
+            ProgressState::Probe => {
+                if self.next_index == 0 || self.next_index - 1 != rejected {
+                    return false;
+                }
+                self.next_index = rejected.min(probe_hint + 1).max(self.match_index + 1);
+                self.probe_sent = false;
+                true
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replicate_window_pauses_and_frees() {
+        let mut p = Progress::new(1, 2);
+        p.maybe_update(0);
+        p.become_replicate();
+        p.sent(5, true);
+        p.sent(9, true);
+        assert!(p.is_paused());
+        assert_eq!(p.next_index, 10);
+        assert!(p.maybe_update(5));
+        assert!(!p.is_paused());
+        assert!(!p.maybe_update(3));
+    }
+
+    #[test]
+    fn probe_backs_up_only_on_fresh_rejections() {
+        let mut p = Progress::new(11, 4);
+        p.sent(10, true);
+        assert!(p.is_paused());
+        assert!(!p.maybe_decrease_to(7, 3)); // stale
+        assert!(p.maybe_decrease_to(10, 3));
+        assert_eq!(p.next_index, 4);
+        assert!(!p.is_paused());
+    }
+}
