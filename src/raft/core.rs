@@ -739,11 +739,28 @@ impl RaftCore {
                 p.maybe_decrease_to(rejected_index, probe);
             }
             MessageBody::HeartbeatResponse => {
+                let last = self.log.last_index();
                 let Some(p) = self.progress.get_mut(&from) else {
                     return;
                 };
                 p.recent_active = true;
                 p.resume();
+                if p.state == ProgressState::Replicate && p.match_index < p.sent_at_heartbeat.min(last) {
+                    // Appends in flight may have been lost (the window may even be full of
+                    // them). An empty append at `next_index` settles it: accepted, it frees
+                    // the window; rejected, it sends the follower back to probing.
+                    let prev_index = p.next_index - 1;
+                    if let Some(prev_term) = self.log.term(prev_index) {
+                        let commit = self.log.commit();
+                        let body = MessageBody::Append {
+                            prev_index,
+                            prev_term,
+                            entries: vec![],
+                            commit,
+                        };
+                        self.send(from, body, Dispatch::Now);
+                    }
+                }
             }
             _ => {}
         }
@@ -825,8 +842,11 @@ impl RaftCore {
         let commit = self.log.commit();
         let beats: Vec<(NodeId, Index)> = self
             .progress
-            .iter()
-            .map(|(&id, p)| (id, p.match_index.min(commit)))
+            .iter_mut()
+            .map(|(&id, p)| {
+                p.sent_at_heartbeat = p.next_index - 1;
+                (id, p.match_index.min(commit))
+            })
             .collect();
         for (to, commit) in beats {
             self.send(to, MessageBody::Heartbeat { commit }, Dispatch::Now);

@@ -40,6 +40,9 @@ pub struct Progress {
     max_inflight: usize,
     /// Heard from since the last check-quorum round.
     pub recent_active: bool,
+    /// Last index sent when the latest heartbeat left. If the heartbeat's answer comes back
+    /// while `match_index` is still below it, appends were probably lost.
+    pub sent_at_heartbeat: Index,
 }
 
 impl Progress {
@@ -53,6 +56,7 @@ impl Progress {
             inflight: VecDeque::with_capacity(max_inflight.min(1024)),
             max_inflight,
             recent_active: true,
+            sent_at_heartbeat: 0,
         }
     }
 

@@ -46,6 +46,8 @@ pub struct Traffic {
     pub count: u64,
     /// Approximate encoded bytes of those messages.
     pub bytes: u64,
+    /// Log entries those messages carried.
+    pub entries: u64,
 }
 
 /// Short name of a message's kind, the key of the traffic counters.
@@ -128,6 +130,9 @@ impl Network {
         let t = self.traffic.entry(kind_of(m)).or_default();
         t.count += 1;
         t.bytes += approx_size(m);
+        if let MessageBody::Append { entries, .. } = &m.body {
+            t.entries += entries.len() as u64;
+        }
         if !self.connected(m.from, m.to) || rng.chance(self.config.drop_rate) {
             return Vec::new();
         }

@@ -79,6 +79,9 @@ pub struct Acknowledged<O> {
 
 enum EventKind {
     Tick(NodeId),
+    /// Hand out the node's pending work (scheduled by proposals, so that proposals made
+    /// together are batched as a real driver batches them).
+    Process(NodeId),
     Deliver(Message),
     Persisted {
         node: NodeId,
@@ -339,6 +342,7 @@ impl<M: StateMachine> Cluster<M> {
                 let every = self.config.tick_ms;
                 self.schedule(every, EventKind::Tick(id));
             }
+            EventKind::Process(id) => self.process(id),
             EventKind::Deliver(m) => {
                 let to = m.to;
                 if let Some(core) = self.nodes.get_mut(&to).and_then(|n| n.core.as_mut()) {
@@ -424,7 +428,8 @@ impl<M: StateMachine> Cluster<M> {
             .map(|(id, _)| id)
     }
 
-    /// Proposes `command` on node `id` (which must think it is leader).
+    /// Proposes `command` on node `id` (which must think it is leader). The node hands out
+    /// its work at the next step, so proposals made back to back go out in one batch.
     pub fn propose(
         &mut self,
         id: NodeId,
@@ -438,7 +443,7 @@ impl<M: StateMachine> Cluster<M> {
         let proposed = core.propose(command.clone())?;
         node.pending
             .insert(proposed.index, (proposed.term, command));
-        self.process(id);
+        self.schedule(0, EventKind::Process(id));
         Ok(proposed)
     }
 
