@@ -3,19 +3,24 @@
 //! at the end every acknowledged command must be committed.
 //! `RAFTKV_SEEDS=n` runs more seeds, `RAFTKV_SEED=s` replays one.
 //!
-//! # How we checked that these tests catch real bugs
-//! Each mutation below was applied to `src/raft` by hand, the suite run, and the mutation
-//! reverted (`cargo test --features testing --test sim_crash --test sim_replication`):
-//! - *Commit by counting replicas of an earlier-term entry* (drop the `term == self.term`
-//!   check in `maybe_commit`): `figure8_reliable` and `figure8_unreliable` fail with
-//!   "node N committed a different entry at I than another node" within a few seeds.
-//! - *Grant votes without the up-to-date check* (`granted = can_vote`): `churn_*` and
-//!   `figure8_*` fail with a leader-completeness or committed-entry violation.
-//! - *Acknowledge appends before they are durable* (respond with `Dispatch::Now`):
-//!   `persistence_across_whole_cluster_crashes` fails with "acknowledged command ... is not
-//!   committed" or a committed-entry violation.
-//! - *Forget the vote on restart* (restore with `vote: None`): `churn_reliable` fails with
-//!   "two leaders in term T".
+//! # How we checked that the suites catch real bugs
+//! Each mutation below was applied to `src/raft/core.rs` by hand and the suites run with
+//! `RAFTKV_SEEDS=300 cargo test --release --no-fail-fast --features testing --test core_scripted
+//! --test sim_crash --test sim_replication --test sim_election`; then the mutation was reverted.
+//! Results as of the first version of this suite:
+//! - *Commit an earlier-term entry by counting replicas* (drop `term == self.term` in
+//!   `maybe_commit`): caught by `core_scripted::a_leader_commits_earlier_term_entries_only_...`.
+//!   The randomized `figure8_*` tests did **not** catch it in 300 seeds: a new leader's no-op
+//!   usually travels with the older entries, so the dangerous window is tiny. That is why the
+//!   scripted story exists.
+//! - *Grant votes without the up-to-date check*: caught by `churn_*`, `figure8_*`,
+//!   `many_elections_under_partition_churn`, `rejoin_old_leader` ("leader completeness: leader
+//!   L of term T lacks committed entry I") and by `core_scripted::votes_go_only_to_...`.
+//! - *Acknowledge appends before they are durable* (`Dispatch::Now` for AppendResponse):
+//!   caught by `persistence_across_single_node_crashes`, `persistence_across_whole_cluster_crashes`,
+//!   `churn_*` and `core_scripted::messages_that_depend_on_durable_state_wait_for_it`.
+//! - *Forget the vote on restart*: caught by `churn_unreliable` (seed 23: "two leaders in
+//!   term 9") and `core_scripted::a_restarted_node_keeps_its_term_vote_and_log`.
 
 use raftkv::raft::{NodeId, Rng};
 use raftkv::testing::{for_each_seed, Cluster, NetworkConfig, RecordingMachine, SimConfig};
@@ -25,11 +30,21 @@ type Sim = Cluster<RecordingMachine>;
 fn cluster(nodes: usize, seed: u64, network: NetworkConfig) -> Sim {
     let mut cfg = SimConfig::new(nodes, seed);
     cfg.network = network;
+    // Small batches and windows (on some seeds one entry per message, as in the paper) so
+    // that a new leader's no-op does not always travel with the older entries before it:
+    // that is what makes the Figure 8 situation reachable.
+    let mut rng = Rng::new(seed ^ 0xBA7C);
+    cfg.raft.max_append_entries = [1, 2, 4, 256][rng.range(0, 4) as usize];
+    cfg.raft.max_inflight = [1, 2, 8, 64][rng.range(0, 4) as usize];
     Cluster::new(cfg, |_| RecordingMachine::default())
 }
 
 fn commands(c: &Sim, id: NodeId) -> Vec<Vec<u8>> {
-    c.machine(id).commands().iter().map(|(_, p)| p.as_bytes().to_vec()).collect()
+    c.machine(id)
+        .commands()
+        .iter()
+        .map(|(_, p)| p.as_bytes().to_vec())
+        .collect()
 }
 
 /// Heals everything, restarts crashed nodes, commits one more command and checks that all
@@ -52,11 +67,19 @@ fn settle_and_check(c: &mut Sim) {
         }
     }
     let (index, _) = done.expect("the healed cluster commits a final command");
-    let ok = c.run_until(5_000, |c| c.node_ids().iter().all(|&i| c.status(i).unwrap().applied_index >= index));
+    let ok = c.run_until(5_000, |c| {
+        c.node_ids()
+            .iter()
+            .all(|&i| c.status(i).unwrap().applied_index >= index)
+    });
     assert!(ok, "not every node applied the final command");
     let reference = commands(c, c.node_ids()[0]);
     for id in c.node_ids() {
-        assert_eq!(commands(c, id), reference, "node {id} applied a different sequence");
+        assert_eq!(
+            commands(c, id),
+            reference,
+            "node {id} applied a different sequence"
+        );
     }
     c.assert_acknowledged_committed();
 }
@@ -68,9 +91,14 @@ fn persistence_across_single_node_crashes() {
         let mut rng = Rng::new(seed);
         for round in 0..6 {
             let l = c.run_until_leader(5_000).expect("leader");
-            c.propose_and_wait(l, format!("r{round}").as_str(), 2_000).expect("commit");
+            c.propose_and_wait(l, format!("r{round}").as_str(), 2_000)
+                .expect("commit");
             // Crash the leader or a follower, then bring it back.
-            let victim = if rng.chance(0.5) { l } else { c.node_ids()[rng.range(0, 3) as usize] };
+            let victim = if rng.chance(0.5) {
+                l
+            } else {
+                c.node_ids()[rng.range(0, 3) as usize]
+            };
             c.crash(victim);
             c.run_for(rng.range(0, 800));
             c.restart(victim);
@@ -89,7 +117,8 @@ fn persistence_across_whole_cluster_crashes() {
             let l = c.run_until_leader(5_000).expect("leader");
             // Some commands are acknowledged, some are still in flight when the power goes.
             for i in 0..5 {
-                c.propose_and_wait(l, format!("r{round}-{i}").as_str(), 2_000).expect("commit");
+                c.propose_and_wait(l, format!("r{round}-{i}").as_str(), 2_000)
+                    .expect("commit");
             }
             for i in 0..5 {
                 let _ = c.propose(l, format!("r{round}-inflight{i}").as_str());
@@ -119,7 +148,11 @@ fn figure8(seed: u64, network: NetworkConfig, iterations: usize) {
         if let Some(l) = c.leader() {
             let _ = c.propose(l, format!("f{i}").as_str());
         }
-        let pause = if rng.chance(0.1) { rng.range(0, 500) } else { rng.range(0, 13) };
+        let pause = if rng.chance(0.1) {
+            rng.range(0, 500)
+        } else {
+            rng.range(0, 13)
+        };
         c.run_for(pause);
         if let Some(l) = c.leader() {
             c.crash(l);
@@ -148,12 +181,16 @@ fn figure8(seed: u64, network: NetworkConfig, iterations: usize) {
 
 #[test]
 fn figure8_reliable() {
-    for_each_seed("figure8_reliable", 10, |seed| figure8(seed, NetworkConfig::reliable(), 200));
+    for_each_seed("figure8_reliable", 10, |seed| {
+        figure8(seed, NetworkConfig::reliable(), 300)
+    });
 }
 
 #[test]
 fn figure8_unreliable() {
-    for_each_seed("figure8_unreliable", 10, |seed| figure8(seed, NetworkConfig::unreliable(), 200));
+    for_each_seed("figure8_unreliable", 10, |seed| {
+        figure8(seed, NetworkConfig::unreliable(), 300)
+    });
 }
 
 /// Random crashes, restarts and partitions while clients keep proposing.
@@ -189,15 +226,22 @@ fn churn(seed: u64, network: NetworkConfig, rounds: usize) {
         c.run_for(rng.range(0, 200));
     }
     settle_and_check(&mut c);
-    assert!(!c.acknowledged().is_empty(), "churn made no progress at all");
+    assert!(
+        !c.acknowledged().is_empty(),
+        "churn made no progress at all"
+    );
 }
 
 #[test]
 fn churn_reliable() {
-    for_each_seed("churn_reliable", 10, |seed| churn(seed, NetworkConfig::reliable(), 100));
+    for_each_seed("churn_reliable", 10, |seed| {
+        churn(seed, NetworkConfig::reliable(), 100)
+    });
 }
 
 #[test]
 fn churn_unreliable() {
-    for_each_seed("churn_unreliable", 10, |seed| churn(seed, NetworkConfig::unreliable(), 100));
+    for_each_seed("churn_unreliable", 10, |seed| {
+        churn(seed, NetworkConfig::unreliable(), 100)
+    });
 }

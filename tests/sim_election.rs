@@ -17,7 +17,11 @@ fn initial_election_elects_one_leader_and_keeps_it() {
         // With no failures the leader and term stay put.
         c.run_for(5_000);
         assert_eq!(c.leader(), Some(leader), "leader changed without failures");
-        assert_eq!(c.core(leader).unwrap().term(), term, "term changed without failures");
+        assert_eq!(
+            c.core(leader).unwrap().term(),
+            term,
+            "term changed without failures"
+        );
         for id in c.node_ids() {
             assert_eq!(c.status(id).unwrap().leader, Some(leader));
         }
@@ -32,16 +36,26 @@ fn reelection_after_leader_loss_and_old_leader_rejoins_as_follower() {
         let first = c.run_until_leader(3_000).expect("first leader");
         c.isolate(first);
         let second = c
-            .run_until(3_000, |c| c.leader().is_some_and(|l| l != first) && c.stable_leader().is_some())
+            .run_until(3_000, |c| {
+                c.leader().is_some_and(|l| l != first) && c.stable_leader().is_some()
+            })
             .then(|| c.stable_leader().unwrap())
             .expect("a new leader among the connected majority");
         assert_ne!(first, second);
         // The old leader, alone, must have stepped down (check-quorum).
         c.run_for(500);
-        assert_ne!(c.status(first).unwrap().role, Role::Leader, "isolated leader kept leading");
+        assert_ne!(
+            c.status(first).unwrap().role,
+            Role::Leader,
+            "isolated leader kept leading"
+        );
         c.reconnect(first);
         c.run_for(1_000);
-        assert_eq!(c.stable_leader(), Some(second), "rejoining node deposed the healthy leader");
+        assert_eq!(
+            c.stable_leader(),
+            Some(second),
+            "rejoining node deposed the healthy leader"
+        );
         assert_eq!(c.status(first).unwrap().leader, Some(second));
     });
 }
@@ -56,11 +70,17 @@ fn no_leader_without_a_majority() {
         c.partition(&[]);
         c.run_for(3_000);
         for id in c.node_ids() {
-            assert_ne!(c.status(id).unwrap().role, Role::Leader, "node {id} leads without a majority");
+            assert_ne!(
+                c.status(id).unwrap().role,
+                Role::Leader,
+                "node {id} leads without a majority"
+            );
         }
         // Two nodes together are a majority again.
         c.partition(&[&followers]);
-        let l = c.run_until_leader(3_000).expect("leader once a majority connects");
+        let l = c
+            .run_until_leader(3_000)
+            .expect("leader once a majority connects");
         assert!(followers.contains(&l));
     });
 }
@@ -74,7 +94,10 @@ fn many_elections_under_partition_churn() {
         for _round in 0..10 {
             // Cut the leader and two random nodes away; the other four are a majority and must
             // elect a new leader among themselves.
-            let leader = c.stable_leader().or(c.leader()).expect("a leader each round");
+            let leader = c
+                .stable_leader()
+                .or(c.leader())
+                .expect("a leader each round");
             let mut ids: Vec<_> = c.node_ids().into_iter().filter(|&i| i != leader).collect();
             for i in (1..ids.len()).rev() {
                 ids.swap(i, rng.range(0, i as u64 + 1) as usize);
@@ -92,7 +115,11 @@ fn many_elections_under_partition_churn() {
         assert!(c.run_until_leader(4_000).is_some());
         // Every round deposed the leader: at least 11 terms had a leader, never two leaders in
         // one term (checked continuously).
-        assert!(c.checker().leaders().len() >= 11, "too few elections: {:?}", c.checker().leaders());
+        assert!(
+            c.checker().leaders().len() >= 11,
+            "too few elections: {:?}",
+            c.checker().leaders()
+        );
     });
 }
 
@@ -102,7 +129,10 @@ fn elections_converge_on_an_unreliable_network() {
         let mut cfg = SimConfig::new(5, seed);
         cfg.network = NetworkConfig::unreliable();
         let mut c = Cluster::new(cfg, |_| RecordingMachine::default());
-        assert!(c.run_until_leader(10_000).is_some(), "no leader on a lossy network");
+        assert!(
+            c.run_until_leader(10_000).is_some(),
+            "no leader on a lossy network"
+        );
     });
 }
 
@@ -120,6 +150,10 @@ fn one_way_link_cut_does_not_depose_a_healthy_leader() {
         let t = c.core(leader).unwrap().term();
         c.network.heal();
         c.run_for(1_000);
-        assert_eq!(c.core(leader).unwrap().term(), t, "pre-vote should keep the term stable");
+        assert_eq!(
+            c.core(leader).unwrap().term(),
+            t,
+            "pre-vote should keep the term stable"
+        );
     });
 }

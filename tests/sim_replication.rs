@@ -23,7 +23,9 @@ fn basic_agreement() {
         let mut c = cluster(5, seed);
         let leader = c.run_until_leader(3_000).expect("leader");
         for i in 0..20 {
-            let (index, out) = c.propose_and_wait(leader, format!("c{i}").as_str(), 1_000).expect("commit");
+            let (index, out) = c
+                .propose_and_wait(leader, format!("c{i}").as_str(), 1_000)
+                .expect("commit");
             assert_eq!(index, out);
         }
         c.run_for(500);
@@ -42,12 +44,16 @@ fn agreement_despite_a_disconnected_follower() {
         let leader = c.run_until_leader(3_000).expect("leader");
         let f = c.node_ids().into_iter().find(|&i| i != leader).unwrap();
         c.propose_and_wait(leader, "a", 1_000).expect("commit");
-        assert!(c.run_until(1_000, |c| applied(c, f).len() == 1), "follower applies via heartbeat");
+        assert!(
+            c.run_until(1_000, |c| applied(c, f).len() == 1),
+            "follower applies via heartbeat"
+        );
         c.isolate(f);
         // The remaining majority keeps committing.
         for cmd in ["b", "c", "d"] {
             let l = c.run_until_leader(3_000).expect("leader");
-            c.propose_and_wait(l, cmd, 1_000).expect("commit without the follower");
+            c.propose_and_wait(l, cmd, 1_000)
+                .expect("commit without the follower");
         }
         assert_eq!(applied(&c, f), vec!["a"]);
         // Back online, it catches up.
@@ -70,18 +76,28 @@ fn no_commit_without_a_majority() {
         c.partition(&[&[leader, followers[0]], &followers[1..]]);
         let p = c.propose(leader, "lonely").expect("still leader for now");
         c.run_for(300);
-        assert_eq!(c.core(leader).map(|c| c.commit_index()), Some(commit), "committed without a majority");
+        assert_eq!(
+            c.core(leader).map(|c| c.commit_index()),
+            Some(commit),
+            "committed without a majority"
+        );
         assert!(!applied(&c, leader).contains(&"lonely".to_string()));
         // Heal: the entry commits if it survived the election, and is never applied otherwise.
         c.network.heal();
         let l = c.run_until_leader(5_000).expect("leader after heal");
-        c.propose_and_wait(l, "after", 2_000).expect("commit after heal");
+        c.propose_and_wait(l, "after", 2_000)
+            .expect("commit after heal");
         c.run_for(500);
         let log = applied(&c, l);
         let lonely = log.iter().filter(|s| *s == "lonely").count();
         assert!(lonely <= 1);
         if lonely == 0 {
-            assert!(c.core(l).unwrap().log().get(p.index).is_none_or(|e| e.term != p.term));
+            assert!(c
+                .core(l)
+                .unwrap()
+                .log()
+                .get(p.index)
+                .is_none_or(|e| e.term != p.term));
         }
     });
 }
@@ -105,7 +121,11 @@ fn concurrent_proposals_are_batched_and_all_commit() {
         // the acknowledgement (the leader checking for lost appends).
         let appends = c.network.traffic()["Append"];
         assert_eq!(appends.entries, 2 * 200, "entries re-sent");
-        assert!(appends.count <= 4, "200 proposals took {} appends", appends.count);
+        assert!(
+            appends.count <= 4,
+            "200 proposals took {} appends",
+            appends.count
+        );
         c.run_for(300);
         for id in c.node_ids() {
             assert_eq!(applied(&c, id).len(), 200);
@@ -128,7 +148,8 @@ fn rejoining_partitioned_leader_discards_its_uncommitted_entries() {
             .run_until(3_000, |c| c.stable_leader().is_some_and(|l| l != old))
             .then(|| c.stable_leader().unwrap())
             .expect("new leader");
-        c.propose_and_wait(new, "kept", 1_000).expect("commit on the new leader");
+        c.propose_and_wait(new, "kept", 1_000)
+            .expect("commit on the new leader");
         c.reconnect(old);
         let ok = c.run_until(3_000, |c| applied(c, old).len() == 2);
         assert!(ok);
@@ -136,7 +157,11 @@ fn rejoining_partitioned_leader_discards_its_uncommitted_entries() {
         assert_eq!(c.status(old).unwrap().role, Role::Follower);
         let new_log = c.core(new).unwrap().log().entries().to_vec();
         c.run_for(300);
-        assert_eq!(c.core(old).unwrap().log().entries(), &new_log[..], "logs did not converge");
+        assert_eq!(
+            c.core(old).unwrap().log().entries(),
+            &new_log[..],
+            "logs did not converge"
+        );
     });
 }
 
@@ -157,7 +182,9 @@ fn fast_backup_of_a_follower_with_many_divergent_entries() {
         }
         c.run_for(200);
         let m = c
-            .run_until(3_000, |c| c.stable_leader().is_some_and(|l| majority.contains(&l)))
+            .run_until(3_000, |c| {
+                c.stable_leader().is_some_and(|l| majority.contains(&l))
+            })
             .then(|| c.stable_leader().unwrap())
             .expect("majority leader");
         for i in 0..50 {
@@ -171,9 +198,19 @@ fn fast_backup_of_a_follower_with_many_divergent_entries() {
         let ok = c.run_until(3_000, |c| c.core(b).unwrap().commit_index() >= target);
         assert!(ok, "B did not catch up");
         // Fast back-up skips a whole term per round trip: a handful of rejected probes, not 50.
-        let rejections = c.network.traffic().get("AppendResponse").map_or(0, |t| t.count);
-        assert!(rejections <= 10, "catching up took {rejections} append responses");
-        assert_eq!(c.core(b).unwrap().log().entries(), c.core(m).unwrap().log().entries());
+        let rejections = c
+            .network
+            .traffic()
+            .get("AppendResponse")
+            .map_or(0, |t| t.count);
+        assert!(
+            rejections <= 10,
+            "catching up took {rejections} append responses"
+        );
+        assert_eq!(
+            c.core(b).unwrap().log().entries(),
+            c.core(m).unwrap().log().entries()
+        );
     });
 }
 
@@ -185,14 +222,19 @@ fn simple_agreement_sends_no_needless_messages() {
         c.run_for(200);
         c.network.reset_traffic();
         for i in 0..10 {
-            c.propose_and_wait(leader, format!("m{i}").as_str(), 1_000).expect("commit");
+            c.propose_and_wait(leader, format!("m{i}").as_str(), 1_000)
+                .expect("commit");
         }
         let t = c.network.traffic();
         let count = |k: &str| t.get(k).map_or(0, |x| x.count);
         // One Append and one answer per follower per proposal, plus at most two empty appends
         // per follower sent when a heartbeat's answer overtook an acknowledgement (the leader
         // then checks for lost appends). Over 500 seeds the worst case was 24. No elections.
-        assert!(count("Append") <= 10 * 2 + 4, "appends: {}", count("Append"));
+        assert!(
+            count("Append") <= 10 * 2 + 4,
+            "appends: {}",
+            count("Append")
+        );
         assert!(count("AppendResponse") <= 10 * 2 + 4);
         assert_eq!(count("Vote") + count("PreVote"), 0);
         // Heartbeats: one per follower per tick (10 ms) at most.

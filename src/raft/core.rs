@@ -745,7 +745,9 @@ impl RaftCore {
                 };
                 p.recent_active = true;
                 p.resume();
-                if p.state == ProgressState::Replicate && p.match_index < p.sent_at_heartbeat.min(last) {
+                if p.state == ProgressState::Replicate
+                    && p.match_index < p.sent_at_heartbeat.min(last)
+                {
                     // Appends in flight may have been lost (the window may even be full of
                     // them). An empty append at `next_index` settles it: accepted, it frees
                     // the window; rejected, it sends the follower back to probing.

@@ -7,11 +7,13 @@
 //! [`for_each_seed`] replays it.
 
 pub mod invariants;
+mod lockstep;
 mod machine;
 pub mod network;
 mod seeds;
 mod sim;
 
+pub use lockstep::Lockstep;
 pub use machine::RecordingMachine;
 pub use network::{NetworkConfig, Traffic};
 pub use seeds::for_each_seed;
