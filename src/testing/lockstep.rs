@@ -25,8 +25,11 @@ type Filter = Box<dyn FnMut(&Message) -> bool>;
 /// net.campaign(1);
 /// assert_eq!(net.core(1).role(), Role::Leader);
 /// net.propose(1, b"x").unwrap();
+/// assert_eq!(net.core(1).commit_index(), 2); // the leader's no-op, then "x"
+/// // Followers learn the commit index with the next append or heartbeat.
+/// net.tick(1, 1);
 /// net.stabilize();
-/// assert_eq!(net.core(2).commit_index(), 2); // the leader's no-op, then "x"
+/// assert_eq!(net.core(2).commit_index(), 2);
 /// ```
 pub struct Lockstep {
     cores: BTreeMap<NodeId, RaftCore>,
