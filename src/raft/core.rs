@@ -584,8 +584,7 @@ impl RaftCore {
     /// checked against it (that is what makes pre-vote protect a live leader); real votes when
     /// check-quorum is on.
     fn in_lease(&self, pre_vote: bool) -> bool {
-        (pre_vote || self.cfg.check_quorum)
-            && (self.cfg.check_quorum || self.cfg.pre_vote)
+        (self.cfg.check_quorum || (pre_vote && self.cfg.pre_vote))
             && self.leader.is_some()
             && self.election_elapsed < self.cfg.election_ticks
     }
