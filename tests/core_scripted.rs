@@ -424,3 +424,46 @@ fn restore_rejects_a_log_with_gaps() {
     )
     .is_err());
 }
+
+#[test]
+fn malformed_appends_are_ignored() {
+    let mut net = Lockstep::new(3, plain);
+    net.campaign(1);
+    let term = net.core(1).term();
+    let before = net.core(2).log().entries().to_vec();
+    let bad = |entries: Vec<Entry>| Message {
+        from: 1,
+        to: 2,
+        term,
+        body: MessageBody::Append {
+            prev_index: 1,
+            prev_term: term,
+            entries,
+            commit: 99,
+        },
+    };
+    let e = |index, term| Entry {
+        index,
+        term,
+        payload: EntryPayload::Noop,
+    };
+    for entries in [
+        vec![e(3, term)],                 // gap after prev_index
+        vec![e(2, term), e(2, term)],     // repeated index
+        vec![e(2, term + 1)],             // term above the sender's
+        vec![e(2, term), e(3, term - 1)], // decreasing terms
+    ] {
+        net.send(bad(entries));
+        assert_eq!(net.core(2).log().entries(), &before[..]);
+        assert!(net.core(2).commit_index() <= net.core(2).log().last_index());
+    }
+    // Messages from strangers or to someone else change nothing either.
+    let stranger = Message {
+        from: 9,
+        to: 2,
+        term: term + 1,
+        body: MessageBody::HeartbeatResponse,
+    };
+    net.send(stranger);
+    assert_eq!(net.core(2).term(), term);
+}

@@ -362,7 +362,11 @@ impl RaftCore {
     /// Handles a message from a peer. Messages from unknown nodes or for another node are
     /// ignored (the network may misdeliver; that must not break anything).
     pub fn step(&mut self, m: Message) {
-        if m.to != self.cfg.id || m.from == self.cfg.id || !self.cfg.voters.contains(&m.from) {
+        if m.to != self.cfg.id
+            || m.from == self.cfg.id
+            || !self.cfg.voters.contains(&m.from)
+            || !well_formed(&m)
+        {
             return;
         }
         if m.term > self.term {
@@ -864,5 +868,31 @@ impl RaftCore {
                 body,
             },
         ));
+    }
+}
+
+/// Rejects messages no correct peer sends (a buggy or hostile peer must not be able to break
+/// the log's invariants): appended entries must follow `prev_index` contiguously, with terms
+/// that never decrease, start at `prev_term` or later, and do not exceed the sender's term.
+fn well_formed(m: &Message) -> bool {
+    match &m.body {
+        MessageBody::Append {
+            prev_index,
+            prev_term,
+            entries,
+            ..
+        } => {
+            let mut expect = prev_index.saturating_add(1);
+            let mut last_term = *prev_term;
+            for e in entries {
+                if e.index != expect || e.term < last_term || e.term > m.term {
+                    return false;
+                }
+                expect += 1;
+                last_term = e.term;
+            }
+            *prev_term <= m.term
+        }
+        _ => true,
     }
 }

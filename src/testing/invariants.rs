@@ -227,3 +227,74 @@ impl Checker {
         &self.leaders
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The checker must fail on each violation it claims to detect.
+    use super::*;
+    use crate::raft::Payload;
+
+    fn e(index: Index, term: Term, cmd: &str) -> Entry {
+        Entry { index, term, payload: EntryPayload::Command(Payload::from(cmd)) }
+    }
+
+    fn panics(f: impl FnOnce()) -> bool {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err()
+    }
+
+    #[test]
+    fn two_leaders_in_one_term_fail() {
+        let mut c = Checker::new(1);
+        let m = LogMirror::default();
+        c.leader(1, 3, &m);
+        c.leader(1, 3, &m); // the same leader again is fine
+        assert!(panics(|| c.leader(2, 3, &m)));
+    }
+
+    #[test]
+    fn same_index_and_term_with_different_prefixes_fail() {
+        let mut c = Checker::new(1);
+        let (mut a, mut b) = (LogMirror::default(), LogMirror::default());
+        c.log_write(1, &mut a, &[e(1, 1, "x"), e(2, 1, "y")]);
+        c.log_write(2, &mut b, &[e(1, 1, "x")]);
+        assert!(panics(|| c.log_write(2, &mut b, &[e(2, 1, "z")])));
+    }
+
+    #[test]
+    fn committing_or_applying_a_different_entry_fails() {
+        let mut c = Checker::new(1);
+        let (mut a, mut b) = (LogMirror::default(), LogMirror::default());
+        c.log_write(1, &mut a, &[e(1, 1, "x")]);
+        c.log_write(2, &mut b, &[e(1, 2, "y")]);
+        c.commit(1, 1, &a);
+        c.apply(1, 0, &e(1, 1, "x"), &a);
+        assert!(panics(|| c.commit(2, 1, &b)));
+        let mut c2 = Checker::new(1);
+        c2.log_write(1, &mut LogMirror::default(), &[]);
+        let mut m = LogMirror::default();
+        c2.log_write(1, &mut m, &[e(1, 1, "x")]);
+        c2.commit(1, 1, &m);
+        assert!(panics(|| c2.apply(1, 0, &e(1, 1, "not x"), &m)));
+    }
+
+    #[test]
+    fn applying_out_of_order_fails() {
+        let mut c = Checker::new(1);
+        let mut m = LogMirror::default();
+        c.log_write(1, &mut m, &[e(1, 1, "x"), e(2, 1, "y")]);
+        c.commit(1, 2, &m);
+        assert!(panics(|| c.apply(1, 0, &e(2, 1, "y"), &m)));
+    }
+
+    #[test]
+    fn a_leader_missing_a_committed_entry_fails() {
+        let mut c = Checker::new(1);
+        let (mut a, mut b) = (LogMirror::default(), LogMirror::default());
+        c.log_write(1, &mut a, &[e(1, 1, "x")]);
+        c.commit(1, 1, &a);
+        c.log_write(2, &mut b, &[]);
+        assert!(panics(|| c.leader(2, 2, &b)));
+        // A leader that holds it is fine.
+        c.leader(1, 3, &a);
+    }
+}
