@@ -25,11 +25,12 @@ use std::collections::BTreeMap;
 
 use super::config::Config;
 use super::log::RaftLog;
-use super::progress::{Progress, ProgressState};
+use super::progress::Progress;
+use super::ready::{PersistAck, Proposed, Ready, Status};
 use super::rng::Rng;
 use super::{
-    AppendResponse, Entry, EntryPayload, HardState, Index, Message, MessageBody, NodeId, Payload,
-    SnapshotMeta, Term,
+    Entry, EntryPayload, HardState, Index, Message, MessageBody, NodeId, Payload, SnapshotMeta,
+    Term,
 };
 use crate::error::CoreProposeError;
 
@@ -46,88 +47,9 @@ pub enum Role {
     Leader,
 }
 
-/// What the host must make durable through [`RaftCore::on_persisted`]: the hard state and the
-/// log position a [`Ready`] covers.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PersistAck {
-    /// Hard state as of this batch.
-    pub hard_state: HardState,
-    /// Last log index as of this batch.
-    pub last_index: Index,
-    /// Its term.
-    pub last_term: Term,
-}
-
-/// One batch of work for the host. Handle it in this order:
-///
-/// 1. send [`Ready::messages`] (they do not depend on this batch being durable — this is what
-///    lets a leader replicate in parallel with its own fsync);
-/// 2. write [`Ready::hard_state`] and [`Ready::entries`] to storage and sync;
-/// 3. call [`RaftCore::on_persisted`] with [`Ready::ack`];
-/// 4. send [`Ready::persisted_messages`];
-/// 5. apply [`Ready::committed_entries`] in order (they are already durable).
-#[derive(Clone, Debug, Default)]
-#[must_use = "a Ready carries work the host must do"]
-pub struct Ready {
-    /// New hard state to persist, if it changed.
-    pub hard_state: Option<HardState>,
-    /// Entries to persist. Storage must replace everything from `entries[0].index` on.
-    pub entries: Vec<Entry>,
-    /// Messages that may be sent at once.
-    pub messages: Vec<Message>,
-    /// Messages that may be sent only after `hard_state` and `entries` are durable.
-    pub persisted_messages: Vec<Message>,
-    /// Committed entries to apply, in index order.
-    pub committed_entries: Vec<Entry>,
-    /// What to report to [`RaftCore::on_persisted`] once this batch is durable.
-    pub ack: PersistAck,
-}
-
-impl Ready {
-    /// True when the batch asks the host to persist something.
-    pub fn must_persist(&self) -> bool {
-        self.hard_state.is_some() || !self.entries.is_empty()
-    }
-}
-
-/// Where a proposal landed in the log.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Proposed {
-    /// Index of the new entry.
-    pub index: Index,
-    /// Term of the new entry. If the entry applied at `index` has another term, the proposal
-    /// was dropped by a leader change.
-    pub term: Term,
-}
-
-/// A snapshot of the core's externally visible state.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Status {
-    /// This node.
-    pub id: NodeId,
-    /// Current role.
-    pub role: Role,
-    /// Current term.
-    pub term: Term,
-    /// Vote in the current term.
-    pub vote: Option<NodeId>,
-    /// Known leader.
-    pub leader: Option<NodeId>,
-    /// Commit index.
-    pub commit_index: Index,
-    /// Highest index handed out for applying.
-    pub applied_index: Index,
-    /// Highest index known durable.
-    pub persisted_index: Index,
-    /// Last log index.
-    pub last_index: Index,
-    /// Snapshot boundary.
-    pub snapshot: SnapshotMeta,
-}
-
 /// Whether a queued message must wait for durability.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Dispatch {
+pub(super) enum Dispatch {
     Now,
     AfterPersist,
 }
@@ -148,25 +70,25 @@ enum Dispatch {
 /// ```
 #[derive(Debug)]
 pub struct RaftCore {
-    cfg: Config,
-    term: Term,
-    vote: Option<NodeId>,
-    role: Role,
-    leader: Option<NodeId>,
-    log: RaftLog,
+    pub(super) cfg: Config,
+    pub(super) term: Term,
+    pub(super) vote: Option<NodeId>,
+    pub(super) role: Role,
+    pub(super) leader: Option<NodeId>,
+    pub(super) log: RaftLog,
     /// Followers' progress (leader only; never contains this node).
-    progress: BTreeMap<NodeId, Progress>,
+    pub(super) progress: BTreeMap<NodeId, Progress>,
     /// Votes received in the current (pre-)election.
-    votes: BTreeMap<NodeId, bool>,
-    election_elapsed: u32,
-    heartbeat_elapsed: u32,
-    randomized_election_timeout: u32,
+    pub(super) votes: BTreeMap<NodeId, bool>,
+    pub(super) election_elapsed: u32,
+    pub(super) heartbeat_elapsed: u32,
+    pub(super) randomized_election_timeout: u32,
     /// Bytes proposed in this term and not yet committed (leader only).
-    uncommitted_bytes: u64,
-    rng: Rng,
-    msgs: Vec<(Dispatch, Message)>,
+    pub(super) uncommitted_bytes: u64,
+    pub(super) rng: Rng,
+    pub(super) msgs: Vec<(Dispatch, Message)>,
     /// Hard state as last handed out in a `Ready`.
-    hard_state_handed: HardState,
+    pub(super) hard_state_handed: HardState,
 }
 
 impl RaftCore {
@@ -283,7 +205,7 @@ impl RaftCore {
         }
     }
 
-    fn quorum(&self) -> usize {
+    pub(super) fn quorum(&self) -> usize {
         self.cfg.voters.len() / 2 + 1
     }
 
@@ -675,190 +597,7 @@ impl RaftCore {
         }
     }
 
-    fn handle_append(
-        &mut self,
-        leader: NodeId,
-        prev_index: Index,
-        prev_term: Term,
-        entries: Vec<Entry>,
-        commit: Index,
-    ) {
-        let response = if prev_index < self.log.commit() {
-            // Everything up to our commit index matches any leader's log.
-            AppendResponse::Accepted {
-                match_index: self.log.commit(),
-            }
-        } else if let Some(last_new) = self
-            .log
-            .maybe_append(prev_index, prev_term, commit, entries)
-        {
-            AppendResponse::Accepted {
-                match_index: last_new,
-            }
-        } else {
-            let (hint_index, hint_term) = self
-                .log
-                .find_conflict_by_term(prev_index.min(self.log.last_index()), prev_term);
-            AppendResponse::Rejected {
-                rejected_index: prev_index,
-                hint_index,
-                hint_term,
-            }
-        };
-        // An acknowledgement claims durability: it leaves after this batch is persisted.
-        self.send(
-            leader,
-            MessageBody::AppendResponse(response),
-            Dispatch::AfterPersist,
-        );
-    }
-
-    fn step_leader(&mut self, m: Message) {
-        let from = m.from;
-        match m.body {
-            MessageBody::AppendResponse(AppendResponse::Accepted { match_index }) => {
-                let Some(p) = self.progress.get_mut(&from) else {
-                    return;
-                };
-                p.recent_active = true;
-                if p.maybe_update(match_index) {
-                    if p.state == ProgressState::Probe {
-                        p.become_replicate();
-                    }
-                    self.maybe_commit();
-                }
-            }
-            MessageBody::AppendResponse(AppendResponse::Rejected {
-                rejected_index,
-                hint_index,
-                hint_term,
-            }) => {
-                // Skip every entry of ours whose term exceeds the follower's at the hint.
-                let (probe, _) = self.log.find_conflict_by_term(hint_index, hint_term);
-                let Some(p) = self.progress.get_mut(&from) else {
-                    return;
-                };
-                p.recent_active = true;
-                p.maybe_decrease_to(rejected_index, probe);
-            }
-            MessageBody::HeartbeatResponse => {
-                let last = self.log.last_index();
-                let Some(p) = self.progress.get_mut(&from) else {
-                    return;
-                };
-                p.recent_active = true;
-                p.resume();
-                if p.state == ProgressState::Replicate
-                    && p.match_index < p.sent_at_heartbeat.min(last)
-                {
-                    // Appends in flight may have been lost (the window may even be full of
-                    // them). An empty append at `next_index` settles it: accepted, it frees
-                    // the window; rejected, it sends the follower back to probing.
-                    let prev_index = p.next_index - 1;
-                    if let Some(prev_term) = self.log.term(prev_index) {
-                        let commit = self.log.commit();
-                        let body = MessageBody::Append {
-                            prev_index,
-                            prev_term,
-                            entries: vec![],
-                            commit,
-                        };
-                        self.send(from, body, Dispatch::Now);
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-
-    // ----- replication -----------------------------------------------------------------------
-
-    fn quorum_recently_active(&self) -> bool {
-        1 + self.progress.values().filter(|p| p.recent_active).count() >= self.quorum()
-    }
-
-    /// Commits the highest index stored by a majority, if it is of the current term.
-    fn maybe_commit(&mut self) {
-        let mut matched: Vec<Index> = self.progress.values().map(|p| p.match_index).collect();
-        matched.push(self.log.persisted());
-        matched.sort_unstable_by(|a, b| b.cmp(a));
-        let candidate = matched[self.quorum() - 1];
-        if candidate > self.log.commit() && self.log.term(candidate) == Some(self.term) {
-            let released: u64 = self
-                .log
-                .slice(self.log.commit() + 1, candidate + 1, usize::MAX, u64::MAX)
-                .iter()
-                .map(Entry::size)
-                .sum();
-            self.uncommitted_bytes = self.uncommitted_bytes.saturating_sub(released);
-            self.log.commit_to(candidate);
-        }
-    }
-
-    fn wants_send(&self, p: &Progress) -> bool {
-        !p.is_paused()
-            && match p.state {
-                ProgressState::Replicate => p.next_index <= self.log.last_index(),
-                ProgressState::Probe => p.match_index < self.log.last_index(),
-            }
-    }
-
-    /// Sends every follower what it may be sent now: batches bounded by count and bytes, as
-    /// many as its in-flight window allows (one probe in probe mode).
-    fn send_appends(&mut self) {
-        let peers: Vec<NodeId> = self.progress.keys().copied().collect();
-        for to in peers {
-            loop {
-                let p = &self.progress[&to];
-                if !self.wants_send(p) {
-                    break;
-                }
-                let next = p.next_index;
-                let prev_index = next - 1;
-                let Some(prev_term) = self.log.term(prev_index) else {
-                    // Needs entries we no longer hold: snapshot transfer (not yet supported).
-                    break;
-                };
-                let entries = self.log.slice(
-                    next,
-                    self.log.last_index() + 1,
-                    self.cfg.max_append_entries,
-                    self.cfg.max_append_bytes,
-                );
-                let last = prev_index + entries.len() as u64;
-                let had_entries = !entries.is_empty();
-                let body = MessageBody::Append {
-                    prev_index,
-                    prev_term,
-                    entries,
-                    commit: self.log.commit(),
-                };
-                self.send(to, body, Dispatch::Now);
-                let p = self.progress.get_mut(&to).expect("peer listed above");
-                p.sent(last, had_entries);
-                if p.state == ProgressState::Probe {
-                    break;
-                }
-            }
-        }
-    }
-
-    fn broadcast_heartbeat(&mut self) {
-        let commit = self.log.commit();
-        let beats: Vec<(NodeId, Index)> = self
-            .progress
-            .iter_mut()
-            .map(|(&id, p)| {
-                p.sent_at_heartbeat = p.next_index - 1;
-                (id, p.match_index.min(commit))
-            })
-            .collect();
-        for (to, commit) in beats {
-            self.send(to, MessageBody::Heartbeat { commit }, Dispatch::Now);
-        }
-    }
-
-    fn send(&mut self, to: NodeId, body: MessageBody, when: Dispatch) {
+    pub(super) fn send(&mut self, to: NodeId, body: MessageBody, when: Dispatch) {
         self.msgs.push((
             when,
             Message {

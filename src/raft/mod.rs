@@ -9,11 +9,14 @@ mod core;
 mod log;
 mod message;
 mod progress;
+mod ready;
+mod replication;
 mod rng;
 
 pub use self::config::Config;
-pub use self::core::{PersistAck, Proposed, RaftCore, Ready, Role, Status};
+pub use self::core::{RaftCore, Role};
 pub use self::log::RaftLog;
 pub use self::message::*;
 pub use self::progress::{Progress, ProgressState};
+pub use self::ready::{PersistAck, Proposed, Ready, Status};
 pub use self::rng::Rng;

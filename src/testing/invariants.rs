@@ -235,7 +235,11 @@ mod tests {
     use crate::raft::Payload;
 
     fn e(index: Index, term: Term, cmd: &str) -> Entry {
-        Entry { index, term, payload: EntryPayload::Command(Payload::from(cmd)) }
+        Entry {
+            index,
+            term,
+            payload: EntryPayload::Command(Payload::from(cmd)),
+        }
     }
 
     fn panics(f: impl FnOnce()) -> bool {
