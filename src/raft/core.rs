@@ -621,13 +621,11 @@ fn well_formed(m: &Message) -> bool {
             entries,
             ..
         } => {
-            let mut expect = prev_index.saturating_add(1);
             let mut last_term = *prev_term;
-            for e in entries {
+            for (expect, e) in (prev_index.saturating_add(1)..).zip(entries) {
                 if e.index != expect || e.term < last_term || e.term > m.term {
                     return false;
                 }
-                expect += 1;
                 last_term = e.term;
             }
             *prev_term <= m.term
