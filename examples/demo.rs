@@ -23,6 +23,17 @@ impl StateMachine for Map {
         let (k, v) = text.split_once('=')?;
         self.0.insert(k.to_string(), v.to_string())
     }
+    fn snapshot(&mut self) -> Box<dyn raftkv::SnapshotSource> {
+        // Small state: serialize it right here (a large one would hand out a cheap image).
+        Box::new(postcard::to_allocvec(&self.0).unwrap_or_default())
+    }
+    fn restore(&mut self, snapshot: &mut dyn std::io::Read) -> std::io::Result<()> {
+        let mut bytes = Vec::new();
+        snapshot.read_to_end(&mut bytes)?;
+        self.0 = postcard::from_bytes(&bytes)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        Ok(())
+    }
 }
 
 type MapNode = Node<Option<String>>;

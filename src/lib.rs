@@ -25,6 +25,15 @@
 //!         self.0 += std::str::from_utf8(cmd).unwrap().parse::<i64>().unwrap();
 //!         self.0
 //!     }
+//!     fn snapshot(&mut self) -> Box<dyn raftkv::SnapshotSource> {
+//!         Box::new(self.0.to_le_bytes().to_vec())
+//!     }
+//!     fn restore(&mut self, r: &mut dyn std::io::Read) -> std::io::Result<()> {
+//!         let mut b = [0u8; 8];
+//!         r.read_exact(&mut b)?;
+//!         self.0 = i64::from_le_bytes(b);
+//!         Ok(())
+//!     }
 //! }
 //!
 //! let mut config = NodeConfig::new(1, vec![1]);
@@ -46,6 +55,7 @@
 #![warn(missing_docs)]
 
 pub mod error;
+pub mod host;
 mod node;
 pub mod raft;
 mod state_machine;
@@ -56,7 +66,7 @@ pub mod transport;
 
 pub use node::{Driver, Node, NodeConfig, NodeStatus};
 pub use raft::{Index, NodeId, Term};
-pub use state_machine::StateMachine;
+pub use state_machine::{SnapshotSource, StateMachine};
 
 /// The README's code blocks, compiled and run as doctests.
 #[cfg(doctest)]

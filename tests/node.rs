@@ -244,11 +244,19 @@ impl Storage for FailingSync {
         }
         self.inner.sync()
     }
-    fn save_snapshot(&mut self, meta: SnapshotMeta, data: &[u8]) -> Result<(), StorageError> {
-        self.inner.save_snapshot(meta, data)
+    fn write_snapshot_chunk(
+        &mut self,
+        meta: SnapshotMeta,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), StorageError> {
+        self.inner.write_snapshot_chunk(meta, offset, data)
     }
-    fn snapshot(&self) -> Result<Option<(SnapshotMeta, Vec<u8>)>, StorageError> {
-        self.inner.snapshot()
+    fn install_snapshot(&mut self, meta: SnapshotMeta) -> Result<(), StorageError> {
+        self.inner.install_snapshot(meta)
+    }
+    fn read_snapshot(&self, offset: u64, len: usize) -> Result<Vec<u8>, StorageError> {
+        self.inner.read_snapshot(offset, len)
     }
     fn compact(&mut self, through: Index) -> Result<(), StorageError> {
         self.inner.compact(through)

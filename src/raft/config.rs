@@ -34,6 +34,10 @@ pub struct Config {
     pub max_uncommitted_bytes: u64,
     /// At most this many bytes of committed entries handed out in one [`Ready`](super::Ready).
     pub max_apply_bytes: u64,
+    /// Bytes per snapshot chunk sent to a follower (default 1 MiB).
+    pub snapshot_chunk_bytes: u64,
+    /// Snapshot chunks in flight per follower at most (default 4).
+    pub max_snapshot_chunks_inflight: u64,
     /// Seed of the generator that randomizes election timeouts. Give every node its own.
     pub seed: u64,
 }
@@ -43,7 +47,7 @@ impl Config {
     ///
     /// Defaults: election 10 ticks, heartbeat 1 tick, pre-vote and check-quorum on, 256 entries
     /// or 1 MiB per append, 64 appends in flight, 64 MiB uncommitted, 16 MiB applied per ready,
-    /// seed = id.
+    /// snapshot chunks of 1 MiB with 4 in flight, seed = id.
     pub fn new(id: NodeId, voters: impl Into<Vec<NodeId>>) -> Self {
         Config {
             id,
@@ -57,6 +61,8 @@ impl Config {
             max_inflight: 64,
             max_uncommitted_bytes: 64 << 20,
             max_apply_bytes: 16 << 20,
+            snapshot_chunk_bytes: 1 << 20,
+            max_snapshot_chunks_inflight: 4,
             seed: id,
         }
     }
@@ -81,7 +87,12 @@ impl Config {
         if self.heartbeat_ticks == 0 || self.heartbeat_ticks >= self.election_ticks {
             return Err("need 0 < heartbeat_ticks < election_ticks".into());
         }
-        if self.max_append_entries == 0 || self.max_inflight == 0 || self.max_append_bytes == 0 {
+        if self.max_append_entries == 0
+            || self.max_inflight == 0
+            || self.max_append_bytes == 0
+            || self.snapshot_chunk_bytes == 0
+            || self.max_snapshot_chunks_inflight == 0
+        {
             return Err("batch and in-flight limits must be positive".into());
         }
         Ok(())

@@ -26,8 +26,9 @@ use std::collections::BTreeMap;
 use super::config::Config;
 use super::log::RaftLog;
 use super::progress::Progress;
-use super::ready::{PersistAck, Proposed, Ready, Status};
+use super::ready::{PersistAck, Proposed, Ready, SnapshotChunk, SnapshotChunkRequest, Status};
 use super::rng::Rng;
+use super::snapshot::Incoming;
 use super::{
     Entry, EntryPayload, HardState, Index, Message, MessageBody, NodeId, Payload, SnapshotMeta,
     Term,
@@ -89,6 +90,14 @@ pub struct RaftCore {
     pub(super) msgs: Vec<(Dispatch, Message)>,
     /// Hard state as last handed out in a `Ready`.
     pub(super) hard_state_handed: HardState,
+    /// Size of the stored snapshot (as the host reports it).
+    pub(super) snapshot_size: u64,
+    /// A snapshot being received from the leader.
+    pub(super) incoming: Option<Incoming>,
+    /// Pending output: chunk requests (leader), received chunks and install (follower).
+    pub(super) snapshot_requests: Vec<SnapshotChunkRequest>,
+    pub(super) snapshot_chunks: Vec<SnapshotChunk>,
+    pub(super) install_snapshot: Option<SnapshotMeta>,
 }
 
 impl RaftCore {
@@ -124,6 +133,11 @@ impl RaftCore {
             uncommitted_bytes: 0,
             msgs: Vec::new(),
             hard_state_handed: hard_state,
+            snapshot_size: 0,
+            incoming: None,
+            snapshot_requests: Vec::new(),
+            snapshot_chunks: Vec::new(),
+            install_snapshot: None,
         };
         core.reset_election_timer();
         Ok(core)
@@ -136,8 +150,10 @@ impl RaftCore {
     ) -> Result<Self, crate::error::StorageError> {
         let init = storage.initial_state()?;
         let entries = storage.entries(init.first_index, init.last_index + 1, u64::MAX)?;
-        RaftCore::new(cfg, init.hard_state, init.snapshot, entries)
-            .map_err(crate::error::StorageError::Invalid)
+        let mut core = RaftCore::new(cfg, init.hard_state, init.snapshot, entries)
+            .map_err(crate::error::StorageError::Invalid)?;
+        core.snapshot_size = init.snapshot_size;
+        Ok(core)
     }
 
     // ----- accessors -------------------------------------------------------------------------
@@ -306,16 +322,18 @@ impl RaftCore {
                     pre_vote: true,
                     granted: true,
                 } => {}
-                MessageBody::Append { .. } | MessageBody::Heartbeat { .. } => {
-                    self.become_follower(m.term, Some(m.from))
-                }
+                MessageBody::Append { .. }
+                | MessageBody::Heartbeat { .. }
+                | MessageBody::InstallSnapshot { .. } => self.become_follower(m.term, Some(m.from)),
                 _ => self.become_follower(m.term, None),
             }
         } else if m.term < self.term {
             match m.body {
                 // A stale leader (for instance one that was cut off): tell it our term so it
                 // steps down. Without this, with check-quorum it would never learn it.
-                MessageBody::Append { .. } | MessageBody::Heartbeat { .. } => {
+                MessageBody::Append { .. }
+                | MessageBody::Heartbeat { .. }
+                | MessageBody::InstallSnapshot { .. } => {
                     self.send(
                         m.from,
                         MessageBody::HeartbeatResponse,
@@ -368,7 +386,8 @@ impl RaftCore {
             || !self.msgs.is_empty()
             || self.log.take_unstable_len() > 0
             || self.log.commit().min(self.log.persisted()) > self.log.applied()
-            || (self.role == Role::Leader && self.progress.iter().any(|(_, p)| self.wants_send(p)))
+            || !self.snapshot_chunks.is_empty()
+            || (self.role == Role::Leader && self.progress.keys().any(|&p| self.wants_send(p)))
     }
 
     /// Hands out the pending work. See [`Ready`] for the order the host must follow.
@@ -394,6 +413,9 @@ impl RaftCore {
             messages,
             persisted_messages,
             committed_entries: self.log.take_committed(self.cfg.max_apply_bytes),
+            snapshot_requests: std::mem::take(&mut self.snapshot_requests),
+            snapshot_chunks: std::mem::take(&mut self.snapshot_chunks),
+            install_snapshot: self.install_snapshot.take(),
             ack: PersistAck {
                 hard_state: hs,
                 last_index: self.log.last_index(),
@@ -582,6 +604,12 @@ impl RaftCore {
                 self.leader = Some(m.from);
                 self.handle_append(m.from, prev_index, prev_term, entries, commit);
             }
+            MessageBody::InstallSnapshot {
+                meta,
+                size,
+                offset,
+                data,
+            } => self.handle_snapshot_chunk(m.from, meta, size, offset, data),
             MessageBody::Heartbeat { commit } => {
                 self.election_elapsed = 0;
                 self.leader = Some(m.from);
@@ -629,6 +657,18 @@ fn well_formed(m: &Message) -> bool {
                 last_term = e.term;
             }
             *prev_term <= m.term
+        }
+        MessageBody::InstallSnapshot {
+            meta,
+            size,
+            offset,
+            data,
+        } => {
+            meta.index > 0
+                && meta.term <= m.term
+                && offset
+                    .checked_add(data.len() as u64)
+                    .is_some_and(|end| end <= *size)
         }
         _ => true,
     }

@@ -179,6 +179,7 @@ impl RaftLog {
     }
 
     fn truncate_from(&mut self, index: Index) {
+        debug_assert!(index > self.snapshot.index);
         let keep = (index - self.first_index()) as usize;
         self.entries.truncate(keep);
         self.persisted = self.persisted.min(index - 1);
@@ -230,6 +231,54 @@ impl RaftLog {
         let out = self.slice(self.applied + 1, hi + 1, usize::MAX, max_bytes);
         self.applied += out.len() as u64;
         out
+    }
+
+    /// A snapshot of the applied state through `meta` is stored: discards the entries it
+    /// covers. Returns false (and changes nothing) unless `meta` names an applied entry of this
+    /// log beyond the current snapshot.
+    pub fn compact(&mut self, meta: SnapshotMeta) -> bool {
+        if meta.index <= self.snapshot.index
+            || meta.index > self.applied
+            || !self.matches(meta.index, meta.term)
+        {
+            return false;
+        }
+        let drop = (meta.index - self.snapshot.index) as usize;
+        self.entries.drain(..drop);
+        self.snapshot = meta;
+        true
+    }
+
+    /// A snapshot received from the leader replaces the state through `meta.index`: entries
+    /// after it are kept if the log holds `meta`'s entry, otherwise the whole log goes. The
+    /// snapshot is committed and (once the host restored it) applied.
+    pub fn restore_snapshot(&mut self, meta: SnapshotMeta) {
+        debug_assert!(
+            meta.index > self.commit,
+            "restoring a snapshot behind the commit index"
+        );
+        if meta.index <= self.last_index() && self.matches(meta.index, meta.term) {
+            let drop = (meta.index - self.snapshot.index) as usize;
+            self.entries.drain(..drop);
+        } else {
+            self.entries.clear();
+        }
+        self.snapshot = meta;
+        self.commit = self.commit.max(meta.index);
+        self.applied = self.applied.max(meta.index);
+        self.persisted = self.persisted.max(meta.index);
+        self.unstable_from = self.unstable_from.max(meta.index + 1);
+    }
+
+    /// Declares entries through `index` applied by a state machine that keeps its own durable
+    /// state (they will not be handed out again). `index` must be committed; a node learns
+    /// that from its state machine at start-up, so the commit index moves up with it.
+    pub fn set_applied(&mut self, index: Index) {
+        let index = index.min(self.persisted);
+        if index > self.applied {
+            self.applied = index;
+            self.commit = self.commit.max(index);
+        }
     }
 
     /// All retained entries (for inspection by hosts and tests).

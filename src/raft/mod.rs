@@ -12,11 +12,12 @@ mod progress;
 mod ready;
 mod replication;
 mod rng;
+mod snapshot;
 
 pub use self::config::Config;
 pub use self::core::{RaftCore, Role};
 pub use self::log::RaftLog;
 pub use self::message::*;
-pub use self::progress::{Progress, ProgressState};
-pub use self::ready::{PersistAck, Proposed, Ready, Status};
+pub use self::progress::{Progress, ProgressState, SnapshotTransfer};
+pub use self::ready::{PersistAck, Proposed, Ready, SnapshotChunk, SnapshotChunkRequest, Status};
 pub use self::rng::Rng;

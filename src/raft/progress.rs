@@ -6,14 +6,17 @@
 //!   sending another, backing `next_index` up on each rejection.
 //! - **Replicate**: the follower matches; the leader streams entries optimistically, advancing
 //!   `next_index` as it sends, with at most `max_inflight` unacknowledged messages.
+//! - **Snapshot**: the follower needs entries the leader compacted away; the leader streams its
+//!   snapshot in chunks (a bounded number in flight) and goes back to probing once the
+//!   follower reports it installed.
 //!
 //! Invariants: `match_index < next_index`; in Replicate mode the in-flight window holds the last
-//! index of each unacknowledged message, increasing, all `>= next_index - 1`... and all
-//! `> match_index`.
+//! index of each unacknowledged message, increasing and all above `match_index`; in Snapshot
+//! mode `acked <= sent <= size`.
 
 use std::collections::VecDeque;
 
-use super::Index;
+use super::{Index, SnapshotMeta};
 
 /// Replication mode of a follower.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -22,6 +25,26 @@ pub enum ProgressState {
     Probe,
     /// Streaming, pipelined.
     Replicate,
+    /// Sending a snapshot.
+    Snapshot,
+}
+
+/// A snapshot transfer to one follower.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SnapshotTransfer {
+    /// The snapshot being sent.
+    pub meta: SnapshotMeta,
+    /// Its size in bytes.
+    pub size: u64,
+    /// The follower holds every byte before this offset.
+    pub acked: u64,
+    /// Bytes before this offset have been sent.
+    pub sent: u64,
+    /// True once the first chunk left (a zero-byte snapshot still takes one message).
+    pub started: bool,
+    /// `acked` when the latest heartbeat left: no progress over a heartbeat round trip means
+    /// chunks were lost, and the transfer resumes from `acked`.
+    pub acked_at_heartbeat: u64,
 }
 
 /// A leader's view of one follower.
@@ -43,6 +66,8 @@ pub struct Progress {
     /// Last index sent when the latest heartbeat left. If the heartbeat's answer comes back
     /// while `match_index` is still below it, appends were probably lost.
     pub sent_at_heartbeat: Index,
+    /// The snapshot transfer, in Snapshot mode.
+    pub transfer: Option<SnapshotTransfer>,
 }
 
 impl Progress {
@@ -57,6 +82,7 @@ impl Progress {
             max_inflight,
             recent_active: true,
             sent_at_heartbeat: 0,
+            transfer: None,
         }
     }
 
@@ -70,6 +96,7 @@ impl Progress {
         match self.state {
             ProgressState::Probe => self.probe_sent,
             ProgressState::Replicate => self.inflight.len() >= self.max_inflight,
+            ProgressState::Snapshot => false, // the chunk window is checked by the sender
         }
     }
 
@@ -79,6 +106,22 @@ impl Progress {
         self.next_index = self.match_index + 1;
         self.probe_sent = false;
         self.inflight.clear();
+        self.transfer = None;
+    }
+
+    /// Starts (or restarts) sending snapshot `meta` of `size` bytes.
+    pub fn become_snapshot(&mut self, meta: SnapshotMeta, size: u64) {
+        self.state = ProgressState::Snapshot;
+        self.inflight.clear();
+        self.probe_sent = false;
+        self.transfer = Some(SnapshotTransfer {
+            meta,
+            size,
+            acked: 0,
+            sent: 0,
+            started: false,
+            acked_at_heartbeat: 0,
+        });
     }
 
     /// Switches to streaming from just after the match point.
@@ -86,12 +129,13 @@ impl Progress {
         self.state = ProgressState::Replicate;
         self.next_index = self.match_index + 1;
         self.inflight.clear();
+        self.transfer = None;
     }
 
     /// Records that an AppendEntries ending at `last_index` was sent.
     pub fn sent(&mut self, last_index: Index, had_entries: bool) {
         match self.state {
-            ProgressState::Probe => self.probe_sent = true,
+            ProgressState::Probe | ProgressState::Snapshot => self.probe_sent = true,
             ProgressState::Replicate => {
                 if had_entries {
                     self.next_index = last_index + 1;
@@ -131,6 +175,7 @@ impl Progress {
                 self.become_probe();
                 true
             }
+            ProgressState::Snapshot => false,
             ProgressState::Probe => {
                 if self.next_index == 0 || self.next_index - 1 != rejected {
                     return false;

@@ -6,7 +6,7 @@
 //! index moves only to an index stored on a majority whose entry is of the current term.
 
 use super::core::{Dispatch, RaftCore};
-use super::progress::{Progress, ProgressState};
+use super::progress::ProgressState;
 use super::{AppendResponse, Entry, Index, Message, MessageBody, NodeId, Term};
 
 impl RaftCore {
@@ -83,7 +83,9 @@ impl RaftCore {
                 };
                 p.recent_active = true;
                 p.resume();
-                if p.state == ProgressState::Replicate
+                if p.state == ProgressState::Snapshot {
+                    self.check_snapshot_progress(from);
+                } else if p.state == ProgressState::Replicate
                     && p.match_index < p.sent_at_heartbeat.min(last)
                 {
                     // Appends in flight may have been lost (the window may even be full of
@@ -102,6 +104,11 @@ impl RaftCore {
                     }
                 }
             }
+            MessageBody::SnapshotResponse {
+                index,
+                next_offset,
+                status,
+            } => self.handle_snapshot_response(from, index, next_offset, status),
             _ => {}
         }
     }
@@ -128,11 +135,16 @@ impl RaftCore {
         }
     }
 
-    pub(super) fn wants_send(&self, p: &Progress) -> bool {
+    /// True if something may be sent to `to` now.
+    pub(super) fn wants_send(&self, to: NodeId) -> bool {
+        let Some(p) = self.progress.get(&to) else {
+            return false;
+        };
         !p.is_paused()
             && match p.state {
                 ProgressState::Replicate => p.next_index <= self.log.last_index(),
                 ProgressState::Probe => p.match_index < self.log.last_index(),
+                ProgressState::Snapshot => self.wants_snapshot_chunk(to),
             }
     }
 
@@ -141,16 +153,18 @@ impl RaftCore {
     pub(super) fn send_appends(&mut self) {
         let peers: Vec<NodeId> = self.progress.keys().copied().collect();
         for to in peers {
-            loop {
+            while self.wants_send(to) {
                 let p = &self.progress[&to];
-                if !self.wants_send(p) {
-                    break;
+                if p.state == ProgressState::Snapshot {
+                    self.send_snapshot_chunk(to);
+                    continue;
                 }
                 let next = p.next_index;
                 let prev_index = next - 1;
                 let Some(prev_term) = self.log.term(prev_index) else {
-                    // Needs entries we no longer hold: snapshot transfer (not yet supported).
-                    break;
+                    // It needs entries we compacted away: send the snapshot instead.
+                    self.start_snapshot_transfer(to);
+                    continue;
                 };
                 let entries = self.log.slice(
                     next,
@@ -183,6 +197,9 @@ impl RaftCore {
             .iter_mut()
             .map(|(&id, p)| {
                 p.sent_at_heartbeat = p.next_index - 1;
+                if let Some(t) = p.transfer.as_mut() {
+                    t.acked_at_heartbeat = t.acked;
+                }
                 (id, p.match_index.min(commit))
             })
             .collect();

@@ -14,7 +14,7 @@ mod seeds;
 mod sim;
 
 pub use lockstep::Lockstep;
-pub use machine::RecordingMachine;
+pub use machine::{DigestMachine, RecordingMachine};
 pub use network::{NetworkConfig, Traffic};
 pub use seeds::for_each_seed;
 pub use sim::{Acknowledged, AppliedEntry, Cluster, SimConfig};

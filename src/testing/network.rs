@@ -61,6 +61,8 @@ pub fn kind_of(m: &Message) -> &'static str {
         MessageBody::AppendResponse(_) => "AppendResponse",
         MessageBody::Heartbeat { .. } => "Heartbeat",
         MessageBody::HeartbeatResponse => "HeartbeatResponse",
+        MessageBody::InstallSnapshot { .. } => "InstallSnapshot",
+        MessageBody::SnapshotResponse { .. } => "SnapshotResponse",
     }
 }
 
@@ -68,6 +70,7 @@ pub fn kind_of(m: &Message) -> &'static str {
 pub fn approx_size(m: &Message) -> u64 {
     32 + match &m.body {
         MessageBody::Append { entries, .. } => entries.iter().map(|e| e.size()).sum(),
+        MessageBody::InstallSnapshot { data, .. } => data.len() as u64,
         _ => 0,
     }
 }
