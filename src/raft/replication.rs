@@ -56,10 +56,14 @@ impl RaftCore {
                     return;
                 };
                 p.recent_active = true;
-                if p.maybe_update(match_index) {
-                    if p.state == ProgressState::Probe {
-                        p.become_replicate();
-                    }
+                let updated = p.maybe_update(match_index);
+                // A follower in snapshot mode that reports a match at or past the snapshot
+                // already has it (its "installed" answer may have been lost).
+                let snapshot_done = p.transfer.is_some_and(|t| p.match_index >= t.meta.index);
+                if (updated && p.state == ProgressState::Probe) || snapshot_done {
+                    p.become_replicate();
+                }
+                if updated {
                     self.maybe_commit();
                 }
             }
@@ -101,6 +105,9 @@ impl RaftCore {
                             commit,
                         };
                         self.send(from, body, Dispatch::Now);
+                    } else {
+                        // Compacted meanwhile: probe again, which leads to the snapshot.
+                        p.become_probe();
                     }
                 }
             }

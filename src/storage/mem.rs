@@ -147,6 +147,11 @@ impl MemStorage {
         self.inner.lock().durable.entries.clone()
     }
 
+    /// The durable snapshot's last index (0 when there is none).
+    pub fn durable_snapshot_index(&self) -> Index {
+        self.inner.lock().durable.snapshot.index
+    }
+
     /// How many times `sync` has been called.
     pub fn sync_count(&self) -> u64 {
         self.inner.lock().syncs

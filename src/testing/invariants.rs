@@ -138,6 +138,28 @@ impl Checker {
         }
     }
 
+    /// A node's log now starts after a snapshot through `index` (it compacted, or installed
+    /// a leader's snapshot): entries up to it leave the mirror. A kept suffix keeps its hashes
+    /// if it extends the committed prefix; otherwise the log starts empty after the snapshot.
+    pub(crate) fn rebase(&mut self, node: NodeId, m: &mut LogMirror, index: Index) {
+        if index <= m.base {
+            return;
+        }
+        let Some(&(_, committed)) = self.committed.get(index as usize - 1) else {
+            self.fail(format!(
+                "node {node} holds a snapshot through {index}, beyond anything committed"
+            ))
+        };
+        match m.at(index) {
+            Some((_, h)) if h == committed => {
+                m.hashes.drain(..(index - m.base) as usize);
+            }
+            _ => m.hashes.clear(),
+        }
+        m.base = index;
+        m.base_hash = committed;
+    }
+
     /// A node is leader of `term`.
     pub(crate) fn leader(&mut self, node: NodeId, term: Term, m: &LogMirror) {
         self.checks += 1;
@@ -215,6 +237,12 @@ impl Checker {
                 entry.index
             ));
         }
+    }
+
+    /// Term of the committed entry at `index`, if known.
+    pub fn committed_term(&self, index: Index) -> Option<Term> {
+        let i = usize::try_from(index.checked_sub(1)?).ok()?;
+        self.committed.get(i).map(|c| c.0)
     }
 
     /// Highest index known committed anywhere.

@@ -13,9 +13,10 @@ use std::collections::{BTreeMap, BinaryHeap};
 use super::invariants::{Checker, LogMirror};
 use super::network::{Network, NetworkConfig};
 use crate::error::CoreProposeError;
+use crate::host::{self, SnapshotPolicy};
 use crate::raft::{
     Config, Entry, EntryPayload, Index, Message, NodeId, Payload, PersistAck, Proposed, RaftCore,
-    Rng, Role, Status, Term,
+    Rng, Role, SnapshotMeta, Status, Term,
 };
 use crate::state_machine::StateMachine;
 use crate::storage::{MemStorage, PersistedSize, Storage};
@@ -35,6 +36,12 @@ pub struct SimConfig {
     pub fsync_ms: (u64, u64),
     /// Template of every node's Raft configuration (`id`, `voters` and `seed` are set per node).
     pub raft: Config,
+    /// Snapshot and compact a node's log once its storage holds more than this many log
+    /// bytes (`None`: never automatically; [`Cluster::snapshot`] still works).
+    pub max_log_bytes: Option<u64>,
+    /// Smallest and largest virtual time a local snapshot takes to serialize, in ms (the node
+    /// keeps working meanwhile).
+    pub snapshot_ms: (u64, u64),
 }
 
 impl SimConfig {
@@ -47,6 +54,8 @@ impl SimConfig {
             tick_ms: 10,
             fsync_ms: (0, 2),
             raft: Config::new(1, vec![1]),
+            max_log_bytes: None,
+            snapshot_ms: (0, 20),
         }
     }
 }
@@ -89,6 +98,13 @@ enum EventKind {
         ack: PersistAck,
         messages: Vec<Message>,
     },
+    /// A local snapshot finished serializing.
+    SnapshotSerialized {
+        node: NodeId,
+        incarnation: u64,
+        meta: SnapshotMeta,
+        bytes: Vec<u8>,
+    },
 }
 
 struct Event {
@@ -124,6 +140,12 @@ struct SimNode<M> {
     last_sync_at: u64,
     /// Proposals made on this node and not yet applied: index -> (term, command).
     pending: BTreeMap<Index, (Term, Payload)>,
+    policy: SnapshotPolicy,
+    /// Snapshots taken and installed over the node's whole life (all incarnations).
+    snapshots_taken: u64,
+    snapshots_installed: u64,
+    /// Largest persisted size seen, summed over log and snapshot.
+    peak_persisted: u64,
 }
 
 /// A simulated cluster. See the [module docs](self).
@@ -187,6 +209,10 @@ impl<M: StateMachine> Cluster<M> {
                     applied: Vec::new(),
                     last_sync_at: 0,
                     pending: BTreeMap::new(),
+                    policy: SnapshotPolicy::new(c.config.max_log_bytes),
+                    snapshots_taken: 0,
+                    snapshots_installed: 0,
+                    peak_persisted: 0,
                 },
             );
             c.boot(id);
@@ -210,6 +236,12 @@ impl<M: StateMachine> Cluster<M> {
         let node = self.nodes.get_mut(&id).expect("known node");
         let core = RaftCore::from_storage(cfg, &node.storage)
             .unwrap_or_else(|e| panic!("node {id} cannot restart from its storage: {e}"));
+        let init = node.storage.initial_state().expect("memory storage");
+        if init.snapshot.index > 0 {
+            host::restore_machine(&node.storage, &mut node.machine, init.snapshot_size)
+                .unwrap_or_else(|e| panic!("node {id} cannot restore its snapshot: {e}"));
+        }
+        node.policy = SnapshotPolicy::new(self.config.max_log_bytes);
         node.mirror =
             self.checker
                 .mirror_restored(id, core.log().snapshot().index, core.log().entries());
@@ -241,15 +273,32 @@ impl<M: StateMachine> Cluster<M> {
                 return;
             };
             if !core.has_ready() {
-                return;
+                break;
             }
-            let ready = core.ready();
+            let mut ready = core.ready();
             let (role, term, commit) = (core.role(), core.term(), core.commit_index());
-            if let Some(hs) = ready.hard_state {
-                node.storage.set_hard_state(hs).expect("memory storage");
+            let requests = std::mem::take(&mut ready.snapshot_requests);
+            let chunks =
+                host::snapshot_messages(&node.storage, id, requests).expect("memory storage");
+            if !ready.snapshot_chunks.is_empty() {
+                node.policy.abandon();
+            }
+            host::write_ready(&mut node.storage, &ready).expect("memory storage");
+            if let Some(meta) = ready.install_snapshot {
+                let size = node
+                    .storage
+                    .initial_state()
+                    .expect("memory storage")
+                    .snapshot_size;
+                host::restore_machine(&node.storage, &mut node.machine, size).unwrap_or_else(|e| {
+                    panic!("node {id} cannot restore a received snapshot: {e}")
+                });
+                self.checker.rebase(id, &mut node.mirror, meta.index);
+                node.last_applied = meta.index;
+                node.snapshots_installed += 1;
+                node.pending.retain(|&i, _| i > meta.index);
             }
             if !ready.entries.is_empty() {
-                node.storage.append(&ready.entries).expect("memory storage");
                 self.checker.log_write(id, &mut node.mirror, &ready.entries);
             }
             let fsync = self
@@ -264,7 +313,7 @@ impl<M: StateMachine> Cluster<M> {
             if role == Role::Leader {
                 self.checker.leader(id, term, &node.mirror);
             }
-            for m in ready.messages {
+            for m in ready.messages.into_iter().chain(chunks) {
                 self.transmit(m);
             }
             self.schedule(
@@ -280,6 +329,67 @@ impl<M: StateMachine> Cluster<M> {
                 self.apply(id, entry);
             }
         }
+        self.maybe_snapshot(id, false);
+        let node = self.nodes.get_mut(&id).expect("known node");
+        let size = node.storage.persisted_size();
+        node.peak_persisted = node
+            .peak_persisted
+            .max(size.log_bytes + size.snapshot_bytes);
+    }
+
+    /// Starts a local snapshot of `id` if one is due (or forced): the state machine's image is
+    /// taken now, right after the last apply; it is "serialized" over a random virtual delay
+    /// while the node keeps working. Returns true if one started.
+    fn maybe_snapshot(&mut self, id: NodeId, force: bool) -> bool {
+        let node = self.nodes.get_mut(&id).expect("known node");
+        let Some(core) = node.core.as_ref() else {
+            return false;
+        };
+        let Some(meta) = node.policy.due(core, &node.storage, force) else {
+            return false;
+        };
+        let mut bytes = Vec::new();
+        node.machine
+            .snapshot()
+            .write_to(&mut bytes)
+            .expect("test state machines serialize into memory");
+        node.policy.started(meta);
+        let incarnation = node.incarnation;
+        let delay = self
+            .rng
+            .range(self.config.snapshot_ms.0, self.config.snapshot_ms.1 + 1);
+        self.schedule(
+            delay,
+            EventKind::SnapshotSerialized {
+                node: id,
+                incarnation,
+                meta,
+                bytes,
+            },
+        );
+        true
+    }
+
+    fn snapshot_serialized(&mut self, id: NodeId, meta: SnapshotMeta, bytes: Vec<u8>) {
+        let chunk = self.config.raft.snapshot_chunk_bytes.max(1) as usize;
+        let node = self.nodes.get_mut(&id).expect("known node");
+        let Some(core) = node.core.as_mut() else {
+            return;
+        };
+        for piece in bytes.chunks(chunk) {
+            node.policy
+                .write(&mut node.storage, meta, piece)
+                .expect("memory storage");
+        }
+        if node
+            .policy
+            .finish(&mut node.storage, core, meta)
+            .expect("memory storage")
+        {
+            node.snapshots_taken += 1;
+            self.checker.rebase(id, &mut node.mirror, meta.index);
+        }
+        self.process(id);
     }
 
     fn apply(&mut self, id: NodeId, entry: Entry) {
@@ -343,6 +453,16 @@ impl<M: StateMachine> Cluster<M> {
                 self.schedule(every, EventKind::Tick(id));
             }
             EventKind::Process(id) => self.process(id),
+            EventKind::SnapshotSerialized {
+                node: id,
+                incarnation,
+                meta,
+                bytes,
+            } => {
+                if self.nodes[&id].incarnation == incarnation {
+                    self.snapshot_serialized(id, meta, bytes);
+                }
+            }
             EventKind::Deliver(m) => {
                 let to = m.to;
                 if let Some(core) = self.nodes.get_mut(&to).and_then(|n| n.core.as_mut()) {
@@ -477,6 +597,27 @@ impl<M: StateMachine> Cluster<M> {
         Some((a.index, a.output.clone()))
     }
 
+    /// Takes a snapshot of `id` now (it completes after the configured serialization delay).
+    /// Returns false if there is nothing new to snapshot or one is in progress.
+    pub fn snapshot(&mut self, id: NodeId) -> bool {
+        self.maybe_snapshot(id, true)
+    }
+
+    /// Local snapshots `id` completed over its whole life.
+    pub fn snapshots_taken(&self, id: NodeId) -> u64 {
+        self.nodes[&id].snapshots_taken
+    }
+
+    /// Snapshots `id` received from leaders and installed over its whole life.
+    pub fn snapshots_installed(&self, id: NodeId) -> u64 {
+        self.nodes[&id].snapshots_installed
+    }
+
+    /// The largest `log_bytes + snapshot_bytes` `id`'s storage reported after any step.
+    pub fn peak_persisted_bytes(&self, id: NodeId) -> u64 {
+        self.nodes[&id].peak_persisted
+    }
+
     /// Crashes node `id`: its volatile state is gone, its storage keeps only what was synced.
     pub fn crash(&mut self, id: NodeId) {
         let node = self.nodes.get_mut(&id).expect("known node");
@@ -585,6 +726,21 @@ impl<M: StateMachine> Cluster<M> {
     /// The safety checker (what it saw, how many checks it made).
     pub fn checker(&self) -> &Checker {
         &self.checker
+    }
+
+    /// Like [`Cluster::assert_acknowledged_committed`], for runs with compaction: an
+    /// acknowledged proposal whose entry was compacted away on every node must lie within the
+    /// committed prefix and match the committed entry recorded when it was committed.
+    pub fn assert_acknowledged_committed_or_compacted(&self) {
+        for a in &self.acknowledged {
+            assert!(
+                self.checker.committed_term(a.index) == Some(a.term),
+                "acknowledged command at index {} (term {}) is not the committed entry there (replay with RAFTKV_SEED={})",
+                a.index,
+                a.term,
+                self.config.seed
+            );
+        }
     }
 
     /// Asserts that every acknowledged proposal is in the committed log at its index.

@@ -1,0 +1,271 @@
+//! Snapshots and log compaction in the simulated cluster: logs stay bounded, followers that
+//! fall behind the compaction point get the snapshot, restarts rebuild from snapshot plus log
+//! tail. Every test also checks that snapshots really happened (none of these may pass by
+//! snapshotting never or always). `RAFTKV_SEEDS=n` runs more seeds, `RAFTKV_SEED=s` replays.
+
+use raftkv::raft::{NodeId, Rng};
+use raftkv::testing::{
+    for_each_seed, Cluster, DigestMachine, NetworkConfig, RecordingMachine, SimConfig,
+};
+use raftkv::StateMachine;
+
+fn config(nodes: usize, seed: u64, max_log_bytes: u64) -> SimConfig {
+    let mut cfg = SimConfig::new(nodes, seed);
+    cfg.max_log_bytes = Some(max_log_bytes);
+    cfg
+}
+
+/// Proposes `n` commands through whoever leads, waiting for each.
+fn write<M: StateMachine>(c: &mut Cluster<M>, tag: &str, n: usize)
+where
+    M::Output: Clone,
+{
+    for i in 0..n {
+        let mut done = false;
+        for _ in 0..20 {
+            if let Some(l) = c.run_until_leader(5_000) {
+                if c.propose_and_wait(l, format!("{tag}-{i}").as_str(), 2_000)
+                    .is_some()
+                {
+                    done = true;
+                    break;
+                }
+            }
+        }
+        assert!(done, "could not commit {tag}-{i} (seed {})", c.seed());
+    }
+}
+
+/// Waits until every node applied the leader's commit index, then checks all digests agree.
+fn converge(c: &mut Cluster<DigestMachine>) -> DigestMachine {
+    c.network.heal();
+    let l = c.run_until_leader(10_000).expect("leader");
+    c.propose_and_wait(l, b"sync".as_slice(), 3_000)
+        .expect("commit");
+    let target = c.core(l).unwrap().commit_index();
+    let ok = c.run_until(10_000, |c| {
+        c.node_ids()
+            .iter()
+            .all(|&i| c.status(i).is_some_and(|s| s.applied_index >= target))
+    });
+    assert!(ok, "nodes did not catch up (seed {})", c.seed());
+    let reference = *c.machine(l);
+    for id in c.node_ids() {
+        assert_eq!(
+            *c.machine(id),
+            reference,
+            "node {id} diverged (seed {})",
+            c.seed()
+        );
+    }
+    reference
+}
+
+#[test]
+fn snapshots_trim_the_log_and_keep_the_state() {
+    for_each_seed("snapshot_basic", 10, |seed| {
+        let mut c = Cluster::new(config(3, seed, 2_000), |_| DigestMachine::default());
+        write(&mut c, "w", 300);
+        let state = converge(&mut c);
+        assert_eq!(state.count, 301);
+        for id in c.node_ids() {
+            // ~300 entries of ~35 bytes is ~10 KB of log: a handful of snapshots each.
+            let taken = c.snapshots_taken(id);
+            assert!(
+                (2..=20).contains(&taken),
+                "node {id} took {taken} snapshots"
+            );
+            let snap = c.core(id).unwrap().log().snapshot();
+            assert!(snap.index > 100, "node {id} log not compacted: {snap:?}");
+            let size = c.persisted_size(id);
+            assert!(
+                size.log_bytes <= 2 * 2_000,
+                "node {id} log {} bytes",
+                size.log_bytes
+            );
+            // The digest machine's state is 24 bytes, whatever the history.
+            assert_eq!(size.snapshot_bytes, 24);
+        }
+    });
+}
+
+#[test]
+fn a_follower_behind_the_compaction_point_gets_the_snapshot() {
+    for_each_seed("install_after_disconnect", 10, |seed| {
+        let mut c = Cluster::new(config(3, seed, 1_000), |_| DigestMachine::default());
+        let leader = c.run_until_leader(3_000).expect("leader");
+        let f = c.node_ids().into_iter().find(|&i| i != leader).unwrap();
+        c.isolate(f);
+        write(&mut c, "w", 200);
+        let l = c.leader().unwrap();
+        assert!(
+            c.core(l).unwrap().log().snapshot().index > c.core(f).unwrap().log().last_index(),
+            "leader did not compact past the follower"
+        );
+        c.reconnect(f);
+        converge(&mut c);
+        assert!(
+            c.snapshots_installed(f) >= 1,
+            "follower caught up without a snapshot"
+        );
+        assert!(c
+            .network
+            .traffic()
+            .get("InstallSnapshot")
+            .is_some_and(|t| t.count >= 1));
+    });
+}
+
+#[test]
+fn snapshot_install_on_an_unreliable_network() {
+    for_each_seed("install_unreliable", 10, |seed| {
+        let mut cfg = config(5, seed, 1_000);
+        cfg.network = NetworkConfig::unreliable();
+        cfg.raft.snapshot_chunk_bytes = 8; // DigestMachine snapshots are 24 bytes: 3 chunks
+        let mut c = Cluster::new(cfg, |_| DigestMachine::default());
+        let leader = c.run_until_leader(10_000).expect("leader");
+        let lagging: Vec<NodeId> = c
+            .node_ids()
+            .into_iter()
+            .filter(|&i| i != leader)
+            .take(2)
+            .collect();
+        for &f in &lagging {
+            c.isolate(f);
+        }
+        write(&mut c, "w", 150);
+        for &f in &lagging {
+            c.reconnect(f);
+        }
+        converge(&mut c);
+        for &f in &lagging {
+            assert!(
+                c.snapshots_installed(f) >= 1,
+                "node {f} never installed a snapshot"
+            );
+        }
+    });
+}
+
+#[test]
+fn a_follower_that_crashes_during_the_transfer_still_gets_it() {
+    for_each_seed("install_crash_midway", 10, |seed| {
+        // Big snapshots in small chunks: the RecordingMachine keeps every command.
+        let mut cfg = config(3, seed, 4_000);
+        cfg.raft.snapshot_chunk_bytes = 64;
+        cfg.raft.max_snapshot_chunks_inflight = 2;
+        let mut c = Cluster::new(cfg, |_| RecordingMachine::default());
+        let leader = c.run_until_leader(3_000).expect("leader");
+        let f = c.node_ids().into_iter().find(|&i| i != leader).unwrap();
+        c.isolate(f);
+        write(&mut c, "w", 200);
+        c.reconnect(f);
+        let mid = c.run_until(5_000, |c| {
+            c.core(f).is_some_and(|core| core.receiving_snapshot())
+        });
+        assert!(mid, "transfer never started");
+        c.crash(f);
+        c.run_for(300);
+        c.restart(f);
+        let l = c.run_until_leader(5_000).unwrap();
+        c.propose_and_wait(l, b"after".as_slice(), 3_000)
+            .expect("commit");
+        let target = c.core(l).unwrap().commit_index();
+        assert!(c.run_until(10_000, |c| c.status(f).unwrap().applied_index >= target));
+        assert!(c.snapshots_installed(f) >= 1);
+        assert_eq!(c.machine(f).commands(), c.machine(l).commands());
+    });
+}
+
+#[test]
+fn whole_cluster_crashes_with_snapshots_lose_nothing() {
+    for_each_seed("snapshot_whole_cluster_crashes", 10, |seed| {
+        let mut c = Cluster::new(config(3, seed, 1_500), |_| DigestMachine::default());
+        let mut rng = Rng::new(seed);
+        for round in 0..6 {
+            write(&mut c, &format!("r{round}"), 40);
+            // Crash everyone at a random moment, maybe mid-snapshot, then restart.
+            c.run_for(rng.range(0, 30));
+            for id in c.node_ids() {
+                c.crash(id);
+            }
+            for id in c.node_ids() {
+                c.restart(id);
+            }
+        }
+        let state = converge(&mut c);
+        assert_eq!(
+            state.count,
+            6 * 40 + 1,
+            "acknowledged commands lost or applied twice"
+        );
+        c.assert_acknowledged_committed_or_compacted();
+        let taken: u64 = c.node_ids().iter().map(|&i| c.snapshots_taken(i)).sum();
+        assert!(taken >= 3, "only {taken} snapshots in 240 commands");
+    });
+}
+
+#[test]
+fn a_restarted_node_restores_its_snapshot_then_applies_only_later_entries() {
+    for_each_seed("restart_from_snapshot", 10, |seed| {
+        let mut c = Cluster::new(config(3, seed, 1_000), |_| DigestMachine::default());
+        write(&mut c, "w", 100);
+        let id = c.node_ids()[0];
+        assert!(c.snapshots_taken(id) + c.snapshots_installed(id) >= 1);
+        let snap = c.storage(id).durable_snapshot_index();
+        assert!(snap > 0);
+        c.crash(id);
+        c.restart(id);
+        // Right after restart the machine holds the snapshot's state...
+        assert!(c.machine(id).last_index >= snap.min(c.machine(id).last_index));
+        assert_eq!(c.status(id).unwrap().applied_index, snap);
+        converge(&mut c);
+        // ...and every entry it applied since lies after the snapshot.
+        let applied = c.applied(id);
+        assert!(
+            applied.first().is_none_or(|e| e.index == snap + 1),
+            "replayed from {:?}, snapshot {snap}",
+            applied.first()
+        );
+    });
+}
+
+#[test]
+fn the_persisted_raft_state_stays_bounded_under_steady_load() {
+    for_each_seed("log_size_bound", 5, |seed| {
+        let max = 3_000;
+        let mut c = Cluster::new(config(3, seed, max), |_| DigestMachine::default());
+        write(&mut c, "w", 800);
+        converge(&mut c);
+        for id in c.node_ids() {
+            let peak = c.peak_persisted_bytes(id);
+            assert!(
+                peak < 8 * max,
+                "node {id} peaked at {peak} bytes (bound {})",
+                8 * max
+            );
+            assert!(
+                c.snapshots_taken(id) >= 5,
+                "node {id}: {} snapshots",
+                c.snapshots_taken(id)
+            );
+        }
+    });
+}
+
+#[test]
+fn without_a_bound_no_snapshot_is_taken() {
+    let mut c = Cluster::new(SimConfig::new(3, 7), |_| DigestMachine::default());
+    write(&mut c, "w", 100);
+    converge(&mut c);
+    for id in c.node_ids() {
+        assert_eq!(c.snapshots_taken(id), 0);
+        assert_eq!(c.core(id).unwrap().log().snapshot().index, 0);
+    }
+    // A forced snapshot works and compacts.
+    let id = c.node_ids()[0];
+    assert!(c.snapshot(id));
+    c.run_for(100);
+    assert_eq!(c.snapshots_taken(id), 1);
+    assert!(c.core(id).unwrap().log().snapshot().index >= 100);
+}
