@@ -40,6 +40,11 @@ impl From<Vec<u8>> for Payload {
         Payload(v.into())
     }
 }
+impl From<String> for Payload {
+    fn from(v: String) -> Self {
+        Payload(v.into_bytes().into())
+    }
+}
 impl From<&[u8]> for Payload {
     fn from(v: &[u8]) -> Self {
         Payload(v.into())

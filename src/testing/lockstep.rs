@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+use crate::host;
 use crate::raft::{
     Config, Entry, EntryPayload, HardState, Message, NodeId, RaftCore, SnapshotMeta, Term,
 };
@@ -39,6 +40,7 @@ pub struct Lockstep {
     cut: BTreeSet<(NodeId, NodeId)>,
     filter: Option<Filter>,
     delivered: Vec<Message>,
+    installed: Vec<(NodeId, SnapshotMeta)>,
 }
 
 impl Lockstep {
@@ -60,6 +62,7 @@ impl Lockstep {
             cut: BTreeSet::new(),
             filter: None,
             delivered: Vec::new(),
+            installed: Vec::new(),
         };
         for (i, terms) in logs.iter().enumerate() {
             let id = i as NodeId + 1;
@@ -181,21 +184,45 @@ impl Lockstep {
             if !core.has_ready() {
                 return;
             }
-            let ready = core.ready();
+            let mut ready = core.ready();
             let storage = self.storages.get_mut(&id).expect("known node");
-            if let Some(hs) = ready.hard_state {
-                storage.set_hard_state(hs).expect("memory storage");
-            }
-            storage.append(&ready.entries).expect("memory storage");
+            let requests = std::mem::take(&mut ready.snapshot_requests);
+            let chunks = host::snapshot_messages(storage, id, requests).expect("memory storage");
+            host::write_ready(storage, &ready).expect("memory storage");
             storage.sync().expect("memory storage");
             core.on_persisted(ready.ack);
             self.queue.extend(ready.messages);
+            self.queue.extend(chunks);
             self.queue.extend(ready.persisted_messages);
-            self.applied
-                .get_mut(&id)
-                .expect("known node")
-                .extend(ready.committed_entries);
+            let applied = self.applied.get_mut(&id).expect("known node");
+            if let Some(meta) = ready.install_snapshot {
+                self.installed.push((id, meta));
+                applied.clear(); // the state is now the snapshot's
+            }
+            applied.extend(ready.committed_entries);
         }
+    }
+
+    /// Node `id` snapshots its applied state (`data` stands for the state machine's bytes),
+    /// stores it and compacts its log. Returns the snapshot's position.
+    pub fn compact(&mut self, id: NodeId, data: &[u8]) -> SnapshotMeta {
+        let core = self.cores.get_mut(&id).expect("known node");
+        let index = core.log().applied();
+        let meta = SnapshotMeta {
+            index,
+            term: core.log().term(index).expect("applied entry is retained"),
+        };
+        let storage = self.storages.get_mut(&id).expect("known node");
+        storage.save_snapshot(meta, data).expect("memory storage");
+        core.snapshot_saved(meta, data.len() as u64)
+            .expect("snapshot of an applied entry");
+        storage.compact(meta.index).expect("memory storage");
+        meta
+    }
+
+    /// Snapshots installed from a leader so far, as `(node, meta)`.
+    pub fn installed(&self) -> &[(NodeId, SnapshotMeta)] {
+        &self.installed
     }
 
     /// Delivers one queued message (subject to cuts and the filter) and collects the
