@@ -76,6 +76,9 @@ pub enum ProposeError {
     /// Too many uncommitted commands are in flight; retry later.
     #[error("too many proposals in flight")]
     Busy,
+    /// This node's disk is full; it takes no proposals until space is freed.
+    #[error("no space left on this node's disk")]
+    NoSpace,
     /// The node is shut down (or stopped after a fatal storage error).
     #[error("node is shut down")]
     Shutdown,

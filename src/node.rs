@@ -31,10 +31,11 @@ use futures::channel::{mpsc as fmpsc, oneshot};
 use futures::StreamExt;
 use parking_lot::Mutex;
 
-use crate::error::{CoreProposeError, NodeError, ProposeError};
+use crate::error::{CoreProposeError, NodeError, ProposeError, StorageError};
 use crate::host::{self, SnapshotPolicy};
 use crate::raft::{
-    Config, EntryPayload, Index, Message, NodeId, Payload, RaftCore, SnapshotMeta, Status, Term,
+    Config, EntryPayload, Index, Message, NodeId, Payload, RaftCore, Ready, SnapshotMeta, Status,
+    Term,
 };
 use crate::state_machine::StateMachine;
 use crate::storage::{PersistedSize, Storage};
@@ -85,6 +86,9 @@ pub struct NodeStatus {
     pub fatal_error: Option<String>,
     /// False once the node thread has exited.
     pub running: bool,
+    /// Set while writes fail for lack of disk space (the node retries every tick; it
+    /// refuses proposals with [`ProposeError::NoSpace`] and acknowledges nothing meanwhile).
+    pub disk_full: Option<String>,
     /// Local snapshots taken (and the log compacted behind them) since start.
     pub snapshots_taken: u64,
     /// Snapshots received from a leader and installed since start.
@@ -197,6 +201,7 @@ impl<O: Send + 'static> Node<O> {
                 persisted: storage.persisted_size(),
                 fatal_error: None,
                 running: true,
+                disk_full: None,
                 snapshots_taken: 0,
                 snapshots_installed: 0,
             }),
@@ -229,6 +234,8 @@ impl<O: Send + 'static> Node<O> {
             policy: SnapshotPolicy::new(config.max_log_bytes),
             snapshot_waiters: Vec::new(),
             skip_through: 0,
+            stalled: None,
+            disk_full: None,
             config,
         };
         worker.restore()?;
@@ -355,6 +362,10 @@ struct Worker<S, M: StateMachine> {
     snapshot_waiters: Vec<oneshot::Sender<Option<SnapshotMeta>>>,
     /// Entries up to here are already in the state machine's own durable state.
     skip_through: Index,
+    /// A batch that could not be written for lack of space, retried before anything else.
+    stalled: Option<Ready>,
+    /// The full-disk error, while it lasts.
+    disk_full: Option<String>,
     config: NodeConfig,
 }
 
@@ -440,6 +451,9 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
     fn handle(&mut self, cmd: Command<M::Output>) -> Result<Flow, NodeError> {
         match cmd {
             Command::Step(m) => self.core.step(m),
+            Command::Propose(_, reply) if self.disk_full.is_some() => {
+                let _ = reply.send(Err(ProposeError::NoSpace));
+            }
             Command::Propose(data, reply) => match self.core.propose(data) {
                 Ok(p) => {
                     let deadline = Instant::now() + self.config.propose_timeout;
@@ -536,10 +550,18 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
         }
     }
 
+    /// Works through the core's output. A batch that hit a full disk is kept and retried
+    /// first (at every loop, so at least every tick) before anything newer: the node neither
+    /// acknowledges nor applies anything meanwhile, and leadership moves elsewhere.
     fn process(&mut self) -> Result<(), NodeError> {
+        if let Some(ready) = self.stalled.take() {
+            self.persist_and_finish(ready)?;
+            if self.stalled.is_some() {
+                return Ok(());
+            }
+        }
         while self.core.has_ready() {
             let mut ready = self.core.ready();
-            let must_persist = ready.must_persist();
             let mut now = std::mem::take(&mut ready.messages);
             let requests = std::mem::take(&mut ready.snapshot_requests);
             now.extend(host::snapshot_messages(
@@ -551,38 +573,58 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
             if !ready.snapshot_chunks.is_empty() {
                 self.policy.abandon(); // the leader's snapshot takes the incoming slot
             }
-            if must_persist {
-                host::write_ready(&mut self.storage, &ready)?;
-                self.storage.sync()?;
-            }
-            self.core.on_persisted(ready.ack);
-            self.send(std::mem::take(&mut ready.persisted_messages));
-            if ready.install_snapshot.is_some() {
-                let size = self.storage.initial_state()?.snapshot_size;
-                host::restore_machine(&self.storage, &mut self.machine, size)
-                    .map_err(NodeError::Restore)?;
-                self.skip_through = 0;
-                self.policy.installed += 1;
-                // Proposals below the snapshot will never be applied here.
-                let through = self.core.log().snapshot().index;
-                while let Some(e) = self.pending.first_entry() {
-                    if *e.key() > through {
-                        break;
-                    }
-                    let _ = e.remove().1.send(Err(ProposeError::Timeout));
-                }
-            }
-            for entry in ready.committed_entries {
-                let output = match &entry.payload {
-                    EntryPayload::Command(c) if entry.index > self.skip_through => {
-                        Some(self.machine.apply(entry.index, c.as_bytes()))
-                    }
-                    _ => None,
-                };
-                self.resolve(entry.index, entry.term, output);
+            self.persist_and_finish(ready)?;
+            if self.stalled.is_some() {
+                return Ok(());
             }
         }
         self.maybe_snapshot(false);
+        Ok(())
+    }
+
+    /// Makes `ready` durable, then acknowledges and applies it. On a full disk the batch is
+    /// parked in `stalled` (every write in it can be repeated: the hard state and entries
+    /// overwrite themselves) and the error is reported in the status.
+    fn persist_and_finish(&mut self, mut ready: Ready) -> Result<(), NodeError> {
+        if ready.must_persist() {
+            let written =
+                host::write_ready(&mut self.storage, &ready).and_then(|_| self.storage.sync());
+            match written {
+                Ok(()) => self.disk_full = None,
+                Err(e @ StorageError::NoSpace { .. }) => {
+                    self.disk_full = Some(e.to_string());
+                    self.stalled = Some(ready);
+                    return Ok(());
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.core.on_persisted(ready.ack);
+        self.send(std::mem::take(&mut ready.persisted_messages));
+        if ready.install_snapshot.is_some() {
+            let size = self.storage.initial_state()?.snapshot_size;
+            host::restore_machine(&self.storage, &mut self.machine, size)
+                .map_err(NodeError::Restore)?;
+            self.skip_through = 0;
+            self.policy.installed += 1;
+            // Proposals below the snapshot will never be applied here.
+            let through = self.core.log().snapshot().index;
+            while let Some(e) = self.pending.first_entry() {
+                if *e.key() > through {
+                    break;
+                }
+                let _ = e.remove().1.send(Err(ProposeError::Timeout));
+            }
+        }
+        for entry in ready.committed_entries {
+            let output = match &entry.payload {
+                EntryPayload::Command(c) if entry.index > self.skip_through => {
+                    Some(self.machine.apply(entry.index, c.as_bytes()))
+                }
+                _ => None,
+            };
+            self.resolve(entry.index, entry.term, output);
+        }
         Ok(())
     }
 
@@ -613,6 +655,7 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
             s.fatal_error = fatal;
         }
         s.running = running;
+        s.disk_full = self.disk_full.clone();
         s.snapshots_taken = self.policy.taken;
         s.snapshots_installed = self.policy.installed;
     }

@@ -202,11 +202,23 @@ fn errors_name_the_leader_time_out_and_report_shutdown() {
     );
 }
 
-/// A storage whose `sync` starts failing on demand.
+/// A storage whose `sync` starts failing on demand, or whose disk fills up on demand.
 #[derive(Clone)]
 struct FailingSync {
     inner: MemStorage,
     fail: Arc<AtomicBool>,
+    full: Arc<AtomicBool>,
+}
+
+impl FailingSync {
+    fn check_space(&self) -> Result<(), StorageError> {
+        if self.full.load(Ordering::SeqCst) {
+            return Err(StorageError::NoSpace {
+                path: "test".into(),
+            });
+        }
+        Ok(())
+    }
 }
 
 impl Storage for FailingSync {
@@ -226,9 +238,11 @@ impl Storage for FailingSync {
         self.inner.entries(lo, hi, max)
     }
     fn set_hard_state(&mut self, hs: HardState) -> Result<(), StorageError> {
+        self.check_space()?;
         self.inner.set_hard_state(hs)
     }
     fn append(&mut self, entries: &[Entry]) -> Result<(), StorageError> {
+        self.check_space()?;
         self.inner.append(entries)
     }
     fn truncate_suffix(&mut self, from: Index) -> Result<(), StorageError> {
@@ -273,6 +287,7 @@ fn a_failed_fsync_stops_the_node_with_the_error() {
     let storage = FailingSync {
         inner: MemStorage::new(),
         fail: fail.clone(),
+        full: Arc::new(AtomicBool::new(false)),
     };
     let (nodes, drivers) = start_cluster(&net, &[storage]);
     for d in drivers {
@@ -285,4 +300,44 @@ fn a_failed_fsync_stops_the_node_with_the_error() {
     let status = nodes[0].status();
     assert!(!status.running);
     assert!(status.fatal_error.unwrap().contains("injected EIO"));
+}
+
+#[test]
+fn a_full_disk_pauses_the_node_which_resumes_once_space_returns() {
+    let net = LocalNetwork::new();
+    let full = Arc::new(AtomicBool::new(false));
+    let storage = FailingSync {
+        inner: MemStorage::new(),
+        fail: Arc::new(AtomicBool::new(false)),
+        full: full.clone(),
+    };
+    let (nodes, drivers) = start_cluster(&net, &[storage.clone()]);
+    for d in drivers {
+        std::thread::spawn(move || futures::executor::block_on(d));
+    }
+    let before = futures::executor::block_on(propose(&nodes, "before"));
+    full.store(true, Ordering::SeqCst);
+    // The proposal that hits the full disk waits (nothing durable, nothing acknowledged);
+    // the node says why, refuses new proposals, and does not stop.
+    let waiting = nodes[0].clone();
+    let pending =
+        std::thread::spawn(move || futures::executor::block_on(waiting.propose("during")));
+    assert!(wait_until(|| nodes[0].status().disk_full.is_some()));
+    assert_eq!(
+        futures::executor::block_on(nodes[0].propose("refused")),
+        Err(ProposeError::NoSpace)
+    );
+    assert!(nodes[0].status().running);
+    assert_eq!(storage.inner.durable_last_index(), before);
+    // Space returns: the parked batch is written and the waiting proposal completes.
+    full.store(false, Ordering::SeqCst);
+    let during = pending
+        .join()
+        .unwrap()
+        .expect("applied once space returned");
+    assert!(during > before);
+    assert!(wait_until(|| nodes[0].status().disk_full.is_none()));
+    let after = futures::executor::block_on(propose(&nodes, "after"));
+    assert!(after > during);
+    futures::executor::block_on(nodes[0].shutdown());
 }
