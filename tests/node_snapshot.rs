@@ -136,7 +136,7 @@ fn a_node_compacts_its_log_and_restarts_from_snapshot_plus_tail() {
         ..Sum::default()
     };
     let node = start(&net, 1, 1, &storage, sm, Some(2_000));
-    let l = leader(&[node.clone()]);
+    let l = leader(std::slice::from_ref(&node));
     assert_eq!(propose(&l, 1), expected + 1, "state lost across restart");
     assert_eq!(restores.load(Ordering::SeqCst), 1);
     let last = node.status().raft.last_index;
@@ -153,7 +153,7 @@ fn a_forced_snapshot_reports_its_position() {
     let net = LocalNetwork::new();
     let storage = MemStorage::new();
     let node = start(&net, 1, 1, &storage, Sum::default(), None);
-    let l = leader(&[node.clone()]);
+    let l = leader(std::slice::from_ref(&node));
     for i in 0..10 {
         propose(&l, i);
     }
@@ -214,7 +214,7 @@ fn a_state_machine_with_its_own_durable_state_is_not_replayed() {
     let net = LocalNetwork::new();
     let storage = MemStorage::new();
     let node = start(&net, 1, 1, &storage, Sum::default(), None);
-    let l = leader(&[node.clone()]);
+    let l = leader(std::slice::from_ref(&node));
     for i in 1..=20 {
         propose(&l, i);
     }
@@ -230,7 +230,7 @@ fn a_state_machine_with_its_own_durable_state_is_not_replayed() {
     };
     let (restores, applies) = (sm.restores.clone(), sm.applies.clone());
     let node = start(&net, 1, 1, &storage, sm, None);
-    let l = leader(&[node.clone()]);
+    let l = leader(std::slice::from_ref(&node));
     assert_eq!(propose(&l, 1), 211);
     assert_eq!(restores.load(Ordering::SeqCst), 0);
     assert_eq!(
