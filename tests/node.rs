@@ -311,7 +311,7 @@ fn a_full_disk_pauses_the_node_which_resumes_once_space_returns() {
         fail: Arc::new(AtomicBool::new(false)),
         full: full.clone(),
     };
-    let (nodes, drivers) = start_cluster(&net, &[storage.clone()]);
+    let (nodes, drivers) = start_cluster(&net, std::slice::from_ref(&storage));
     for d in drivers {
         std::thread::spawn(move || futures::executor::block_on(d));
     }
