@@ -17,4 +17,4 @@ pub use lockstep::Lockstep;
 pub use machine::{DigestMachine, RecordingMachine};
 pub use network::{NetworkConfig, Traffic};
 pub use seeds::for_each_seed;
-pub use sim::{Acknowledged, AppliedEntry, Cluster, SimConfig};
+pub use sim::{Acknowledged, AppliedEntry, Cluster, SimConfig, SimStorage};

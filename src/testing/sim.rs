@@ -1,7 +1,9 @@
 //! [`Cluster`]: N Raft nodes on virtual time, a faulty network, crashes that keep only what
 //! storage made durable, and the safety checker run after every step.
 //!
-//! Each node is a [`RaftCore`] with a [`MemStorage`] and a state machine built by a factory.
+//! Each node is a [`RaftCore`] with a storage (a [`MemStorage`] by default, or any
+//! [`SimStorage`], such as the file storage on a simulated disk) and a state machine built by
+//! a factory.
 //! The simulation plays the host exactly as the [`Ready`](crate::raft::Ready) contract says:
 //! immediate messages go out at once, writes reach storage, and the fsync completes after a
 //! random virtual latency; only then are the batch's acknowledgements sent. A crash between a
@@ -129,9 +131,23 @@ impl Ord for Event {
     }
 }
 
-struct SimNode<M> {
+/// A storage the simulation can crash.
+pub trait SimStorage: Storage + Sized {
+    /// A power loss: what was not synced may be lost (all of it, part of it, or none, as the
+    /// storage's medium allows), and the storage is reopened from what survived. `rng` drives
+    /// any random choice, so runs stay reproducible.
+    fn power_loss(&mut self, rng: &mut Rng);
+}
+
+impl SimStorage for MemStorage {
+    fn power_loss(&mut self, _rng: &mut Rng) {
+        self.crash();
+    }
+}
+
+struct SimNode<M, S> {
     core: Option<RaftCore>,
-    storage: MemStorage,
+    storage: S,
     machine: M,
     incarnation: u64,
     mirror: LogMirror,
@@ -161,13 +177,13 @@ struct SimNode<M> {
 ///     assert_eq!(c.machine(id).commands().last().unwrap().0, index);
 /// }
 /// ```
-pub struct Cluster<M: StateMachine> {
+pub struct Cluster<M: StateMachine, S: SimStorage = MemStorage> {
     config: SimConfig,
     now: u64,
     seq: u64,
     rng: Rng,
     queue: BinaryHeap<Reverse<Event>>,
-    nodes: BTreeMap<NodeId, SimNode<M>>,
+    nodes: BTreeMap<NodeId, SimNode<M, S>>,
     factory: Box<dyn FnMut(NodeId) -> M>,
     /// The simulated network: cut links, change fault rates, read traffic counters.
     pub network: Network,
@@ -177,9 +193,21 @@ pub struct Cluster<M: StateMachine> {
     steps: u64,
 }
 
-impl<M: StateMachine> Cluster<M> {
-    /// Builds the cluster; every node starts empty and as a follower.
+impl<M: StateMachine> Cluster<M, MemStorage> {
+    /// Builds the cluster on in-memory storage; every node starts empty and as a follower.
     pub fn new(config: SimConfig, factory: impl FnMut(NodeId) -> M + 'static) -> Self {
+        Self::with_storage(config, factory, |_| MemStorage::new())
+    }
+}
+
+impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
+    /// Builds the cluster with a storage per node from `storage`; every node starts as a
+    /// follower from whatever its storage holds.
+    pub fn with_storage(
+        config: SimConfig,
+        factory: impl FnMut(NodeId) -> M + 'static,
+        mut storage: impl FnMut(NodeId) -> S,
+    ) -> Self {
         let mut c = Cluster {
             rng: Rng::new(config.seed),
             network: Network::new(config.network.clone()),
@@ -195,7 +223,7 @@ impl<M: StateMachine> Cluster<M> {
             steps: 0,
         };
         for id in 1..=c.config.nodes as NodeId {
-            let storage = MemStorage::new();
+            let storage = storage(id);
             let machine = (c.factory)(id);
             c.nodes.insert(
                 id,
@@ -236,7 +264,10 @@ impl<M: StateMachine> Cluster<M> {
         let node = self.nodes.get_mut(&id).expect("known node");
         let core = RaftCore::from_storage(cfg, &node.storage)
             .unwrap_or_else(|e| panic!("node {id} cannot restart from its storage: {e}"));
-        let init = node.storage.initial_state().expect("memory storage");
+        let init = node
+            .storage
+            .initial_state()
+            .unwrap_or_else(|e| panic!("node storage failed: {e}"));
         if init.snapshot.index > 0 {
             host::restore_machine(&node.storage, &mut node.machine, init.snapshot_size)
                 .unwrap_or_else(|e| panic!("node {id} cannot restore its snapshot: {e}"));
@@ -278,17 +309,18 @@ impl<M: StateMachine> Cluster<M> {
             let mut ready = core.ready();
             let (role, term, commit) = (core.role(), core.term(), core.commit_index());
             let requests = std::mem::take(&mut ready.snapshot_requests);
-            let chunks =
-                host::snapshot_messages(&node.storage, id, requests).expect("memory storage");
+            let chunks = host::snapshot_messages(&node.storage, id, requests)
+                .unwrap_or_else(|e| panic!("node storage failed: {e}"));
             if !ready.snapshot_chunks.is_empty() {
                 node.policy.abandon();
             }
-            host::write_ready(&mut node.storage, &ready).expect("memory storage");
+            host::write_ready(&mut node.storage, &ready)
+                .unwrap_or_else(|e| panic!("node storage failed: {e}"));
             if let Some(meta) = ready.install_snapshot {
                 let size = node
                     .storage
                     .initial_state()
-                    .expect("memory storage")
+                    .unwrap_or_else(|e| panic!("node storage failed: {e}"))
                     .snapshot_size;
                 host::restore_machine(&node.storage, &mut node.machine, size).unwrap_or_else(|e| {
                     panic!("node {id} cannot restore a received snapshot: {e}")
@@ -379,12 +411,12 @@ impl<M: StateMachine> Cluster<M> {
         for piece in bytes.chunks(chunk) {
             node.policy
                 .write(&mut node.storage, meta, piece)
-                .expect("memory storage");
+                .unwrap_or_else(|e| panic!("node storage failed: {e}"));
         }
         if node
             .policy
             .finish(&mut node.storage, core, meta)
-            .expect("memory storage")
+            .unwrap_or_else(|e| panic!("node storage failed: {e}"))
         {
             node.snapshots_taken += 1;
             self.checker.rebase(id, &mut node.mirror, meta.index);
@@ -480,7 +512,9 @@ impl<M: StateMachine> Cluster<M> {
                 if node.incarnation != incarnation || node.core.is_none() {
                     return true; // the node crashed before this fsync completed
                 }
-                node.storage.sync().expect("memory storage");
+                node.storage
+                    .sync()
+                    .unwrap_or_else(|e| panic!("node storage failed: {e}"));
                 node.core.as_mut().expect("checked").on_persisted(ack);
                 for m in messages {
                     self.transmit(m);
@@ -622,7 +656,7 @@ impl<M: StateMachine> Cluster<M> {
     pub fn crash(&mut self, id: NodeId) {
         let node = self.nodes.get_mut(&id).expect("known node");
         node.core = None;
-        node.storage.crash();
+        node.storage.power_loss(&mut self.rng);
         node.incarnation += 1;
         node.pending.clear();
         node.last_sync_at = self.now;
@@ -712,7 +746,7 @@ impl<M: StateMachine> Cluster<M> {
         self.nodes[&id].storage.persisted_size()
     }
     /// A handle on `id`'s storage.
-    pub fn storage(&self, id: NodeId) -> &MemStorage {
+    pub fn storage(&self, id: NodeId) -> &S {
         &self.nodes[&id].storage
     }
     /// Proposals applied on the node they were proposed to, in the order they were applied.
