@@ -1,0 +1,596 @@
+//! [`FileStorage`]: the durable, file-backed [`Storage`].
+//!
+//! # Directory layout
+//! ```text
+//! <dir>/seg-00000000000000000001.log   log segments (see `segment.rs` for the byte layout)
+//! <dir>/seg-00000000000000000002.log   ... contiguous sequence numbers, the last is active
+//! <dir>/snap-<index>.snap              the current snapshot (see `snapshot.rs`)
+//! <dir>/seg-*.tmp, <dir>/snap.tmp      debris of an interrupted write, removed at open
+//! ```
+//!
+//! # How the contract is kept
+//! - Hard state, entries and truncations are all *records* of one log, in the order they were
+//!   made. Writes are encoded into an in-memory buffer (`pending`) and written with a single
+//!   `write_at` plus one fdatasync at [`Storage::sync`], so after a crash the log holds the
+//!   synced records and at most a prefix of the later ones (a torn prefix is cut at recovery).
+//!   `sync` with nothing pending returns at once. When the buffer exceeds
+//!   [`FileStorageOptions::write_buffer_bytes`] it is synced early (earlier durability is
+//!   allowed by the contract).
+//! - Overwrite: an `Entry` record at an index at or below the last one replaces the suffix
+//!   from there; `truncate_suffix` writes a `Truncate { from }` record. Both take effect at
+//!   replay, in log order, so a truncation is durable exactly when its record is, and
+//!   recovery never resurrects a truncated entry once the truncation was synced.
+//! - A segment is full when the next record does not fit: the active one is fdatasynced, then
+//!   the next is created (preallocated, header synced, renamed, directory synced) and starts
+//!   with the current hard state. A record larger than `segment_size` gets a segment of its own
+//!   size.
+//! - `save_snapshot` syncs the log, writes the snapshot file (temp, fdatasync, rename, fsync of
+//!   the directory), then drops the covered entries from the index, or, if the log does not
+//!   hold `(index, term)`, logs `Truncate { from: 0 }` and syncs it. `compact(through)` removes
+//!   whole segments, oldest first, that hold no live entry and nothing above `through`.
+//! - Reads: the tail cache, else the pending buffer, else the segment through its memory map
+//!   (real file system) or `read_at` (simulated disk); every record read is checksummed again.
+//! - Errors: a failed fsync (or any IO error other than a full disk) poisons the storage: every
+//!   later fallible call returns [`StorageError::Poisoned`]. A full disk returns
+//!   [`StorageError::NoSpace`] and changes nothing durable; the call may be retried (a failed
+//!   `sync` keeps its buffer; a failed segment creation leaves no segment behind).
+//!
+//! One `FileStorage` per directory: nothing else may write to it while it is open.
+
+mod log_index;
+mod recovery;
+mod segment;
+mod snapshot;
+mod vfs;
+
+#[cfg(any(test, feature = "testing"))]
+pub mod sim;
+
+#[cfg(feature = "testing")]
+pub mod conformance;
+
+pub mod inspect;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use log_index::{unpack, LogIndex, TailCache};
+use segment::{create_segment, decode_record_at, encode_record, Record, RecordRef, Segment, SegmentHeader, HEADER_LEN};
+use vfs::{io_error, RealFs, Vfs};
+
+use super::{InitialState, PersistedSize, Storage};
+use crate::error::StorageError;
+use crate::raft::{Entry, HardState, Index, SnapshotMeta, Term};
+
+/// Smallest accepted [`FileStorageOptions::segment_size`].
+pub const MIN_SEGMENT_SIZE: u64 = 4096;
+/// Largest accepted [`FileStorageOptions::segment_size`] (offsets are kept in 32 bits).
+pub const MAX_SEGMENT_SIZE: u64 = 1 << 30;
+
+/// Settings of a [`FileStorage`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileStorageOptions {
+    /// The cluster this node belongs to; written in every file header and checked at open.
+    pub cluster_id: u64,
+    /// This node's id (not 0); written in every file header and checked at open.
+    pub node_id: u64,
+    /// Bytes per log segment, preallocated at creation. Default 64 MiB; must lie within
+    /// [`MIN_SEGMENT_SIZE`]`..=`[`MAX_SEGMENT_SIZE`].
+    pub segment_size: u64,
+    /// Budget, in [`Entry::size`] bytes, of the cache of the newest decoded entries.
+    /// Default 4 MiB. 0 disables it.
+    pub cache_bytes: u64,
+    /// Unsynced bytes buffered before an early sync. Default 8 MiB.
+    pub write_buffer_bytes: u64,
+}
+
+impl Default for FileStorageOptions {
+    fn default() -> Self {
+        FileStorageOptions {
+            cluster_id: 0,
+            node_id: 1,
+            segment_size: 64 << 20,
+            cache_bytes: 4 << 20,
+            write_buffer_bytes: 8 << 20,
+        }
+    }
+}
+
+/// A torn record cut off the end of the newest segment at open.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TornTail {
+    /// The segment.
+    pub path: PathBuf,
+    /// Offset of the torn record.
+    pub offset: u64,
+    /// Bytes zeroed (the record's claimed length with its prefix).
+    pub bytes: u64,
+}
+
+/// What recovery did when the storage was opened.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// A torn record at the tail of the newest segment (a crash during a write), now zeroed.
+    pub torn_tail: Option<TornTail>,
+    /// Files removed: temporaries of an interrupted write and superseded snapshots.
+    pub removed_files: Vec<PathBuf>,
+    /// The log did not continue the snapshot and was discarded (a crash inside
+    /// `save_snapshot`, between the snapshot's rename and the log's reset marker).
+    pub discarded_log: bool,
+}
+
+/// A [`Storage`] in a directory of files. See the [module docs](self) for the format and the
+/// guarantees.
+///
+/// ```
+/// use raftkv::raft::{Entry, EntryPayload, HardState};
+/// use raftkv::storage::{FileStorage, FileStorageOptions, Storage};
+///
+/// let dir = std::env::temp_dir().join(format!("raftkv-doc-{}", std::process::id()));
+/// let opts = FileStorageOptions { cluster_id: 7, node_id: 1, segment_size: 1 << 20, ..Default::default() };
+/// let mut s = FileStorage::open(&dir, opts).unwrap();
+/// s.set_hard_state(HardState { term: 1, vote: Some(1) }).unwrap();
+/// s.append(&[Entry { index: 1, term: 1, payload: EntryPayload::Noop }]).unwrap();
+/// s.sync().unwrap();
+/// drop(s);
+/// let s = FileStorage::open(&dir, opts).unwrap();
+/// assert_eq!(s.last_index(), 1);
+/// assert_eq!(s.initial_state().unwrap().hard_state.term, 1);
+/// # std::fs::remove_dir_all(&dir).unwrap();
+/// ```
+#[derive(Debug)]
+pub struct FileStorage {
+    vfs: Arc<dyn Vfs>,
+    dir: PathBuf,
+    opts: FileStorageOptions,
+    hard_state: HardState,
+    snapshot: SnapshotMeta,
+    snapshot_path: Option<PathBuf>,
+    snapshot_file_len: u64,
+    /// Non-empty, ascending, contiguous sequence numbers; the last is the active segment.
+    segments: Vec<Segment>,
+    index: LogIndex,
+    cache: TailCache,
+    /// Framed records not yet written; they belong at `active().end`.
+    pending: Vec<u8>,
+    scratch: Vec<u8>,
+    poisoned: bool,
+    report: RecoveryReport,
+}
+
+impl FileStorage {
+    /// Opens (creating if needed) the storage in `dir`, recovering it (see `recovery.rs`).
+    /// Fails with [`StorageError::Corrupt`] or [`StorageError::WrongIdentity`] naming the file
+    /// and offset when the directory holds damage other than a torn tail write.
+    pub fn open(dir: impl AsRef<Path>, opts: FileStorageOptions) -> Result<Self, StorageError> {
+        Self::open_with(Arc::new(RealFs), dir.as_ref(), opts)
+    }
+
+    /// Opens the storage on a simulated disk (feature `testing`).
+    #[cfg(any(test, feature = "testing"))]
+    pub fn open_simulated(
+        disk: &sim::SimDisk,
+        dir: impl AsRef<Path>,
+        opts: FileStorageOptions,
+    ) -> Result<Self, StorageError> {
+        Self::open_with(Arc::new(disk.clone()), dir.as_ref(), opts)
+    }
+
+    fn open_with(vfs: Arc<dyn Vfs>, dir: &Path, opts: FileStorageOptions) -> Result<Self, StorageError> {
+        if opts.node_id == 0 {
+            return Err(StorageError::Invalid("node id 0 is reserved".into()));
+        }
+        if !(MIN_SEGMENT_SIZE..=MAX_SEGMENT_SIZE).contains(&opts.segment_size) {
+            return Err(StorageError::Invalid(format!(
+                "segment size {} outside {MIN_SEGMENT_SIZE}..={MAX_SEGMENT_SIZE}",
+                opts.segment_size
+            )));
+        }
+        let r = recovery::recover(vfs.as_ref(), dir, &opts)?;
+        let mut storage = FileStorage {
+            vfs,
+            dir: dir.to_path_buf(),
+            opts,
+            hard_state: r.hard_state,
+            snapshot: r.snapshot,
+            snapshot_path: r.snapshot_path,
+            snapshot_file_len: r.snapshot_file_len,
+            segments: r.segments,
+            index: r.index,
+            cache: TailCache::new(opts.cache_bytes),
+            pending: Vec::new(),
+            scratch: Vec::new(),
+            poisoned: false,
+            report: r.report,
+        };
+        if !storage.active().has_hard_state {
+            // Every segment with records starts with the hard state (see `segment.rs`).
+            let hs = storage.hard_state;
+            storage.push_record(&RecordRef::HardState(hs))?;
+            storage.active_mut().has_hard_state = true;
+        }
+        if r.needs_reset_marker {
+            storage.push_record(&RecordRef::Truncate { from: 0 })?;
+            storage.sync_inner()?;
+        }
+        Ok(storage)
+    }
+
+    /// What recovery did at open.
+    pub fn recovery_report(&self) -> &RecoveryReport {
+        &self.report
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Number of segment files currently retained.
+    pub fn segment_count(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// Approximate heap bytes of the in-memory log index (excluding the tail cache).
+    pub fn index_heap_bytes(&self) -> usize {
+        self.index.heap_bytes()
+    }
+
+    fn active(&self) -> &Segment {
+        // Invariant: `segments` is never empty (recovery creates the first one).
+        &self.segments[self.segments.len() - 1]
+    }
+
+    fn active_mut(&mut self) -> &mut Segment {
+        let last = self.segments.len() - 1;
+        &mut self.segments[last]
+    }
+
+    fn check_poison(&self) -> Result<(), StorageError> {
+        if self.poisoned {
+            Err(StorageError::Poisoned)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Poisons the storage on any error that may have lost or half-written data.
+    fn guard<T>(&mut self, result: Result<T, StorageError>) -> Result<T, StorageError> {
+        if let Err(e) = &result {
+            let harmless = matches!(
+                e,
+                StorageError::NoSpace { .. }
+                    | StorageError::Invalid(_)
+                    | StorageError::Compacted(_)
+                    | StorageError::Unavailable(_)
+            );
+            if !harmless {
+                self.poisoned = true;
+            }
+        }
+        result
+    }
+
+    /// Frames `record` into the pending buffer (rolling to a new segment if it does not fit)
+    /// and returns its location.
+    fn push_record(&mut self, record: &RecordRef<'_>) -> Result<u64, StorageError> {
+        self.scratch.clear();
+        encode_record(record, &mut self.scratch)?;
+        let size = self.scratch.len() as u64;
+        let active = self.active();
+        if active.end + self.pending.len() as u64 + size > active.len {
+            self.roll(size)?;
+        }
+        let active = self.active();
+        let location = log_index::pack(active.seq, active.end + self.pending.len() as u64);
+        self.pending.extend_from_slice(&self.scratch);
+        Ok(location)
+    }
+
+    /// Syncs the active segment and starts the next one with enough room for a record of
+    /// `record_size` bytes.
+    fn roll(&mut self, record_size: u64) -> Result<(), StorageError> {
+        self.flush_pending()?;
+        let seq = self.active().seq + 1;
+        if seq >= 1 << 32 {
+            return Err(StorageError::Invalid("segment numbers exhausted".into()));
+        }
+        let mut hs_record = Vec::new();
+        encode_record(&RecordRef::HardState(self.hard_state), &mut hs_record)?;
+        let needed = HEADER_LEN + hs_record.len() as u64 + record_size;
+        let len = self.opts.segment_size.max(needed);
+        if len > u64::from(u32::MAX) {
+            return Err(StorageError::Invalid(format!("record of {record_size} bytes is too large")));
+        }
+        let header = SegmentHeader {
+            cluster_id: self.opts.cluster_id,
+            node_id: self.opts.node_id,
+            seq,
+            allocated_len: len,
+        };
+        let mut segment = create_segment(self.vfs.as_ref(), &self.dir, header)?;
+        segment.has_hard_state = true;
+        self.segments.push(segment);
+        self.pending.extend_from_slice(&hs_record);
+        Ok(())
+    }
+
+    /// Writes the pending buffer in one `write_at` and fdatasyncs it.
+    fn flush_pending(&mut self) -> Result<(), StorageError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let active = &self.segments[self.segments.len() - 1];
+        active
+            .file
+            .write_at(&self.pending, active.end)
+            .map_err(|e| io_error("write", &active.path, e))?;
+        let written = self.pending.len() as u64;
+        self.pending.clear();
+        let active = self.active_mut();
+        active.end += written;
+        active.file.sync_data().map_err(|e| io_error("fsync", &active.path, e))
+    }
+
+    fn sync_inner(&mut self) -> Result<(), StorageError> {
+        self.flush_pending()
+    }
+
+    fn segment(&self, seq: u64) -> Option<&Segment> {
+        let first = self.segments.first()?.seq;
+        self.segments.get(usize::try_from(seq.checked_sub(first)?).ok()?)
+    }
+
+    fn read_entry(&self, index: Index) -> Result<Entry, StorageError> {
+        let location = self.index.location(index).ok_or(StorageError::Unavailable(index))?;
+        let (seq, offset) = unpack(location);
+        let seg = self.segment(seq).ok_or_else(|| StorageError::Corrupt {
+            path: self.dir.clone(),
+            offset,
+            reason: format!("entry {index} is in segment {seq}, which is not retained"),
+        })?;
+        let record = if seg.seq == self.active().seq && offset >= seg.end {
+            let at = (offset - seg.end) as usize;
+            decode_record_at(self.pending.get(at..).unwrap_or(&[]), &seg.path, offset)?
+        } else {
+            seg.read_record(offset)?
+        };
+        match record {
+            Record::Entry(e) if e.index == index => Ok(e),
+            _ => Err(StorageError::Corrupt {
+                path: seg.path.clone(),
+                offset,
+                reason: format!("expected entry {index}"),
+            }),
+        }
+    }
+
+    fn append_inner(&mut self, entries: &[Entry]) -> Result<(), StorageError> {
+        for entry in entries {
+            if entry.index <= self.index.last() {
+                self.index.truncate_from(entry.index);
+                self.cache.truncate_from(entry.index);
+            }
+            let location = self.push_record(&RecordRef::Entry(entry))?;
+            self.index.push(entry.index, entry.term, location);
+            self.cache.push(entry);
+            let active = self.active_mut();
+            active.max_index = active.max_index.max(entry.index);
+        }
+        if self.pending.len() as u64 > self.opts.write_buffer_bytes {
+            self.sync_inner()?;
+        }
+        Ok(())
+    }
+
+    fn save_snapshot_inner(&mut self, meta: SnapshotMeta, data: &[u8]) -> Result<(), StorageError> {
+        self.sync_inner()?;
+        if meta.index <= self.snapshot.index {
+            return Ok(()); // never move backwards
+        }
+        let (path, len) = snapshot::write_snapshot(
+            self.vfs.as_ref(),
+            &self.dir,
+            self.opts.cluster_id,
+            self.opts.node_id,
+            meta,
+            data,
+        )?;
+        let old = self.snapshot_path.replace(path);
+        self.snapshot = meta;
+        self.snapshot_file_len = len;
+        if self.index.term(meta.index) == Some(meta.term) {
+            self.index.drop_through(meta.index);
+            self.cache.drop_through(meta.index);
+        } else {
+            self.push_record(&RecordRef::Truncate { from: 0 })?;
+            self.index.reset(meta.index + 1);
+            self.cache.clear();
+            self.sync_inner()?;
+        }
+        if let Some(old) = old {
+            // Not synced: if the removal is lost, recovery removes the stale file again.
+            self.vfs.remove(&old).map_err(|e| io_error("remove", &old, e))?;
+        }
+        Ok(())
+    }
+
+    fn compact_inner(&mut self, through: Index) -> Result<(), StorageError> {
+        self.sync_inner()?;
+        if through > self.snapshot.index {
+            return Err(StorageError::Invalid(format!(
+                "compact through {through} beyond snapshot {}",
+                self.snapshot.index
+            )));
+        }
+        let first_live_seq = match self.index.location(self.index.first()) {
+            Some(location) => unpack(location).0,
+            None => self.active().seq,
+        };
+        let mut removed = 0;
+        while self.segments.len() > 1 {
+            let oldest = &self.segments[0];
+            if oldest.seq >= first_live_seq || oldest.max_index > through {
+                break;
+            }
+            self.vfs
+                .remove(&oldest.path)
+                .map_err(|e| io_error("remove", &oldest.path, e))?;
+            self.segments.remove(0);
+            removed += 1;
+        }
+        if removed > 0 {
+            self.vfs
+                .sync_dir(&self.dir)
+                .map_err(|e| io_error("fsync dir", &self.dir, e))?;
+        }
+        Ok(())
+    }
+}
+
+impl Storage for FileStorage {
+    fn initial_state(&self) -> Result<InitialState, StorageError> {
+        self.check_poison()?;
+        Ok(InitialState {
+            hard_state: self.hard_state,
+            snapshot: self.snapshot,
+            first_index: self.index.first(),
+            last_index: self.index.last(),
+        })
+    }
+
+    fn first_index(&self) -> Index {
+        self.index.first()
+    }
+
+    fn last_index(&self) -> Index {
+        self.index.last()
+    }
+
+    fn term(&self, index: Index) -> Result<Term, StorageError> {
+        self.check_poison()?;
+        if index == self.snapshot.index {
+            return Ok(self.snapshot.term);
+        }
+        if index < self.index.first() {
+            return Err(StorageError::Compacted(index));
+        }
+        self.index.term(index).ok_or(StorageError::Unavailable(index))
+    }
+
+    fn entries(&self, lo: Index, hi: Index, max_bytes: u64) -> Result<Vec<Entry>, StorageError> {
+        self.check_poison()?;
+        if lo >= hi {
+            return Ok(Vec::new());
+        }
+        for index in [lo, hi - 1] {
+            if index < self.index.first() {
+                return Err(StorageError::Compacted(index));
+            }
+            if index > self.index.last() {
+                return Err(StorageError::Unavailable(index));
+            }
+        }
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for index in lo..hi {
+            let entry = match self.cache.get(index) {
+                Some(e) => e.clone(),
+                None => self.read_entry(index)?,
+            };
+            bytes += entry.size();
+            if !out.is_empty() && bytes > max_bytes {
+                break;
+            }
+            out.push(entry);
+        }
+        Ok(out)
+    }
+
+    fn set_hard_state(&mut self, hard_state: HardState) -> Result<(), StorageError> {
+        self.check_poison()?;
+        if hard_state == self.hard_state {
+            return Ok(());
+        }
+        let r = self.push_record(&RecordRef::HardState(hard_state));
+        self.guard(r)?;
+        self.hard_state = hard_state;
+        Ok(())
+    }
+
+    fn append(&mut self, entries: &[Entry]) -> Result<(), StorageError> {
+        self.check_poison()?;
+        let Some(first) = entries.first() else {
+            return Ok(());
+        };
+        let (lo, hi) = (self.index.first(), self.index.last() + 1);
+        if first.index < lo || first.index > hi {
+            return Err(StorageError::Invalid(format!(
+                "append at {} outside {lo}..={hi}",
+                first.index
+            )));
+        }
+        if entries.windows(2).any(|w| w[1].index != w[0].index + 1) {
+            return Err(StorageError::Invalid("appended entries are not contiguous".into()));
+        }
+        let r = self.append_inner(entries);
+        self.guard(r)
+    }
+
+    fn truncate_suffix(&mut self, from: Index) -> Result<(), StorageError> {
+        self.check_poison()?;
+        if from < self.index.first() {
+            return Err(StorageError::Compacted(from));
+        }
+        if from > self.index.last() {
+            return Ok(());
+        }
+        let r = self.push_record(&RecordRef::Truncate { from });
+        self.guard(r)?;
+        self.index.truncate_from(from);
+        self.cache.truncate_from(from);
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<(), StorageError> {
+        self.check_poison()?;
+        let r = self.sync_inner();
+        self.guard(r)
+    }
+
+    fn save_snapshot(&mut self, meta: SnapshotMeta, data: &[u8]) -> Result<(), StorageError> {
+        self.check_poison()?;
+        let r = self.save_snapshot_inner(meta, data);
+        self.guard(r)
+    }
+
+    fn snapshot(&self) -> Result<Option<(SnapshotMeta, Vec<u8>)>, StorageError> {
+        self.check_poison()?;
+        match &self.snapshot_path {
+            None => Ok(None),
+            Some(path) => {
+                let (meta, data) = snapshot::read_snapshot(
+                    self.vfs.as_ref(),
+                    path,
+                    self.snapshot.index,
+                    self.opts.cluster_id,
+                    self.opts.node_id,
+                )?;
+                Ok(Some((meta, data)))
+            }
+        }
+    }
+
+    fn compact(&mut self, through: Index) -> Result<(), StorageError> {
+        self.check_poison()?;
+        let r = self.compact_inner(through);
+        self.guard(r)
+    }
+
+    fn persisted_size(&self) -> PersistedSize {
+        PersistedSize {
+            log_bytes: self.segments.iter().map(|s| s.end).sum(),
+            snapshot_bytes: self.snapshot_file_len,
+        }
+    }
+}
