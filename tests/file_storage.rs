@@ -29,7 +29,8 @@ fn kib_entry(index: Index, term: u64) -> Entry {
 }
 
 fn all(s: &FileStorage) -> Vec<Entry> {
-    s.entries(s.first_index(), s.last_index() + 1, u64::MAX).unwrap()
+    s.entries(s.first_index(), s.last_index() + 1, u64::MAX)
+        .unwrap()
 }
 
 fn segment_files(dir: &Path) -> Vec<PathBuf> {
@@ -87,7 +88,10 @@ fn file_storage_passes_the_conformance_suite_on_the_simulated_disk() {
 #[test]
 fn synced_state_survives_reopen_across_many_segments() {
     let dir = tempfile::tempdir().unwrap();
-    let hs = HardState { term: 3, vote: Some(2) };
+    let hs = HardState {
+        term: 3,
+        vote: Some(2),
+    };
     let expect: Vec<Entry> = (1..=40).map(|i| kib_entry(i, 1 + i / 10)).collect();
     {
         let mut s = FileStorage::open(dir.path(), opts()).unwrap();
@@ -96,12 +100,18 @@ fn synced_state_survives_reopen_across_many_segments() {
             s.append(chunk).unwrap();
             s.sync().unwrap();
         }
-        assert!(s.segment_count() >= 10, "1 KiB entries in 4 KiB segments roll often");
+        assert!(
+            s.segment_count() >= 10,
+            "1 KiB entries in 4 KiB segments roll often"
+        );
     }
     let s = FileStorage::open(dir.path(), opts()).unwrap();
     assert_eq!(s.recovery_report().torn_tail, None);
     let state = s.initial_state().unwrap();
-    assert_eq!((state.hard_state, state.first_index, state.last_index), (hs, 1, 40));
+    assert_eq!(
+        (state.hard_state, state.first_index, state.last_index),
+        (hs, 1, 40)
+    );
     assert_eq!(all(&s), expect);
     assert_eq!(s.term(35).unwrap(), 4);
 }
@@ -153,21 +163,40 @@ fn snapshot_and_compaction_delete_whole_segments_and_survive_reopen() {
     let log: Vec<Entry> = (1..=60).map(|i| kib_entry(i, 1)).collect();
     {
         let mut s = FileStorage::open(dir.path(), opts()).unwrap();
-        s.set_hard_state(HardState { term: 1, vote: Some(3) }).unwrap();
+        s.set_hard_state(HardState {
+            term: 1,
+            vote: Some(3),
+        })
+        .unwrap();
         s.append(&log).unwrap();
         s.sync().unwrap();
         let before = segment_files(dir.path()).len();
-        s.save_snapshot(SnapshotMeta { index: 40, term: 1 }, b"state@40").unwrap();
-        assert_eq!(segment_files(dir.path()).len(), before, "save_snapshot alone keeps segments");
+        s.save_snapshot(SnapshotMeta { index: 40, term: 1 }, b"state@40")
+            .unwrap();
+        assert_eq!(
+            segment_files(dir.path()).len(),
+            before,
+            "save_snapshot alone keeps segments"
+        );
         s.compact(40).unwrap();
         let after = segment_files(dir.path()).len();
-        assert!(after < before / 2, "compaction removes segments ({before} -> {after})");
+        assert!(
+            after < before / 2,
+            "compaction removes segments ({before} -> {after})"
+        );
         assert_eq!(all(&s), log[40..].to_vec());
     }
     let s = FileStorage::open(dir.path(), opts()).unwrap();
     let state = s.initial_state().unwrap();
     assert_eq!(state.snapshot, SnapshotMeta { index: 40, term: 1 });
-    assert_eq!(state.hard_state, HardState { term: 1, vote: Some(3) }, "hard state outlives compaction");
+    assert_eq!(
+        state.hard_state,
+        HardState {
+            term: 1,
+            vote: Some(3)
+        },
+        "hard state outlives compaction"
+    );
     assert_eq!((state.first_index, state.last_index), (41, 60));
     assert_eq!(all(&s), log[40..].to_vec());
     assert_eq!(s.snapshot().unwrap().unwrap().1, b"state@40".to_vec());
@@ -178,9 +207,11 @@ fn a_snapshot_that_discards_the_log_survives_reopen() {
     let dir = tempfile::tempdir().unwrap();
     {
         let mut s = FileStorage::open(dir.path(), opts()).unwrap();
-        s.append(&(1..=10).map(|i| kib_entry(i, 1)).collect::<Vec<_>>()).unwrap();
+        s.append(&(1..=10).map(|i| kib_entry(i, 1)).collect::<Vec<_>>())
+            .unwrap();
         s.sync().unwrap();
-        s.save_snapshot(SnapshotMeta { index: 20, term: 4 }, b"leader's state").unwrap();
+        s.save_snapshot(SnapshotMeta { index: 20, term: 4 }, b"leader's state")
+            .unwrap();
         s.append(&entries(21, 23, 4)).unwrap();
         s.sync().unwrap();
     }
@@ -198,18 +229,30 @@ fn files_of_another_node_or_cluster_are_refused() {
         s.append(&entries(1, 2, 1)).unwrap();
         s.sync().unwrap();
     }
-    let other_node = FileStorageOptions { node_id: 4, ..opts() };
+    let other_node = FileStorageOptions {
+        node_id: 4,
+        ..opts()
+    };
     assert!(matches!(
         FileStorage::open(dir.path(), other_node),
         Err(StorageError::WrongIdentity { .. })
     ));
-    let other_cluster = FileStorageOptions { cluster_id: 8, ..opts() };
+    let other_cluster = FileStorageOptions {
+        cluster_id: 8,
+        ..opts()
+    };
     assert!(matches!(
         FileStorage::open(dir.path(), other_cluster),
         Err(StorageError::WrongIdentity { .. })
     ));
     assert!(matches!(
-        FileStorage::open(dir.path(), FileStorageOptions { node_id: 0, ..opts() }),
+        FileStorage::open(
+            dir.path(),
+            FileStorageOptions {
+                node_id: 0,
+                ..opts()
+            }
+        ),
         Err(StorageError::Invalid(_))
     ));
 }
@@ -229,9 +272,15 @@ fn leftover_temporary_files_are_removed_at_open() {
     std::fs::write(dir.path().join("NOTES"), b"an operator's file").unwrap();
     let s = FileStorage::open(dir.path(), opts()).unwrap();
     let removed = &s.recovery_report().removed_files;
-    assert!(removed.contains(&snap_tmp) && removed.contains(&seg_tmp), "{removed:?}");
+    assert!(
+        removed.contains(&snap_tmp) && removed.contains(&seg_tmp),
+        "{removed:?}"
+    );
     assert!(!snap_tmp.exists() && !seg_tmp.exists());
-    assert!(dir.path().join("NOTES").exists(), "unknown files are left alone");
+    assert!(
+        dir.path().join("NOTES").exists(),
+        "unknown files are left alone"
+    );
     assert_eq!(all(&s), entries(1, 2, 1));
 }
 
@@ -259,12 +308,20 @@ fn a_torn_tail_is_cut_reported_and_zeroed() {
     bytes[used as usize - 2] ^= 0x40; // damage the last record, as a torn write would
     std::fs::write(&seg, &bytes).unwrap();
     let s = FileStorage::open(dir.path(), opts()).unwrap();
-    let torn = s.recovery_report().torn_tail.clone().expect("torn tail reported");
+    let torn = s
+        .recovery_report()
+        .torn_tail
+        .clone()
+        .expect("torn tail reported");
     assert_eq!(torn.path, seg);
     assert_eq!(s.last_index(), 2);
     drop(s);
     let s = FileStorage::open(dir.path(), opts()).unwrap();
-    assert_eq!(s.recovery_report().torn_tail, None, "the torn bytes were zeroed");
+    assert_eq!(
+        s.recovery_report().torn_tail,
+        None,
+        "the torn bytes were zeroed"
+    );
     assert_eq!(all(&s), entries(1, 2, 1));
 }
 
@@ -293,12 +350,30 @@ fn a_failed_fsync_poisons_the_storage() {
     s.sync().unwrap();
     s.append(&entries(3, 4, 1)).unwrap();
     disk.fail_next_sync();
-    assert!(matches!(s.sync(), Err(StorageError::Io { op: "fsync", .. })));
-    assert!(matches!(s.sync(), Err(StorageError::Poisoned)), "no retry after a failed fsync");
-    assert!(matches!(s.append(&entries(5, 5, 1)), Err(StorageError::Poisoned)));
-    assert!(matches!(s.set_hard_state(HardState { term: 9, vote: None }), Err(StorageError::Poisoned)));
+    assert!(matches!(
+        s.sync(),
+        Err(StorageError::Io { op: "fsync", .. })
+    ));
+    assert!(
+        matches!(s.sync(), Err(StorageError::Poisoned)),
+        "no retry after a failed fsync"
+    );
+    assert!(matches!(
+        s.append(&entries(5, 5, 1)),
+        Err(StorageError::Poisoned)
+    ));
+    assert!(matches!(
+        s.set_hard_state(HardState {
+            term: 9,
+            vote: None
+        }),
+        Err(StorageError::Poisoned)
+    ));
     assert!(matches!(s.entries(1, 2, 100), Err(StorageError::Poisoned)));
-    assert!(matches!(s.save_snapshot(SnapshotMeta { index: 1, term: 1 }, b""), Err(StorageError::Poisoned)));
+    assert!(matches!(
+        s.save_snapshot(SnapshotMeta { index: 1, term: 1 }, b""),
+        Err(StorageError::Poisoned)
+    ));
     drop(s);
     disk.crash(1);
     let s = FileStorage::open_simulated(&disk, "/n", opts()).unwrap();
@@ -316,9 +391,15 @@ fn a_full_disk_fails_cleanly_and_writing_resumes_when_space_returns() {
     s.append(&log[2..3]).unwrap();
     assert!(matches!(s.sync(), Err(StorageError::NoSpace { .. })));
     // Rolling to a new segment needs space too.
-    assert!(matches!(s.append(&log[3..8]), Err(StorageError::NoSpace { .. })));
+    assert!(matches!(
+        s.append(&log[3..8]),
+        Err(StorageError::NoSpace { .. })
+    ));
     let names = disk.files();
-    assert!(names.iter().all(|p| !p.to_string_lossy().ends_with(".tmp")), "{names:?}");
+    assert!(
+        names.iter().all(|p| !p.to_string_lossy().ends_with(".tmp")),
+        "{names:?}"
+    );
     disk.set_no_space(false);
     let last = s.last_index();
     s.append(&log[last as usize..]).unwrap();
@@ -327,7 +408,11 @@ fn a_full_disk_fails_cleanly_and_writing_resumes_when_space_returns() {
     drop(s);
     disk.crash(7);
     let s = FileStorage::open_simulated(&disk, "/n", opts()).unwrap();
-    assert_eq!(all(&s), log, "everything synced after the disk was full is durable");
+    assert_eq!(
+        all(&s),
+        log,
+        "everything synced after the disk was full is durable"
+    );
 }
 
 #[test]
@@ -350,7 +435,11 @@ fn a_crash_while_the_disk_is_full_keeps_what_was_durable() {
         );
         let last = s.last_index();
         assert!((3..=6).contains(&last), "seed {seed}: last index {last}");
-        assert_eq!(all(&s), entries(1, last, 1), "seed {seed}: a prefix survives");
+        assert_eq!(
+            all(&s),
+            entries(1, last, 1),
+            "seed {seed}: a prefix survives"
+        );
     }
 }
 
@@ -359,14 +448,26 @@ fn inspect_describes_every_file_and_its_damage() {
     let dir = tempfile::tempdir().unwrap();
     {
         let mut s = FileStorage::open(dir.path(), opts()).unwrap();
-        s.set_hard_state(HardState { term: 2, vote: Some(1) }).unwrap();
-        s.append(&(1..=10).map(|i| kib_entry(i, 2)).collect::<Vec<_>>()).unwrap();
-        s.save_snapshot(SnapshotMeta { index: 4, term: 2 }, b"four").unwrap();
+        s.set_hard_state(HardState {
+            term: 2,
+            vote: Some(1),
+        })
+        .unwrap();
+        s.append(&(1..=10).map(|i| kib_entry(i, 2)).collect::<Vec<_>>())
+            .unwrap();
+        s.save_snapshot(SnapshotMeta { index: 4, term: 2 }, b"four")
+            .unwrap();
     }
     let report = inspect(dir.path()).unwrap();
     assert_eq!(report.snapshots.len(), 1);
-    assert_eq!(report.snapshots[0].meta, Some(SnapshotMeta { index: 4, term: 2 }));
-    assert!(report.segments.iter().all(|s| s.damage.is_none()), "{report}");
+    assert_eq!(
+        report.snapshots[0].meta,
+        Some(SnapshotMeta { index: 4, term: 2 })
+    );
+    assert!(
+        report.segments.iter().all(|s| s.damage.is_none()),
+        "{report}"
+    );
     assert_eq!(report.segments.iter().map(|s| s.entries).sum::<u64>(), 10);
     assert_eq!(report.segments.first().unwrap().index_range.unwrap().0, 1);
     assert_eq!(report.segments.last().unwrap().index_range.unwrap().1, 10);

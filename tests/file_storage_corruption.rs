@@ -53,17 +53,36 @@ fn read_state(s: &FileStorage) -> Result<State, StorageError> {
 fn pristine() -> (Vec<(String, Vec<u8>)>, State) {
     let dir = tempfile::tempdir().unwrap();
     let mut s = FileStorage::open(dir.path(), opts()).unwrap();
-    s.set_hard_state(HardState { term: 1, vote: Some(1) }).unwrap();
-    s.append(&(1..=30).map(|i| e(i, 1)).collect::<Vec<_>>()).unwrap();
+    s.set_hard_state(HardState {
+        term: 1,
+        vote: Some(1),
+    })
+    .unwrap();
+    s.append(&(1..=30).map(|i| e(i, 1)).collect::<Vec<_>>())
+        .unwrap();
     s.sync().unwrap();
-    s.save_snapshot(SnapshotMeta { index: 25, term: 1 }, b"the state machine at 25").unwrap();
+    s.save_snapshot(
+        SnapshotMeta { index: 25, term: 1 },
+        b"the state machine at 25",
+    )
+    .unwrap();
     s.compact(25).unwrap();
     s.truncate_suffix(28).unwrap();
-    s.append(&(28..=40).map(|i| e(i, 2)).collect::<Vec<_>>()).unwrap();
-    s.set_hard_state(HardState { term: 2, vote: Some(3) }).unwrap();
+    s.append(&(28..=40).map(|i| e(i, 2)).collect::<Vec<_>>())
+        .unwrap();
+    s.set_hard_state(HardState {
+        term: 2,
+        vote: Some(3),
+    })
+    .unwrap();
     s.sync().unwrap();
-    s.set_hard_state(HardState { term: 3, vote: Some(2) }).unwrap();
-    s.append(&(41..=60).map(|i| e(i, 3)).collect::<Vec<_>>()).unwrap();
+    s.set_hard_state(HardState {
+        term: 3,
+        vote: Some(2),
+    })
+    .unwrap();
+    s.append(&(41..=60).map(|i| e(i, 3)).collect::<Vec<_>>())
+        .unwrap();
     s.sync().unwrap();
     let expected = read_state(&s).unwrap();
     drop(s);
@@ -71,14 +90,23 @@ fn pristine() -> (Vec<(String, Vec<u8>)>, State) {
         .unwrap()
         .map(|d| {
             let d = d.unwrap();
-            (d.file_name().into_string().unwrap(), std::fs::read(d.path()).unwrap())
+            (
+                d.file_name().into_string().unwrap(),
+                std::fs::read(d.path()).unwrap(),
+            )
         })
         .collect();
     files.sort();
     let names: Vec<&String> = files.iter().map(|f| &f.0).collect();
-    assert!(files.iter().filter(|f| f.0.ends_with(".log")).count() >= 3, "several segments: {names:?}");
+    assert!(
+        files.iter().filter(|f| f.0.ends_with(".log")).count() >= 3,
+        "several segments: {names:?}"
+    );
     assert!(files.iter().any(|f| f.0.ends_with(".snap")), "a snapshot");
-    assert!(!files.iter().any(|f| f.0 == "seg-00000000000000000001.log"), "a compacted log");
+    assert!(
+        !files.iter().any(|f| f.0 == "seg-00000000000000000001.log"),
+        "a compacted log"
+    );
     (files, expected)
 }
 
@@ -103,7 +131,10 @@ fn judge(dir: &Path, expected: &State, what: &str) -> Outcome {
     let s = match FileStorage::open(dir, opts()) {
         Ok(s) => s,
         Err(StorageError::Corrupt { path, .. } | StorageError::WrongIdentity { path, .. }) => {
-            assert!(path.starts_with(dir), "{what}: error names a file of the directory");
+            assert!(
+                path.starts_with(dir),
+                "{what}: error names a file of the directory"
+            );
             return Outcome::Refused;
         }
         Err(other) => panic!("{what}: untyped error {other}"),
@@ -117,18 +148,33 @@ fn judge(dir: &Path, expected: &State, what: &str) -> Outcome {
         return Outcome::Exact;
     }
     let minus_last = &expected.log[..expected.log.len() - 1];
-    if s.recovery_report().torn_tail.is_some() && got.log == minus_last && got.snapshot == expected.snapshot {
+    if s.recovery_report().torn_tail.is_some()
+        && got.log == minus_last
+        && got.snapshot == expected.snapshot
+    {
         return Outcome::TornLastEntry;
     }
-    let hs_ok = got.hard_state == expected.hard_state || got.hard_state == HardState { term: 2, vote: Some(3) };
-    if got.snapshot == expected.snapshot && expected.log.starts_with(&got.log) && got.log.len() >= 2 && hs_ok {
+    let hs_ok = got.hard_state == expected.hard_state
+        || got.hard_state
+            == HardState {
+                term: 2,
+                vote: Some(3),
+            };
+    if got.snapshot == expected.snapshot
+        && expected.log.starts_with(&got.log)
+        && got.log.len() >= 2
+        && hs_ok
+    {
         return Outcome::Prefix;
     }
     panic!(
         "{what}: opened with wrong data: hs {:?} snap {:?} log {:?}",
         got.hard_state,
         got.snapshot.0,
-        got.log.iter().map(|x| (x.index, x.term)).collect::<Vec<_>>()
+        got.log
+            .iter()
+            .map(|x| (x.index, x.term))
+            .collect::<Vec<_>>()
     );
 }
 
@@ -137,7 +183,10 @@ fn pristine_directory_opens_exactly() {
     let (files, expected) = pristine();
     let dir = tempfile::tempdir().unwrap();
     write_all(dir.path(), &files);
-    assert!(matches!(judge(dir.path(), &expected, "pristine"), Outcome::Exact));
+    assert!(matches!(
+        judge(dir.path(), &expected, "pristine"),
+        Outcome::Exact
+    ));
 }
 
 #[test]
@@ -145,20 +194,33 @@ fn single_bit_flips_in_every_file_are_detected_or_harmless() {
     let (files, expected) = pristine();
     let dir = tempfile::tempdir().unwrap();
     write_all(dir.path(), &files);
-    let newest = files.iter().filter(|f| f.0.ends_with(".log")).map(|f| f.0.clone()).max().unwrap();
+    let newest = files
+        .iter()
+        .filter(|f| f.0.ends_with(".log"))
+        .map(|f| f.0.clone())
+        .max()
+        .unwrap();
     let (mut refused, mut torn) = (0, 0);
     for (name, bytes) in &files {
         let path: PathBuf = dir.path().join(name);
         let used = bytes.iter().rposition(|&b| b != 0).map_or(0, |p| p + 1);
-        let offsets = (0..bytes.len()).filter(|&o| o < 64 || (o < used + 16 && o % 3 == 0) || o % 97 == 0);
+        let offsets =
+            (0..bytes.len()).filter(|&o| o < 64 || (o < used + 16 && o % 3 == 0) || o % 97 == 0);
         for offset in offsets {
             let mut damaged = bytes.clone();
             damaged[offset] ^= 1 << (offset % 8);
             std::fs::write(&path, &damaged).unwrap();
-            match judge(dir.path(), &expected, &format!("{name} bit flip at {offset}")) {
+            match judge(
+                dir.path(),
+                &expected,
+                &format!("{name} bit flip at {offset}"),
+            ) {
                 Outcome::Exact => panic!("{name}: flip at {offset} went unnoticed"),
                 Outcome::TornLastEntry => {
-                    assert_eq!(name, &newest, "only the newest segment may have a torn tail");
+                    assert_eq!(
+                        name, &newest,
+                        "only the newest segment may have a torn tail"
+                    );
                     torn += 1;
                 }
                 Outcome::Prefix => panic!("{name}: flip at {offset} lost entries silently"),
@@ -167,7 +229,10 @@ fn single_bit_flips_in_every_file_are_detected_or_harmless() {
             std::fs::write(&path, bytes).unwrap();
         }
     }
-    assert!(refused > 1000 && torn > 50, "refused {refused}, torn {torn}");
+    assert!(
+        refused > 1000 && torn > 50,
+        "refused {refused}, torn {torn}"
+    );
 }
 
 #[test]
@@ -177,13 +242,20 @@ fn truncated_or_extended_files_are_refused() {
     write_all(dir.path(), &files);
     for (name, bytes) in &files {
         let path = dir.path().join(name);
-        let lens = (0..bytes.len()).step_by(61).chain([bytes.len() - 1, bytes.len() + 1, bytes.len() + 4096]);
+        let lens = (0..bytes.len()).step_by(61).chain([
+            bytes.len() - 1,
+            bytes.len() + 1,
+            bytes.len() + 4096,
+        ]);
         for len in lens {
             let mut damaged = bytes.clone();
             damaged.resize(len, 0);
             std::fs::write(&path, &damaged).unwrap();
             let outcome = judge(dir.path(), &expected, &format!("{name} resized to {len}"));
-            assert!(matches!(outcome, Outcome::Refused), "{name} resized to {len} was accepted");
+            assert!(
+                matches!(outcome, Outcome::Refused),
+                "{name} resized to {len} was accepted"
+            );
             std::fs::write(&path, bytes).unwrap();
         }
     }
@@ -193,21 +265,32 @@ fn truncated_or_extended_files_are_refused() {
 fn a_missing_middle_segment_or_a_foreign_file_is_refused() {
     let (files, expected) = pristine();
     let dir = tempfile::tempdir().unwrap();
-    let segments: Vec<usize> = (0..files.len()).filter(|&i| files[i].0.ends_with(".log")).collect();
+    let segments: Vec<usize> = (0..files.len())
+        .filter(|&i| files[i].0.ends_with(".log"))
+        .collect();
     let mut without = files.clone();
     without.remove(segments[1]);
     write_all(dir.path(), &without);
-    assert!(matches!(judge(dir.path(), &expected, "missing segment"), Outcome::Refused));
+    assert!(matches!(
+        judge(dir.path(), &expected, "missing segment"),
+        Outcome::Refused
+    ));
     // Without its first retained segment the log no longer reaches the snapshot.
     let mut without_first = files.clone();
     without_first.remove(segments[0]);
     write_all(dir.path(), &without_first);
-    assert!(matches!(judge(dir.path(), &expected, "missing first segment"), Outcome::Refused));
+    assert!(matches!(
+        judge(dir.path(), &expected, "missing first segment"),
+        Outcome::Refused
+    ));
     // A segment copied from another position has the wrong sequence number.
     let mut swapped = files.clone();
     swapped[segments[1]].1 = files[segments[0]].1.clone();
     write_all(dir.path(), &swapped);
-    assert!(matches!(judge(dir.path(), &expected, "copied segment"), Outcome::Refused));
+    assert!(matches!(
+        judge(dir.path(), &expected, "copied segment"),
+        Outcome::Refused
+    ));
 }
 
 #[test]
@@ -259,12 +342,18 @@ fn random_damage_never_panics_and_never_returns_wrong_data() {
             }
         };
         write_all(dir.path(), &damaged);
-        let label = format!("case {case} (seed {seed:#x}): {what} in {}", damaged[victim].0);
+        let label = format!(
+            "case {case} (seed {seed:#x}): {what} in {}",
+            damaged[victim].0
+        );
         match judge(dir.path(), &expected, &label) {
             Outcome::Refused => refused += 1,
             _ => accepted += 1,
         }
     }
     assert_eq!(refused + accepted, cases);
-    assert!(cases < 100 || refused > cases / 2, "most random damage is refused ({refused}/{cases})");
+    assert!(
+        cases < 100 || refused > cases / 2,
+        "most random damage is refused ({refused}/{cases})"
+    );
 }

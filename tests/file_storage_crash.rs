@@ -48,13 +48,24 @@ enum Op {
 /// The workload: a story of a follower's log.
 fn workload() -> Vec<Op> {
     use Op::*;
-    let snap = |index, term| Snapshot(SnapshotMeta { index, term }, format!("state@{index}").into_bytes());
+    let snap = |index, term| {
+        Snapshot(
+            SnapshotMeta { index, term },
+            format!("state@{index}").into_bytes(),
+        )
+    };
     vec![
-        HardState(raftkv::raft::HardState { term: 1, vote: Some(1) }),
+        HardState(raftkv::raft::HardState {
+            term: 1,
+            vote: Some(1),
+        }),
         Append(run(1, 5, 1)),
         Sync,
         Append(run(6, 12, 1)),
-        HardState(raftkv::raft::HardState { term: 2, vote: Some(2) }),
+        HardState(raftkv::raft::HardState {
+            term: 2,
+            vote: Some(2),
+        }),
         Sync,
         Append(run(10, 14, 2)), // a new leader overwrites 10..
         Sync,
@@ -64,7 +75,10 @@ fn workload() -> Vec<Op> {
         snap(8, 1), // keeps 9..
         Compact(8),
         Append(run(21, 30, 2)),
-        HardState(raftkv::raft::HardState { term: 3, vote: None }),
+        HardState(raftkv::raft::HardState {
+            term: 3,
+            vote: None,
+        }),
         Sync,
         Truncate(25),
         Sync,
@@ -73,7 +87,10 @@ fn workload() -> Vec<Op> {
         Sync,
         Compact(40),
         Append(run(46, 50, 5)),
-        HardState(raftkv::raft::HardState { term: 6, vote: Some(2) }),
+        HardState(raftkv::raft::HardState {
+            term: 6,
+            vote: Some(2),
+        }),
         Sync,
         Append(run(51, 53, 6)), // never synced
     ]
@@ -94,7 +111,8 @@ impl Model {
         self.snapshot.index + 1
     }
     fn truncate(&mut self, from: Index) {
-        self.log.truncate(from.saturating_sub(self.first()) as usize);
+        self.log
+            .truncate(from.saturating_sub(self.first()) as usize);
     }
     fn apply(&mut self, op: &Op) {
         match op {
@@ -134,7 +152,9 @@ impl Model {
             hard_state: state.hard_state,
             snapshot: state.snapshot,
             snapshot_data: s.snapshot().unwrap().map(|x| x.1).unwrap_or_default(),
-            log: s.entries(state.first_index, state.last_index + 1, u64::MAX).unwrap(),
+            log: s
+                .entries(state.first_index, state.last_index + 1, u64::MAX)
+                .unwrap(),
         }
     }
 }
@@ -149,7 +169,9 @@ fn run_until_crash(disk: &SimDisk) -> (Model, Vec<Op>) {
     };
     for op in workload() {
         match &op {
-            Op::Append(entries) => unsynced.extend(entries.iter().map(|x| Op::Append(vec![x.clone()]))),
+            Op::Append(entries) => {
+                unsynced.extend(entries.iter().map(|x| Op::Append(vec![x.clone()])))
+            }
             other => unsynced.push(other.clone()),
         }
         let result = match &op {
@@ -203,8 +225,10 @@ fn check_recovered(recovered: &Model, durable: &Model, unsynced: &[Op], what: &s
 fn check_writable(disk: &SimDisk, mut s: FileStorage, what: &str) {
     let next = s.last_index() + 1;
     let term = s.initial_state().unwrap().hard_state.term.max(7);
-    s.append(&[e(next, term)]).unwrap_or_else(|err| panic!("{what}: append after recovery: {err}"));
-    s.sync().unwrap_or_else(|err| panic!("{what}: sync after recovery: {err}"));
+    s.append(&[e(next, term)])
+        .unwrap_or_else(|err| panic!("{what}: append after recovery: {err}"));
+    s.sync()
+        .unwrap_or_else(|err| panic!("{what}: sync after recovery: {err}"));
     let expect = Model::read(&s);
     drop(s);
     disk.crash(0);
@@ -216,14 +240,20 @@ fn check_writable(disk: &SimDisk, mut s: FileStorage, what: &str) {
 fn total_ops() -> u64 {
     let disk = SimDisk::new();
     let (_, unsynced) = run_until_crash(&disk);
-    assert!(!unsynced.is_empty(), "the workload ends with unsynced writes");
+    assert!(
+        !unsynced.is_empty(),
+        "the workload ends with unsynced writes"
+    );
     disk.mutating_ops()
 }
 
 #[test]
 fn crash_at_every_write_and_sync_point_recovers_a_synced_prefix() {
     let total = total_ops();
-    assert!(total > 40, "the workload exercises many write points ({total})");
+    assert!(
+        total > 40,
+        "the workload exercises many write points ({total})"
+    );
     let (mut survived_unsynced, mut torn_tails) = (0, 0);
     for point in 0..=total {
         for seed in 0..SEEDS_PER_POINT {
@@ -244,7 +274,10 @@ fn crash_at_every_write_and_sync_point_recovers_a_synced_prefix() {
         }
     }
     // The simulated crashes really produce the interesting cases.
-    assert!(survived_unsynced > 10, "unsynced writes survived in {survived_unsynced} runs");
+    assert!(
+        survived_unsynced > 10,
+        "unsynced writes survived in {survived_unsynced} runs"
+    );
     assert!(torn_tails > 10, "torn tails in {torn_tails} runs");
 }
 
@@ -253,7 +286,8 @@ fn crash_during_recovery_is_recovered_too() {
     let total = total_ops();
     for point in (0..=total).step_by(3) {
         for recovery_point in 0..4 {
-            let what = format!("crash after {point} ops, then after {recovery_point} ops of recovery");
+            let what =
+                format!("crash after {point} ops, then after {recovery_point} ops of recovery");
             let disk = SimDisk::new();
             disk.crash_after(point);
             let (durable, unsynced) = run_until_crash(&disk);
@@ -275,7 +309,12 @@ fn without_a_crash_everything_synced_is_kept_and_the_unsynced_tail_may_go() {
     for seed in 0..10 {
         disk.crash(seed);
         let s = FileStorage::open_simulated(&disk, "/data", opts()).unwrap();
-        check_recovered(&Model::read(&s), &durable, &unsynced, &format!("seed {seed}"));
+        check_recovered(
+            &Model::read(&s),
+            &durable,
+            &unsynced,
+            &format!("seed {seed}"),
+        );
     }
     assert_eq!(durable.snapshot.index, 40);
     assert_eq!(durable.log.last().map(|x| x.index), Some(50));

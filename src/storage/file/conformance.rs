@@ -57,11 +57,24 @@ fn empty_storage<S: Storage>(s: &mut S) {
         },
         "empty storage: initial state"
     );
-    assert_eq!(s.term(0).expect("term(0)"), 0, "empty storage: sentinel term");
-    assert!(matches!(s.term(1), Err(StorageError::Unavailable(1))), "empty storage: term(1)");
+    assert_eq!(
+        s.term(0).expect("term(0)"),
+        0,
+        "empty storage: sentinel term"
+    );
+    assert!(
+        matches!(s.term(1), Err(StorageError::Unavailable(1))),
+        "empty storage: term(1)"
+    );
     assert!(s.entries(1, 1, u64::MAX).expect("empty range").is_empty());
-    assert!(matches!(s.entries(1, 2, u64::MAX), Err(StorageError::Unavailable(1))));
-    assert!(s.snapshot().expect("snapshot").is_none(), "empty storage has no snapshot");
+    assert!(matches!(
+        s.entries(1, 2, u64::MAX),
+        Err(StorageError::Unavailable(1))
+    ));
+    assert!(
+        s.snapshot().expect("snapshot").is_none(),
+        "empty storage has no snapshot"
+    );
     s.sync().expect("sync with nothing to do");
     s.sync().expect("second sync with nothing to do");
 }
@@ -77,21 +90,44 @@ fn append_and_read<S: Storage>(s: &mut S) {
     assert_eq!(all(s), log, "append: read back before sync");
     s.sync().expect("sync");
     assert_eq!(all(s), log, "append: read back after sync");
-    assert_eq!(s.entries(2, 4, u64::MAX).expect("range"), log[1..3].to_vec());
+    assert_eq!(
+        s.entries(2, 4, u64::MAX).expect("range"),
+        log[1..3].to_vec()
+    );
     let one = s.entries(1, 7, 0).expect("max_bytes 0");
-    assert_eq!(one, log[..1].to_vec(), "at least one entry even beyond max_bytes");
+    assert_eq!(
+        one,
+        log[..1].to_vec(),
+        "at least one entry even beyond max_bytes"
+    );
     let budget = log[0].size() + log[1].size();
-    assert_eq!(s.entries(1, 7, budget).expect("budget"), log[..2].to_vec(), "byte budget");
-    assert!(matches!(s.entries(5, 8, u64::MAX), Err(StorageError::Unavailable(7))));
-    assert!(s.persisted_size().log_bytes > 0, "synced entries take space");
+    assert_eq!(
+        s.entries(1, 7, budget).expect("budget"),
+        log[..2].to_vec(),
+        "byte budget"
+    );
+    assert!(matches!(
+        s.entries(5, 8, u64::MAX),
+        Err(StorageError::Unavailable(7))
+    ));
+    assert!(
+        s.persisted_size().log_bytes > 0,
+        "synced entries take space"
+    );
 }
 
 fn append_rejects_gaps<S: Storage>(s: &mut S) {
     s.append(&entries(1, 3, 1)).expect("append");
     s.append(&[]).expect("empty append is a no-op");
-    assert!(matches!(s.append(&[entry(5, 1)]), Err(StorageError::Invalid(_))), "gap after log");
     assert!(
-        matches!(s.append(&[entry(4, 1), entry(6, 1)]), Err(StorageError::Invalid(_))),
+        matches!(s.append(&[entry(5, 1)]), Err(StorageError::Invalid(_))),
+        "gap after log"
+    );
+    assert!(
+        matches!(
+            s.append(&[entry(4, 1), entry(6, 1)]),
+            Err(StorageError::Invalid(_))
+        ),
         "non-contiguous batch"
     );
     assert_eq!(s.last_index(), 3, "rejected appends change nothing");
@@ -114,7 +150,8 @@ fn append_overwrites_conflicting_suffix<S: Storage>(s: &mut S) {
 
 fn truncate_suffix_removes_tail<S: Storage>(s: &mut S) {
     s.append(&entries(1, 5, 1)).expect("append");
-    s.truncate_suffix(9).expect("truncate past the end is a no-op");
+    s.truncate_suffix(9)
+        .expect("truncate past the end is a no-op");
     assert_eq!(s.last_index(), 5);
     s.truncate_suffix(3).expect("truncate");
     assert_eq!(s.last_index(), 2, "truncate_suffix");
@@ -124,15 +161,24 @@ fn truncate_suffix_removes_tail<S: Storage>(s: &mut S) {
     expect.extend(entries(3, 4, 2));
     assert_eq!(all(s), expect);
     s.sync().expect("sync");
-    assert!(matches!(s.truncate_suffix(0), Err(StorageError::Compacted(0))));
+    assert!(matches!(
+        s.truncate_suffix(0),
+        Err(StorageError::Compacted(0))
+    ));
 }
 
 fn hard_state_round_trips<S: Storage>(s: &mut S) {
-    let hs = HardState { term: 4, vote: Some(2) };
+    let hs = HardState {
+        term: 4,
+        vote: Some(2),
+    };
     s.set_hard_state(hs).expect("set_hard_state");
     assert_eq!(s.initial_state().expect("state").hard_state, hs);
     s.sync().expect("sync");
-    let hs2 = HardState { term: 5, vote: None };
+    let hs2 = HardState {
+        term: 5,
+        vote: None,
+    };
     s.set_hard_state(hs2).expect("set_hard_state");
     assert_eq!(s.initial_state().expect("state").hard_state, hs2);
 }
@@ -141,27 +187,57 @@ fn snapshot_inside_log_keeps_the_rest<S: Storage>(s: &mut S) {
     s.append(&entries(1, 10, 1)).expect("append");
     let meta = SnapshotMeta { index: 5, term: 1 };
     s.save_snapshot(meta, b"state at 5").expect("save_snapshot");
-    assert_eq!((s.first_index(), s.last_index()), (6, 10), "snapshot keeps the later entries");
+    assert_eq!(
+        (s.first_index(), s.last_index()),
+        (6, 10),
+        "snapshot keeps the later entries"
+    );
     assert_eq!(s.term(5).expect("snapshot term"), 1);
     assert!(matches!(s.term(4), Err(StorageError::Compacted(4))));
-    assert!(matches!(s.entries(5, 7, u64::MAX), Err(StorageError::Compacted(5))));
-    assert!(matches!(s.truncate_suffix(5), Err(StorageError::Compacted(5))));
-    assert!(matches!(s.append(&[entry(5, 1)]), Err(StorageError::Invalid(_))));
+    assert!(matches!(
+        s.entries(5, 7, u64::MAX),
+        Err(StorageError::Compacted(5))
+    ));
+    assert!(matches!(
+        s.truncate_suffix(5),
+        Err(StorageError::Compacted(5))
+    ));
+    assert!(matches!(
+        s.append(&[entry(5, 1)]),
+        Err(StorageError::Invalid(_))
+    ));
     assert_eq!(all(s), entries(6, 10, 1));
-    assert_eq!(s.snapshot().expect("snapshot"), Some((meta, b"state at 5".to_vec())));
+    assert_eq!(
+        s.snapshot().expect("snapshot"),
+        Some((meta, b"state at 5".to_vec()))
+    );
     let state = s.initial_state().expect("state");
-    assert_eq!((state.snapshot, state.first_index, state.last_index), (meta, 6, 10));
-    assert!(s.persisted_size().snapshot_bytes >= 10, "snapshot takes space");
+    assert_eq!(
+        (state.snapshot, state.first_index, state.last_index),
+        (meta, 6, 10)
+    );
+    assert!(
+        s.persisted_size().snapshot_bytes >= 10,
+        "snapshot takes space"
+    );
 }
 
 fn snapshot_with_other_term_discards_log<S: Storage>(s: &mut S) {
     s.append(&entries(1, 10, 1)).expect("append");
     s.sync().expect("sync");
     let meta = SnapshotMeta { index: 7, term: 9 };
-    s.save_snapshot(meta, b"other history").expect("save_snapshot");
-    assert_eq!((s.first_index(), s.last_index()), (8, 7), "conflicting snapshot empties log");
+    s.save_snapshot(meta, b"other history")
+        .expect("save_snapshot");
+    assert_eq!(
+        (s.first_index(), s.last_index()),
+        (8, 7),
+        "conflicting snapshot empties log"
+    );
     assert_eq!(s.term(7).expect("snapshot term"), 9);
-    assert!(matches!(s.append(&[entry(9, 9)]), Err(StorageError::Invalid(_))));
+    assert!(matches!(
+        s.append(&[entry(9, 9)]),
+        Err(StorageError::Invalid(_))
+    ));
     s.append(&entries(8, 9, 9)).expect("append after snapshot");
     s.sync().expect("sync");
     assert_eq!(all(s), entries(8, 9, 9));
@@ -173,7 +249,8 @@ fn snapshot_beyond_log<S: Storage>(s: &mut S) {
     s.save_snapshot(meta, b"").expect("save_snapshot");
     assert_eq!((s.first_index(), s.last_index()), (21, 20));
     assert_eq!(s.snapshot().expect("snapshot"), Some((meta, Vec::new())));
-    s.append(&entries(21, 22, 3)).expect("append after snapshot");
+    s.append(&entries(21, 22, 3))
+        .expect("append after snapshot");
     assert_eq!(all(s), entries(21, 22, 3));
 }
 
@@ -181,18 +258,30 @@ fn snapshot_never_moves_backwards<S: Storage>(s: &mut S) {
     s.append(&entries(1, 10, 1)).expect("append");
     let meta = SnapshotMeta { index: 6, term: 1 };
     s.save_snapshot(meta, b"six").expect("save_snapshot");
-    s.save_snapshot(SnapshotMeta { index: 4, term: 1 }, b"four").expect("older snapshot");
-    assert_eq!(s.snapshot().expect("snapshot"), Some((meta, b"six".to_vec())));
+    s.save_snapshot(SnapshotMeta { index: 4, term: 1 }, b"four")
+        .expect("older snapshot");
+    assert_eq!(
+        s.snapshot().expect("snapshot"),
+        Some((meta, b"six".to_vec()))
+    );
     assert_eq!(s.first_index(), 7);
 }
 
 fn compact_validates_and_keeps_live_entries<S: Storage>(s: &mut S) {
     s.append(&entries(1, 10, 1)).expect("append");
-    assert!(matches!(s.compact(1), Err(StorageError::Invalid(_))), "compact beyond snapshot");
-    s.save_snapshot(SnapshotMeta { index: 5, term: 1 }, b"five").expect("save_snapshot");
+    assert!(
+        matches!(s.compact(1), Err(StorageError::Invalid(_))),
+        "compact beyond snapshot"
+    );
+    s.save_snapshot(SnapshotMeta { index: 5, term: 1 }, b"five")
+        .expect("save_snapshot");
     s.compact(5).expect("compact");
     assert_eq!((s.first_index(), s.last_index()), (6, 10));
-    assert_eq!(all(s), entries(6, 10, 1), "compact keeps entries after the snapshot");
+    assert_eq!(
+        all(s),
+        entries(6, 10, 1),
+        "compact keeps entries after the snapshot"
+    );
     assert!(matches!(s.compact(6), Err(StorageError::Invalid(_))));
 }
 
@@ -214,8 +303,18 @@ fn many_entries_round_trip<S: Storage>(s: &mut S) {
     s.truncate_suffix(150).expect("truncate");
     s.append(&[entry(150, 7)]).expect("append");
     s.sync().expect("sync");
-    assert_eq!(s.entries(148, 151, u64::MAX).expect("range"), vec![big(148), big(149), entry(150, 7)]);
-    s.save_snapshot(SnapshotMeta { index: 120, term: 2 }, b"x").expect("save_snapshot");
+    assert_eq!(
+        s.entries(148, 151, u64::MAX).expect("range"),
+        vec![big(148), big(149), entry(150, 7)]
+    );
+    s.save_snapshot(
+        SnapshotMeta {
+            index: 120,
+            term: 2,
+        },
+        b"x",
+    )
+    .expect("save_snapshot");
     s.compact(120).expect("compact");
     assert_eq!((s.first_index(), s.last_index()), (121, 150));
     assert_eq!(s.entries(121, 122, u64::MAX).expect("read"), vec![big(121)]);

@@ -91,8 +91,12 @@ pub fn inspect(dir: &Path) -> Result<Inspection, StorageError> {
         if parse_snapshot_name(&name).is_some() {
             out.snapshots.push(inspect_snapshot(&path, &read(&path)?));
         } else if let Some(seq) = parse_segment_name(&name) {
-            out.segments
-                .push(inspect_segment(&path, seq, Some(seq) == newest_seq, &read(&path)?));
+            out.segments.push(inspect_segment(
+                &path,
+                seq,
+                Some(seq) == newest_seq,
+                &read(&path)?,
+            ));
         } else {
             out.other_files.push(name);
         }
@@ -113,9 +117,9 @@ fn inspect_snapshot(path: &Path, bytes: &[u8]) -> SnapshotInfo {
         Ok(h) => {
             info.meta = Some(h.meta);
             info.identity = Some((h.cluster_id, h.node_id));
-            let data = SNAPSHOT_HEADER_LEN
-                .checked_add(h.data_len)
-                .and_then(|end| bytes.get(SNAPSHOT_HEADER_LEN as usize..usize::try_from(end).ok()?));
+            let data = SNAPSHOT_HEADER_LEN.checked_add(h.data_len).and_then(|end| {
+                bytes.get(SNAPSHOT_HEADER_LEN as usize..usize::try_from(end).ok()?)
+            });
             info.damage = match data {
                 _ if SNAPSHOT_HEADER_LEN.checked_add(h.data_len) != Some(bytes.len() as u64) => {
                     Some(format!("length {} does not match the header", bytes.len()))
@@ -144,7 +148,10 @@ fn inspect_segment(path: &Path, seq: u64, newest: bool, bytes: &[u8]) -> Segment
     };
     info.identity = Some((header.cluster_id, header.node_id));
     if header.allocated_len != bytes.len() as u64 {
-        info.damage = Some(format!("length does not match the header's {}", header.allocated_len));
+        info.damage = Some(format!(
+            "length does not match the header's {}",
+            header.allocated_len
+        ));
         return info;
     }
     let scan = scan_records(bytes, path, newest, |_, record| {
@@ -168,7 +175,9 @@ fn inspect_segment(path: &Path, seq: u64, newest: bool, bytes: &[u8]) -> Segment
         Ok(end) => {
             info.used_bytes = end.end;
             if let Some((offset, len)) = end.torn {
-                info.damage = Some(format!("torn record of {len} bytes at offset {offset} (open cuts it)"));
+                info.damage = Some(format!(
+                    "torn record of {len} bytes at offset {offset} (open cuts it)"
+                ));
             }
         }
         Err(e) => info.damage = Some(e.to_string()),
@@ -192,7 +201,14 @@ impl fmt::Display for Inspection {
             writeln!(f, ", {}", s.damage.as_deref().unwrap_or("ok"))?;
         }
         for s in &self.segments {
-            write!(f, "segment {} ({}): {}/{} bytes used", s.seq, s.path.display(), s.used_bytes, s.bytes)?;
+            write!(
+                f,
+                "segment {} ({}): {}/{} bytes used",
+                s.seq,
+                s.path.display(),
+                s.used_bytes,
+                s.bytes
+            )?;
             if let Some((c, n)) = s.identity {
                 write!(f, ", cluster {c} node {n}")?;
             }

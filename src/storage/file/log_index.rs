@@ -139,7 +139,11 @@ impl TailCache {
         if self.limit == 0 {
             return;
         }
-        if self.entries.back().is_some_and(|e| e.index + 1 != entry.index) {
+        if self
+            .entries
+            .back()
+            .is_some_and(|e| e.index + 1 != entry.index)
+        {
             self.clear(); // not contiguous: start over
         }
         self.bytes += entry.size();

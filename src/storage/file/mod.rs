@@ -55,7 +55,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use log_index::{unpack, LogIndex, TailCache};
-use segment::{create_segment, decode_record_at, encode_record, Record, RecordRef, Segment, SegmentHeader, HEADER_LEN};
+use segment::{
+    create_segment, decode_record_at, encode_record, Record, RecordRef, Segment, SegmentHeader,
+    HEADER_LEN,
+};
 use vfs::{io_error, RealFs, Vfs};
 
 use super::{InitialState, PersistedSize, Storage};
@@ -176,7 +179,11 @@ impl FileStorage {
         Self::open_with(Arc::new(disk.clone()), dir.as_ref(), opts)
     }
 
-    fn open_with(vfs: Arc<dyn Vfs>, dir: &Path, opts: FileStorageOptions) -> Result<Self, StorageError> {
+    fn open_with(
+        vfs: Arc<dyn Vfs>,
+        dir: &Path,
+        opts: FileStorageOptions,
+    ) -> Result<Self, StorageError> {
         if opts.node_id == 0 {
             return Err(StorageError::Invalid("node id 0 is reserved".into()));
         }
@@ -300,7 +307,9 @@ impl FileStorage {
         let needed = HEADER_LEN + hs_record.len() as u64 + record_size;
         let len = self.opts.segment_size.max(needed);
         if len > u64::from(u32::MAX) {
-            return Err(StorageError::Invalid(format!("record of {record_size} bytes is too large")));
+            return Err(StorageError::Invalid(format!(
+                "record of {record_size} bytes is too large"
+            )));
         }
         let header = SegmentHeader {
             cluster_id: self.opts.cluster_id,
@@ -329,7 +338,10 @@ impl FileStorage {
         self.pending.clear();
         let active = self.active_mut();
         active.end += written;
-        active.file.sync_data().map_err(|e| io_error("fsync", &active.path, e))
+        active
+            .file
+            .sync_data()
+            .map_err(|e| io_error("fsync", &active.path, e))
     }
 
     fn sync_inner(&mut self) -> Result<(), StorageError> {
@@ -338,11 +350,15 @@ impl FileStorage {
 
     fn segment(&self, seq: u64) -> Option<&Segment> {
         let first = self.segments.first()?.seq;
-        self.segments.get(usize::try_from(seq.checked_sub(first)?).ok()?)
+        self.segments
+            .get(usize::try_from(seq.checked_sub(first)?).ok()?)
     }
 
     fn read_entry(&self, index: Index) -> Result<Entry, StorageError> {
-        let location = self.index.location(index).ok_or(StorageError::Unavailable(index))?;
+        let location = self
+            .index
+            .location(index)
+            .ok_or(StorageError::Unavailable(index))?;
         let (seq, offset) = unpack(location);
         let seg = self.segment(seq).ok_or_else(|| StorageError::Corrupt {
             path: self.dir.clone(),
@@ -410,7 +426,9 @@ impl FileStorage {
         }
         if let Some(old) = old {
             // Not synced: if the removal is lost, recovery removes the stale file again.
-            self.vfs.remove(&old).map_err(|e| io_error("remove", &old, e))?;
+            self.vfs
+                .remove(&old)
+                .map_err(|e| io_error("remove", &old, e))?;
         }
         Ok(())
     }
@@ -475,7 +493,9 @@ impl Storage for FileStorage {
         if index < self.index.first() {
             return Err(StorageError::Compacted(index));
         }
-        self.index.term(index).ok_or(StorageError::Unavailable(index))
+        self.index
+            .term(index)
+            .ok_or(StorageError::Unavailable(index))
     }
 
     fn entries(&self, lo: Index, hi: Index, max_bytes: u64) -> Result<Vec<Entry>, StorageError> {
@@ -531,7 +551,9 @@ impl Storage for FileStorage {
             )));
         }
         if entries.windows(2).any(|w| w[1].index != w[0].index + 1) {
-            return Err(StorageError::Invalid("appended entries are not contiguous".into()));
+            return Err(StorageError::Invalid(
+                "appended entries are not contiguous".into(),
+            ));
         }
         let r = self.append_inner(entries);
         self.guard(r)

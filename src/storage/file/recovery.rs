@@ -25,8 +25,8 @@ use std::path::{Path, PathBuf};
 
 use super::log_index::{pack, unpack, LogIndex};
 use super::segment::{
-    create_segment, parse_segment_name, scan_records, segment_name, Record, Segment,
-    SegmentHeader, HEADER_LEN,
+    create_segment, parse_segment_name, scan_records, segment_name, Record, Segment, SegmentHeader,
+    HEADER_LEN,
 };
 use super::snapshot::{parse_snapshot_name, read_snapshot, snapshot_name, SNAPSHOT_TEMP_NAME};
 use super::vfs::{io_error, Vfs};
@@ -106,8 +106,13 @@ fn corrupt(path: &Path, offset: u64, reason: String) -> StorageError {
 }
 
 /// Recovers the storage in `dir` (see the module docs).
-pub(crate) fn recover(vfs: &dyn Vfs, dir: &Path, opts: &FileStorageOptions) -> Result<Recovered, StorageError> {
-    vfs.create_dir_all(dir).map_err(|e| io_error("create dir", dir, e))?;
+pub(crate) fn recover(
+    vfs: &dyn Vfs,
+    dir: &Path,
+    opts: &FileStorageOptions,
+) -> Result<Recovered, StorageError> {
+    vfs.create_dir_all(dir)
+        .map_err(|e| io_error("create dir", dir, e))?;
     let mut seqs = Vec::new();
     let mut snaps = Vec::new();
     let mut debris = Vec::new();
@@ -116,7 +121,8 @@ pub(crate) fn recover(vfs: &dyn Vfs, dir: &Path, opts: &FileStorageOptions) -> R
             seqs.push(seq);
         } else if let Some(index) = parse_snapshot_name(&name) {
             snaps.push(index);
-        } else if name == SNAPSHOT_TEMP_NAME || (name.starts_with("seg-") && name.ends_with(".tmp")) {
+        } else if name == SNAPSHOT_TEMP_NAME || (name.starts_with("seg-") && name.ends_with(".tmp"))
+        {
             debris.push(dir.join(name));
         }
     }
@@ -128,7 +134,11 @@ pub(crate) fn recover(vfs: &dyn Vfs, dir: &Path, opts: &FileStorageOptions) -> R
         Some(&index) => {
             let path = dir.join(snapshot_name(index));
             let (meta, data) = read_snapshot(vfs, &path, index, opts.cluster_id, opts.node_id)?;
-            (meta, Some(path), super::snapshot::SNAPSHOT_HEADER_LEN + data.len() as u64)
+            (
+                meta,
+                Some(path),
+                super::snapshot::SNAPSHOT_HEADER_LEN + data.len() as u64,
+            )
         }
         None => (SnapshotMeta::default(), None, 0),
     };
@@ -193,7 +203,11 @@ pub(crate) fn recover(vfs: &dyn Vfs, dir: &Path, opts: &FileStorageOptions) -> R
             has_hard_state: false,
         };
         if len < HEADER_LEN {
-            return Err(corrupt(&path, len, "file shorter than a segment header".into()));
+            return Err(corrupt(
+                &path,
+                len,
+                "file shorter than a segment header".into(),
+            ));
         }
         let image = seg.image()?;
         let h = SegmentHeader::decode(&image, &path)?;
@@ -243,7 +257,10 @@ pub(crate) fn recover(vfs: &dyn Vfs, dir: &Path, opts: &FileStorageOptions) -> R
         return Err(corrupt(
             &path,
             offset,
-            format!("log starts at {} but the snapshot ends at {s}", index.first()),
+            format!(
+                "log starts at {} but the snapshot ends at {s}",
+                index.first()
+            ),
         ));
     } else if index.first() <= s {
         if index.term(s) == Some(t) {
@@ -262,7 +279,9 @@ pub(crate) fn recover(vfs: &dyn Vfs, dir: &Path, opts: &FileStorageOptions) -> R
             seg.file
                 .write_at(&zeroes, tail.offset)
                 .map_err(|e| io_error("write", &seg.path, e))?;
-            seg.file.sync_data().map_err(|e| io_error("fsync", &seg.path, e))?;
+            seg.file
+                .sync_data()
+                .map_err(|e| io_error("fsync", &seg.path, e))?;
         }
     }
     report.torn_tail = torn;
@@ -289,13 +308,19 @@ fn header(opts: &FileStorageOptions, seq: u64, allocated_len: u64) -> SegmentHea
     }
 }
 
-fn remove_all(vfs: &dyn Vfs, dir: &Path, paths: &[PathBuf], report: &mut RecoveryReport) -> Result<(), StorageError> {
+fn remove_all(
+    vfs: &dyn Vfs,
+    dir: &Path,
+    paths: &[PathBuf],
+    report: &mut RecoveryReport,
+) -> Result<(), StorageError> {
     for path in paths {
         vfs.remove(path).map_err(|e| io_error("remove", path, e))?;
         report.removed_files.push(path.clone());
     }
     if !paths.is_empty() {
-        vfs.sync_dir(dir).map_err(|e| io_error("fsync dir", dir, e))?;
+        vfs.sync_dir(dir)
+            .map_err(|e| io_error("fsync dir", dir, e))?;
     }
     Ok(())
 }

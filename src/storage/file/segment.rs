@@ -88,7 +88,11 @@ pub(crate) fn encode_record(record: &RecordRef<'_>, out: &mut Vec<u8>) -> Result
 
 /// Decodes one framed record at the start of `bytes` (used for reads after recovery, where the
 /// record is known to be complete). Returns the record and its framed length.
-pub(crate) fn decode_record_at(bytes: &[u8], path: &Path, offset: u64) -> Result<Record, StorageError> {
+pub(crate) fn decode_record_at(
+    bytes: &[u8],
+    path: &Path,
+    offset: u64,
+) -> Result<Record, StorageError> {
     let corrupt = |reason: &str| StorageError::Corrupt {
         path: path.to_path_buf(),
         offset,
@@ -186,7 +190,12 @@ impl SegmentHeader {
     }
 
     /// Refuses a header of another cluster or node.
-    pub(crate) fn check_identity(&self, cluster_id: u64, node_id: u64, path: &Path) -> Result<(), StorageError> {
+    pub(crate) fn check_identity(
+        &self,
+        cluster_id: u64,
+        node_id: u64,
+        path: &Path,
+    ) -> Result<(), StorageError> {
         if self.cluster_id != cluster_id || self.node_id != node_id {
             return Err(StorageError::WrongIdentity {
                 path: path.to_path_buf(),
@@ -231,7 +240,10 @@ pub(crate) fn scan_records(
         let rest = data.get(at..).unwrap_or(&[]);
         if rest.len() < RECORD_PREFIX as usize {
             if all_zero(rest) {
-                return Ok(ScanEnd { end: off, torn: None });
+                return Ok(ScanEnd {
+                    end: off,
+                    torn: None,
+                });
             }
             return Err(corrupt(off, "stray bytes after the last record"));
         }
@@ -239,13 +251,19 @@ pub(crate) fn scan_records(
         let crc = read_u32(rest, 4).unwrap_or(0);
         if len == 0 {
             if all_zero(rest) {
-                return Ok(ScanEnd { end: off, torn: None });
+                return Ok(ScanEnd {
+                    end: off,
+                    torn: None,
+                });
             }
             return Err(corrupt(off, "non-zero bytes after the end of the log"));
         }
         let end = off + RECORD_PREFIX + u64::from(len);
         if end > file_len {
-            return Err(corrupt(off, "record length runs past the end of the segment"));
+            return Err(corrupt(
+                off,
+                "record length runs past the end of the segment",
+            ));
         }
         let payload = &data[at + RECORD_PREFIX as usize..end as usize];
         if record_crc(len, payload) != crc {
@@ -257,7 +275,8 @@ pub(crate) fn scan_records(
             }
             return Err(corrupt(off, "record checksum mismatch"));
         }
-        let record = postcard::from_bytes(payload).map_err(|_| corrupt(off, "undecodable record"))?;
+        let record =
+            postcard::from_bytes(payload).map_err(|_| corrupt(off, "undecodable record"))?;
         on_record(off, record)?;
         off = end;
     }
@@ -307,9 +326,15 @@ impl Segment {
             offset,
             reason: "read past the end of the segment".into(),
         };
-        let end = offset.checked_add(len).filter(|&e| e <= self.len).ok_or_else(corrupt)?;
+        let end = offset
+            .checked_add(len)
+            .filter(|&e| e <= self.len)
+            .ok_or_else(corrupt)?;
         if let Some(map) = &self.map {
-            return Ok(map.get(offset as usize..end as usize).ok_or_else(corrupt)?.to_vec());
+            return Ok(map
+                .get(offset as usize..end as usize)
+                .ok_or_else(corrupt)?
+                .to_vec());
         }
         let mut buf = vec![0u8; len as usize];
         self.file
@@ -366,7 +391,9 @@ pub(crate) fn create_segment(
     let temp = dir.join(segment_temp_name(header.seq));
     let path = dir.join(segment_name(header.seq));
     let result = (|| {
-        let file = vfs.create(&temp).map_err(|e| io_error("create", &temp, e))?;
+        let file = vfs
+            .create(&temp)
+            .map_err(|e| io_error("create", &temp, e))?;
         file.set_len(header.allocated_len)
             .map_err(|e| io_error("set_len", &temp, e))?;
         // Zero-fill so the blocks are really allocated: later appends then never hit ENOSPC
@@ -384,8 +411,10 @@ pub(crate) fn create_segment(
             off += n as u64;
         }
         file.sync_data().map_err(|e| io_error("fsync", &temp, e))?;
-        vfs.rename(&temp, &path).map_err(|e| io_error("rename", &temp, e))?;
-        vfs.sync_dir(dir).map_err(|e| io_error("fsync dir", dir, e))?;
+        vfs.rename(&temp, &path)
+            .map_err(|e| io_error("rename", &temp, e))?;
+        vfs.sync_dir(dir)
+            .map_err(|e| io_error("fsync dir", dir, e))?;
         let map = file.map().map_err(|e| io_error("mmap", &path, e))?;
         Ok(Segment {
             seq: header.seq,
@@ -462,7 +491,10 @@ mod tests {
             term: 1,
             payload: EntryPayload::Command(b"hello".into()),
         };
-        let img = image_with(&[RecordRef::HardState(HardState::default()), RecordRef::Entry(&e)]);
+        let img = image_with(&[
+            RecordRef::HardState(HardState::default()),
+            RecordRef::Entry(&e),
+        ]);
         let (end, n) = scan(&img, false).unwrap();
         assert_eq!(n, 2);
         assert!(end.torn.is_none());
@@ -472,11 +504,16 @@ mod tests {
         let (t, n) = scan(&torn, true).unwrap();
         assert_eq!(n, 1);
         assert!(t.torn.is_some());
-        assert!(matches!(scan(&torn, false), Err(StorageError::Corrupt { .. })));
+        assert!(matches!(
+            scan(&torn, false),
+            Err(StorageError::Corrupt { .. })
+        ));
         // Garbage after the end of the log is corruption.
         let mut stray = img;
         stray[3000] = 1;
-        assert!(matches!(scan(&stray, true), Err(StorageError::Corrupt { offset, .. }) if offset == end.end));
+        assert!(
+            matches!(scan(&stray, true), Err(StorageError::Corrupt { offset, .. }) if offset == end.end)
+        );
     }
 
     #[test]

@@ -125,7 +125,7 @@ struct State {
 }
 
 fn power_lost() -> io::Error {
-    io::Error::new(io::ErrorKind::Other, "simulated power loss")
+    io::Error::other("simulated power loss")
 }
 
 impl State {

@@ -133,14 +133,18 @@ pub(crate) fn write_snapshot(
         data_crc: crc32fast::hash(data),
     };
     let result = (|| {
-        let file = vfs.create(&temp).map_err(|e| io_error("create", &temp, e))?;
+        let file = vfs
+            .create(&temp)
+            .map_err(|e| io_error("create", &temp, e))?;
         file.write_at(&header.encode(), 0)
             .map_err(|e| io_error("write", &temp, e))?;
         file.write_at(data, SNAPSHOT_HEADER_LEN)
             .map_err(|e| io_error("write", &temp, e))?;
         file.sync_data().map_err(|e| io_error("fsync", &temp, e))?;
-        vfs.rename(&temp, &path).map_err(|e| io_error("rename", &temp, e))?;
-        vfs.sync_dir(dir).map_err(|e| io_error("fsync dir", dir, e))?;
+        vfs.rename(&temp, &path)
+            .map_err(|e| io_error("rename", &temp, e))?;
+        vfs.sync_dir(dir)
+            .map_err(|e| io_error("fsync dir", dir, e))?;
         Ok((path.clone(), SNAPSHOT_HEADER_LEN + data.len() as u64))
     })();
     if result.is_err() {
@@ -167,7 +171,8 @@ pub(crate) fn read_snapshot(
             reason: "file shorter than a snapshot header".into(),
         });
     }
-    file.read_at(&mut h, 0).map_err(|e| io_error("read", path, e))?;
+    file.read_at(&mut h, 0)
+        .map_err(|e| io_error("read", path, e))?;
     let header = SnapshotHeader::decode(&h, path)?;
     if header.cluster_id != cluster_id || header.node_id != node_id {
         return Err(StorageError::WrongIdentity {
@@ -182,7 +187,10 @@ pub(crate) fn read_snapshot(
         return Err(StorageError::Corrupt {
             path: path.to_path_buf(),
             offset: 32,
-            reason: format!("header index {} does not match the file name", header.meta.index),
+            reason: format!(
+                "header index {} does not match the file name",
+                header.meta.index
+            ),
         });
     }
     if Some(file_len) != SNAPSHOT_HEADER_LEN.checked_add(header.data_len) {
@@ -220,7 +228,10 @@ mod tests {
         let meta = SnapshotMeta { index: 9, term: 2 };
         let (path, len) = write_snapshot(&disk, dir, 1, 2, meta, b"state").unwrap();
         assert_eq!(len, SNAPSHOT_HEADER_LEN + 5);
-        assert_eq!(read_snapshot(&disk, &path, 9, 1, 2).unwrap(), (meta, b"state".to_vec()));
+        assert_eq!(
+            read_snapshot(&disk, &path, 9, 1, 2).unwrap(),
+            (meta, b"state".to_vec())
+        );
         assert!(matches!(
             read_snapshot(&disk, &path, 9, 1, 3),
             Err(StorageError::WrongIdentity { .. })
