@@ -209,7 +209,10 @@ fn recovery(c: &mut Criterion) {
         .env(OPEN_CHILD_ENV, dir.path())
         .output()
         .expect("child");
-    print!("recovery memory (one open, fresh process): {}", String::from_utf8_lossy(&out.stdout));
+    print!(
+        "recovery memory (one open, fresh process): {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 /// Child mode: open once, report memory.
@@ -236,7 +239,12 @@ fn open_child(dir: &Path) {
     );
 }
 
-criterion_group!(benches, append_sync_1_writer, group_commit_64_writers, recovery);
+criterion_group!(
+    benches,
+    append_sync_1_writer,
+    group_commit_64_writers,
+    recovery
+);
 
 fn main() {
     if let Some(dir) = std::env::var_os(OPEN_CHILD_ENV) {
@@ -244,5 +252,7 @@ fn main() {
         return;
     }
     benches();
-    criterion::Criterion::default().configure_from_args().final_summary();
+    criterion::Criterion::default()
+        .configure_from_args()
+        .final_summary();
 }

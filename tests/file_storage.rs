@@ -482,3 +482,25 @@ fn inspect_describes_every_file_and_its_damage() {
     let damage = report.segments[0].damage.as_deref().unwrap_or("");
     assert!(damage.contains("checksum"), "{report}");
 }
+
+#[test]
+fn sync_with_nothing_written_touches_no_file() {
+    let disk = SimDisk::new();
+    let mut s = FileStorage::open_simulated(&disk, "/n", opts()).unwrap();
+    s.append(&entries(1, 3, 1)).unwrap();
+    s.sync().unwrap();
+    let ops = disk.mutating_ops();
+    for _ in 0..100 {
+        s.sync().unwrap();
+    }
+    s.set_hard_state(HardState::default()).unwrap(); // unchanged: nothing to record
+    s.sync().unwrap();
+    assert_eq!(disk.mutating_ops(), ops, "idle syncs are free");
+    s.append(&entries(4, 40, 1)).unwrap();
+    s.sync().unwrap();
+    assert_eq!(
+        disk.mutating_ops(),
+        ops + 2,
+        "one write and one fdatasync per sync"
+    );
+}

@@ -26,7 +26,8 @@
 //!   size.
 //! - `save_snapshot` syncs the log, writes the snapshot file (temp, fdatasync, rename, fsync of
 //!   the directory), then drops the covered entries from the index, or, if the log does not
-//!   hold `(index, term)`, logs `Truncate { from: 0 }` and syncs it. `compact(through)` removes
+//!   hold `(index, term)`, logs `Truncate { from: 0 }` and syncs it (if that fails the
+//!   storage is poisoned: new entries must never follow the old ones without the marker). `compact(through)` removes
 //!   whole segments, oldest first, that hold no live entry and nothing above `through`.
 //! - Reads: the tail cache, else the pending buffer, else the segment through its memory map
 //!   (real file system) or `read_at` (simulated disk); every record read is checksummed again.
@@ -50,6 +51,11 @@ pub mod sim;
 pub mod conformance;
 
 pub mod inspect;
+mod options;
+
+pub use options::{
+    FileStorageOptions, RecoveryReport, TornTail, MAX_SEGMENT_SIZE, MIN_SEGMENT_SIZE,
+};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -64,63 +70,6 @@ use vfs::{io_error, RealFs, Vfs};
 use super::{InitialState, PersistedSize, Storage};
 use crate::error::StorageError;
 use crate::raft::{Entry, HardState, Index, SnapshotMeta, Term};
-
-/// Smallest accepted [`FileStorageOptions::segment_size`].
-pub const MIN_SEGMENT_SIZE: u64 = 4096;
-/// Largest accepted [`FileStorageOptions::segment_size`] (offsets are kept in 32 bits).
-pub const MAX_SEGMENT_SIZE: u64 = 1 << 30;
-
-/// Settings of a [`FileStorage`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FileStorageOptions {
-    /// The cluster this node belongs to; written in every file header and checked at open.
-    pub cluster_id: u64,
-    /// This node's id (not 0); written in every file header and checked at open.
-    pub node_id: u64,
-    /// Bytes per log segment, preallocated at creation. Default 64 MiB; must lie within
-    /// [`MIN_SEGMENT_SIZE`]`..=`[`MAX_SEGMENT_SIZE`].
-    pub segment_size: u64,
-    /// Budget, in [`Entry::size`] bytes, of the cache of the newest decoded entries.
-    /// Default 4 MiB. 0 disables it.
-    pub cache_bytes: u64,
-    /// Unsynced bytes buffered before an early sync. Default 8 MiB.
-    pub write_buffer_bytes: u64,
-}
-
-impl Default for FileStorageOptions {
-    fn default() -> Self {
-        FileStorageOptions {
-            cluster_id: 0,
-            node_id: 1,
-            segment_size: 64 << 20,
-            cache_bytes: 4 << 20,
-            write_buffer_bytes: 8 << 20,
-        }
-    }
-}
-
-/// A torn record cut off the end of the newest segment at open.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TornTail {
-    /// The segment.
-    pub path: PathBuf,
-    /// Offset of the torn record.
-    pub offset: u64,
-    /// Bytes zeroed (the record's claimed length with its prefix).
-    pub bytes: u64,
-}
-
-/// What recovery did when the storage was opened.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct RecoveryReport {
-    /// A torn record at the tail of the newest segment (a crash during a write), now zeroed.
-    pub torn_tail: Option<TornTail>,
-    /// Files removed: temporaries of an interrupted write and superseded snapshots.
-    pub removed_files: Vec<PathBuf>,
-    /// The log did not continue the snapshot and was discarded (a crash inside
-    /// `save_snapshot`, between the snapshot's rename and the log's reset marker).
-    pub discarded_log: bool,
-}
 
 /// A [`Storage`] in a directory of files. See the [module docs](self) for the format and the
 /// guarantees.
@@ -419,10 +368,18 @@ impl FileStorage {
             self.index.drop_through(meta.index);
             self.cache.drop_through(meta.index);
         } else {
-            self.push_record(&RecordRef::Truncate { from: 0 })?;
             self.index.reset(meta.index + 1);
             self.cache.clear();
-            self.sync_inner()?;
+            // The snapshot is durable; the log must now record that the old entries are gone
+            // before any new entry follows them. If that fails (even for lack of space) the
+            // storage cannot go on safely: poison it.
+            let marker = self
+                .push_record(&RecordRef::Truncate { from: 0 })
+                .and_then(|_| self.sync_inner());
+            if marker.is_err() {
+                self.poisoned = true;
+            }
+            marker?;
         }
         if let Some(old) = old {
             // Not synced: if the removal is lost, recovery removes the stale file again.

@@ -227,6 +227,11 @@ pub(crate) fn recover(
             replay.apply(seq, &path, &mut seen, offset, record)
         })?;
         drop(image);
+        // Unmap the pages the scan touched (they stay in the page cache, out of our resident
+        // set) and map afresh for later reads, so recovery's peak is about one segment.
+        if seg.map.take().is_some() {
+            seg.map = seg.file.map().map_err(|e| io_error("mmap", &path, e))?;
+        }
         (seg.max_index, seg.has_hard_state) = seen;
         seg.end = end.end;
         if let Some((offset, bytes)) = end.torn {

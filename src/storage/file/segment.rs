@@ -30,6 +30,10 @@
 //!   in a torn record, and a torn record is followed by zeroes only.
 //! - Every segment that holds records starts with a `HardState` record (the hard state as of its
 //!   creation), so deleting older segments never loses the hard state.
+//! - Known limit: the torn-tail rule assumes a crash leaves a *prefix* of the last write (as the
+//!   simulated disk does). A disk that persists the sectors of one write out of order can leave
+//!   a damaged record followed by an intact one; recovery then refuses to open (`Corrupt`, with
+//!   file and offset) rather than guess, and `examples/inspect.rs` shows where.
 //! - Replaying the records of all segments in order rebuilds the log: an `Entry` at index `i`
 //!   replaces the entries `i..` (overwrite semantics), `Truncate { from }` removes `from..`
 //!   (`from` at or below the first index empties the log).
