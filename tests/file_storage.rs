@@ -504,3 +504,115 @@ fn sync_with_nothing_written_touches_no_file() {
         "one write and one fdatasync per sync"
     );
 }
+
+#[test]
+fn crash_debris_opens_fine_snapshot_without_compaction() {
+    let disk = SimDisk::new();
+    let log: Vec<Entry> = (1..=12).map(|i| kib_entry(i, 1)).collect();
+    let segments = {
+        let mut s = FileStorage::open_simulated(&disk, "/n", opts()).unwrap();
+        s.append(&log).unwrap();
+        s.sync().unwrap();
+        s.save_snapshot(SnapshotMeta { index: 9, term: 1 }, b"nine")
+            .unwrap();
+        s.segment_count() // the process dies before compact()
+    };
+    disk.crash(3);
+    let s = FileStorage::open_simulated(&disk, "/n", opts()).unwrap();
+    assert_eq!(s.segment_count(), segments, "old segments still there");
+    assert_eq!((s.first_index(), s.last_index()), (10, 12));
+    assert_eq!(all(&s), log[9..].to_vec());
+    assert_eq!(s.snapshot().unwrap().unwrap().1, b"nine".to_vec());
+}
+
+#[test]
+fn crash_debris_opens_fine_empty_new_segment() {
+    let disk = SimDisk::new();
+    {
+        let mut s = FileStorage::open_simulated(&disk, "/n", opts()).unwrap();
+        s.set_hard_state(HardState {
+            term: 4,
+            vote: Some(1),
+        })
+        .unwrap();
+        let mut i = 1;
+        while s.segment_count() == 1 {
+            s.append(&[kib_entry(i, 4)]).unwrap(); // the roll syncs the full segment
+            i += 1;
+        }
+        // The new segment exists (created, synced, named) but its first records never were.
+    }
+    disk.crash(5);
+    let mut s = FileStorage::open_simulated(&disk, "/n", opts()).unwrap();
+    assert_eq!(s.segment_count(), 2);
+    let state = s.initial_state().unwrap();
+    assert_eq!(
+        state.hard_state,
+        HardState {
+            term: 4,
+            vote: Some(1)
+        }
+    );
+    let last = state.last_index;
+    assert!(last >= 2, "entries of the full segment are durable");
+    assert_eq!(
+        all(&s),
+        (1..=last).map(|i| kib_entry(i, 4)).collect::<Vec<_>>()
+    );
+    s.append(&[kib_entry(last + 1, 4)]).unwrap();
+    s.sync().unwrap();
+    // The hard state also lives in the new segment now, so the old one can go.
+    s.save_snapshot(
+        SnapshotMeta {
+            index: last + 1,
+            term: 4,
+        },
+        b"",
+    )
+    .unwrap();
+    s.compact(last + 1).unwrap();
+    assert_eq!(s.segment_count(), 1);
+    drop(s);
+    disk.crash(6);
+    let s = FileStorage::open_simulated(&disk, "/n", opts()).unwrap();
+    assert_eq!(
+        s.initial_state().unwrap().hard_state,
+        HardState {
+            term: 4,
+            vote: Some(1)
+        }
+    );
+}
+
+#[test]
+fn crash_debris_opens_fine_snapshot_renamed_but_log_not_reset() {
+    let disk = SimDisk::new();
+    {
+        let mut s = FileStorage::open_simulated(&disk, "/n", opts()).unwrap();
+        s.append(&entries(1, 10, 1)).unwrap();
+        s.sync().unwrap();
+        // save_snapshot: create, 2 writes, fdatasync, rename, fsync dir: then the marker.
+        disk.crash_after(6);
+        assert!(s
+            .save_snapshot(SnapshotMeta { index: 20, term: 5 }, b"twenty")
+            .is_err());
+    }
+    disk.crash(0);
+    let mut s = FileStorage::open_simulated(&disk, "/n", opts()).unwrap();
+    assert!(
+        s.recovery_report().discarded_log,
+        "the log behind the snapshot is discarded"
+    );
+    assert_eq!((s.first_index(), s.last_index()), (21, 20));
+    s.append(&entries(21, 22, 5)).unwrap();
+    s.sync().unwrap();
+    drop(s);
+    disk.crash(1);
+    let s = FileStorage::open_simulated(&disk, "/n", opts()).unwrap();
+    assert!(!s.recovery_report().discarded_log);
+    assert_eq!(
+        all(&s),
+        entries(21, 22, 5),
+        "new entries after the reset survive"
+    );
+}
