@@ -6,9 +6,11 @@
 //! torn or lost at random (seeded). After reopening, the storage must equal the last synced
 //! state followed by some prefix of the later operations: everything synced is there, nothing
 //! appears that was not written, and nothing is out of order. It must then accept new writes.
+//! Random valid workloads (`RAFTKV_CRASH_WORKLOADS`, 60 by default) are crashed the same way
+//! at random points.
 
 use raftkv::raft::{Entry, EntryPayload, HardState, Index, SnapshotMeta};
-use raftkv::storage::file::sim::SimDisk;
+use raftkv::storage::file::sim::{SimDisk, SplitMix64};
 use raftkv::storage::{FileStorage, FileStorageOptions, Storage};
 
 const SEEDS_PER_POINT: u64 = 8;
@@ -162,12 +164,16 @@ impl Model {
 /// Runs the workload until the disk dies. Returns the last synced model and the operations
 /// after it (appends split into single entries: a batch may survive in part).
 fn run_until_crash(disk: &SimDisk) -> (Model, Vec<Op>) {
+    run_workload_until_crash(disk, workload())
+}
+
+fn run_workload_until_crash(disk: &SimDisk, workload: Vec<Op>) -> (Model, Vec<Op>) {
     let mut durable = Model::default();
     let mut unsynced: Vec<Op> = Vec::new();
     let Ok(mut s) = FileStorage::open_simulated(disk, "/data", opts()) else {
         return (durable, unsynced);
     };
-    for op in workload() {
+    for op in workload {
         match &op {
             Op::Append(entries) => {
                 unsynced.extend(entries.iter().map(|x| Op::Append(vec![x.clone()])))
@@ -318,4 +324,88 @@ fn without_a_crash_everything_synced_is_kept_and_the_unsynced_tail_may_go() {
     }
     assert_eq!(durable.snapshot.index, 40);
     assert_eq!(durable.log.last().map(|x| x.index), Some(50));
+}
+
+/// A random but valid workload of `len` operations (seeded).
+fn random_workload(seed: u64, len: usize) -> Vec<Op> {
+    let mut r = SplitMix64::new(seed);
+    let mut model = Model::default();
+    let mut term = 1;
+    let mut ops = Vec::new();
+    while ops.len() < len {
+        let first = model.first();
+        let last = model.snapshot.index + model.log.len() as u64;
+        let op = match r.below(10) {
+            0..=3 => {
+                let at = last + 1 - r.below((last + 2 - first).min(4));
+                let n = 1 + r.below(4);
+                if r.below(4) == 0 {
+                    term += 1;
+                }
+                Op::Append(
+                    (at..at + n)
+                        .map(|i| Entry {
+                            index: i,
+                            term,
+                            payload: EntryPayload::Command(
+                                vec![i as u8; 10 + r.below(700) as usize].into(),
+                            ),
+                        })
+                        .collect(),
+                )
+            }
+            4 => Op::Truncate(first + r.below(last + 2 - first)),
+            5 => Op::HardState(HardState {
+                term: term + r.below(2),
+                vote: Some(1 + r.below(3)),
+            }),
+            6 => {
+                let index = model.snapshot.index + 1 + r.below(last + 3 - model.snapshot.index);
+                let in_log = model.log.get((index - first) as usize).map(|e| e.term);
+                let snap_term = match (in_log, r.below(3)) {
+                    (Some(t), 0 | 1) => t,
+                    _ => term + 1,
+                };
+                Op::Snapshot(
+                    SnapshotMeta {
+                        index,
+                        term: snap_term,
+                    },
+                    vec![index as u8; r.below(300) as usize],
+                )
+            }
+            7 => Op::Compact(model.snapshot.index - r.below(model.snapshot.index / 2 + 1)),
+            _ => Op::Sync,
+        };
+        model.apply(&op);
+        ops.push(op);
+    }
+    ops
+}
+
+#[test]
+fn random_workloads_crashed_at_random_points_recover_a_synced_prefix() {
+    let workloads: u64 = std::env::var("RAFTKV_CRASH_WORKLOADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(60);
+    for seed in 0..workloads {
+        let ops = random_workload(seed, 60);
+        let disk = SimDisk::new();
+        run_workload_until_crash(&disk, ops.clone());
+        let total = disk.mutating_ops();
+        let mut r = SplitMix64::new(seed ^ 0xc0ffee);
+        for _ in 0..12 {
+            let point = r.below(total + 1);
+            let what = format!("random workload {seed}, crash after {point} of {total} ops");
+            let disk = SimDisk::new();
+            disk.crash_after(point);
+            let (durable, unsynced) = run_workload_until_crash(&disk, ops.clone());
+            disk.crash(r.next_u64());
+            let s = FileStorage::open_simulated(&disk, "/data", opts())
+                .unwrap_or_else(|err| panic!("{what}: open failed: {err}"));
+            check_recovered(&Model::read(&s), &durable, &unsynced, &what);
+            check_writable(&disk, s, &what);
+        }
+    }
 }

@@ -15,7 +15,7 @@ use std::fmt::Debug;
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use memmap2::Mmap;
 
@@ -103,18 +103,12 @@ impl Vfs for RealFs {
             .create(true)
             .truncate(true)
             .open(path)?;
-        Ok(Box::new(RealFile {
-            file,
-            path: path.to_path_buf(),
-        }))
+        Ok(Box::new(RealFile { file }))
     }
 
     fn open(&self, path: &Path) -> io::Result<Box<dyn VfsFile>> {
         let file = OpenOptions::new().read(true).write(true).open(path)?;
-        Ok(Box::new(RealFile {
-            file,
-            path: path.to_path_buf(),
-        }))
+        Ok(Box::new(RealFile { file }))
     }
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
@@ -133,8 +127,6 @@ impl Vfs for RealFs {
 #[derive(Debug)]
 struct RealFile {
     file: File,
-    #[allow(dead_code)] // kept for Debug output
-    path: PathBuf,
 }
 
 impl VfsFile for RealFile {
