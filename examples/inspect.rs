@@ -31,7 +31,8 @@ fn main() -> ExitCode {
                 .and_then(|s| s.index_range)
                 .map(|r| r.1);
             println!(
-                "total: {} segment(s), {entries} entry record(s), first index {}, last index {}",
+                "total: {} segment(s), {entries} entry record(s) spanning indexes {}..={} \
+                 (records below the snapshot await compaction)",
                 report.segments.len(),
                 first.map_or("-".into(), |i| i.to_string()),
                 last.map_or("-".into(), |i| i.to_string()),

@@ -616,3 +616,34 @@ fn crash_debris_opens_fine_snapshot_renamed_but_log_not_reset() {
         "new entries after the reset survive"
     );
 }
+
+#[test]
+fn a_full_disk_during_an_overwrite_leaves_memory_and_disk_agreeing() {
+    let disk = SimDisk::new();
+    let mut s = FileStorage::open_simulated(&disk, "/n", opts()).unwrap();
+    let log: Vec<Entry> = (1..=10).map(|i| kib_entry(i, 1)).collect();
+    s.append(&log).unwrap();
+    s.sync().unwrap();
+    disk.set_no_space(true);
+    let huge = Entry {
+        index: 5,
+        term: 2,
+        payload: EntryPayload::Command(vec![2u8; 6000].into()), // needs a segment of its own
+    };
+    assert!(matches!(
+        s.append(&[huge.clone()]),
+        Err(StorageError::NoSpace { .. })
+    ));
+    assert_eq!(all(&s), log, "the failed overwrite changed nothing");
+    disk.set_no_space(false);
+    s.sync().unwrap();
+    drop(s);
+    disk.crash(2);
+    let mut s = FileStorage::open_simulated(&disk, "/n", opts()).unwrap();
+    assert_eq!(all(&s), log);
+    s.append(&[huge.clone()]).unwrap();
+    s.sync().unwrap();
+    let mut expect = log[..4].to_vec();
+    expect.push(huge);
+    assert_eq!(all(&s), expect);
+}

@@ -332,11 +332,12 @@ impl FileStorage {
 
     fn append_inner(&mut self, entries: &[Entry]) -> Result<(), StorageError> {
         for entry in entries {
+            // Record first: if that fails (a full disk), memory still matches the log.
+            let location = self.push_record(&RecordRef::Entry(entry))?;
             if entry.index <= self.index.last() {
                 self.index.truncate_from(entry.index);
                 self.cache.truncate_from(entry.index);
             }
-            let location = self.push_record(&RecordRef::Entry(entry))?;
             self.index.push(entry.index, entry.term, location);
             self.cache.push(entry);
             let active = self.active_mut();
