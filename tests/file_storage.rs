@@ -631,7 +631,7 @@ fn a_full_disk_during_an_overwrite_leaves_memory_and_disk_agreeing() {
         payload: EntryPayload::Command(vec![2u8; 6000].into()), // needs a segment of its own
     };
     assert!(matches!(
-        s.append(&[huge.clone()]),
+        s.append(std::slice::from_ref(&huge)),
         Err(StorageError::NoSpace { .. })
     ));
     assert_eq!(all(&s), log, "the failed overwrite changed nothing");
@@ -641,7 +641,7 @@ fn a_full_disk_during_an_overwrite_leaves_memory_and_disk_agreeing() {
     disk.crash(2);
     let mut s = FileStorage::open_simulated(&disk, "/n", opts()).unwrap();
     assert_eq!(all(&s), log);
-    s.append(&[huge.clone()]).unwrap();
+    s.append(std::slice::from_ref(&huge)).unwrap();
     s.sync().unwrap();
     let mut expect = log[..4].to_vec();
     expect.push(huge);
