@@ -283,6 +283,17 @@ fn a_missing_middle_segment_or_a_foreign_file_is_refused() {
         judge(dir.path(), &expected, "missing first segment"),
         Outcome::Refused
     ));
+    // A snapshot without any segment: the hard state would be lost.
+    let only_snapshot: Vec<(String, Vec<u8>)> = files
+        .iter()
+        .filter(|f| f.0.ends_with(".snap"))
+        .cloned()
+        .collect();
+    write_all(dir.path(), &only_snapshot);
+    assert!(matches!(
+        judge(dir.path(), &expected, "no segments"),
+        Outcome::Refused
+    ));
     // A segment copied from another position has the wrong sequence number.
     let mut swapped = files.clone();
     swapped[segments[1]].1 = files[segments[0]].1.clone();

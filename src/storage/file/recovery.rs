@@ -18,8 +18,8 @@
 //! 6. Repair: zero the torn tail and fdatasync it, remove debris and stale snapshots, fsync the
 //!    directory. Each repair is listed in the [`RecoveryReport`].
 //!
-//! A directory without segments is new: the first segment is created (it is an error if a
-//! snapshot exists, since the hard state would then be lost).
+//! A directory without segments is new: the first segment is created and the parent directory
+//! fsynced (it is an error if a snapshot exists, since the hard state would then be lost).
 
 use std::path::{Path, PathBuf};
 
@@ -159,6 +159,13 @@ pub(crate) fn recover(
         }
         remove_all(vfs, dir, &debris, &mut report)?;
         let segment = create_segment(vfs, dir, header(opts, 1, opts.segment_size))?;
+        // The directory itself may be new: make its name durable in its parent too.
+        let parent = match dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        vfs.sync_dir(parent)
+            .map_err(|e| io_error("fsync dir", parent, e))?;
         return Ok(Recovered {
             hard_state: HardState::default(),
             snapshot,
