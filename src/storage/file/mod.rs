@@ -27,14 +27,25 @@
 //! - `save_snapshot` syncs the log, writes the snapshot file (temp, fdatasync, rename, fsync of
 //!   the directory), then drops the covered entries from the index, or, if the log does not
 //!   hold `(index, term)`, logs `Truncate { from: 0 }` and syncs it (if that fails the
-//!   storage is poisoned: new entries must never follow the old ones without the marker). `compact(through)` removes
-//!   whole segments, oldest first, that hold no live entry and nothing above `through`.
+//!   storage is poisoned: new entries must never follow the old ones without the marker).
+//!   `compact(through)` removes whole segments, oldest first, that hold no live entry and
+//!   nothing above `through`, then fsyncs the directory.
 //! - Reads: the tail cache, else the pending buffer, else the segment through its memory map
 //!   (real file system) or `read_at` (simulated disk); every record read is checksummed again.
 //! - Errors: a failed fsync (or any IO error other than a full disk) poisons the storage: every
 //!   later fallible call returns [`StorageError::Poisoned`]. A full disk returns
 //!   [`StorageError::NoSpace`] and changes nothing durable; the call may be retried (a failed
 //!   `sync` keeps its buffer; a failed segment creation leaves no segment behind).
+//!
+//! - Memory: 8 bytes of location per live entry plus one `(index, term)` pair per term change,
+//!   the tail cache ([`FileStorageOptions::cache_bytes`]) and the unsynced buffer (at most
+//!   [`FileStorageOptions::write_buffer_bytes`] plus one batch). Entries are not kept on the
+//!   heap; segments are memory mapped and read on demand.
+//!
+//! Why the hard state is a record and not a file of its own: the contract promises that after
+//! a crash the storage holds a *prefix* of the writes in the order they were made. With one
+//! stream written by one `write_at` per sync, a vote can never survive while an earlier append
+//! is lost, or the other way round; and a hard state costs no extra fsync.
 //!
 //! One `FileStorage` per directory: nothing else may write to it while it is open.
 

@@ -10,7 +10,7 @@ pub const MIN_SEGMENT_SIZE: u64 = 4096;
 /// Largest accepted [`FileStorageOptions::segment_size`] (offsets are kept in 32 bits).
 pub const MAX_SEGMENT_SIZE: u64 = 1 << 30;
 
-/// Settings of a [`FileStorage`].
+/// Settings of a [`FileStorage`](super::FileStorage).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FileStorageOptions {
     /// The cluster this node belongs to; written in every file header and checked at open.
@@ -20,7 +20,7 @@ pub struct FileStorageOptions {
     /// Bytes per log segment, preallocated at creation. Default 64 MiB; must lie within
     /// [`MIN_SEGMENT_SIZE`]`..=`[`MAX_SEGMENT_SIZE`].
     pub segment_size: u64,
-    /// Budget, in [`Entry::size`] bytes, of the cache of the newest decoded entries.
+    /// Budget, in [`Entry::size`](crate::raft::Entry::size) bytes, of the cache of the newest decoded entries.
     /// Default 4 MiB. 0 disables it.
     pub cache_bytes: u64,
     /// Unsynced bytes buffered before an early sync. Default 8 MiB.
