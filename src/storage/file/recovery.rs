@@ -28,7 +28,7 @@ use super::segment::{
     create_segment, parse_segment_name, scan_records, segment_name, Record, Segment, SegmentHeader,
     HEADER_LEN,
 };
-use super::snapshot::{parse_snapshot_name, read_snapshot, snapshot_name, SNAPSHOT_TEMP_NAME};
+use super::snapshot::{parse_snapshot_name, snapshot_name, verify_snapshot, SNAPSHOT_TEMP_NAME};
 use super::vfs::{io_error, Vfs};
 use super::{FileStorageOptions, RecoveryReport, TornTail};
 use crate::error::StorageError;
@@ -133,12 +133,9 @@ pub(crate) fn recover(
     let (snapshot, snapshot_path, snapshot_file_len) = match snaps.last() {
         Some(&index) => {
             let path = dir.join(snapshot_name(index));
-            let (meta, data) = read_snapshot(vfs, &path, index, opts.cluster_id, opts.node_id)?;
-            (
-                meta,
-                Some(path),
-                super::snapshot::SNAPSHOT_HEADER_LEN + data.len() as u64,
-            )
+            let (meta, file_len) =
+                verify_snapshot(vfs, &path, index, opts.cluster_id, opts.node_id)?;
+            (meta, Some(path), file_len)
         }
         None => (SnapshotMeta::default(), None, 0),
     };

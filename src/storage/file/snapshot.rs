@@ -35,6 +35,8 @@ use crate::raft::SnapshotMeta;
 pub(crate) const SNAPSHOT_MAGIC: [u8; 8] = *b"RKVSNAP\x01";
 /// Bytes of a snapshot header.
 pub(crate) const SNAPSHOT_HEADER_LEN: u64 = 64;
+/// Bytes read at a time when verifying a snapshot.
+const READ_CHUNK: usize = 1 << 20;
 /// Name of a snapshot being written.
 pub(crate) const SNAPSHOT_TEMP_NAME: &str = "snap.tmp";
 
@@ -161,6 +163,34 @@ pub(crate) fn read_snapshot(
     cluster_id: u64,
     node_id: u64,
 ) -> Result<(SnapshotMeta, Vec<u8>), StorageError> {
+    let mut data = Vec::new();
+    let (meta, _) = scan_snapshot(vfs, path, name_index, cluster_id, node_id, |chunk| {
+        data.extend_from_slice(chunk)
+    })?;
+    Ok((meta, data))
+}
+
+/// Verifies a snapshot file like [`read_snapshot`] without keeping its data (it is read in
+/// chunks). Returns its metadata and the file's length.
+pub(crate) fn verify_snapshot(
+    vfs: &dyn Vfs,
+    path: &Path,
+    name_index: u64,
+    cluster_id: u64,
+    node_id: u64,
+) -> Result<(SnapshotMeta, u64), StorageError> {
+    scan_snapshot(vfs, path, name_index, cluster_id, node_id, |_| {})
+}
+
+/// Checks the header and streams the data, in chunks, through the checksum and `on_chunk`.
+fn scan_snapshot(
+    vfs: &dyn Vfs,
+    path: &Path,
+    name_index: u64,
+    cluster_id: u64,
+    node_id: u64,
+    mut on_chunk: impl FnMut(&[u8]),
+) -> Result<(SnapshotMeta, u64), StorageError> {
     let file = vfs.open(path).map_err(|e| io_error("open", path, e))?;
     let file_len = file.len().map_err(|e| io_error("stat", path, e))?;
     let mut h = [0u8; SNAPSHOT_HEADER_LEN as usize];
@@ -203,17 +233,25 @@ pub(crate) fn read_snapshot(
             ),
         });
     }
-    let mut data = vec![0u8; header.data_len as usize];
-    file.read_at(&mut data, SNAPSHOT_HEADER_LEN)
-        .map_err(|e| io_error("read", path, e))?;
-    if crc32fast::hash(&data) != header.data_crc {
+    let mut hasher = crc32fast::Hasher::new();
+    let mut chunk = vec![0u8; (header.data_len as usize).min(READ_CHUNK)];
+    let mut done = 0u64;
+    while done < header.data_len {
+        let n = (header.data_len - done).min(chunk.len() as u64) as usize;
+        file.read_at(&mut chunk[..n], SNAPSHOT_HEADER_LEN + done)
+            .map_err(|e| io_error("read", path, e))?;
+        hasher.update(&chunk[..n]);
+        on_chunk(&chunk[..n]);
+        done += n as u64;
+    }
+    if hasher.finalize() != header.data_crc {
         return Err(StorageError::Corrupt {
             path: path.to_path_buf(),
             offset: SNAPSHOT_HEADER_LEN,
             reason: "snapshot data checksum mismatch".into(),
         });
     }
-    Ok((header.meta, data))
+    Ok((header.meta, file_len))
 }
 
 #[cfg(test)]
