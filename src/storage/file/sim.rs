@@ -6,8 +6,9 @@
 //! since the last `sync_dir` are kept in order in a journal.
 //!
 //! [`SimDisk::crash`] models a power loss. Each unsynced write is kept fully, kept as a prefix
-//! of random length (a torn write) or lost, independently of the others (so later writes may
-//! survive earlier ones: they are reordered). Each unsynced `set_len` is kept or lost. The
+//! of random length (a torn write; or, with [`SimDisk::set_tear_sectors`], a random subset of
+//! its 512-byte sectors) or lost, independently of the others (so later writes may survive
+//! earlier ones: they are reordered). Each unsynced `set_len` is kept or lost. The
 //! directory keeps a random prefix of its journal (metadata journals commit in order). Inodes
 //! left without a name vanish. The randomness comes from a seeded [`SplitMix64`], so a failing
 //! case is reproduced by its seed.
@@ -121,6 +122,7 @@ struct State {
     dead: bool,
     no_space: bool,
     fail_next_sync: bool,
+    tear_sectors: bool,
     mutating_ops: u64,
 }
 
@@ -187,6 +189,7 @@ impl SimDisk {
     pub fn crash(&self, seed: u64) {
         let mut rng = SplitMix64::new(seed);
         let mut s = self.state.lock();
+        let tear_sectors = s.tear_sectors;
         let mut inos: Vec<u64> = s.inodes.keys().copied().collect();
         inos.sort_unstable();
         for ino in inos {
@@ -197,6 +200,19 @@ impl SimDisk {
             for op in inode.unsynced.drain(..) {
                 match (rng.below(3), &op) {
                     (0, _) => {}
+                    (2, FileOp::Write { offset, data }) if tear_sectors => {
+                        // Any subset of the write's 512-byte sectors reaches the platter.
+                        let mut at = 0usize;
+                        while at < data.len() {
+                            let end = (((*offset as usize + at) / 512 + 1) * 512
+                                - *offset as usize)
+                                .min(data.len());
+                            if rng.below(2) == 0 {
+                                write_into(&mut image, *offset + at as u64, &data[at..end]);
+                            }
+                            at = end;
+                        }
+                    }
                     (2, FileOp::Write { offset, data }) => {
                         let keep = rng.below(data.len() as u64 + 1) as usize;
                         write_into(&mut image, *offset, &data[..keep]);
@@ -221,6 +237,12 @@ impl SimDisk {
         s.dead = false;
         s.no_space = false;
         s.fail_next_sync = false;
+    }
+
+    /// Makes a torn write keep a random subset of its 512-byte sectors instead of a prefix
+    /// (a harsher disk than the one recovery's torn-tail rule assumes; see `segment.rs`).
+    pub fn set_tear_sectors(&self, on: bool) {
+        self.state.lock().tear_sectors = on;
     }
 
     /// While on, writes and growing `set_len`s fail with `ENOSPC`.
