@@ -180,7 +180,12 @@ fn inspect_segment(path: &Path, seq: u64, newest: bool, bytes: &[u8]) -> Segment
                 ));
             }
         }
-        Err(e) => info.damage = Some(e.to_string()),
+        Err(e) => {
+            if let StorageError::Corrupt { offset, .. } = &e {
+                info.used_bytes = *offset; // valid records end where the damage starts
+            }
+            info.damage = Some(e.to_string());
+        }
     }
     info
 }
