@@ -235,9 +235,7 @@ impl Storage for MemStorage {
             )));
         }
         if entries.windows(2).any(|w| w[1].index != w[0].index + 1) {
-            return Err(StorageError::Invalid(
-                "appended entries are not contiguous".into(),
-            ));
+            return Err(StorageError::Invalid("appended entries are not contiguous".into()));
         }
         let op = Op::Append(entries.to_vec());
         inner.current.apply(&op);
