@@ -120,7 +120,16 @@ pub enum NodeError {
     /// The configuration is invalid.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// The state machine could not be restored from the stored snapshot.
+    #[error("restoring the state machine from the snapshot: {0}")]
+    Restore(#[source] std::io::Error),
     /// The node thread could not be started.
     #[error("could not start the node thread: {0}")]
     Spawn(std::io::Error),
 }
+
+/// A snapshot the host reported does not fit the log (see
+/// [`RaftCore::snapshot_saved`](crate::raft::RaftCore::snapshot_saved)).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid snapshot: {0}")]
+pub struct InvalidSnapshot(pub String);

@@ -89,7 +89,10 @@ impl<'de> Deserialize<'de> for Payload {
             fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Payload, E> {
                 Ok(Payload::from(v))
             }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Payload, A::Error> {
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Payload, A::Error> {
                 let mut v = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 20));
                 while let Some(b) = seq.next_element::<u8>()? {
                     v.push(b);
@@ -215,6 +218,38 @@ pub enum MessageBody {
     },
     /// Answer to [`MessageBody::Heartbeat`].
     HeartbeatResponse,
+    /// One chunk of the leader's snapshot, for a follower that needs entries the leader has
+    /// compacted away. Chunks go in order; `offset == 0` starts a transfer over.
+    InstallSnapshot {
+        /// The snapshot's last included entry.
+        meta: SnapshotMeta,
+        /// Total size of the snapshot in bytes.
+        size: u64,
+        /// Where `data` starts in the snapshot.
+        offset: u64,
+        /// The bytes `offset..offset + data.len()`.
+        data: Payload,
+    },
+    /// Answer to [`MessageBody::InstallSnapshot`].
+    SnapshotResponse {
+        /// The snapshot's last included index.
+        index: Index,
+        /// The follower holds every byte before this offset (for `Rejected`: send from here).
+        next_offset: u64,
+        /// What happened.
+        status: SnapshotStatus,
+    },
+}
+
+/// What a follower did with a snapshot chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SnapshotStatus {
+    /// Stored (durably); send the next one.
+    Accepted,
+    /// Not the chunk expected; resume at `next_offset`.
+    Rejected,
+    /// The last chunk arrived and the snapshot is durably installed.
+    Installed,
 }
 
 /// Outcome of an AppendEntries.

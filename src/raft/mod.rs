@@ -1,3 +1,23 @@
-//! The IO-free Raft core.
+//! The IO-free Raft core: [`RaftCore`] and the types it speaks.
+//!
+//! Nothing in here touches clocks, threads, sockets, files or global randomness; the host
+//! drives it (see [`Ready`] for the contract) — the crate's own driver is [`crate::Node`], and
+//! the simulation in `testing` drives it with virtual time.
+
+mod config;
+mod core;
+mod log;
 mod message;
-pub use message::*;
+mod progress;
+mod ready;
+mod replication;
+mod rng;
+mod snapshot;
+
+pub use self::config::Config;
+pub use self::core::{RaftCore, Role};
+pub use self::log::RaftLog;
+pub use self::message::*;
+pub use self::progress::{Progress, ProgressState, SnapshotTransfer};
+pub use self::ready::{PersistAck, Proposed, Ready, SnapshotChunk, SnapshotChunkRequest, Status};
+pub use self::rng::Rng;

@@ -93,6 +93,8 @@ struct Inner {
     durable: State,
     pending: Vec<Op>,
     syncs: u64,
+    /// A snapshot being written: its meta and the bytes so far.
+    incoming: Option<(SnapshotMeta, Vec<u8>)>,
 }
 
 /// In-memory [`Storage`]. Cheap to clone; clones share one state.
@@ -126,6 +128,7 @@ impl MemStorage {
     pub fn crash(&self) {
         let mut inner = self.inner.lock();
         inner.pending.clear();
+        inner.incoming = None;
         inner.current = inner.durable.clone();
     }
 
@@ -169,6 +172,7 @@ impl Storage for MemStorage {
             snapshot: s.snapshot,
             first_index: s.first_index(),
             last_index: s.last_index(),
+            snapshot_size: s.snapshot_data.len() as u64,
         })
     }
 
@@ -235,7 +239,9 @@ impl Storage for MemStorage {
             )));
         }
         if entries.windows(2).any(|w| w[1].index != w[0].index + 1) {
-            return Err(StorageError::Invalid("appended entries are not contiguous".into()));
+            return Err(StorageError::Invalid(
+                "appended entries are not contiguous".into(),
+            ));
         }
         let op = Op::Append(entries.to_vec());
         inner.current.apply(&op);
@@ -266,9 +272,40 @@ impl Storage for MemStorage {
         Ok(())
     }
 
-    fn save_snapshot(&mut self, meta: SnapshotMeta, data: &[u8]) -> Result<(), StorageError> {
+    fn write_snapshot_chunk(
+        &mut self,
+        meta: SnapshotMeta,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), StorageError> {
+        let mut inner = self.inner.lock();
+        if offset == 0 {
+            inner.incoming = Some((meta, Vec::new()));
+        }
+        match &mut inner.incoming {
+            Some((m, bytes)) if *m == meta && bytes.len() as u64 == offset => {
+                bytes.extend_from_slice(data);
+                Ok(())
+            }
+            _ => Err(StorageError::Invalid(format!(
+                "snapshot chunk at offset {offset} for index {} does not continue the snapshot being written",
+                meta.index
+            ))),
+        }
+    }
+
+    fn install_snapshot(&mut self, meta: SnapshotMeta) -> Result<(), StorageError> {
         self.sync()?;
         let mut inner = self.inner.lock();
+        let data = match inner.incoming.take() {
+            Some((m, bytes)) if m == meta => bytes,
+            _ => {
+                return Err(StorageError::Invalid(format!(
+                    "no snapshot for index {} was written",
+                    meta.index
+                )))
+            }
+        };
         if meta.index <= inner.current.snapshot.index {
             return Ok(()); // never move backwards
         }
@@ -278,10 +315,15 @@ impl Storage for MemStorage {
         Ok(())
     }
 
-    fn snapshot(&self) -> Result<Option<(SnapshotMeta, Vec<u8>)>, StorageError> {
+    fn read_snapshot(&self, offset: u64, len: usize) -> Result<Vec<u8>, StorageError> {
         let inner = self.inner.lock();
         let s = &inner.current;
-        Ok((s.snapshot.index > 0).then(|| (s.snapshot, s.snapshot_data.to_vec())))
+        if s.snapshot.index == 0 {
+            return Err(StorageError::Unavailable(0));
+        }
+        let start = (offset as usize).min(s.snapshot_data.len());
+        let end = start.saturating_add(len).min(s.snapshot_data.len());
+        Ok(s.snapshot_data[start..end].to_vec())
     }
 
     fn compact(&mut self, through: Index) -> Result<(), StorageError> {

@@ -35,6 +35,8 @@ pub struct InitialState {
     pub first_index: Index,
     /// Last log index (`first_index - 1` when the log is empty).
     pub last_index: Index,
+    /// Size in bytes of the durable snapshot's content (0 when there is none).
+    pub snapshot_size: u64,
 }
 
 /// Bytes a storage keeps on its medium, as it reports them.
@@ -83,14 +85,49 @@ pub trait Storage: Send + 'static {
     /// [`StorageError::Poisoned`].
     fn sync(&mut self) -> Result<(), StorageError>;
 
-    /// Stores a snapshot covering the log through `meta.index`, durably and atomically, before
-    /// it returns. Log entries after `meta.index` whose term matches are kept; if the log does
-    /// not contain `(meta.index, meta.term)`, the whole log is discarded. Entries at or below
-    /// `meta.index` may be discarded at once or later by [`Storage::compact`].
-    fn save_snapshot(&mut self, meta: SnapshotMeta, data: &[u8]) -> Result<(), StorageError>;
+    /// Writes bytes of a snapshot being received (from the leader, or from this node's own
+    /// state machine), in order: `offset == 0` starts snapshot `meta` afresh (discarding any
+    /// partial one); otherwise `offset` must equal the bytes written so far for `meta`, or the
+    /// call fails with [`StorageError::Invalid`]. The partial snapshot is not visible to
+    /// readers and need not survive a crash (the transfer then restarts). Memory use must not
+    /// grow with the snapshot's size.
+    fn write_snapshot_chunk(
+        &mut self,
+        meta: SnapshotMeta,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), StorageError>;
 
-    /// The durable snapshot, if any.
-    fn snapshot(&self) -> Result<Option<(SnapshotMeta, Vec<u8>)>, StorageError>;
+    /// Makes the snapshot written with [`Storage::write_snapshot_chunk`] for `meta` the
+    /// current one, durably and atomically, before it returns (earlier writes are synced
+    /// first). Log entries after `meta.index` are kept if the log holds `(meta.index,
+    /// meta.term)`; otherwise the whole log is discarded. Entries at or below `meta.index` may
+    /// be discarded at once or later by [`Storage::compact`]. A snapshot not newer than the
+    /// current one is ignored (a node never moves backwards).
+    fn install_snapshot(&mut self, meta: SnapshotMeta) -> Result<(), StorageError>;
+
+    /// Reads up to `len` bytes of the current snapshot's content starting at `offset` (fewer
+    /// only at the end). Fails with [`StorageError::Unavailable`] when there is no snapshot.
+    fn read_snapshot(&self, offset: u64, len: usize) -> Result<Vec<u8>, StorageError>;
+
+    /// Stores a whole snapshot at once: [`Storage::write_snapshot_chunk`] then
+    /// [`Storage::install_snapshot`].
+    fn save_snapshot(&mut self, meta: SnapshotMeta, data: &[u8]) -> Result<(), StorageError> {
+        self.write_snapshot_chunk(meta, 0, data)?;
+        self.install_snapshot(meta)
+    }
+
+    /// The durable snapshot, read whole (for tests and small state; nodes stream it with
+    /// [`Storage::read_snapshot`]).
+    fn snapshot(&self) -> Result<Option<(SnapshotMeta, Vec<u8>)>, StorageError> {
+        let init = self.initial_state()?;
+        if init.snapshot.index == 0 {
+            return Ok(None);
+        }
+        let size = usize::try_from(init.snapshot_size)
+            .map_err(|_| StorageError::Invalid("snapshot too large to read whole".into()))?;
+        Ok(Some((init.snapshot, self.read_snapshot(0, size)?)))
+    }
 
     /// Discards log entries at or below `through`, which must not exceed the snapshot's index.
     fn compact(&mut self, through: Index) -> Result<(), StorageError>;

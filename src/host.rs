@@ -1,0 +1,224 @@
+//! What every host of a [`RaftCore`] does with its storage and state machine, shared by the
+//! [`Node`](crate::Node) driver and the simulation so both follow the same contract:
+//! writing a [`Ready`]'s durable part, answering snapshot chunk requests from storage,
+//! restoring a state machine from the stored snapshot, and taking local snapshots when the
+//! log grows past a bound.
+
+use std::io::{self, Read};
+
+use crate::error::StorageError;
+use crate::raft::{Message, NodeId, Payload, RaftCore, Ready, SnapshotChunkRequest, SnapshotMeta};
+use crate::state_machine::StateMachine;
+use crate::storage::Storage;
+
+/// Bytes per read when streaming a stored snapshot into a state machine.
+const RESTORE_READ_BYTES: usize = 256 << 10;
+
+/// Writes the durable part of `ready` to storage (not synced, except that installing a
+/// snapshot syncs): hard state, entries, received snapshot chunks, then the install.
+pub fn write_ready<S: Storage>(storage: &mut S, ready: &Ready) -> Result<(), StorageError> {
+    if let Some(hs) = ready.hard_state {
+        storage.set_hard_state(hs)?;
+    }
+    storage.append(&ready.entries)?;
+    for chunk in &ready.snapshot_chunks {
+        storage.write_snapshot_chunk(chunk.meta, chunk.offset, chunk.data.as_bytes())?;
+    }
+    if let Some(meta) = ready.install_snapshot {
+        storage.install_snapshot(meta)?;
+    }
+    Ok(())
+}
+
+/// Reads the requested snapshot chunks from storage and builds the messages carrying them.
+/// Requests for a snapshot that is no longer the stored one are skipped (the core restarts
+/// those transfers with the new snapshot).
+pub fn snapshot_messages<S: Storage>(
+    storage: &S,
+    from: NodeId,
+    requests: Vec<SnapshotChunkRequest>,
+) -> Result<Vec<Message>, StorageError> {
+    if requests.is_empty() {
+        return Ok(Vec::new());
+    }
+    let current = storage.initial_state()?.snapshot;
+    let mut out = Vec::with_capacity(requests.len());
+    for r in requests {
+        if r.meta != current {
+            continue;
+        }
+        let len =
+            usize::try_from(r.len).map_err(|_| StorageError::Invalid("chunk too large".into()))?;
+        let data = storage.read_snapshot(r.offset, len)?;
+        out.push(r.into_message(from, Payload::from(data)));
+    }
+    Ok(out)
+}
+
+/// Streams the stored snapshot into `machine` (replacing its state).
+pub fn restore_machine<S: Storage, M: StateMachine>(
+    storage: &S,
+    machine: &mut M,
+    size: u64,
+) -> io::Result<()> {
+    let mut reader = SnapshotReader {
+        storage,
+        offset: 0,
+        size,
+        buf: Vec::new(),
+        pos: 0,
+    };
+    machine.restore(&mut reader)
+}
+
+/// `Read` over the stored snapshot, a bounded buffer at a time.
+struct SnapshotReader<'a, S> {
+    storage: &'a S,
+    offset: u64,
+    size: u64,
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl<S: Storage> Read for SnapshotReader<'_, S> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.pos == self.buf.len() {
+            if self.offset >= self.size {
+                return Ok(0);
+            }
+            self.buf = self
+                .storage
+                .read_snapshot(self.offset, RESTORE_READ_BYTES)
+                .map_err(io::Error::other)?;
+            if self.buf.is_empty() {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "snapshot shorter than its size",
+                ));
+            }
+            self.offset += self.buf.len() as u64;
+            self.pos = 0;
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// When to take a local snapshot, and the one being written.
+#[derive(Clone, Debug)]
+pub struct SnapshotPolicy {
+    /// Take a snapshot once the storage's log exceeds this many bytes (`None`: never
+    /// automatically).
+    pub max_log_bytes: Option<u64>,
+    /// A local snapshot being written: its meta and the bytes stored so far.
+    in_progress: Option<(SnapshotMeta, u64)>,
+    /// Local snapshots completed.
+    pub taken: u64,
+    /// Snapshots received from a leader and installed.
+    pub installed: u64,
+}
+
+impl SnapshotPolicy {
+    /// A policy with the given bound.
+    pub fn new(max_log_bytes: Option<u64>) -> Self {
+        SnapshotPolicy {
+            max_log_bytes,
+            in_progress: None,
+            taken: 0,
+            installed: 0,
+        }
+    }
+
+    /// The snapshot to take now, if any: when forced or when the log is over its bound, no
+    /// snapshot is being written or received, and something was applied since the last one.
+    pub fn due<S: Storage>(
+        &self,
+        core: &RaftCore,
+        storage: &S,
+        force: bool,
+    ) -> Option<SnapshotMeta> {
+        if self.in_progress.is_some() || core.receiving_snapshot() {
+            return None;
+        }
+        let applied = core.log().applied();
+        if applied <= core.log().snapshot().index {
+            return None;
+        }
+        let over = self
+            .max_log_bytes
+            .is_some_and(|max| storage.persisted_size().log_bytes > max);
+        if !(force || over) {
+            return None;
+        }
+        let term = core.log().term(applied)?;
+        Some(SnapshotMeta {
+            index: applied,
+            term,
+        })
+    }
+
+    /// Records that a local snapshot of `meta` starts being written.
+    pub fn started(&mut self, meta: SnapshotMeta) {
+        self.in_progress = Some((meta, 0));
+    }
+
+    /// A leader's snapshot is being received: the local one in progress is abandoned (both
+    /// write through the storage's single incoming-snapshot slot).
+    pub fn abandon(&mut self) {
+        self.in_progress = None;
+    }
+
+    /// True while a local snapshot is being written.
+    pub fn in_progress(&self) -> Option<SnapshotMeta> {
+        self.in_progress.map(|(m, _)| m)
+    }
+
+    /// Writes the next serialized bytes of the local snapshot `meta` (ignored if abandoned).
+    pub fn write<S: Storage>(
+        &mut self,
+        storage: &mut S,
+        meta: SnapshotMeta,
+        data: &[u8],
+    ) -> Result<(), StorageError> {
+        let Some((m, written)) = self.in_progress.as_mut() else {
+            return Ok(());
+        };
+        if *m != meta {
+            return Ok(());
+        }
+        storage.write_snapshot_chunk(meta, *written, data)?;
+        *written += data.len() as u64;
+        Ok(())
+    }
+
+    /// The local snapshot `meta` is fully serialized: installs it, tells the core, compacts
+    /// the storage's log. Returns false if it had been abandoned.
+    pub fn finish<S: Storage>(
+        &mut self,
+        storage: &mut S,
+        core: &mut RaftCore,
+        meta: SnapshotMeta,
+    ) -> Result<bool, StorageError> {
+        let Some((m, written)) = self.in_progress else {
+            return Ok(false);
+        };
+        if m != meta {
+            return Ok(false);
+        }
+        self.in_progress = None;
+        if core.receiving_snapshot() || meta.index <= core.log().snapshot().index {
+            return Ok(false);
+        }
+        if written == 0 {
+            storage.write_snapshot_chunk(meta, 0, &[])?;
+        }
+        storage.install_snapshot(meta)?;
+        core.snapshot_saved(meta, written)
+            .map_err(|e| StorageError::Invalid(e.to_string()))?;
+        storage.compact(meta.index)?;
+        self.taken += 1;
+        Ok(true)
+    }
+}

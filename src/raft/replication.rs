@@ -1,0 +1,210 @@
+//! Log replication, the leader's and the follower's halves: AppendEntries and its answers,
+//! heartbeats, the commit rule, and sending batches within each follower's window.
+//!
+//! Invariants: a leader only ever appends to its log; an append answered `Accepted` means the
+//! follower's log matches the leader's through `match_index` and is durable there; the commit
+//! index moves only to an index stored on a majority whose entry is of the current term.
+
+use super::core::{Dispatch, RaftCore};
+use super::progress::ProgressState;
+use super::{AppendResponse, Entry, Index, Message, MessageBody, NodeId, Term};
+
+impl RaftCore {
+    pub(super) fn handle_append(
+        &mut self,
+        leader: NodeId,
+        prev_index: Index,
+        prev_term: Term,
+        entries: Vec<Entry>,
+        commit: Index,
+    ) {
+        let response = if prev_index < self.log.commit() {
+            // Everything up to our commit index matches any leader's log.
+            AppendResponse::Accepted {
+                match_index: self.log.commit(),
+            }
+        } else if let Some(last_new) = self
+            .log
+            .maybe_append(prev_index, prev_term, commit, entries)
+        {
+            AppendResponse::Accepted {
+                match_index: last_new,
+            }
+        } else {
+            let (hint_index, hint_term) = self
+                .log
+                .find_conflict_by_term(prev_index.min(self.log.last_index()), prev_term);
+            AppendResponse::Rejected {
+                rejected_index: prev_index,
+                hint_index,
+                hint_term,
+            }
+        };
+        // An acknowledgement claims durability: it leaves after this batch is persisted.
+        self.send(
+            leader,
+            MessageBody::AppendResponse(response),
+            Dispatch::AfterPersist,
+        );
+    }
+
+    pub(super) fn step_leader(&mut self, m: Message) {
+        let from = m.from;
+        match m.body {
+            MessageBody::AppendResponse(AppendResponse::Accepted { match_index }) => {
+                let Some(p) = self.progress.get_mut(&from) else {
+                    return;
+                };
+                p.recent_active = true;
+                if p.maybe_update(match_index) {
+                    if p.state == ProgressState::Probe {
+                        p.become_replicate();
+                    }
+                    self.maybe_commit();
+                }
+            }
+            MessageBody::AppendResponse(AppendResponse::Rejected {
+                rejected_index,
+                hint_index,
+                hint_term,
+            }) => {
+                // Skip every entry of ours whose term exceeds the follower's at the hint.
+                let (probe, _) = self.log.find_conflict_by_term(hint_index, hint_term);
+                let Some(p) = self.progress.get_mut(&from) else {
+                    return;
+                };
+                p.recent_active = true;
+                p.maybe_decrease_to(rejected_index, probe);
+            }
+            MessageBody::HeartbeatResponse => {
+                let last = self.log.last_index();
+                let Some(p) = self.progress.get_mut(&from) else {
+                    return;
+                };
+                p.recent_active = true;
+                p.resume();
+                if p.state == ProgressState::Snapshot {
+                    self.check_snapshot_progress(from);
+                } else if p.state == ProgressState::Replicate
+                    && p.match_index < p.sent_at_heartbeat.min(last)
+                {
+                    // Appends in flight may have been lost (the window may even be full of
+                    // them). An empty append at `next_index` settles it: accepted, it frees
+                    // the window; rejected, it sends the follower back to probing.
+                    let prev_index = p.next_index - 1;
+                    if let Some(prev_term) = self.log.term(prev_index) {
+                        let commit = self.log.commit();
+                        let body = MessageBody::Append {
+                            prev_index,
+                            prev_term,
+                            entries: vec![],
+                            commit,
+                        };
+                        self.send(from, body, Dispatch::Now);
+                    }
+                }
+            }
+            MessageBody::SnapshotResponse {
+                index,
+                next_offset,
+                status,
+            } => self.handle_snapshot_response(from, index, next_offset, status),
+            _ => {}
+        }
+    }
+
+    pub(super) fn quorum_recently_active(&self) -> bool {
+        1 + self.progress.values().filter(|p| p.recent_active).count() >= self.quorum()
+    }
+
+    /// Commits the highest index stored by a majority, if it is of the current term.
+    pub(super) fn maybe_commit(&mut self) {
+        let mut matched: Vec<Index> = self.progress.values().map(|p| p.match_index).collect();
+        matched.push(self.log.persisted());
+        matched.sort_unstable_by(|a, b| b.cmp(a));
+        let candidate = matched[self.quorum() - 1];
+        if candidate > self.log.commit() && self.log.term(candidate) == Some(self.term) {
+            let released: u64 = self
+                .log
+                .slice(self.log.commit() + 1, candidate + 1, usize::MAX, u64::MAX)
+                .iter()
+                .map(Entry::size)
+                .sum();
+            self.uncommitted_bytes = self.uncommitted_bytes.saturating_sub(released);
+            self.log.commit_to(candidate);
+        }
+    }
+
+    /// True if something may be sent to `to` now.
+    pub(super) fn wants_send(&self, to: NodeId) -> bool {
+        let Some(p) = self.progress.get(&to) else {
+            return false;
+        };
+        !p.is_paused()
+            && match p.state {
+                ProgressState::Replicate => p.next_index <= self.log.last_index(),
+                ProgressState::Probe => p.match_index < self.log.last_index(),
+                ProgressState::Snapshot => self.wants_snapshot_chunk(to),
+            }
+    }
+
+    /// Sends every follower what it may be sent now: batches bounded by count and bytes, as
+    /// many as its in-flight window allows (one probe in probe mode).
+    pub(super) fn send_appends(&mut self) {
+        let peers: Vec<NodeId> = self.progress.keys().copied().collect();
+        for to in peers {
+            while self.wants_send(to) {
+                let p = &self.progress[&to];
+                if p.state == ProgressState::Snapshot {
+                    self.send_snapshot_chunk(to);
+                    continue;
+                }
+                let next = p.next_index;
+                let prev_index = next - 1;
+                let Some(prev_term) = self.log.term(prev_index) else {
+                    // It needs entries we compacted away: send the snapshot instead.
+                    self.start_snapshot_transfer(to);
+                    continue;
+                };
+                let entries = self.log.slice(
+                    next,
+                    self.log.last_index() + 1,
+                    self.cfg.max_append_entries,
+                    self.cfg.max_append_bytes,
+                );
+                let last = prev_index + entries.len() as u64;
+                let had_entries = !entries.is_empty();
+                let body = MessageBody::Append {
+                    prev_index,
+                    prev_term,
+                    entries,
+                    commit: self.log.commit(),
+                };
+                self.send(to, body, Dispatch::Now);
+                let p = self.progress.get_mut(&to).expect("peer listed above");
+                p.sent(last, had_entries);
+                if p.state == ProgressState::Probe {
+                    break;
+                }
+            }
+        }
+    }
+
+    pub(super) fn broadcast_heartbeat(&mut self) {
+        let commit = self.log.commit();
+        let beats: Vec<(NodeId, Index)> = self
+            .progress
+            .iter_mut()
+            .map(|(&id, p)| {
+                p.sent_at_heartbeat = p.next_index - 1;
+                if let Some(t) = p.transfer.as_mut() {
+                    t.acked_at_heartbeat = t.acked;
+                }
+                (id, p.match_index.min(commit))
+            })
+            .collect();
+        for (to, commit) in beats {
+            self.send(to, MessageBody::Heartbeat { commit }, Dispatch::Now);
+        }
+    }
+}

@@ -1,0 +1,267 @@
+//! [`Lockstep`]: cores wired together by hand, for scripted, step-by-step scenarios.
+//!
+//! Unlike the [`Cluster`](super::Cluster) there is no time and no randomness: messages wait
+//! in one FIFO queue until the test delivers them, every [`Ready`](crate::raft::Ready) is
+//! persisted at once (so acknowledgements leave immediately), and a test can cut links or drop
+//! messages matching a predicate. This is the harness for the scenario tests ported from
+//! etcd-io/raft and raft-rs style suites: elect, propose, deliver, look at the state.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use crate::raft::{
+    Config, Entry, EntryPayload, HardState, Message, NodeId, RaftCore, SnapshotMeta, Term,
+};
+use crate::storage::{MemStorage, Storage};
+
+type Filter = Box<dyn FnMut(&Message) -> bool>;
+
+/// Cores connected by a hand-driven network. See the [module docs](self).
+///
+/// ```
+/// use raftkv::testing::Lockstep;
+/// use raftkv::raft::Role;
+///
+/// let mut net = Lockstep::new(3, |_| {});
+/// net.campaign(1);
+/// assert_eq!(net.core(1).role(), Role::Leader);
+/// net.propose(1, b"x").unwrap();
+/// assert_eq!(net.core(1).commit_index(), 2); // the leader's no-op, then "x"
+/// // Followers learn the commit index with the next append or heartbeat.
+/// net.tick(1, 1);
+/// net.stabilize();
+/// assert_eq!(net.core(2).commit_index(), 2);
+/// ```
+pub struct Lockstep {
+    cores: BTreeMap<NodeId, RaftCore>,
+    storages: BTreeMap<NodeId, MemStorage>,
+    applied: BTreeMap<NodeId, Vec<Entry>>,
+    queue: VecDeque<Message>,
+    cut: BTreeSet<(NodeId, NodeId)>,
+    filter: Option<Filter>,
+    delivered: Vec<Message>,
+}
+
+impl Lockstep {
+    /// `n` empty nodes (ids `1..=n`). `tune` adjusts each node's [`Config`] (it starts from
+    /// [`Config::new`] with pre-vote and check-quorum off, as in the classic test suites).
+    pub fn new(n: usize, tune: impl Fn(&mut Config)) -> Self {
+        Self::with_logs(&vec![&[][..]; n], tune)
+    }
+
+    /// Nodes whose logs hold entries with the given terms (`logs[i]` for node `i + 1`); each
+    /// node's current term is its last entry's term.
+    pub fn with_logs(logs: &[&[Term]], tune: impl Fn(&mut Config)) -> Self {
+        let voters: Vec<NodeId> = (1..=logs.len() as NodeId).collect();
+        let mut net = Lockstep {
+            cores: BTreeMap::new(),
+            storages: BTreeMap::new(),
+            applied: BTreeMap::new(),
+            queue: VecDeque::new(),
+            cut: BTreeSet::new(),
+            filter: None,
+            delivered: Vec::new(),
+        };
+        for (i, terms) in logs.iter().enumerate() {
+            let id = i as NodeId + 1;
+            let mut storage = MemStorage::new();
+            let entries: Vec<Entry> = terms
+                .iter()
+                .enumerate()
+                .map(|(j, &term)| Entry {
+                    index: j as u64 + 1,
+                    term,
+                    payload: EntryPayload::Noop,
+                })
+                .collect();
+            let term = terms.last().copied().unwrap_or(0);
+            storage
+                .set_hard_state(HardState { term, vote: None })
+                .and_then(|_| storage.append(&entries))
+                .and_then(|_| storage.sync())
+                .expect("memory storage");
+            let mut cfg = Config::new(id, voters.clone());
+            cfg.pre_vote = false;
+            cfg.check_quorum = false;
+            tune(&mut cfg);
+            let core = RaftCore::from_storage(cfg, &storage).expect("valid test setup");
+            net.cores.insert(id, core);
+            net.storages.insert(id, storage);
+            net.applied.insert(id, Vec::new());
+        }
+        net
+    }
+
+    /// Replaces node `id` with a core restored from its storage (a crash and restart: the
+    /// storage keeps everything, since every ready here is persisted at once).
+    pub fn restart(&mut self, id: NodeId) {
+        let cfg = self.cores[&id].config().clone();
+        let core = RaftCore::from_storage(cfg, &self.storages[&id]).expect("restartable");
+        self.cores.insert(id, core);
+        self.applied.insert(id, Vec::new());
+    }
+
+    /// The core of node `id`.
+    pub fn core(&self, id: NodeId) -> &RaftCore {
+        &self.cores[&id]
+    }
+
+    /// Mutable access to node `id`'s core (to tick it, step it or propose directly).
+    /// Call [`Lockstep::flush`] or [`Lockstep::stabilize`] afterwards to collect its output.
+    pub fn core_mut(&mut self, id: NodeId) -> &mut RaftCore {
+        self.cores.get_mut(&id).expect("known node")
+    }
+
+    /// Node `id`'s storage.
+    pub fn storage(&self, id: NodeId) -> &MemStorage {
+        &self.storages[&id]
+    }
+
+    /// Entries node `id` applied since it (re)started.
+    pub fn applied(&self, id: NodeId) -> &[Entry] {
+        &self.applied[&id]
+    }
+
+    /// Messages waiting for delivery.
+    pub fn pending(&self) -> &VecDeque<Message> {
+        &self.queue
+    }
+
+    /// Takes the messages waiting for delivery out of the network.
+    pub fn take_pending(&mut self) -> Vec<Message> {
+        self.queue.drain(..).collect()
+    }
+
+    /// Every message delivered so far, in order (tests count them).
+    pub fn delivered(&self) -> &[Message] {
+        &self.delivered
+    }
+
+    /// Forgets the record of delivered messages.
+    pub fn clear_delivered(&mut self) {
+        self.delivered.clear();
+    }
+
+    /// Drops every message for which `drop` returns true (replacing an earlier filter).
+    pub fn drop_if(&mut self, drop: impl FnMut(&Message) -> bool + 'static) {
+        self.filter = Some(Box::new(drop));
+    }
+
+    /// Removes the drop filter.
+    pub fn clear_filter(&mut self) {
+        self.filter = None;
+    }
+
+    /// Cuts the link in both directions.
+    pub fn cut(&mut self, a: NodeId, b: NodeId) {
+        self.cut.insert((a, b));
+        self.cut.insert((b, a));
+    }
+
+    /// Cuts `id` from every other node.
+    pub fn isolate(&mut self, id: NodeId) {
+        let ids: Vec<NodeId> = self.cores.keys().copied().collect();
+        for other in ids {
+            if other != id {
+                self.cut(id, other);
+            }
+        }
+    }
+
+    /// Restores every link and removes the filter.
+    pub fn heal(&mut self) {
+        self.cut.clear();
+        self.filter = None;
+    }
+
+    /// Collects node `id`'s output: persists it, applies committed entries and queues its
+    /// messages (both kinds, in order).
+    pub fn flush(&mut self, id: NodeId) {
+        loop {
+            let core = self.cores.get_mut(&id).expect("known node");
+            if !core.has_ready() {
+                return;
+            }
+            let ready = core.ready();
+            let storage = self.storages.get_mut(&id).expect("known node");
+            if let Some(hs) = ready.hard_state {
+                storage.set_hard_state(hs).expect("memory storage");
+            }
+            storage.append(&ready.entries).expect("memory storage");
+            storage.sync().expect("memory storage");
+            core.on_persisted(ready.ack);
+            self.queue.extend(ready.messages);
+            self.queue.extend(ready.persisted_messages);
+            self.applied
+                .get_mut(&id)
+                .expect("known node")
+                .extend(ready.committed_entries);
+        }
+    }
+
+    /// Delivers one queued message (subject to cuts and the filter) and collects the
+    /// receiver's output. Returns false when the queue is empty.
+    pub fn deliver_one(&mut self) -> bool {
+        let Some(m) = self.queue.pop_front() else {
+            return false;
+        };
+        if self.cut.contains(&(m.from, m.to)) || self.filter.as_mut().is_some_and(|f| f(&m)) {
+            return true;
+        }
+        let to = m.to;
+        self.delivered.push(m.clone());
+        if let Some(core) = self.cores.get_mut(&to) {
+            core.step(m);
+            self.flush(to);
+        }
+        true
+    }
+
+    /// Injects a message as if the network delivered it, then runs to quiescence.
+    pub fn send(&mut self, m: Message) {
+        self.queue.push_back(m);
+        self.stabilize();
+    }
+
+    /// Collects every node's output and delivers messages until none are left.
+    pub fn stabilize(&mut self) {
+        let ids: Vec<NodeId> = self.cores.keys().copied().collect();
+        for id in ids {
+            self.flush(id);
+        }
+        let mut budget = 1_000_000;
+        while self.deliver_one() {
+            budget -= 1;
+            assert!(budget > 0, "messages never stop flowing");
+        }
+    }
+
+    /// Makes `id` campaign (as on an election timeout) and runs to quiescence.
+    pub fn campaign(&mut self, id: NodeId) {
+        self.core_mut(id).campaign();
+        self.stabilize();
+    }
+
+    /// Ticks node `id` `n` times, collecting output after each tick (messages stay queued).
+    pub fn tick(&mut self, id: NodeId, n: usize) {
+        for _ in 0..n {
+            self.core_mut(id).tick();
+            self.flush(id);
+        }
+    }
+
+    /// Proposes on node `id` and runs to quiescence.
+    pub fn propose(
+        &mut self,
+        id: NodeId,
+        command: impl Into<crate::raft::Payload>,
+    ) -> Result<crate::raft::Proposed, crate::error::CoreProposeError> {
+        let p = self.core_mut(id).propose(command.into())?;
+        self.stabilize();
+        Ok(p)
+    }
+
+    /// The snapshot boundary of node `id` (for tests of compaction).
+    pub fn snapshot(&self, id: NodeId) -> SnapshotMeta {
+        self.core(id).log().snapshot()
+    }
+}

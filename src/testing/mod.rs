@@ -1,0 +1,20 @@
+//! The deterministic simulation toolkit (cargo feature `testing`).
+//!
+//! Test your own [`StateMachine`](crate::StateMachine) — and this crate tests itself — on a
+//! [`Cluster`] of nodes with virtual time, a seeded RNG, a network that drops, delays, reorders,
+//! duplicates and partitions, and crashes that keep only durable state. Raft's safety
+//! properties are checked after every step (see [`invariants`]); a failure names its seed, and
+//! [`for_each_seed`] replays it.
+
+pub mod invariants;
+mod lockstep;
+mod machine;
+pub mod network;
+mod seeds;
+mod sim;
+
+pub use lockstep::Lockstep;
+pub use machine::{DigestMachine, RecordingMachine};
+pub use network::{NetworkConfig, Traffic};
+pub use seeds::for_each_seed;
+pub use sim::{Acknowledged, AppliedEntry, Cluster, SimConfig};

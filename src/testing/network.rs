@@ -1,0 +1,151 @@
+//! The simulated network: per-link cuts, random loss, duplication and delay (which reorders),
+//! and per-kind traffic counters. All randomness comes from the cluster's seeded generator.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::raft::{Message, MessageBody, NodeId, Rng};
+
+/// Fault settings of the simulated network.
+#[derive(Clone, Debug)]
+pub struct NetworkConfig {
+    /// Probability that a message is lost.
+    pub drop_rate: f64,
+    /// Probability that a message is delivered twice.
+    pub duplicate_rate: f64,
+    /// Smallest one-way delay, in virtual milliseconds.
+    pub min_delay_ms: u64,
+    /// Largest one-way delay; delays are drawn uniformly, so messages overtake each other.
+    pub max_delay_ms: u64,
+}
+
+impl NetworkConfig {
+    /// No loss, no duplication, 1–3 ms delays.
+    pub fn reliable() -> Self {
+        NetworkConfig {
+            drop_rate: 0.0,
+            duplicate_rate: 0.0,
+            min_delay_ms: 1,
+            max_delay_ms: 3,
+        }
+    }
+    /// 10% loss, 5% duplication, 1–30 ms delays (heavy reordering).
+    pub fn unreliable() -> Self {
+        NetworkConfig {
+            drop_rate: 0.1,
+            duplicate_rate: 0.05,
+            min_delay_ms: 1,
+            max_delay_ms: 30,
+        }
+    }
+}
+
+/// Traffic counters for one message kind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// Messages handed to the network (before loss).
+    pub count: u64,
+    /// Approximate encoded bytes of those messages.
+    pub bytes: u64,
+    /// Log entries those messages carried.
+    pub entries: u64,
+}
+
+/// Short name of a message's kind, the key of the traffic counters.
+pub fn kind_of(m: &Message) -> &'static str {
+    match &m.body {
+        MessageBody::Vote { pre_vote: true, .. } => "PreVote",
+        MessageBody::Vote { .. } => "Vote",
+        MessageBody::VoteResponse { pre_vote: true, .. } => "PreVoteResponse",
+        MessageBody::VoteResponse { .. } => "VoteResponse",
+        MessageBody::Append { .. } => "Append",
+        MessageBody::AppendResponse(_) => "AppendResponse",
+        MessageBody::Heartbeat { .. } => "Heartbeat",
+        MessageBody::HeartbeatResponse => "HeartbeatResponse",
+        MessageBody::InstallSnapshot { .. } => "InstallSnapshot",
+        MessageBody::SnapshotResponse { .. } => "SnapshotResponse",
+    }
+}
+
+/// Approximate encoded size: a fixed header plus the entries.
+pub fn approx_size(m: &Message) -> u64 {
+    32 + match &m.body {
+        MessageBody::Append { entries, .. } => entries.iter().map(|e| e.size()).sum(),
+        MessageBody::InstallSnapshot { data, .. } => data.len() as u64,
+        _ => 0,
+    }
+}
+
+/// Links, faults and counters.
+#[derive(Debug)]
+pub struct Network {
+    /// Current fault settings (may be changed between steps).
+    pub config: NetworkConfig,
+    cut: BTreeSet<(NodeId, NodeId)>,
+    traffic: BTreeMap<&'static str, Traffic>,
+}
+
+impl Network {
+    pub(crate) fn new(config: NetworkConfig) -> Self {
+        Network {
+            config,
+            cut: BTreeSet::new(),
+            traffic: BTreeMap::new(),
+        }
+    }
+
+    /// Stops delivery from `from` to `to` (one direction only).
+    pub fn cut(&mut self, from: NodeId, to: NodeId) {
+        self.cut.insert((from, to));
+    }
+
+    /// Restores delivery from `from` to `to`.
+    pub fn restore(&mut self, from: NodeId, to: NodeId) {
+        self.cut.remove(&(from, to));
+    }
+
+    /// Restores every link.
+    pub fn heal(&mut self) {
+        self.cut.clear();
+    }
+
+    /// True if `from` can currently reach `to`.
+    pub fn connected(&self, from: NodeId, to: NodeId) -> bool {
+        !self.cut.contains(&(from, to))
+    }
+
+    /// Traffic counters by message kind.
+    pub fn traffic(&self) -> &BTreeMap<&'static str, Traffic> {
+        &self.traffic
+    }
+
+    /// Total messages handed to the network.
+    pub fn total_messages(&self) -> u64 {
+        self.traffic.values().map(|t| t.count).sum()
+    }
+
+    /// Clears the traffic counters.
+    pub fn reset_traffic(&mut self) {
+        self.traffic.clear();
+    }
+
+    /// Decides the fate of a message: the delays of each copy to deliver (none if lost).
+    pub(crate) fn route(&mut self, m: &Message, rng: &mut Rng) -> Vec<u64> {
+        let t = self.traffic.entry(kind_of(m)).or_default();
+        t.count += 1;
+        t.bytes += approx_size(m);
+        if let MessageBody::Append { entries, .. } = &m.body {
+            t.entries += entries.len() as u64;
+        }
+        if !self.connected(m.from, m.to) || rng.chance(self.config.drop_rate) {
+            return Vec::new();
+        }
+        let copies = if rng.chance(self.config.duplicate_rate) {
+            2
+        } else {
+            1
+        };
+        (0..copies)
+            .map(|_| rng.range(self.config.min_delay_ms, self.config.max_delay_ms + 1))
+            .collect()
+    }
+}

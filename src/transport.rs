@@ -1,0 +1,105 @@
+//! The [`Transport`] trait (how a node's messages reach its peers) and [`LocalTransport`], an
+//! in-process implementation for tests, benchmarks and demos.
+//!
+//! Inbound messages are not the transport's business: the host receives them however it
+//! likes and hands each to [`Node::step`](crate::Node::step).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use parking_lot::RwLock;
+
+use crate::error::TransportError;
+use crate::raft::{Message, NodeId};
+
+/// Sends Raft messages to peers.
+///
+/// Contract: best effort. `send` may drop, delay or reorder messages (Raft tolerates all three),
+/// but must not corrupt them or deliver them to another node. It is called from the node's
+/// driver future, one call at a time per peer (calls for different peers run concurrently),
+/// so a slow peer does not hold up the others. An error is logged and the batch is dropped;
+/// Raft retries on its own. `send` should not block the executor thread (do socket IO the
+/// async way).
+#[async_trait]
+pub trait Transport: Send + Sync + 'static {
+    /// Sends `messages` (all addressed to `to`, in order).
+    async fn send(&self, to: NodeId, messages: Vec<Message>) -> Result<(), TransportError>;
+}
+
+type Inbox = Arc<dyn Fn(Message) + Send + Sync>;
+
+/// An in-process network: each node registers an inbox (usually a closure calling
+/// [`Node::step`](crate::Node::step)) and gets a [`LocalTransport`] that delivers to the
+/// others' inboxes. Links can be cut to simulate partitions.
+///
+/// ```
+/// use raftkv::transport::LocalNetwork;
+///
+/// let net = LocalNetwork::new();
+/// net.register(1, |m| println!("node 1 got {m:?}"));
+/// let _to_others = net.transport(2);
+/// net.cut(2, 1); // messages from 2 to 1 are now dropped
+/// ```
+#[derive(Clone, Default)]
+pub struct LocalNetwork {
+    inboxes: Arc<RwLock<HashMap<NodeId, Inbox>>>,
+    cut: Arc<RwLock<std::collections::HashSet<(NodeId, NodeId)>>>,
+}
+
+impl LocalNetwork {
+    /// An empty network.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers (or replaces) node `id`'s inbox.
+    pub fn register(&self, id: NodeId, inbox: impl Fn(Message) + Send + Sync + 'static) {
+        self.inboxes.write().insert(id, Arc::new(inbox));
+    }
+
+    /// Removes node `id`'s inbox (messages to it are dropped).
+    pub fn unregister(&self, id: NodeId) {
+        self.inboxes.write().remove(&id);
+    }
+
+    /// The transport node `id` sends with.
+    pub fn transport(&self, id: NodeId) -> LocalTransport {
+        LocalTransport {
+            from: id,
+            net: self.clone(),
+        }
+    }
+
+    /// Drops messages from `from` to `to` until [`LocalNetwork::heal`].
+    pub fn cut(&self, from: NodeId, to: NodeId) {
+        self.cut.write().insert((from, to));
+    }
+
+    /// Restores every link.
+    pub fn heal(&self) {
+        self.cut.write().clear();
+    }
+}
+
+/// The sending half of a [`LocalNetwork`] for one node.
+#[derive(Clone)]
+pub struct LocalTransport {
+    from: NodeId,
+    net: LocalNetwork,
+}
+
+#[async_trait]
+impl Transport for LocalTransport {
+    async fn send(&self, to: NodeId, messages: Vec<Message>) -> Result<(), TransportError> {
+        if self.net.cut.read().contains(&(self.from, to)) {
+            return Ok(()); // a partition loses messages silently, as a real one does
+        }
+        let inbox = self.net.inboxes.read().get(&to).cloned();
+        let inbox = inbox.ok_or(TransportError::UnknownPeer(to))?;
+        for m in messages {
+            inbox(m);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,247 @@
+//! Crashes and restarts in the simulated cluster: persistence, the Figure 8 scenario and churn.
+//! A crash keeps only what each node's storage had synced. Safety is checked after every step;
+//! at the end every acknowledged command must be committed.
+//! `RAFTKV_SEEDS=n` runs more seeds, `RAFTKV_SEED=s` replays one.
+//!
+//! # How we checked that the suites catch real bugs
+//! Each mutation below was applied to `src/raft/core.rs` by hand and the suites run with
+//! `RAFTKV_SEEDS=300 cargo test --release --no-fail-fast --features testing --test core_scripted
+//! --test sim_crash --test sim_replication --test sim_election`; then the mutation was reverted.
+//! Results as of the first version of this suite:
+//! - *Commit an earlier-term entry by counting replicas* (drop `term == self.term` in
+//!   `maybe_commit`): caught by `core_scripted::a_leader_commits_earlier_term_entries_only_...`.
+//!   The randomized `figure8_*` tests did **not** catch it in 300 seeds: a new leader's no-op
+//!   usually travels with the older entries, so the dangerous window is tiny. That is why the
+//!   scripted story exists.
+//! - *Grant votes without the up-to-date check*: caught by `churn_*`, `figure8_*`,
+//!   `many_elections_under_partition_churn`, `rejoin_old_leader` ("leader completeness: leader
+//!   L of term T lacks committed entry I") and by `core_scripted::votes_go_only_to_...`.
+//! - *Acknowledge appends before they are durable* (`Dispatch::Now` for AppendResponse):
+//!   caught by `persistence_across_single_node_crashes`, `persistence_across_whole_cluster_crashes`,
+//!   `churn_*` and `core_scripted::messages_that_depend_on_durable_state_wait_for_it`.
+//! - *Forget the vote on restart*: caught by `churn_unreliable` (seed 23: "two leaders in
+//!   term 9") and `core_scripted::a_restarted_node_keeps_its_term_vote_and_log`.
+
+use raftkv::raft::{NodeId, Rng};
+use raftkv::testing::{for_each_seed, Cluster, NetworkConfig, RecordingMachine, SimConfig};
+
+type Sim = Cluster<RecordingMachine>;
+
+fn cluster(nodes: usize, seed: u64, network: NetworkConfig) -> Sim {
+    let mut cfg = SimConfig::new(nodes, seed);
+    cfg.network = network;
+    // Small batches and windows (on some seeds one entry per message, as in the paper) so
+    // that a new leader's no-op does not always travel with the older entries before it:
+    // that is what makes the Figure 8 situation reachable.
+    let mut rng = Rng::new(seed ^ 0xBA7C);
+    cfg.raft.max_append_entries = [1, 2, 4, 256][rng.range(0, 4) as usize];
+    cfg.raft.max_inflight = [1, 2, 8, 64][rng.range(0, 4) as usize];
+    Cluster::new(cfg, |_| RecordingMachine::default())
+}
+
+fn commands(c: &Sim, id: NodeId) -> Vec<Vec<u8>> {
+    c.machine(id)
+        .commands()
+        .iter()
+        .map(|(_, p)| p.as_bytes().to_vec())
+        .collect()
+}
+
+/// Heals everything, restarts crashed nodes, commits one more command and checks that all
+/// nodes applied the same sequence and that every acknowledged command is in it.
+fn settle_and_check(c: &mut Sim) {
+    c.network.heal();
+    c.network.config = NetworkConfig::reliable();
+    for id in c.node_ids() {
+        if !c.is_up(id) {
+            c.restart(id);
+        }
+    }
+    let mut done = None;
+    for _ in 0..10 {
+        if let Some(l) = c.run_until_leader(10_000) {
+            if let Some(r) = c.propose_and_wait(l, b"final".as_slice(), 3_000) {
+                done = Some(r);
+                break;
+            }
+        }
+    }
+    let (index, _) = done.expect("the healed cluster commits a final command");
+    let ok = c.run_until(5_000, |c| {
+        c.node_ids()
+            .iter()
+            .all(|&i| c.status(i).unwrap().applied_index >= index)
+    });
+    assert!(ok, "not every node applied the final command");
+    let reference = commands(c, c.node_ids()[0]);
+    for id in c.node_ids() {
+        assert_eq!(
+            commands(c, id),
+            reference,
+            "node {id} applied a different sequence"
+        );
+    }
+    c.assert_acknowledged_committed();
+}
+
+#[test]
+fn persistence_across_single_node_crashes() {
+    for_each_seed("single_node_crashes", 20, |seed| {
+        let mut c = cluster(3, seed, NetworkConfig::reliable());
+        let mut rng = Rng::new(seed);
+        for round in 0..6 {
+            let l = c.run_until_leader(5_000).expect("leader");
+            c.propose_and_wait(l, format!("r{round}").as_str(), 2_000)
+                .expect("commit");
+            // Crash the leader or a follower, then bring it back.
+            let victim = if rng.chance(0.5) {
+                l
+            } else {
+                c.node_ids()[rng.range(0, 3) as usize]
+            };
+            c.crash(victim);
+            c.run_for(rng.range(0, 800));
+            c.restart(victim);
+        }
+        settle_and_check(&mut c);
+        assert_eq!(c.acknowledged().len(), 7);
+    });
+}
+
+#[test]
+fn persistence_across_whole_cluster_crashes() {
+    for_each_seed("whole_cluster_crashes", 20, |seed| {
+        let mut c = cluster(3, seed, NetworkConfig::reliable());
+        let mut rng = Rng::new(seed);
+        for round in 0..5 {
+            let l = c.run_until_leader(5_000).expect("leader");
+            // Some commands are acknowledged, some are still in flight when the power goes.
+            for i in 0..5 {
+                c.propose_and_wait(l, format!("r{round}-{i}").as_str(), 2_000)
+                    .expect("commit");
+            }
+            for i in 0..5 {
+                let _ = c.propose(l, format!("r{round}-inflight{i}").as_str());
+            }
+            c.run_for(rng.range(0, 5));
+            for id in c.node_ids() {
+                c.crash(id);
+            }
+            for id in c.node_ids() {
+                c.restart(id);
+            }
+        }
+        settle_and_check(&mut c);
+        assert!(c.acknowledged().len() >= 26);
+    });
+}
+
+/// The Figure 8 scenario of the Raft paper, as a randomized test: leaders crash at random
+/// moments, often right after proposing, so entries of old terms sit on some but not a
+/// majority of nodes when new leaders take over.
+fn figure8(seed: u64, network: NetworkConfig, iterations: usize) {
+    let nodes = 5;
+    let mut c = cluster(nodes, seed, network.clone());
+    let mut rng = Rng::new(seed ^ 0xF18);
+    let mut up = nodes;
+    for i in 0..iterations {
+        if let Some(l) = c.leader() {
+            let _ = c.propose(l, format!("f{i}").as_str());
+        }
+        let pause = if rng.chance(0.1) {
+            rng.range(0, 500)
+        } else {
+            rng.range(0, 13)
+        };
+        c.run_for(pause);
+        if let Some(l) = c.leader() {
+            c.crash(l);
+            up -= 1;
+        }
+        if up < 3 {
+            let down: Vec<_> = c.node_ids().into_iter().filter(|&i| !c.is_up(i)).collect();
+            let s = down[rng.range(0, down.len() as u64) as usize];
+            c.restart(s);
+            up += 1;
+        }
+        if network.drop_rate > 0.0 && rng.chance(0.2) {
+            // Unreliable variant: links also come and go.
+            let a = rng.range(1, nodes as u64 + 1);
+            let b = rng.range(1, nodes as u64 + 1);
+            if a != b {
+                c.network.cut(a, b);
+            }
+            if rng.chance(0.3) {
+                c.network.heal();
+            }
+        }
+    }
+    settle_and_check(&mut c);
+}
+
+#[test]
+fn figure8_reliable() {
+    for_each_seed("figure8_reliable", 10, |seed| {
+        figure8(seed, NetworkConfig::reliable(), 300)
+    });
+}
+
+#[test]
+fn figure8_unreliable() {
+    for_each_seed("figure8_unreliable", 10, |seed| {
+        figure8(seed, NetworkConfig::unreliable(), 300)
+    });
+}
+
+/// Random crashes, restarts and partitions while clients keep proposing.
+fn churn(seed: u64, network: NetworkConfig, rounds: usize) {
+    let nodes = 5;
+    let mut c = cluster(nodes, seed, network);
+    let mut rng = Rng::new(seed ^ 0xC4);
+    for round in 0..rounds {
+        for k in 0..rng.range(0, 10) {
+            if let Some(l) = c.leader() {
+                let _ = c.propose(l, format!("c{round}-{k}").as_str());
+            }
+            c.run_for(rng.range(0, 20));
+        }
+        let victim = rng.range(1, nodes as u64 + 1);
+        match rng.range(0, 10) {
+            0..=2 if c.is_up(victim) => c.crash(victim),
+            3..=5 if !c.is_up(victim) => c.restart(victim),
+            6 => {
+                let split = rng.range(1, nodes as u64);
+                let ids = c.node_ids();
+                let (a, b) = ids.split_at(split as usize);
+                c.partition(&[a, b]);
+            }
+            7 => c.network.heal(),
+            _ => {}
+        }
+        // Keep a majority alive most of the time so that progress is made.
+        let down: Vec<_> = c.node_ids().into_iter().filter(|&i| !c.is_up(i)).collect();
+        if down.len() > nodes / 2 {
+            c.restart(down[0]);
+        }
+        c.run_for(rng.range(0, 200));
+    }
+    settle_and_check(&mut c);
+    assert!(
+        !c.acknowledged().is_empty(),
+        "churn made no progress at all"
+    );
+}
+
+#[test]
+fn churn_reliable() {
+    for_each_seed("churn_reliable", 10, |seed| {
+        churn(seed, NetworkConfig::reliable(), 100)
+    });
+}
+
+#[test]
+fn churn_unreliable() {
+    for_each_seed("churn_unreliable", 10, |seed| {
+        churn(seed, NetworkConfig::unreliable(), 100)
+    });
+}
