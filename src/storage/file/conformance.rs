@@ -53,7 +53,8 @@ fn empty_storage<S: Storage>(s: &mut S) {
             hard_state: HardState::default(),
             snapshot: SnapshotMeta::default(),
             first_index: 1,
-            last_index: 0
+            last_index: 0,
+            snapshot_size: 0,
         },
         "empty storage: initial state"
     );

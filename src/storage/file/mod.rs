@@ -5,6 +5,7 @@
 //! <dir>/seg-00000000000000000001.log   log segments (see `segment.rs` for the byte layout)
 //! <dir>/seg-00000000000000000002.log   ... contiguous sequence numbers, the last is active
 //! <dir>/snap-<index>.snap              the current snapshot (see `snapshot.rs`)
+//! <dir>/snap.tmp                      a snapshot being received (see `snapshot.rs`)
 //! <dir>/seg-*.tmp, <dir>/snap.tmp      debris of an interrupted write, removed at open
 //! ```
 //!
@@ -24,18 +25,26 @@
 //!   the next is created (preallocated, header synced, renamed, directory synced) and starts
 //!   with the current hard state. A record larger than `segment_size` gets a segment of its own
 //!   size.
-//! - `save_snapshot` syncs the log, writes the snapshot file (temp, fdatasync, rename, fsync of
-//!   the directory), then drops the covered entries from the index, or, if the log does not
-//!   hold `(index, term)`, logs `Truncate { from: 0 }` and syncs it (if that fails the
-//!   storage is poisoned: new entries must never follow the old ones without the marker).
-//!   `compact(through)` removes whole segments, oldest first, that hold no live entry and
+//! - Snapshots are streamed: `write_snapshot_chunk` at offset 0 (re)creates `snap.tmp` with a
+//!   placeholder header, later chunks must continue at its current length, and a running
+//!   crc32 covers the content; nothing of it is held in memory, and it need not survive a
+//!   crash (recovery removes it). `install_snapshot` syncs the log, writes the real header,
+//!   fdatasyncs the file, renames it into place and fsyncs the directory; then it drops the
+//!   covered entries from the index, or, if the log does not hold `(index, term)`, logs
+//!   `Truncate { from: 0 }` and syncs it (if that fails the storage is poisoned: new entries
+//!   must never follow the old ones without the marker); then it removes the older snapshot.
+//!   `read_snapshot` reads the current snapshot's content with positioned reads of at most
+//!   the requested length (the content was checksummed whole at open or when written).
+//! - `compact(through)` removes whole segments, oldest first, that hold no live entry and
 //!   nothing above `through`, then fsyncs the directory.
 //! - Reads: the tail cache, else the pending buffer, else the segment through its memory map
 //!   (real file system) or `read_at` (simulated disk); every record read is checksummed again.
 //! - Errors: a failed fsync (or any IO error other than a full disk) poisons the storage: every
 //!   later fallible call returns [`StorageError::Poisoned`]. A full disk returns
 //!   [`StorageError::NoSpace`] and changes nothing durable; the call may be retried (a failed
-//!   `sync` keeps its buffer; a failed segment creation leaves no segment behind).
+//!   `sync` keeps its buffer; a failed segment creation leaves no segment behind; a failed
+//!   snapshot chunk may be retried at the same offset). A full disk while `install_snapshot`
+//!   writes the snapshot's header abandons that snapshot: its transfer restarts at offset 0.
 //!
 //! - Memory: 8 bytes of location per live entry plus one `(index, term)` pair per term change,
 //!   the tail cache ([`FileStorageOptions::cache_bytes`]) and the unsynced buffer (at most
@@ -76,6 +85,7 @@ use segment::{
     create_segment, decode_record_at, encode_record, Record, RecordRef, Segment, SegmentHeader,
     HEADER_LEN,
 };
+use snapshot::{IncomingSnapshot, SnapshotFile};
 use vfs::{io_error, RealFs, Vfs};
 
 use super::{InitialState, PersistedSize, Storage};
@@ -107,9 +117,12 @@ pub struct FileStorage {
     dir: PathBuf,
     opts: FileStorageOptions,
     hard_state: HardState,
+    /// The current snapshot's meta (`index == 0` when there is none).
     snapshot: SnapshotMeta,
-    snapshot_path: Option<PathBuf>,
-    snapshot_file_len: u64,
+    /// The current snapshot's file; `Some` exactly when `snapshot.index > 0`.
+    snapshot_file: Option<SnapshotFile>,
+    /// A snapshot being received with `write_snapshot_chunk`, not yet installed.
+    incoming: Option<IncomingSnapshot>,
     /// Non-empty, ascending, contiguous sequence numbers; the last is the active segment.
     segments: Vec<Segment>,
     index: LogIndex,
@@ -154,14 +167,18 @@ impl FileStorage {
             )));
         }
         let r = recovery::recover(vfs.as_ref(), dir, &opts)?;
+        let snapshot_file = match r.snapshot_path {
+            Some(path) => Some(SnapshotFile::open(vfs.as_ref(), path, r.snapshot_file_len)?),
+            None => None,
+        };
         let mut storage = FileStorage {
             vfs,
             dir: dir.to_path_buf(),
             opts,
             hard_state: r.hard_state,
             snapshot: r.snapshot,
-            snapshot_path: r.snapshot_path,
-            snapshot_file_len: r.snapshot_file_len,
+            snapshot_file,
+            incoming: None,
             segments: r.segments,
             index: r.index,
             cache: TailCache::new(opts.cache_bytes),
@@ -360,22 +377,56 @@ impl FileStorage {
         Ok(())
     }
 
-    fn save_snapshot_inner(&mut self, meta: SnapshotMeta, data: &[u8]) -> Result<(), StorageError> {
-        self.sync_inner()?;
-        if meta.index <= self.snapshot.index {
-            return Ok(()); // never move backwards
+    fn write_snapshot_chunk_inner(
+        &mut self,
+        meta: SnapshotMeta,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), StorageError> {
+        if offset == 0 {
+            // Start afresh: `create` replaces any partial snapshot's file.
+            self.incoming = None;
+            self.incoming = Some(IncomingSnapshot::create(
+                self.vfs.as_ref(),
+                &self.dir,
+                meta,
+            )?);
         }
-        let (path, len) = snapshot::write_snapshot(
+        match &mut self.incoming {
+            Some(incoming) if incoming.meta() == meta => incoming.write(offset, data),
+            _ => Err(StorageError::Invalid(format!(
+                "snapshot chunk at offset {offset} for index {} does not continue the snapshot \
+                 being written",
+                meta.index
+            ))),
+        }
+    }
+
+    fn install_snapshot_inner(&mut self, meta: SnapshotMeta) -> Result<(), StorageError> {
+        let not_written = || {
+            StorageError::Invalid(format!(
+                "no snapshot for index {} term {} was written",
+                meta.index, meta.term
+            ))
+        };
+        if self.incoming.as_ref().map(IncomingSnapshot::meta) != Some(meta) {
+            return Err(not_written());
+        }
+        // Earlier writes first; if that fails for lack of space, the install may be retried.
+        self.sync_inner()?;
+        let incoming = self.incoming.take().ok_or_else(not_written)?;
+        if meta.index <= self.snapshot.index {
+            // Never move backwards.
+            return incoming.discard(self.vfs.as_ref());
+        }
+        let installed = incoming.finish(
             self.vfs.as_ref(),
             &self.dir,
             self.opts.cluster_id,
             self.opts.node_id,
-            meta,
-            data,
         )?;
-        let old = self.snapshot_path.replace(path);
+        let old = self.snapshot_file.replace(installed);
         self.snapshot = meta;
-        self.snapshot_file_len = len;
         if self.index.term(meta.index) == Some(meta.term) {
             self.index.drop_through(meta.index);
             self.cache.drop_through(meta.index);
@@ -395,9 +446,10 @@ impl FileStorage {
         }
         if let Some(old) = old {
             // Not synced: if the removal is lost, recovery removes the stale file again.
+            drop(old.file);
             self.vfs
-                .remove(&old)
-                .map_err(|e| io_error("remove", &old, e))?;
+                .remove(&old.path)
+                .map_err(|e| io_error("remove", &old.path, e))?;
         }
         Ok(())
     }
@@ -443,6 +495,7 @@ impl Storage for FileStorage {
             snapshot: self.snapshot,
             first_index: self.index.first(),
             last_index: self.index.last(),
+            snapshot_size: self.snapshot_file.as_ref().map_or(0, |f| f.content_len),
         })
     }
 
@@ -549,26 +602,28 @@ impl Storage for FileStorage {
         self.guard(r)
     }
 
-    fn save_snapshot(&mut self, meta: SnapshotMeta, data: &[u8]) -> Result<(), StorageError> {
+    fn write_snapshot_chunk(
+        &mut self,
+        meta: SnapshotMeta,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), StorageError> {
         self.check_poison()?;
-        let r = self.save_snapshot_inner(meta, data);
+        let r = self.write_snapshot_chunk_inner(meta, offset, data);
         self.guard(r)
     }
 
-    fn snapshot(&self) -> Result<Option<(SnapshotMeta, Vec<u8>)>, StorageError> {
+    fn install_snapshot(&mut self, meta: SnapshotMeta) -> Result<(), StorageError> {
         self.check_poison()?;
-        match &self.snapshot_path {
-            None => Ok(None),
-            Some(path) => {
-                let (meta, data) = snapshot::read_snapshot(
-                    self.vfs.as_ref(),
-                    path,
-                    self.snapshot.index,
-                    self.opts.cluster_id,
-                    self.opts.node_id,
-                )?;
-                Ok(Some((meta, data)))
-            }
+        let r = self.install_snapshot_inner(meta);
+        self.guard(r)
+    }
+
+    fn read_snapshot(&self, offset: u64, len: usize) -> Result<Vec<u8>, StorageError> {
+        self.check_poison()?;
+        match &self.snapshot_file {
+            None => Err(StorageError::Unavailable(0)),
+            Some(file) => file.read(offset, len),
         }
     }
 
@@ -581,7 +636,10 @@ impl Storage for FileStorage {
     fn persisted_size(&self) -> PersistedSize {
         PersistedSize {
             log_bytes: self.segments.iter().map(|s| s.end).sum(),
-            snapshot_bytes: self.snapshot_file_len,
+            snapshot_bytes: self
+                .snapshot_file
+                .as_ref()
+                .map_or(0, SnapshotFile::file_len),
         }
     }
 }

@@ -58,6 +58,6 @@ pub struct RecoveryReport {
     /// Files removed: temporaries of an interrupted write and superseded snapshots.
     pub removed_files: Vec<PathBuf>,
     /// The log did not continue the snapshot and was discarded (a crash inside
-    /// `save_snapshot`, between the snapshot's rename and the log's reset marker).
+    /// `install_snapshot`, between the snapshot's rename and the log's reset marker).
     pub discarded_log: bool,
 }

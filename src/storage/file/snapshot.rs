@@ -19,15 +19,18 @@
 //! ```
 //!
 //! # Invariants
-//! - A snapshot is written as `snap.tmp`, fdatasynced, renamed to its final name, and the
-//!   directory fsynced, before anything depends on it (the log below it is dropped only after).
+//! - A snapshot is received as `snap.tmp`: a placeholder header of zeroes (never a valid
+//!   header), then the content, streamed in order with a running crc32 (memory does not grow
+//!   with its size). To install it, the real header is written at offset 0, the file is
+//!   fdatasynced, renamed to its final name, and the directory fsynced, before anything
+//!   depends on it (the log below it is dropped only after).
 //! - At most one named snapshot is current: the newest; older ones are deleted once a newer one
 //!   is durable (recovery deletes leftovers of a crash in between). `snap.tmp` is debris.
 
 use std::path::{Path, PathBuf};
 
 use super::segment::{read_u32, read_u64, FORMAT_VERSION};
-use super::vfs::{io_error, Vfs};
+use super::vfs::{io_error, Vfs, VfsFile};
 use crate::error::StorageError;
 use crate::raft::SnapshotMeta;
 
@@ -115,63 +118,165 @@ impl SnapshotHeader {
     }
 }
 
-/// Writes the snapshot durably: temp file, fdatasync, rename, fsync of the directory.
-/// Returns the final path and the file's length.
-pub(crate) fn write_snapshot(
-    vfs: &dyn Vfs,
-    dir: &Path,
-    cluster_id: u64,
-    node_id: u64,
+/// A snapshot being received into the temp file `snap.tmp`: it starts with a placeholder
+/// header (zeroes, so it can never be mistaken for a snapshot), then the content bytes
+/// received so far, in order, with their running checksum. Memory use is constant: the bytes
+/// go straight to the file.
+#[derive(Debug)]
+pub(crate) struct IncomingSnapshot {
     meta: SnapshotMeta,
-    data: &[u8],
-) -> Result<(PathBuf, u64), StorageError> {
-    let temp = dir.join(SNAPSHOT_TEMP_NAME);
-    let path = dir.join(snapshot_name(meta.index));
-    let header = SnapshotHeader {
-        cluster_id,
-        node_id,
-        meta,
-        data_len: data.len() as u64,
-        data_crc: crc32fast::hash(data),
-    };
-    let result = (|| {
+    path: PathBuf,
+    file: Box<dyn VfsFile>,
+    /// Content bytes written so far (the file holds at least `SNAPSHOT_HEADER_LEN + len`).
+    len: u64,
+    hasher: crc32fast::Hasher,
+}
+
+/// The current snapshot file, open for reading.
+#[derive(Debug)]
+pub(crate) struct SnapshotFile {
+    pub path: PathBuf,
+    pub file: Box<dyn VfsFile>,
+    /// Bytes of content (the file is `SNAPSHOT_HEADER_LEN + content_len` bytes).
+    pub content_len: u64,
+}
+
+impl IncomingSnapshot {
+    /// (Re)creates `snap.tmp` in `dir` for snapshot `meta`, with a placeholder header.
+    pub(crate) fn create(
+        vfs: &dyn Vfs,
+        dir: &Path,
+        meta: SnapshotMeta,
+    ) -> Result<IncomingSnapshot, StorageError> {
+        let path = dir.join(SNAPSHOT_TEMP_NAME);
         let file = vfs
-            .create(&temp)
-            .map_err(|e| io_error("create", &temp, e))?;
-        file.write_at(&header.encode(), 0)
-            .map_err(|e| io_error("write", &temp, e))?;
-        file.write_at(data, SNAPSHOT_HEADER_LEN)
-            .map_err(|e| io_error("write", &temp, e))?;
-        file.sync_data().map_err(|e| io_error("fsync", &temp, e))?;
-        vfs.rename(&temp, &path)
-            .map_err(|e| io_error("rename", &temp, e))?;
-        vfs.sync_dir(dir)
-            .map_err(|e| io_error("fsync dir", dir, e))?;
-        Ok((path.clone(), SNAPSHOT_HEADER_LEN + data.len() as u64))
-    })();
-    if result.is_err() {
-        let _ = vfs.remove(&temp); // best effort: recovery removes it too
+            .create(&path)
+            .map_err(|e| io_error("create", &path, e))?;
+        file.write_at(&[0u8; SNAPSHOT_HEADER_LEN as usize], 0)
+            .map_err(|e| io_error("write", &path, e))?;
+        Ok(IncomingSnapshot {
+            meta,
+            path,
+            file,
+            len: 0,
+            hasher: crc32fast::Hasher::new(),
+        })
     }
-    result
+
+    /// The snapshot being received.
+    pub(crate) fn meta(&self) -> SnapshotMeta {
+        self.meta
+    }
+
+    /// Appends `data`, which must start at content offset `offset == self.len()`. A failed write
+    /// leaves `len` unchanged (the bytes it may have left are overwritten by the retry, or cut
+    /// off by [`IncomingSnapshot::finish`]).
+    pub(crate) fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), StorageError> {
+        if offset != self.len {
+            return Err(StorageError::Invalid(format!(
+                "snapshot chunk at offset {offset} for index {}: {} bytes were written so far",
+                self.meta.index, self.len
+            )));
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.file
+            .write_at(data, SNAPSHOT_HEADER_LEN + self.len)
+            .map_err(|e| io_error("write", &self.path, e))?;
+        self.hasher.update(data);
+        self.len += data.len() as u64;
+        Ok(())
+    }
+
+    /// Makes the snapshot durable under its final name: writes the real header, cuts any
+    /// bytes of a failed write past the content, fdatasyncs, renames, fsyncs the directory.
+    /// On failure the temp file is removed (best effort; recovery removes it too).
+    pub(crate) fn finish(
+        self,
+        vfs: &dyn Vfs,
+        dir: &Path,
+        cluster_id: u64,
+        node_id: u64,
+    ) -> Result<SnapshotFile, StorageError> {
+        let final_path = dir.join(snapshot_name(self.meta.index));
+        let header = SnapshotHeader {
+            cluster_id,
+            node_id,
+            meta: self.meta,
+            data_len: self.len,
+            data_crc: self.hasher.clone().finalize(),
+        };
+        let file_len = SNAPSHOT_HEADER_LEN + self.len;
+        let (temp, file) = (&self.path, &self.file);
+        let result = (|| {
+            file.write_at(&header.encode(), 0)
+                .map_err(|e| io_error("write", temp, e))?;
+            if file.len().map_err(|e| io_error("stat", temp, e))? != file_len {
+                file.set_len(file_len)
+                    .map_err(|e| io_error("truncate", temp, e))?;
+            }
+            file.sync_data().map_err(|e| io_error("fsync", temp, e))?;
+            vfs.rename(temp, &final_path)
+                .map_err(|e| io_error("rename", temp, e))?;
+            vfs.sync_dir(dir).map_err(|e| io_error("fsync dir", dir, e))
+        })();
+        if let Err(e) = result {
+            let _ = vfs.remove(temp); // best effort: recovery removes it too
+            return Err(e);
+        }
+        Ok(SnapshotFile {
+            path: final_path,
+            file: self.file,
+            content_len: self.len,
+        })
+    }
+
+    /// Abandons the snapshot and removes its temp file.
+    pub(crate) fn discard(self, vfs: &dyn Vfs) -> Result<(), StorageError> {
+        vfs.remove(&self.path)
+            .map_err(|e| io_error("remove", &self.path, e))
+    }
 }
 
-/// Reads and fully verifies a snapshot file (identity, name, length, both checksums).
-pub(crate) fn read_snapshot(
-    vfs: &dyn Vfs,
-    path: &Path,
-    name_index: u64,
-    cluster_id: u64,
-    node_id: u64,
-) -> Result<(SnapshotMeta, Vec<u8>), StorageError> {
-    let mut data = Vec::new();
-    let (meta, _) = scan_snapshot(vfs, path, name_index, cluster_id, node_id, |chunk| {
-        data.extend_from_slice(chunk)
-    })?;
-    Ok((meta, data))
+impl SnapshotFile {
+    /// Opens the snapshot at `path`, already verified by recovery.
+    pub(crate) fn open(
+        vfs: &dyn Vfs,
+        path: PathBuf,
+        file_len: u64,
+    ) -> Result<SnapshotFile, StorageError> {
+        let file = vfs.open(&path).map_err(|e| io_error("open", &path, e))?;
+        Ok(SnapshotFile {
+            path,
+            file,
+            content_len: file_len.saturating_sub(SNAPSHOT_HEADER_LEN),
+        })
+    }
+
+    /// Bytes of the whole file.
+    pub(crate) fn file_len(&self) -> u64 {
+        SNAPSHOT_HEADER_LEN + self.content_len
+    }
+
+    /// Up to `len` bytes of content from `offset` (fewer only at the end; none past it). The
+    /// buffer is at most `len` bytes, whatever the snapshot's size. Not checksummed again:
+    /// the whole content was verified when the storage was opened or the snapshot written.
+    pub(crate) fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, StorageError> {
+        let start = offset.min(self.content_len);
+        let n = (self.content_len - start).min(len as u64) as usize;
+        let mut buf = vec![0u8; n];
+        if n > 0 {
+            self.file
+                .read_at(&mut buf, SNAPSHOT_HEADER_LEN + start)
+                .map_err(|e| io_error("read", &self.path, e))?;
+        }
+        Ok(buf)
+    }
 }
 
-/// Verifies a snapshot file like [`read_snapshot`] without keeping its data (it is read in
-/// chunks). Returns its metadata and the file's length.
+/// Reads and fully verifies a snapshot file (identity, name, length, both checksums) without
+/// keeping its data (it is read in chunks). Returns its metadata and the file's length.
 pub(crate) fn verify_snapshot(
     vfs: &dyn Vfs,
     path: &Path,
@@ -259,28 +364,81 @@ mod tests {
     use super::*;
     use crate::storage::file::sim::SimDisk;
 
+    fn receive(disk: &SimDisk, meta: SnapshotMeta, chunks: &[&[u8]]) -> SnapshotFile {
+        let dir = Path::new("/d");
+        let mut incoming = IncomingSnapshot::create(disk, dir, meta).unwrap();
+        let mut offset = 0;
+        for chunk in chunks {
+            incoming.write(offset, chunk).unwrap();
+            offset += chunk.len() as u64;
+        }
+        incoming.finish(disk, dir, 1, 2).unwrap()
+    }
+
     #[test]
     fn snapshot_round_trips_and_damage_is_typed() {
         let disk = SimDisk::new();
-        let dir = Path::new("/d");
         let meta = SnapshotMeta { index: 9, term: 2 };
-        let (path, len) = write_snapshot(&disk, dir, 1, 2, meta, b"state").unwrap();
-        assert_eq!(len, SNAPSHOT_HEADER_LEN + 5);
+        let snap = receive(&disk, meta, &[b"st", b"", b"ate"]);
+        let path = snap.path.clone();
+        assert_eq!(snap.file_len(), SNAPSHOT_HEADER_LEN + 5);
+        assert_eq!(snap.read(0, 100).unwrap(), b"state".to_vec());
+        assert_eq!(snap.read(1, 3).unwrap(), b"tat".to_vec());
+        assert_eq!(snap.read(5, 3).unwrap(), Vec::<u8>::new());
+        assert_eq!(snap.read(50, 3).unwrap(), Vec::<u8>::new());
         assert_eq!(
-            read_snapshot(&disk, &path, 9, 1, 2).unwrap(),
-            (meta, b"state".to_vec())
+            verify_snapshot(&disk, &path, 9, 1, 2).unwrap(),
+            (meta, SNAPSHOT_HEADER_LEN + 5)
         );
         assert!(matches!(
-            read_snapshot(&disk, &path, 9, 1, 3),
+            verify_snapshot(&disk, &path, 9, 1, 3),
             Err(StorageError::WrongIdentity { .. })
         ));
         let mut bytes = disk.read(&path).unwrap();
         bytes[66] ^= 4;
         disk.write_durable(&path, &bytes);
         assert!(matches!(
-            read_snapshot(&disk, &path, 9, 1, 2),
+            verify_snapshot(&disk, &path, 9, 1, 2),
             Err(StorageError::Corrupt { offset: 64, .. })
         ));
         assert_eq!(parse_snapshot_name(&snapshot_name(9)), Some(9));
+    }
+
+    #[test]
+    fn chunks_must_continue_where_the_last_one_ended() {
+        let disk = SimDisk::new();
+        let meta = SnapshotMeta { index: 3, term: 1 };
+        let mut incoming = IncomingSnapshot::create(&disk, Path::new("/d"), meta).unwrap();
+        incoming.write(0, b"abc").unwrap();
+        for offset in [0, 2, 4] {
+            assert!(matches!(
+                incoming.write(offset, b"x"),
+                Err(StorageError::Invalid(_))
+            ));
+        }
+        incoming.write(3, b"d").unwrap();
+        let placeholder = disk.read(Path::new("/d/snap.tmp")).unwrap();
+        assert!(SnapshotHeader::decode(&placeholder, Path::new("/d/snap.tmp")).is_err());
+    }
+
+    #[test]
+    fn bytes_of_a_failed_write_are_cut_off_at_finish() {
+        let disk = SimDisk::new();
+        let dir = Path::new("/d");
+        let meta = SnapshotMeta { index: 4, term: 1 };
+        let mut incoming = IncomingSnapshot::create(&disk, dir, meta).unwrap();
+        incoming.write(0, b"good").unwrap();
+        disk.set_no_space(true);
+        assert!(matches!(
+            incoming.write(4, &[7u8; 100]),
+            Err(StorageError::NoSpace { .. })
+        ));
+        disk.set_no_space(false);
+        let snap = incoming.finish(&disk, dir, 1, 2).unwrap();
+        assert_eq!(
+            verify_snapshot(&disk, &snap.path, 4, 1, 2).unwrap(),
+            (meta, SNAPSHOT_HEADER_LEN + 4)
+        );
+        assert_eq!(snap.read(0, 10).unwrap(), b"good".to_vec());
     }
 }
