@@ -43,6 +43,12 @@ pub fn storage_conformance<S: Storage>(mut make: impl FnMut() -> S) {
     snapshot_never_moves_backwards(&mut make());
     compact_validates_and_keeps_live_entries(&mut make());
     many_entries_round_trip(&mut make());
+    chunked_snapshot_installs_whole(&mut make());
+    chunked_snapshot_interleaved_with_log_writes(&mut make());
+    chunked_snapshot_restarts_at_offset_zero(&mut make());
+    chunked_snapshot_rejects_chunks_out_of_order(&mut make());
+    read_snapshot_in_pieces(&mut make());
+    chunked_snapshot_older_than_current_is_ignored(&mut make());
 }
 
 fn empty_storage<S: Storage>(s: &mut S) {
@@ -75,6 +81,10 @@ fn empty_storage<S: Storage>(s: &mut S) {
     assert!(
         s.snapshot().expect("snapshot").is_none(),
         "empty storage has no snapshot"
+    );
+    assert!(
+        matches!(s.read_snapshot(0, 10), Err(StorageError::Unavailable(_))),
+        "empty storage: read_snapshot"
     );
     s.sync().expect("sync with nothing to do");
     s.sync().expect("second sync with nothing to do");
@@ -217,6 +227,10 @@ fn snapshot_inside_log_keeps_the_rest<S: Storage>(s: &mut S) {
         (state.snapshot, state.first_index, state.last_index),
         (meta, 6, 10)
     );
+    assert_eq!(
+        state.snapshot_size, 10,
+        "snapshot_size is the content's length"
+    );
     assert!(
         s.persisted_size().snapshot_bytes >= 10,
         "snapshot takes space"
@@ -250,6 +264,12 @@ fn snapshot_beyond_log<S: Storage>(s: &mut S) {
     s.save_snapshot(meta, b"").expect("save_snapshot");
     assert_eq!((s.first_index(), s.last_index()), (21, 20));
     assert_eq!(s.snapshot().expect("snapshot"), Some((meta, Vec::new())));
+    assert_eq!(s.initial_state().expect("state").snapshot_size, 0);
+    assert_eq!(
+        s.read_snapshot(0, 10)
+            .expect("an empty snapshot is still a snapshot"),
+        Vec::<u8>::new()
+    );
     s.append(&entries(21, 22, 3))
         .expect("append after snapshot");
     assert_eq!(all(s), entries(21, 22, 3));
@@ -319,4 +339,261 @@ fn many_entries_round_trip<S: Storage>(s: &mut S) {
     s.compact(120).expect("compact");
     assert_eq!((s.first_index(), s.last_index()), (121, 150));
     assert_eq!(s.entries(121, 122, u64::MAX).expect("read"), vec![big(121)]);
+}
+
+/// `len` bytes that differ from one offset to the next (so a shifted chunk is visible).
+pub fn snapshot_bytes(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[3] ^ seed)
+        .collect()
+}
+
+/// Writes `data` as chunks of `chunk` bytes (the last may be shorter).
+fn write_in_chunks<S: Storage>(s: &mut S, meta: SnapshotMeta, data: &[u8], chunk: usize) {
+    let mut offset = 0;
+    for piece in data.chunks(chunk) {
+        s.write_snapshot_chunk(meta, offset, piece)
+            .expect("write_snapshot_chunk");
+        offset += piece.len() as u64;
+    }
+    if data.is_empty() {
+        s.write_snapshot_chunk(meta, 0, &[])
+            .expect("write_snapshot_chunk");
+    }
+}
+
+fn chunked_snapshot_installs_whole<S: Storage>(s: &mut S) {
+    s.append(&entries(1, 10, 1)).expect("append");
+    let meta = SnapshotMeta { index: 6, term: 1 };
+    let data = snapshot_bytes(10_000, 1);
+    write_in_chunks(s, meta, &data[..3000], 1000);
+    s.write_snapshot_chunk(meta, 3000, &[])
+        .expect("an empty chunk");
+    write_chunks_from(s, meta, &data, 3000, 4096);
+    assert_eq!(
+        s.initial_state().expect("state").snapshot,
+        SnapshotMeta::default(),
+        "chunked snapshot: not visible before install"
+    );
+    assert!(
+        matches!(s.read_snapshot(0, 10), Err(StorageError::Unavailable(_))),
+        "chunked snapshot: not readable before install"
+    );
+    s.install_snapshot(meta).expect("install_snapshot");
+    let state = s.initial_state().expect("state");
+    assert_eq!(
+        (state.snapshot, state.snapshot_size),
+        (meta, data.len() as u64),
+        "chunked snapshot: initial state after install"
+    );
+    assert_eq!((s.first_index(), s.last_index()), (7, 10));
+    assert_eq!(all(s), entries(7, 10, 1), "chunked snapshot keeps the rest");
+    assert_eq!(
+        s.read_snapshot(0, data.len()).expect("read_snapshot"),
+        data,
+        "chunked snapshot: content"
+    );
+    assert_eq!(s.snapshot().expect("snapshot"), Some((meta, data)));
+    assert!(
+        matches!(s.install_snapshot(meta), Err(StorageError::Invalid(_))),
+        "an installed snapshot cannot be installed again without being written"
+    );
+}
+
+fn write_chunks_from<S: Storage>(
+    s: &mut S,
+    meta: SnapshotMeta,
+    data: &[u8],
+    mut offset: usize,
+    chunk: usize,
+) {
+    while offset < data.len() {
+        let end = (offset + chunk).min(data.len());
+        s.write_snapshot_chunk(meta, offset as u64, &data[offset..end])
+            .expect("write_snapshot_chunk");
+        offset = end;
+    }
+}
+
+/// A local snapshot is written while the log keeps growing: syncs and appends between its
+/// chunks neither disturb it nor are disturbed by it.
+fn chunked_snapshot_interleaved_with_log_writes<S: Storage>(s: &mut S) {
+    s.append(&entries(1, 5, 1)).expect("append");
+    s.sync().expect("sync");
+    let meta = SnapshotMeta { index: 4, term: 1 };
+    let data = snapshot_bytes(3000, 2);
+    s.write_snapshot_chunk(meta, 0, &data[..1000])
+        .expect("first chunk");
+    s.append(&entries(6, 8, 2)).expect("append between chunks");
+    s.sync().expect("sync between chunks");
+    s.write_snapshot_chunk(meta, 1000, &data[1000..])
+        .expect("second chunk");
+    s.set_hard_state(HardState {
+        term: 2,
+        vote: Some(1),
+    })
+    .expect("set_hard_state");
+    s.append(&entries(9, 9, 2)).expect("append before install");
+    s.install_snapshot(meta).expect("install_snapshot");
+    assert_eq!((s.first_index(), s.last_index()), (5, 9));
+    let mut expect = entries(5, 5, 1);
+    expect.extend(entries(6, 9, 2));
+    assert_eq!(all(s), expect, "interleaved: log after install");
+    assert_eq!(s.initial_state().expect("state").hard_state.term, 2);
+    assert_eq!(s.snapshot().expect("snapshot"), Some((meta, data)));
+}
+
+fn chunked_snapshot_restarts_at_offset_zero<S: Storage>(s: &mut S) {
+    s.append(&entries(1, 10, 1)).expect("append");
+    let meta = SnapshotMeta { index: 8, term: 1 };
+    s.write_snapshot_chunk(meta, 0, b"a partial snapshot that is abandoned")
+        .expect("first attempt");
+    let data = snapshot_bytes(5000, 3);
+    write_in_chunks(s, meta, &data, 700);
+    s.install_snapshot(meta).expect("install_snapshot");
+    assert_eq!(
+        s.snapshot().expect("snapshot"),
+        Some((meta, data.clone())),
+        "restart at offset 0 discards the partial snapshot"
+    );
+
+    // Offset 0 for another snapshot replaces the one being written.
+    let abandoned = SnapshotMeta { index: 9, term: 1 };
+    let newer = SnapshotMeta { index: 10, term: 1 };
+    s.write_snapshot_chunk(abandoned, 0, b"nine")
+        .expect("chunk");
+    s.write_snapshot_chunk(newer, 0, b"ten").expect("chunk");
+    assert!(
+        matches!(
+            s.write_snapshot_chunk(abandoned, 4, b"more"),
+            Err(StorageError::Invalid(_))
+        ),
+        "the replaced snapshot cannot be continued"
+    );
+    s.write_snapshot_chunk(newer, 3, b"!").expect("chunk");
+    assert!(
+        matches!(s.install_snapshot(abandoned), Err(StorageError::Invalid(_))),
+        "the replaced snapshot cannot be installed"
+    );
+    // Whether a failed install keeps the partial snapshot is not specified: start over.
+    s.write_snapshot_chunk(newer, 0, b"ten!").expect("chunk");
+    s.install_snapshot(newer).expect("install_snapshot");
+    assert_eq!(
+        s.snapshot().expect("snapshot"),
+        Some((newer, b"ten!".to_vec()))
+    );
+    assert_eq!((s.first_index(), s.last_index()), (11, 10));
+}
+
+fn chunked_snapshot_rejects_chunks_out_of_order<S: Storage>(s: &mut S) {
+    s.append(&entries(1, 5, 1)).expect("append");
+    let meta = SnapshotMeta { index: 3, term: 1 };
+    assert!(
+        matches!(
+            s.write_snapshot_chunk(meta, 4, b"late"),
+            Err(StorageError::Invalid(_))
+        ),
+        "a chunk past offset 0 with nothing written"
+    );
+    assert!(
+        matches!(s.install_snapshot(meta), Err(StorageError::Invalid(_))),
+        "install with nothing written"
+    );
+    s.write_snapshot_chunk(meta, 0, b"abc").expect("chunk");
+    for offset in [5, 2, 4] {
+        assert!(
+            matches!(
+                s.write_snapshot_chunk(meta, offset, b"x"),
+                Err(StorageError::Invalid(_))
+            ),
+            "chunk at offset {offset} after 3 bytes"
+        );
+    }
+    assert!(
+        matches!(
+            s.write_snapshot_chunk(SnapshotMeta { index: 3, term: 2 }, 3, b"x"),
+            Err(StorageError::Invalid(_))
+        ),
+        "a chunk of another snapshot"
+    );
+    s.write_snapshot_chunk(meta, 3, b"def")
+        .expect("the expected offset still works");
+    assert!(
+        matches!(
+            s.install_snapshot(SnapshotMeta { index: 4, term: 1 }),
+            Err(StorageError::Invalid(_))
+        ),
+        "install of another snapshot"
+    );
+    // Whether a failed install keeps the partial snapshot is not specified: start over.
+    s.write_snapshot_chunk(meta, 0, b"abcdef").expect("chunk");
+    s.install_snapshot(meta).expect("install_snapshot");
+    assert_eq!(
+        s.snapshot().expect("snapshot"),
+        Some((meta, b"abcdef".to_vec()))
+    );
+    assert_eq!(all(s), entries(4, 5, 1));
+}
+
+fn read_snapshot_in_pieces<S: Storage>(s: &mut S) {
+    let meta = SnapshotMeta { index: 2, term: 1 };
+    let data = snapshot_bytes(20_000, 4);
+    write_in_chunks(s, meta, &data, 6000);
+    s.install_snapshot(meta).expect("install_snapshot");
+    for piece in [1usize, 7, 4096, 19_999, 20_000, 1 << 20] {
+        let mut got = Vec::new();
+        loop {
+            let bytes = s
+                .read_snapshot(got.len() as u64, piece)
+                .expect("read_snapshot");
+            assert!(
+                bytes.len() <= piece,
+                "read_snapshot returns at most len bytes"
+            );
+            if bytes.is_empty() {
+                break;
+            }
+            assert!(
+                bytes.len() == piece || got.len() + bytes.len() == data.len(),
+                "fewer bytes than asked only at the end"
+            );
+            got.extend_from_slice(&bytes);
+        }
+        assert!(got == data, "read_snapshot in pieces of {piece} bytes");
+    }
+    assert_eq!(
+        s.read_snapshot(19_990, 100).expect("tail"),
+        data[19_990..].to_vec()
+    );
+    assert!(s.read_snapshot(20_000, 10).expect("at the end").is_empty());
+    assert!(s
+        .read_snapshot(1 << 40, 10)
+        .expect("past the end")
+        .is_empty());
+    assert!(s.read_snapshot(5, 0).expect("zero bytes").is_empty());
+}
+
+fn chunked_snapshot_older_than_current_is_ignored<S: Storage>(s: &mut S) {
+    s.append(&entries(1, 10, 1)).expect("append");
+    let meta = SnapshotMeta { index: 6, term: 1 };
+    let data = snapshot_bytes(2000, 5);
+    write_in_chunks(s, meta, &data, 512);
+    s.install_snapshot(meta).expect("install_snapshot");
+    for older in [
+        SnapshotMeta { index: 4, term: 1 },
+        SnapshotMeta { index: 6, term: 1 },
+        SnapshotMeta { index: 6, term: 2 },
+    ] {
+        write_in_chunks(s, older, &snapshot_bytes(3000, 6), 1000);
+        s.install_snapshot(older)
+            .expect("an older snapshot is accepted and ignored");
+        let state = s.initial_state().expect("state");
+        assert_eq!(
+            (state.snapshot, state.snapshot_size, state.first_index),
+            (meta, 2000, 7),
+            "an older snapshot ({older:?}) changes nothing"
+        );
+        assert_eq!(s.snapshot().expect("snapshot"), Some((meta, data.clone())));
+        assert_eq!(all(s), entries(7, 10, 1));
+    }
 }
