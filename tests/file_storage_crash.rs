@@ -1,7 +1,7 @@
 //! Crash consistency of FileStorage on the simulated disk.
 //!
 //! A scripted workload (appends, overwrites, truncations, hard states, snapshots that keep or
-//! discard the log, compactions) runs against a `FileStorage` on a `SimDisk` that "dies" at its
+//! discard the log, one of them streamed in chunks with log writes in between, compactions) runs against a `FileStorage` on a `SimDisk` that "dies" at its
 //! n-th mutating operation, for every n. The disk then loses power: each unsynced write is kept,
 //! torn or lost at random (seeded). After reopening, the storage must equal the last synced
 //! state followed by some prefix of the later operations: everything synced is there, nothing
@@ -10,6 +10,7 @@
 //! at random points.
 
 use raftkv::raft::{Entry, EntryPayload, HardState, Index, SnapshotMeta};
+use raftkv::storage::file::conformance::snapshot_bytes;
 use raftkv::storage::file::sim::{SimDisk, SplitMix64};
 use raftkv::storage::{FileStorage, FileStorageOptions, Storage};
 
@@ -42,7 +43,12 @@ enum Op {
     HardState(HardState),
     Append(Vec<Entry>),
     Truncate(Index),
+    /// `save_snapshot` (one chunk, then install).
     Snapshot(SnapshotMeta, Vec<u8>),
+    /// `write_snapshot_chunk(meta, offset, data)`: changes nothing visible.
+    Chunk(SnapshotMeta, u64, Vec<u8>),
+    /// `install_snapshot(meta)` of the chunks written; carries their concatenation for the model.
+    Install(SnapshotMeta, Vec<u8>),
     Compact(Index),
     Sync,
 }
@@ -56,6 +62,8 @@ fn workload() -> Vec<Op> {
             format!("state@{index}").into_bytes(),
         )
     };
+    let streamed = SnapshotMeta { index: 20, term: 2 };
+    let streamed_data = snapshot_bytes(3000, 9);
     vec![
         HardState(raftkv::raft::HardState {
             term: 1,
@@ -82,6 +90,16 @@ fn workload() -> Vec<Op> {
             vote: None,
         }),
         Sync,
+        // A snapshot streamed in chunks (restarted once), while the log keeps growing.
+        Chunk(streamed, 0, b"an attempt that is restarted".to_vec()),
+        Chunk(streamed, 0, streamed_data[..700].to_vec()),
+        Append(run(31, 33, 2)),
+        Sync,
+        Chunk(streamed, 700, streamed_data[700..1500].to_vec()),
+        Chunk(streamed, 1500, streamed_data[1500..].to_vec()),
+        Append(run(34, 34, 2)),
+        Install(streamed, streamed_data.clone()), // keeps 21..
+        Compact(20),
         Truncate(25),
         Sync,
         snap(40, 5), // beyond the log: discards it
@@ -126,7 +144,7 @@ impl Model {
                 }
             }
             Op::Truncate(from) => self.truncate(*from),
-            Op::Snapshot(meta, data) => {
+            Op::Snapshot(meta, data) | Op::Install(meta, data) => {
                 if meta.index <= self.snapshot.index {
                     return;
                 }
@@ -143,7 +161,7 @@ impl Model {
                 self.snapshot = *meta;
                 self.snapshot_data = data.clone();
             }
-            Op::Compact(_) | Op::Sync => {}
+            Op::Chunk(..) | Op::Compact(_) | Op::Sync => {}
         }
     }
 
@@ -185,13 +203,18 @@ fn run_workload_until_crash(disk: &SimDisk, workload: Vec<Op>) -> (Model, Vec<Op
             Op::Append(entries) => s.append(entries),
             Op::Truncate(from) => s.truncate_suffix(*from),
             Op::Snapshot(meta, data) => s.save_snapshot(*meta, data),
+            Op::Chunk(meta, offset, data) => s.write_snapshot_chunk(*meta, *offset, data),
+            Op::Install(meta, _) => s.install_snapshot(*meta),
             Op::Compact(through) => s.compact(*through),
             Op::Sync => s.sync(),
         };
         if result.is_err() {
             break;
         }
-        if matches!(op, Op::Sync | Op::Snapshot(..) | Op::Compact(_)) {
+        if matches!(
+            op,
+            Op::Sync | Op::Snapshot(..) | Op::Install(..) | Op::Compact(_)
+        ) {
             for op in unsynced.drain(..) {
                 durable.apply(&op);
             }
@@ -366,13 +389,22 @@ fn random_workload(seed: u64, len: usize) -> Vec<Op> {
                     (Some(t), 0 | 1) => t,
                     _ => term + 1,
                 };
-                Op::Snapshot(
-                    SnapshotMeta {
-                        index,
-                        term: snap_term,
-                    },
-                    vec![index as u8; r.below(300) as usize],
-                )
+                let meta = SnapshotMeta {
+                    index,
+                    term: snap_term,
+                };
+                let data = snapshot_bytes(r.below(3000) as usize, index as u8);
+                if r.below(2) == 0 {
+                    Op::Snapshot(meta, data)
+                } else {
+                    // Streamed in up to three chunks, then installed.
+                    let cut1 = r.below(data.len() as u64 + 1) as usize;
+                    let cut2 = cut1 + r.below((data.len() - cut1) as u64 + 1) as usize;
+                    for (from, to) in [(0, cut1), (cut1, cut2), (cut2, data.len())] {
+                        ops.push(Op::Chunk(meta, from as u64, data[from..to].to_vec()));
+                    }
+                    Op::Install(meta, data)
+                }
             }
             7 => Op::Compact(model.snapshot.index - r.below(model.snapshot.index / 2 + 1)),
             _ => Op::Sync,
