@@ -7,6 +7,7 @@ use std::path::Path;
 use raftkv::error::StorageError;
 use raftkv::raft::SnapshotMeta;
 use raftkv::storage::file::conformance::{entries, snapshot_bytes};
+use raftkv::storage::file::inspect::inspect;
 use raftkv::storage::file::sim::SimDisk;
 use raftkv::storage::{FileStorage, FileStorageOptions, Storage};
 
@@ -207,4 +208,42 @@ fn a_snapshot_of_many_mebibytes_streams_through_real_files() {
     }
     assert_eq!(offset, size);
     assert!(s.read_snapshot(size, 10).unwrap().is_empty());
+}
+
+#[test]
+fn inspect_checksums_a_snapshot_larger_than_its_buffer_and_finds_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    let meta = SnapshotMeta { index: 5, term: 2 };
+    let data = snapshot_bytes(5 << 19, 3); // 2.5 MiB: three rounds of the 1 MiB buffer
+    {
+        let mut s = FileStorage::open(dir.path(), opts()).unwrap();
+        s.append(&entries(1, 6, 2)).unwrap();
+        for (k, piece) in data.chunks(1 << 20).enumerate() {
+            s.write_snapshot_chunk(meta, (k << 20) as u64, piece)
+                .unwrap();
+        }
+        s.install_snapshot(meta).unwrap();
+    }
+    let report = inspect(dir.path()).unwrap();
+    assert_eq!(report.snapshots.len(), 1);
+    assert_eq!(report.snapshots[0].meta, Some(meta));
+    assert_eq!(report.snapshots[0].bytes, 64 + data.len() as u64);
+    assert_eq!(report.snapshots[0].damage, None, "{report}");
+
+    let path = report.snapshots[0].path.clone();
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[64 + (2 << 20) + 5] ^= 0x10;
+    std::fs::write(&path, &bytes).unwrap();
+    let damage = inspect(dir.path()).unwrap().snapshots[0].damage.clone();
+    assert!(
+        damage.as_deref().unwrap_or("").contains("checksum"),
+        "{damage:?}"
+    );
+    bytes.push(0);
+    std::fs::write(&path, &bytes).unwrap();
+    let damage = inspect(dir.path()).unwrap().snapshots[0].damage.clone();
+    assert!(
+        damage.as_deref().unwrap_or("").contains("length"),
+        "{damage:?}"
+    );
 }

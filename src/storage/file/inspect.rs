@@ -2,9 +2,12 @@
 //!
 //! Unlike `open`, [`inspect`] changes nothing, checks no identity, and does not stop at the
 //! first damage: it describes every snapshot and segment file it finds, with the damage (if
-//! any) that `open` would report or repair.
+//! any) that `open` would report or repair. Snapshots are checksummed a chunk at a time, never
+//! read whole.
 
 use std::fmt;
+use std::fs::File;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use super::segment::{parse_segment_name, scan_records, Record, SegmentHeader};
@@ -89,7 +92,7 @@ pub fn inspect(dir: &Path) -> Result<Inspection, StorageError> {
     for name in names {
         let path = dir.join(&name);
         if parse_snapshot_name(&name).is_some() {
-            out.snapshots.push(inspect_snapshot(&path, &read(&path)?));
+            out.snapshots.push(inspect_snapshot(&path)?);
         } else if let Some(seq) = parse_segment_name(&name) {
             out.segments.push(inspect_segment(
                 &path,
@@ -104,32 +107,55 @@ pub fn inspect(dir: &Path) -> Result<Inspection, StorageError> {
     Ok(out)
 }
 
-fn inspect_snapshot(path: &Path, bytes: &[u8]) -> SnapshotInfo {
+/// Bytes read at a time when checksumming a snapshot's content.
+const SNAPSHOT_READ_CHUNK: u64 = 1 << 20;
+
+/// Describes a snapshot file, streaming its content through the checksum (a snapshot may be
+/// larger than memory).
+fn inspect_snapshot(path: &Path) -> Result<SnapshotInfo, StorageError> {
+    let io = |op: &'static str| {
+        move |source| StorageError::Io {
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
+    };
+    let mut file = File::open(path).map_err(io("open"))?;
+    let bytes = file.metadata().map_err(io("stat"))?.len();
     let mut info = SnapshotInfo {
         path: path.to_path_buf(),
         meta: None,
         identity: None,
-        bytes: bytes.len() as u64,
+        bytes,
         damage: None,
     };
-    match SnapshotHeader::decode(bytes, path) {
+    let mut header = Vec::new();
+    (&mut file)
+        .take(SNAPSHOT_HEADER_LEN)
+        .read_to_end(&mut header)
+        .map_err(io("read"))?;
+    match SnapshotHeader::decode(&header, path) {
         Err(e) => info.damage = Some(e.to_string()),
         Ok(h) => {
             info.meta = Some(h.meta);
             info.identity = Some((h.cluster_id, h.node_id));
-            let data = SNAPSHOT_HEADER_LEN.checked_add(h.data_len).and_then(|end| {
-                bytes.get(SNAPSHOT_HEADER_LEN as usize..usize::try_from(end).ok()?)
-            });
-            info.damage = match data {
-                _ if SNAPSHOT_HEADER_LEN.checked_add(h.data_len) != Some(bytes.len() as u64) => {
-                    Some(format!("length {} does not match the header", bytes.len()))
+            info.damage = if SNAPSHOT_HEADER_LEN.checked_add(h.data_len) != Some(bytes) {
+                Some(format!("length {bytes} does not match the header"))
+            } else {
+                let mut hasher = crc32fast::Hasher::new();
+                let mut buf = vec![0u8; h.data_len.min(SNAPSHOT_READ_CHUNK) as usize];
+                let mut done = 0;
+                while done < h.data_len {
+                    let n = (h.data_len - done).min(buf.len() as u64) as usize;
+                    file.read_exact(&mut buf[..n]).map_err(io("read"))?;
+                    hasher.update(&buf[..n]);
+                    done += n as u64;
                 }
-                Some(d) if crc32fast::hash(d) == h.data_crc => None,
-                _ => Some("data checksum mismatch".into()),
+                (hasher.finalize() != h.data_crc).then(|| "data checksum mismatch".into())
             };
         }
     }
-    info
+    Ok(info)
 }
 
 fn inspect_segment(path: &Path, seq: u64, newest: bool, bytes: &[u8]) -> SegmentInfo {
