@@ -15,8 +15,10 @@
 //! Any error from a write or from `sync` is fatal for the node: the driver stops and reports it.
 //! An implementation must not return `Ok` from `sync` after a failed fsync.
 
+pub mod file;
 pub mod mem;
 
+pub use file::{FileStorage, FileStorageOptions};
 pub use mem::MemStorage;
 
 use crate::error::StorageError;

@@ -1,0 +1,645 @@
+//! [`FileStorage`]: the durable, file-backed [`Storage`].
+//!
+//! # Directory layout
+//! ```text
+//! <dir>/seg-00000000000000000001.log   log segments (see `segment.rs` for the byte layout)
+//! <dir>/seg-00000000000000000002.log   ... contiguous sequence numbers, the last is active
+//! <dir>/snap-<index>.snap              the current snapshot (see `snapshot.rs`)
+//! <dir>/snap.tmp                      a snapshot being received (see `snapshot.rs`)
+//! <dir>/seg-*.tmp, <dir>/snap.tmp      debris of an interrupted write, removed at open
+//! ```
+//!
+//! # How the contract is kept
+//! - Hard state, entries and truncations are all *records* of one log, in the order they were
+//!   made. Writes are encoded into an in-memory buffer (`pending`) and written with a single
+//!   `write_at` plus one fdatasync at [`Storage::sync`], so after a crash the log holds the
+//!   synced records and at most a prefix of the later ones (a torn prefix is cut at recovery).
+//!   `sync` with nothing pending returns at once. When the buffer exceeds
+//!   [`FileStorageOptions::write_buffer_bytes`] it is synced early (earlier durability is
+//!   allowed by the contract).
+//! - Overwrite: an `Entry` record at an index at or below the last one replaces the suffix
+//!   from there; `truncate_suffix` writes a `Truncate { from }` record. Both take effect at
+//!   replay, in log order, so a truncation is durable exactly when its record is, and
+//!   recovery never resurrects a truncated entry once the truncation was synced.
+//! - A segment is full when the next record does not fit: the active one is fdatasynced, then
+//!   the next is created (preallocated, header synced, renamed, directory synced) and starts
+//!   with the current hard state. A record larger than `segment_size` gets a segment of its own
+//!   size.
+//! - Snapshots are streamed: `write_snapshot_chunk` at offset 0 (re)creates `snap.tmp` with a
+//!   placeholder header, later chunks must continue at its current length, and a running
+//!   crc32 covers the content; nothing of it is held in memory, and it need not survive a
+//!   crash (recovery removes it). `install_snapshot` syncs the log, writes the real header,
+//!   fdatasyncs the file, renames it into place and fsyncs the directory; then it drops the
+//!   covered entries from the index, or, if the log does not hold `(index, term)`, logs
+//!   `Truncate { from: 0 }` and syncs it (if that fails the storage is poisoned: new entries
+//!   must never follow the old ones without the marker); then it removes the older snapshot.
+//!   `read_snapshot` reads the current snapshot's content with positioned reads of at most
+//!   the requested length (the content was checksummed whole at open or when written).
+//! - `compact(through)` removes whole segments, oldest first, that hold no live entry and
+//!   nothing above `through`, then fsyncs the directory.
+//! - Reads: the tail cache, else the pending buffer, else the segment through its memory map
+//!   (real file system) or `read_at` (simulated disk); every record read is checksummed again.
+//! - Errors: a failed fsync (or any IO error other than a full disk) poisons the storage: every
+//!   later fallible call returns [`StorageError::Poisoned`]. A full disk returns
+//!   [`StorageError::NoSpace`] and changes nothing durable; the call may be retried (a failed
+//!   `sync` keeps its buffer; a failed segment creation leaves no segment behind; a failed
+//!   snapshot chunk may be retried at the same offset). A full disk while `install_snapshot`
+//!   writes the snapshot's header abandons that snapshot: its transfer restarts at offset 0.
+//!
+//! - Memory: 8 bytes of location per live entry plus one `(index, term)` pair per term change,
+//!   the tail cache ([`FileStorageOptions::cache_bytes`]) and the unsynced buffer (at most
+//!   [`FileStorageOptions::write_buffer_bytes`] plus one batch). Entries are not kept on the
+//!   heap; segments are memory mapped and read on demand.
+//!
+//! Why the hard state is a record and not a file of its own: the contract promises that after
+//! a crash the storage holds a *prefix* of the writes in the order they were made. With one
+//! stream written by one `write_at` per sync, a vote can never survive while an earlier append
+//! is lost, or the other way round; and a hard state costs no extra fsync.
+//!
+//! One `FileStorage` per directory: nothing else may write to it while it is open.
+
+mod log_index;
+mod recovery;
+mod segment;
+mod snapshot;
+mod vfs;
+
+#[cfg(any(test, feature = "testing"))]
+pub mod sim;
+
+#[cfg(feature = "testing")]
+pub mod conformance;
+
+pub mod inspect;
+mod options;
+
+pub use options::{
+    FileStorageOptions, RecoveryReport, TornTail, MAX_SEGMENT_SIZE, MIN_SEGMENT_SIZE,
+};
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use log_index::{unpack, LogIndex, TailCache};
+use segment::{
+    create_segment, decode_record_at, encode_record, Record, RecordRef, Segment, SegmentHeader,
+    HEADER_LEN,
+};
+use snapshot::{IncomingSnapshot, SnapshotFile};
+use vfs::{io_error, RealFs, Vfs};
+
+use super::{InitialState, PersistedSize, Storage};
+use crate::error::StorageError;
+use crate::raft::{Entry, HardState, Index, SnapshotMeta, Term};
+
+/// A [`Storage`] in a directory of files. See the [module docs](self) for the format and the
+/// guarantees.
+///
+/// ```
+/// use raftkv::raft::{Entry, EntryPayload, HardState};
+/// use raftkv::storage::{FileStorage, FileStorageOptions, Storage};
+///
+/// let dir = std::env::temp_dir().join(format!("raftkv-doc-{}", std::process::id()));
+/// let opts = FileStorageOptions { cluster_id: 7, node_id: 1, segment_size: 1 << 20, ..Default::default() };
+/// let mut s = FileStorage::open(&dir, opts).unwrap();
+/// s.set_hard_state(HardState { term: 1, vote: Some(1) }).unwrap();
+/// s.append(&[Entry { index: 1, term: 1, payload: EntryPayload::Noop }]).unwrap();
+/// s.sync().unwrap();
+/// drop(s);
+/// let s = FileStorage::open(&dir, opts).unwrap();
+/// assert_eq!(s.last_index(), 1);
+/// assert_eq!(s.initial_state().unwrap().hard_state.term, 1);
+/// # std::fs::remove_dir_all(&dir).unwrap();
+/// ```
+#[derive(Debug)]
+pub struct FileStorage {
+    vfs: Arc<dyn Vfs>,
+    dir: PathBuf,
+    opts: FileStorageOptions,
+    hard_state: HardState,
+    /// The current snapshot's meta (`index == 0` when there is none).
+    snapshot: SnapshotMeta,
+    /// The current snapshot's file; `Some` exactly when `snapshot.index > 0`.
+    snapshot_file: Option<SnapshotFile>,
+    /// A snapshot being received with `write_snapshot_chunk`, not yet installed.
+    incoming: Option<IncomingSnapshot>,
+    /// Non-empty, ascending, contiguous sequence numbers; the last is the active segment.
+    segments: Vec<Segment>,
+    index: LogIndex,
+    cache: TailCache,
+    /// Framed records not yet written; they belong at `active().end`.
+    pending: Vec<u8>,
+    scratch: Vec<u8>,
+    poisoned: bool,
+    report: RecoveryReport,
+}
+
+impl FileStorage {
+    /// Opens (creating if needed) the storage in `dir`, recovering it (see `recovery.rs`).
+    /// Fails with [`StorageError::Corrupt`] or [`StorageError::WrongIdentity`] naming the file
+    /// and offset when the directory holds damage other than a torn tail write.
+    pub fn open(dir: impl AsRef<Path>, opts: FileStorageOptions) -> Result<Self, StorageError> {
+        Self::open_with(Arc::new(RealFs), dir.as_ref(), opts)
+    }
+
+    /// Opens the storage on a simulated disk (feature `testing`).
+    #[cfg(any(test, feature = "testing"))]
+    pub fn open_simulated(
+        disk: &sim::SimDisk,
+        dir: impl AsRef<Path>,
+        opts: FileStorageOptions,
+    ) -> Result<Self, StorageError> {
+        Self::open_with(Arc::new(disk.clone()), dir.as_ref(), opts)
+    }
+
+    fn open_with(
+        vfs: Arc<dyn Vfs>,
+        dir: &Path,
+        opts: FileStorageOptions,
+    ) -> Result<Self, StorageError> {
+        if opts.node_id == 0 {
+            return Err(StorageError::Invalid("node id 0 is reserved".into()));
+        }
+        if !(MIN_SEGMENT_SIZE..=MAX_SEGMENT_SIZE).contains(&opts.segment_size) {
+            return Err(StorageError::Invalid(format!(
+                "segment size {} outside {MIN_SEGMENT_SIZE}..={MAX_SEGMENT_SIZE}",
+                opts.segment_size
+            )));
+        }
+        let r = recovery::recover(vfs.as_ref(), dir, &opts)?;
+        let snapshot_file = match r.snapshot_path {
+            Some(path) => Some(SnapshotFile::open(vfs.as_ref(), path, r.snapshot_file_len)?),
+            None => None,
+        };
+        let mut storage = FileStorage {
+            vfs,
+            dir: dir.to_path_buf(),
+            opts,
+            hard_state: r.hard_state,
+            snapshot: r.snapshot,
+            snapshot_file,
+            incoming: None,
+            segments: r.segments,
+            index: r.index,
+            cache: TailCache::new(opts.cache_bytes),
+            pending: Vec::new(),
+            scratch: Vec::new(),
+            poisoned: false,
+            report: r.report,
+        };
+        if !storage.active().has_hard_state {
+            // Every segment with records starts with the hard state (see `segment.rs`).
+            let hs = storage.hard_state;
+            storage.push_record(&RecordRef::HardState(hs))?;
+            storage.active_mut().has_hard_state = true;
+        }
+        if r.needs_reset_marker {
+            storage.push_record(&RecordRef::Truncate { from: 0 })?;
+            storage.sync_inner()?;
+        }
+        Ok(storage)
+    }
+
+    /// What recovery did at open.
+    pub fn recovery_report(&self) -> &RecoveryReport {
+        &self.report
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Number of segment files currently retained.
+    pub fn segment_count(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// Approximate heap bytes of the in-memory log index (excluding the tail cache).
+    pub fn index_heap_bytes(&self) -> usize {
+        self.index.heap_bytes()
+    }
+
+    fn active(&self) -> &Segment {
+        // Invariant: `segments` is never empty (recovery creates the first one).
+        &self.segments[self.segments.len() - 1]
+    }
+
+    fn active_mut(&mut self) -> &mut Segment {
+        let last = self.segments.len() - 1;
+        &mut self.segments[last]
+    }
+
+    fn check_poison(&self) -> Result<(), StorageError> {
+        if self.poisoned {
+            Err(StorageError::Poisoned)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Poisons the storage on any error that may have lost or half-written data.
+    fn guard<T>(&mut self, result: Result<T, StorageError>) -> Result<T, StorageError> {
+        if let Err(e) = &result {
+            let harmless = matches!(
+                e,
+                StorageError::NoSpace { .. }
+                    | StorageError::Invalid(_)
+                    | StorageError::Compacted(_)
+                    | StorageError::Unavailable(_)
+            );
+            if !harmless {
+                self.poisoned = true;
+            }
+        }
+        result
+    }
+
+    /// Frames `record` into the pending buffer (rolling to a new segment if it does not fit)
+    /// and returns its location.
+    fn push_record(&mut self, record: &RecordRef<'_>) -> Result<u64, StorageError> {
+        self.scratch.clear();
+        encode_record(record, &mut self.scratch)?;
+        let size = self.scratch.len() as u64;
+        let active = self.active();
+        if active.end + self.pending.len() as u64 + size > active.len {
+            self.roll(size)?;
+        }
+        let active = self.active();
+        let location = log_index::pack(active.seq, active.end + self.pending.len() as u64);
+        self.pending.extend_from_slice(&self.scratch);
+        Ok(location)
+    }
+
+    /// Syncs the active segment and starts the next one with enough room for a record of
+    /// `record_size` bytes.
+    fn roll(&mut self, record_size: u64) -> Result<(), StorageError> {
+        self.flush_pending()?;
+        let seq = self.active().seq + 1;
+        if seq >= 1 << 32 {
+            return Err(StorageError::Invalid("segment numbers exhausted".into()));
+        }
+        let mut hs_record = Vec::new();
+        encode_record(&RecordRef::HardState(self.hard_state), &mut hs_record)?;
+        let needed = HEADER_LEN + hs_record.len() as u64 + record_size;
+        let len = self.opts.segment_size.max(needed);
+        if len > u64::from(u32::MAX) {
+            return Err(StorageError::Invalid(format!(
+                "record of {record_size} bytes is too large"
+            )));
+        }
+        let header = SegmentHeader {
+            cluster_id: self.opts.cluster_id,
+            node_id: self.opts.node_id,
+            seq,
+            allocated_len: len,
+        };
+        let mut segment = create_segment(self.vfs.as_ref(), &self.dir, header)?;
+        segment.has_hard_state = true;
+        self.segments.push(segment);
+        self.pending.extend_from_slice(&hs_record);
+        Ok(())
+    }
+
+    /// Writes the pending buffer in one `write_at` and fdatasyncs it.
+    fn flush_pending(&mut self) -> Result<(), StorageError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let active = &self.segments[self.segments.len() - 1];
+        active
+            .file
+            .write_at(&self.pending, active.end)
+            .map_err(|e| io_error("write", &active.path, e))?;
+        let written = self.pending.len() as u64;
+        self.pending.clear();
+        let active = self.active_mut();
+        active.end += written;
+        active
+            .file
+            .sync_data()
+            .map_err(|e| io_error("fsync", &active.path, e))
+    }
+
+    fn sync_inner(&mut self) -> Result<(), StorageError> {
+        self.flush_pending()
+    }
+
+    fn segment(&self, seq: u64) -> Option<&Segment> {
+        let first = self.segments.first()?.seq;
+        self.segments
+            .get(usize::try_from(seq.checked_sub(first)?).ok()?)
+    }
+
+    fn read_entry(&self, index: Index) -> Result<Entry, StorageError> {
+        let location = self
+            .index
+            .location(index)
+            .ok_or(StorageError::Unavailable(index))?;
+        let (seq, offset) = unpack(location);
+        let seg = self.segment(seq).ok_or_else(|| StorageError::Corrupt {
+            path: self.dir.clone(),
+            offset,
+            reason: format!("entry {index} is in segment {seq}, which is not retained"),
+        })?;
+        let record = if seg.seq == self.active().seq && offset >= seg.end {
+            let at = (offset - seg.end) as usize;
+            decode_record_at(self.pending.get(at..).unwrap_or(&[]), &seg.path, offset)?
+        } else {
+            seg.read_record(offset)?
+        };
+        match record {
+            Record::Entry(e) if e.index == index => Ok(e),
+            _ => Err(StorageError::Corrupt {
+                path: seg.path.clone(),
+                offset,
+                reason: format!("expected entry {index}"),
+            }),
+        }
+    }
+
+    fn append_inner(&mut self, entries: &[Entry]) -> Result<(), StorageError> {
+        for entry in entries {
+            // Record first: if that fails (a full disk), memory still matches the log.
+            let location = self.push_record(&RecordRef::Entry(entry))?;
+            if entry.index <= self.index.last() {
+                self.index.truncate_from(entry.index);
+                self.cache.truncate_from(entry.index);
+            }
+            self.index.push(entry.index, entry.term, location);
+            self.cache.push(entry);
+            let active = self.active_mut();
+            active.max_index = active.max_index.max(entry.index);
+        }
+        if self.pending.len() as u64 > self.opts.write_buffer_bytes {
+            self.sync_inner()?;
+        }
+        Ok(())
+    }
+
+    fn write_snapshot_chunk_inner(
+        &mut self,
+        meta: SnapshotMeta,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), StorageError> {
+        if offset == 0 {
+            // Start afresh: `create` replaces any partial snapshot's file.
+            self.incoming = None;
+            self.incoming = Some(IncomingSnapshot::create(
+                self.vfs.as_ref(),
+                &self.dir,
+                meta,
+            )?);
+        }
+        match &mut self.incoming {
+            Some(incoming) if incoming.meta() == meta => incoming.write(offset, data),
+            _ => Err(StorageError::Invalid(format!(
+                "snapshot chunk at offset {offset} for index {} does not continue the snapshot \
+                 being written",
+                meta.index
+            ))),
+        }
+    }
+
+    fn install_snapshot_inner(&mut self, meta: SnapshotMeta) -> Result<(), StorageError> {
+        let not_written = || {
+            StorageError::Invalid(format!(
+                "no snapshot for index {} term {} was written",
+                meta.index, meta.term
+            ))
+        };
+        if self.incoming.as_ref().map(IncomingSnapshot::meta) != Some(meta) {
+            return Err(not_written());
+        }
+        // Earlier writes first; if that fails for lack of space, the install may be retried.
+        self.sync_inner()?;
+        let incoming = self.incoming.take().ok_or_else(not_written)?;
+        if meta.index <= self.snapshot.index {
+            // Never move backwards.
+            return incoming.discard(self.vfs.as_ref());
+        }
+        let installed = incoming.finish(
+            self.vfs.as_ref(),
+            &self.dir,
+            self.opts.cluster_id,
+            self.opts.node_id,
+        )?;
+        let old = self.snapshot_file.replace(installed);
+        self.snapshot = meta;
+        if self.index.term(meta.index) == Some(meta.term) {
+            self.index.drop_through(meta.index);
+            self.cache.drop_through(meta.index);
+        } else {
+            self.index.reset(meta.index + 1);
+            self.cache.clear();
+            // The snapshot is durable; the log must now record that the old entries are gone
+            // before any new entry follows them. If that fails (even for lack of space) the
+            // storage cannot go on safely: poison it.
+            let marker = self
+                .push_record(&RecordRef::Truncate { from: 0 })
+                .and_then(|_| self.sync_inner());
+            if marker.is_err() {
+                self.poisoned = true;
+            }
+            marker?;
+        }
+        if let Some(old) = old {
+            // Not synced: if the removal is lost, recovery removes the stale file again.
+            drop(old.file);
+            self.vfs
+                .remove(&old.path)
+                .map_err(|e| io_error("remove", &old.path, e))?;
+        }
+        Ok(())
+    }
+
+    fn compact_inner(&mut self, through: Index) -> Result<(), StorageError> {
+        self.sync_inner()?;
+        if through > self.snapshot.index {
+            return Err(StorageError::Invalid(format!(
+                "compact through {through} beyond snapshot {}",
+                self.snapshot.index
+            )));
+        }
+        let first_live_seq = match self.index.location(self.index.first()) {
+            Some(location) => unpack(location).0,
+            None => self.active().seq,
+        };
+        let mut removed = 0;
+        while self.segments.len() > 1 {
+            let oldest = &self.segments[0];
+            if oldest.seq >= first_live_seq || oldest.max_index > through {
+                break;
+            }
+            self.vfs
+                .remove(&oldest.path)
+                .map_err(|e| io_error("remove", &oldest.path, e))?;
+            self.segments.remove(0);
+            removed += 1;
+        }
+        if removed > 0 {
+            self.vfs
+                .sync_dir(&self.dir)
+                .map_err(|e| io_error("fsync dir", &self.dir, e))?;
+        }
+        Ok(())
+    }
+}
+
+impl Storage for FileStorage {
+    fn initial_state(&self) -> Result<InitialState, StorageError> {
+        self.check_poison()?;
+        Ok(InitialState {
+            hard_state: self.hard_state,
+            snapshot: self.snapshot,
+            first_index: self.index.first(),
+            last_index: self.index.last(),
+            snapshot_size: self.snapshot_file.as_ref().map_or(0, |f| f.content_len),
+        })
+    }
+
+    fn first_index(&self) -> Index {
+        self.index.first()
+    }
+
+    fn last_index(&self) -> Index {
+        self.index.last()
+    }
+
+    fn term(&self, index: Index) -> Result<Term, StorageError> {
+        self.check_poison()?;
+        if index == self.snapshot.index {
+            return Ok(self.snapshot.term);
+        }
+        if index < self.index.first() {
+            return Err(StorageError::Compacted(index));
+        }
+        self.index
+            .term(index)
+            .ok_or(StorageError::Unavailable(index))
+    }
+
+    fn entries(&self, lo: Index, hi: Index, max_bytes: u64) -> Result<Vec<Entry>, StorageError> {
+        self.check_poison()?;
+        if lo >= hi {
+            return Ok(Vec::new());
+        }
+        for index in [lo, hi - 1] {
+            if index < self.index.first() {
+                return Err(StorageError::Compacted(index));
+            }
+            if index > self.index.last() {
+                return Err(StorageError::Unavailable(index));
+            }
+        }
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for index in lo..hi {
+            let entry = match self.cache.get(index) {
+                Some(e) => e.clone(),
+                None => self.read_entry(index)?,
+            };
+            bytes += entry.size();
+            if !out.is_empty() && bytes > max_bytes {
+                break;
+            }
+            out.push(entry);
+        }
+        Ok(out)
+    }
+
+    fn set_hard_state(&mut self, hard_state: HardState) -> Result<(), StorageError> {
+        self.check_poison()?;
+        if hard_state == self.hard_state {
+            return Ok(());
+        }
+        let r = self.push_record(&RecordRef::HardState(hard_state));
+        self.guard(r)?;
+        self.hard_state = hard_state;
+        Ok(())
+    }
+
+    fn append(&mut self, entries: &[Entry]) -> Result<(), StorageError> {
+        self.check_poison()?;
+        let Some(first) = entries.first() else {
+            return Ok(());
+        };
+        let (lo, hi) = (self.index.first(), self.index.last() + 1);
+        if first.index < lo || first.index > hi {
+            return Err(StorageError::Invalid(format!(
+                "append at {} outside {lo}..={hi}",
+                first.index
+            )));
+        }
+        if entries.windows(2).any(|w| w[1].index != w[0].index + 1) {
+            return Err(StorageError::Invalid(
+                "appended entries are not contiguous".into(),
+            ));
+        }
+        let r = self.append_inner(entries);
+        self.guard(r)
+    }
+
+    fn truncate_suffix(&mut self, from: Index) -> Result<(), StorageError> {
+        self.check_poison()?;
+        if from < self.index.first() {
+            return Err(StorageError::Compacted(from));
+        }
+        if from > self.index.last() {
+            return Ok(());
+        }
+        let r = self.push_record(&RecordRef::Truncate { from });
+        self.guard(r)?;
+        self.index.truncate_from(from);
+        self.cache.truncate_from(from);
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<(), StorageError> {
+        self.check_poison()?;
+        let r = self.sync_inner();
+        self.guard(r)
+    }
+
+    fn write_snapshot_chunk(
+        &mut self,
+        meta: SnapshotMeta,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), StorageError> {
+        self.check_poison()?;
+        let r = self.write_snapshot_chunk_inner(meta, offset, data);
+        self.guard(r)
+    }
+
+    fn install_snapshot(&mut self, meta: SnapshotMeta) -> Result<(), StorageError> {
+        self.check_poison()?;
+        let r = self.install_snapshot_inner(meta);
+        self.guard(r)
+    }
+
+    fn read_snapshot(&self, offset: u64, len: usize) -> Result<Vec<u8>, StorageError> {
+        self.check_poison()?;
+        match &self.snapshot_file {
+            None => Err(StorageError::Unavailable(0)),
+            Some(file) => file.read(offset, len),
+        }
+    }
+
+    fn compact(&mut self, through: Index) -> Result<(), StorageError> {
+        self.check_poison()?;
+        let r = self.compact_inner(through);
+        self.guard(r)
+    }
+
+    fn persisted_size(&self) -> PersistedSize {
+        PersistedSize {
+            log_bytes: self.segments.iter().map(|s| s.end).sum(),
+            snapshot_bytes: self
+                .snapshot_file
+                .as_ref()
+                .map_or(0, SnapshotFile::file_len),
+        }
+    }
+}
