@@ -6,6 +6,7 @@
 //! properties are checked after every step (see [`invariants`]); a failure names its seed, and
 //! [`for_each_seed`] replays it.
 
+mod file_disk;
 pub mod invariants;
 mod lockstep;
 mod machine;
@@ -13,6 +14,7 @@ pub mod network;
 mod seeds;
 mod sim;
 
+pub use file_disk::SimFileStorage;
 pub use lockstep::Lockstep;
 pub use machine::{DigestMachine, RecordingMachine};
 pub use network::{NetworkConfig, Traffic};
