@@ -32,7 +32,7 @@ impl SimFileStorage {
             segment_size: 4096,
             ..Default::default()
         };
-        let storage = FileStorage::open_simulated(&disk, &dir, options.clone())
+        let storage = FileStorage::open_simulated(&disk, &dir, options)
             .unwrap_or_else(|e| panic!("opening a new simulated storage: {e}"));
         SimFileStorage {
             storage,
@@ -51,7 +51,7 @@ impl SimFileStorage {
 impl SimStorage for SimFileStorage {
     fn power_loss(&mut self, rng: &mut Rng) {
         self.disk.crash(rng.next_u64());
-        self.storage = FileStorage::open_simulated(&self.disk, &self.dir, self.options.clone())
+        self.storage = FileStorage::open_simulated(&self.disk, &self.dir, self.options)
             .unwrap_or_else(|e| panic!("node storage cannot reopen after a crash: {e}"));
     }
 }
