@@ -14,18 +14,38 @@ use crate::storage::Storage;
 /// Bytes per read when streaming a stored snapshot into a state machine.
 const RESTORE_READ_BYTES: usize = 256 << 10;
 
+/// How far [`write_ready`] got with one batch, so that a retry after a full disk resumes
+/// where it stopped instead of rewriting snapshot chunks the storage already took.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriteProgress {
+    hard_state_and_entries: bool,
+    chunks: usize,
+    installed: bool,
+}
+
 /// Writes the durable part of `ready` to storage (not synced, except that installing a
-/// snapshot syncs): hard state, entries, received snapshot chunks, then the install.
-pub fn write_ready<S: Storage>(storage: &mut S, ready: &Ready) -> Result<(), StorageError> {
-    if let Some(hs) = ready.hard_state {
-        storage.set_hard_state(hs)?;
+/// snapshot syncs): hard state, entries, received snapshot chunks, then the install. On an
+/// error, `progress` records what was done; calling again with it resumes (the hard state and
+/// entries are simply written again: both overwrite themselves).
+pub fn write_ready<S: Storage>(
+    storage: &mut S,
+    ready: &Ready,
+    progress: &mut WriteProgress,
+) -> Result<(), StorageError> {
+    if !progress.hard_state_and_entries {
+        if let Some(hs) = ready.hard_state {
+            storage.set_hard_state(hs)?;
+        }
+        storage.append(&ready.entries)?;
+        progress.hard_state_and_entries = true;
     }
-    storage.append(&ready.entries)?;
-    for chunk in &ready.snapshot_chunks {
+    for chunk in &ready.snapshot_chunks[progress.chunks..] {
         storage.write_snapshot_chunk(chunk.meta, chunk.offset, chunk.data.as_bytes())?;
+        progress.chunks += 1;
     }
-    if let Some(meta) = ready.install_snapshot {
+    if let (Some(meta), false) = (ready.install_snapshot, progress.installed) {
         storage.install_snapshot(meta)?;
+        progress.installed = true;
     }
     Ok(())
 }

@@ -32,7 +32,7 @@ use futures::StreamExt;
 use parking_lot::Mutex;
 
 use crate::error::{CoreProposeError, NodeError, ProposeError, StorageError};
-use crate::host::{self, SnapshotPolicy};
+use crate::host::{self, SnapshotPolicy, WriteProgress};
 use crate::raft::{
     Config, EntryPayload, Index, Message, NodeId, Payload, RaftCore, Ready, SnapshotMeta, Status,
     Term,
@@ -363,7 +363,7 @@ struct Worker<S, M: StateMachine> {
     /// Entries up to here are already in the state machine's own durable state.
     skip_through: Index,
     /// A batch that could not be written for lack of space, retried before anything else.
-    stalled: Option<Ready>,
+    stalled: Option<(Ready, WriteProgress)>,
     /// The full-disk error, while it lasts.
     disk_full: Option<String>,
     config: NodeConfig,
@@ -554,8 +554,8 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
     /// first (at every loop, so at least every tick) before anything newer: the node neither
     /// acknowledges nor applies anything meanwhile, and leadership moves elsewhere.
     fn process(&mut self) -> Result<(), NodeError> {
-        if let Some(ready) = self.stalled.take() {
-            self.persist_and_finish(ready)?;
+        if let Some((ready, progress)) = self.stalled.take() {
+            self.persist_and_finish(ready, progress)?;
             if self.stalled.is_some() {
                 return Ok(());
             }
@@ -573,7 +573,7 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
             if !ready.snapshot_chunks.is_empty() {
                 self.policy.abandon(); // the leader's snapshot takes the incoming slot
             }
-            self.persist_and_finish(ready)?;
+            self.persist_and_finish(ready, WriteProgress::default())?;
             if self.stalled.is_some() {
                 return Ok(());
             }
@@ -583,17 +583,21 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
     }
 
     /// Makes `ready` durable, then acknowledges and applies it. On a full disk the batch is
-    /// parked in `stalled` (every write in it can be repeated: the hard state and entries
-    /// overwrite themselves) and the error is reported in the status.
-    fn persist_and_finish(&mut self, mut ready: Ready) -> Result<(), NodeError> {
+    /// parked in `stalled` with how far its writes got, and the error is reported in the
+    /// status.
+    fn persist_and_finish(
+        &mut self,
+        mut ready: Ready,
+        mut progress: WriteProgress,
+    ) -> Result<(), NodeError> {
         if ready.must_persist() {
-            let written =
-                host::write_ready(&mut self.storage, &ready).and_then(|_| self.storage.sync());
+            let written = host::write_ready(&mut self.storage, &ready, &mut progress)
+                .and_then(|_| self.storage.sync());
             match written {
                 Ok(()) => self.disk_full = None,
                 Err(e @ StorageError::NoSpace { .. }) => {
                     self.disk_full = Some(e.to_string());
-                    self.stalled = Some(ready);
+                    self.stalled = Some((ready, progress));
                     return Ok(());
                 }
                 Err(e) => return Err(e.into()),

@@ -12,8 +12,16 @@
 //! `first_index() - 1` is the snapshot's last entry (or the sentinel 0 when there is no
 //! snapshot). `first_index() == last_index() + 1` means the log is empty.
 //!
-//! Any error from a write or from `sync` is fatal for the node: the driver stops and reports it.
-//! An implementation must not return `Ok` from `sync` after a failed fsync.
+//! Errors: [`StorageError::NoSpace`] from a write, `sync` or snapshot call leaves what was
+//! durable intact and the call may be repeated once space is free (the node pauses and
+//! retries). Any other error is fatal for the node: the driver stops and reports it. An
+//! implementation must not return `Ok` from `sync` after a failed fsync (it returns
+//! [`StorageError::Poisoned`] from then on). Damage found by a read after opening
+//! ([`StorageError::Corrupt`]) is fatal too.
+//!
+//! Memory: the streaming calls (`entries` in bounded ranges, `write_snapshot_chunk`,
+//! `read_snapshot`) must not need memory proportional to the log or the snapshot; the
+//! convenience calls `save_snapshot` and `snapshot` hold a whole snapshot by design.
 
 pub mod file;
 pub mod mem;
@@ -88,9 +96,10 @@ pub trait Storage: Send + 'static {
     /// Writes bytes of a snapshot being received (from the leader, or from this node's own
     /// state machine), in order: `offset == 0` starts snapshot `meta` afresh (discarding any
     /// partial one); otherwise `offset` must equal the bytes written so far for `meta`, or the
-    /// call fails with [`StorageError::Invalid`]. The partial snapshot is not visible to
-    /// readers and need not survive a crash (the transfer then restarts). Memory use must not
-    /// grow with the snapshot's size.
+    /// call fails with [`StorageError::Invalid`] (a caller bug: the node never skips or
+    /// repeats a chunk). After `NoSpace` the same chunk may be written again at the same
+    /// offset. The partial snapshot is not visible to readers and need not survive a crash
+    /// (the transfer then restarts). Memory use must not grow with the snapshot's size.
     fn write_snapshot_chunk(
         &mut self,
         meta: SnapshotMeta,
@@ -101,13 +110,16 @@ pub trait Storage: Send + 'static {
     /// Makes the snapshot written with [`Storage::write_snapshot_chunk`] for `meta` the
     /// current one, durably and atomically, before it returns (earlier writes are synced
     /// first). Log entries after `meta.index` are kept if the log holds `(meta.index,
-    /// meta.term)`; otherwise the whole log is discarded. Entries at or below `meta.index` may
-    /// be discarded at once or later by [`Storage::compact`]. A snapshot not newer than the
-    /// current one is ignored (a node never moves backwards).
+    /// meta.term)`; otherwise the whole log is discarded. Entries at or below `meta.index` are
+    /// discarded (so that `first_index() == meta.index + 1` afterwards). A snapshot not newer
+    /// than the current one is ignored (a node never moves backwards). If no snapshot was
+    /// written for `meta`, the call fails with [`StorageError::Invalid`] and the next snapshot
+    /// must start again at offset 0.
     fn install_snapshot(&mut self, meta: SnapshotMeta) -> Result<(), StorageError>;
 
     /// Reads up to `len` bytes of the current snapshot's content starting at `offset` (fewer
-    /// only at the end). Fails with [`StorageError::Unavailable`] when there is no snapshot.
+    /// only at the end; none at or past the end). Fails with [`StorageError::Unavailable`]
+    /// when there is no snapshot.
     fn read_snapshot(&self, offset: u64, len: usize) -> Result<Vec<u8>, StorageError>;
 
     /// Stores a whole snapshot at once: [`Storage::write_snapshot_chunk`] then
@@ -129,7 +141,9 @@ pub trait Storage: Send + 'static {
         Ok(Some((init.snapshot, self.read_snapshot(0, size)?)))
     }
 
-    /// Discards log entries at or below `through`, which must not exceed the snapshot's index.
+    /// Releases space held by log entries at or below `through`, which must not exceed the
+    /// snapshot's index (whole segments, say; entries covered by the snapshot are already gone
+    /// from the log's view).
     fn compact(&mut self, through: Index) -> Result<(), StorageError>;
 
     /// Bytes kept on the medium.

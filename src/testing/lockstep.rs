@@ -188,7 +188,7 @@ impl Lockstep {
             let storage = self.storages.get_mut(&id).expect("known node");
             let requests = std::mem::take(&mut ready.snapshot_requests);
             let chunks = host::snapshot_messages(storage, id, requests).expect("memory storage");
-            host::write_ready(storage, &ready).expect("memory storage");
+            host::write_ready(storage, &ready, &mut Default::default()).expect("memory storage");
             storage.sync().expect("memory storage");
             core.on_persisted(ready.ack);
             self.queue.extend(ready.messages);

@@ -314,7 +314,7 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
             if !ready.snapshot_chunks.is_empty() {
                 node.policy.abandon();
             }
-            host::write_ready(&mut node.storage, &ready)
+            host::write_ready(&mut node.storage, &ready, &mut Default::default())
                 .unwrap_or_else(|e| panic!("node storage failed: {e}"));
             if let Some(meta) = ready.install_snapshot {
                 let size = node
