@@ -8,6 +8,7 @@
 
 mod file_disk;
 pub mod invariants;
+pub mod linearizability;
 mod lockstep;
 mod machine;
 pub mod network;
