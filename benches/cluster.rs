@@ -1,11 +1,16 @@
 //! Committed proposals per second and latency percentiles of a 3-node cluster on the
-//! in-memory storage and in-process network, 100-byte commands, with 1 and 64 concurrent
-//! proposers. Beside them it prints the machine's own floor for one proposal: a round trip
-//! between two threads over a channel (a proposal needs at least two of those: client to
-//! node thread and back, plus the replication round trip).
+//! in-process network, 100-byte commands, with 1 and 64 concurrent proposers: first on the
+//! in-memory storage, then on the file storage (three data directories on one disk).
+//! Beside them it prints the machine's own floors measured in the same run: a round trip
+//! between two threads over a channel (a proposal crosses several), and one 100-byte
+//! write + fdatasync in the same directory (every commit waits for at least one on the leader
+//! and one on a follower).
 //!
-//! Run with: `cargo bench --bench cluster`
+//! Run with: `cargo bench --bench cluster` (`RAFTKV_BENCH_DIR` picks the directory; it must
+//! be a real disk for the file figures to mean anything).
 
+use std::io::Write;
+use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -13,20 +18,25 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use futures::future::join_all;
 use raftkv::error::ProposeError;
 use raftkv::raft::Role;
-use raftkv::storage::MemStorage;
-use raftkv::testing::RecordingMachine;
+use raftkv::storage::{FileStorage, FileStorageOptions, MemStorage};
+use raftkv::testing::DigestMachine;
 use raftkv::transport::LocalNetwork;
-use raftkv::{Index, Node, NodeConfig};
+use raftkv::{Node, NodeConfig};
 
 const COMMAND: [u8; 100] = [7u8; 100];
 
+enum Backend {
+    Memory,
+    Files(PathBuf),
+}
+
 struct Cluster {
-    leader: Node<Index>,
-    nodes: Vec<Node<Index>>,
+    leader: Node<u64>,
+    nodes: Vec<Node<u64>>,
     rt: tokio::runtime::Runtime,
 }
 
-fn cluster() -> Cluster {
+fn cluster(backend: &Backend) -> Cluster {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -37,12 +47,15 @@ fn cluster() -> Cluster {
     for id in 1..=3 {
         let mut c = NodeConfig::new(id, vec![1, 2, 3]);
         c.tick_interval = Duration::from_millis(10);
-        let (node, driver) = Node::start(
-            c,
-            MemStorage::new(),
-            RecordingMachine::default(),
-            net.transport(id),
-        )
+        let machine = DigestMachine::default();
+        let (node, driver) = match backend {
+            Backend::Memory => Node::start(c, MemStorage::new(), machine, net.transport(id)),
+            Backend::Files(dir) => {
+                let opts = FileStorageOptions { cluster_id: 1, node_id: id, ..Default::default() };
+                let storage = FileStorage::open(dir.join(format!("n{id}")), opts).unwrap();
+                Node::start(c, storage, machine, net.transport(id))
+            }
+        }
         .unwrap();
         rt.spawn(driver);
         let inbox = node.clone();
@@ -63,7 +76,7 @@ impl Cluster {
     fn run(&self, total: usize, concurrency: usize) -> Vec<Duration> {
         let leader = self.leader.clone();
         self.rt.block_on(async move {
-            let per = total / concurrency;
+            let per = total.div_ceil(concurrency);
             let workers = (0..concurrency).map(|_| {
                 let leader = leader.clone();
                 async move {
@@ -84,6 +97,12 @@ impl Cluster {
             });
             join_all(workers).await.into_iter().flatten().collect()
         })
+    }
+
+    fn shutdown(self) {
+        for n in &self.nodes {
+            self.rt.block_on(n.shutdown());
+        }
     }
 }
 
@@ -113,56 +132,78 @@ fn channel_round_trip() -> Duration {
     per
 }
 
-fn report(c: &Cluster, concurrency: usize, total: usize) {
+fn write_fdatasync(dir: &std::path::Path) -> Duration {
+    let path = dir.join("raw");
+    let mut f = std::fs::File::create(&path).unwrap();
+    f.write_all(&vec![0u8; 1 << 20]).unwrap();
+    f.sync_all().unwrap();
+    let n = 500;
+    let t = Instant::now();
+    for _ in 0..n {
+        f.write_all(&COMMAND).unwrap();
+        f.sync_data().unwrap();
+    }
+    let per = t.elapsed() / n;
+    let _ = std::fs::remove_file(&path);
+    per
+}
+
+fn report(name: &str, c: &Cluster, concurrency: usize, total: usize) -> f64 {
     let start = Instant::now();
     let mut lat = c.run(total, concurrency);
     let elapsed = start.elapsed();
     lat.sort();
+    let rate = lat.len() as f64 / elapsed.as_secs_f64();
     println!(
-        "cluster/3 nodes/{concurrency} proposers: {:.0} commits/s, latency p50 {:?} p99 {:?} p99.9 {:?} ({} proposals)",
-        lat.len() as f64 / elapsed.as_secs_f64(),
+        "{name}/3 nodes/{concurrency} proposers: {rate:.0} commits/s, latency p50 {:?} p99 {:?} p99.9 {:?} ({} proposals)",
         percentile(&lat, 0.50),
         percentile(&lat, 0.99),
         percentile(&lat, 0.999),
         lat.len()
     );
+    rate
 }
 
 fn bench(crit: &mut Criterion) {
-    let c = cluster();
-    println!(
-        "machine floor: thread-to-thread channel round trip {:?}",
-        channel_round_trip()
-    );
-    report(&c, 1, 20_000);
-    report(&c, 64, 200_000);
+    let root = std::env::var_os("RAFTKV_BENCH_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    let dir = root.join(format!("raftkv-bench-cluster-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    println!("machine floor: thread-to-thread channel round trip {:?}", channel_round_trip());
+    println!("machine floor: 100 B write + fdatasync {:?} in {}", write_fdatasync(&dir), dir.display());
+
+    let mem = cluster(&Backend::Memory);
+    report("memory", &mem, 1, 20_000);
+    report("memory", &mem, 64, 200_000);
+    let files = cluster(&Backend::Files(dir.clone()));
+    let one = report("files", &files, 1, 5_000);
+    let many = report("files", &files, 64, 100_000);
+    println!("files: 64 proposers commit {:.1}x the single proposer's rate (group commit)", many / one);
 
     let mut g = crit.benchmark_group("cluster_propose_100B");
     g.throughput(Throughput::Elements(1));
-    g.bench_function("1_proposer", |b| {
-        b.iter_custom(|iters| {
-            let t = Instant::now();
-            c.run(iters as usize, 1);
-            t.elapsed()
-        })
-    });
-    g.bench_function("64_proposers", |b| {
-        b.iter_custom(|iters| {
-            let iters = (iters as usize).max(64);
-            let t = Instant::now();
-            c.run(iters, 64);
-            t.elapsed()
-        })
-    });
-    g.finish();
-    for n in &c.nodes {
-        c.rt.block_on(n.shutdown());
+    g.sample_size(10).measurement_time(Duration::from_secs(5));
+    for (name, c) in [("memory", &mem), ("files", &files)] {
+        g.bench_function(format!("{name}/1_proposer"), |b| {
+            b.iter_custom(|iters| {
+                let t = Instant::now();
+                c.run(iters as usize, 1);
+                t.elapsed()
+            })
+        });
+        g.bench_function(format!("{name}/64_proposers"), |b| {
+            b.iter_custom(|iters| {
+                let n = (iters as usize).max(64);
+                let t = Instant::now();
+                c.run(n, 64);
+                t.elapsed().mul_f64(iters as f64 / n as f64)
+            })
+        });
     }
+    g.finish();
+    mem.shutdown();
+    files.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
-criterion_group! {
-    name = benches;
-    config = Criterion::default().sample_size(20).measurement_time(Duration::from_secs(5));
-    targets = bench
-}
+criterion_group!(benches, bench);
 criterion_main!(benches);
