@@ -51,7 +51,11 @@ fn cluster(backend: &Backend) -> Cluster {
         let (node, driver) = match backend {
             Backend::Memory => Node::start(c, MemStorage::new(), machine, net.transport(id)),
             Backend::Files(dir) => {
-                let opts = FileStorageOptions { cluster_id: 1, node_id: id, ..Default::default() };
+                let opts = FileStorageOptions {
+                    cluster_id: 1,
+                    node_id: id,
+                    ..Default::default()
+                };
                 let storage = FileStorage::open(dir.join(format!("n{id}")), opts).unwrap();
                 Node::start(c, storage, machine, net.transport(id))
             }
@@ -165,11 +169,20 @@ fn report(name: &str, c: &Cluster, concurrency: usize, total: usize) -> f64 {
 }
 
 fn bench(crit: &mut Criterion) {
-    let root = std::env::var_os("RAFTKV_BENCH_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    let root = std::env::var_os("RAFTKV_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
     let dir = root.join(format!("raftkv-bench-cluster-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    println!("machine floor: thread-to-thread channel round trip {:?}", channel_round_trip());
-    println!("machine floor: 100 B write + fdatasync {:?} in {}", write_fdatasync(&dir), dir.display());
+    println!(
+        "machine floor: thread-to-thread channel round trip {:?}",
+        channel_round_trip()
+    );
+    println!(
+        "machine floor: 100 B write + fdatasync {:?} in {}",
+        write_fdatasync(&dir),
+        dir.display()
+    );
 
     let mem = cluster(&Backend::Memory);
     report("memory", &mem, 1, 20_000);
@@ -177,7 +190,10 @@ fn bench(crit: &mut Criterion) {
     let files = cluster(&Backend::Files(dir.clone()));
     let one = report("files", &files, 1, 5_000);
     let many = report("files", &files, 64, 100_000);
-    println!("files: 64 proposers commit {:.1}x the single proposer's rate (group commit)", many / one);
+    println!(
+        "files: 64 proposers commit {:.1}x the single proposer's rate (group commit)",
+        many / one
+    );
 
     let mut g = crit.benchmark_group("cluster_propose_100B");
     g.throughput(Throughput::Elements(1));

@@ -3,9 +3,10 @@
 //! - `append_sync_1_writer/{raw_write_fdatasync,file_storage}/{100,1024}`: one entry appended
 //!   and synced per iteration, against the raw limit measured in the same run and directory
 //!   (one positioned write of the same size plus fdatasync on a plain preallocated file).
-//! - `group_commit_64_writers/file_storage/100`: 64 threads push 100 B entries into a bounded
-//!   queue; one storage thread drains everything queued, appends it, syncs once and acks all
-//!   (how the node driver uses storage). The time is per entry (amortized); mean batch size and
+//! - `group_commit_64_writers/file_storage/100`: 64 writers (async tasks on one executor
+//!   thread, as a node's clients are) push 100 B entries into a bounded queue, each waiting
+//!   for its ack; one storage thread drains everything queued, appends it, syncs once and
+//!   acks all (how the node driver uses storage). The time is per entry (amortized); mean batch size and
 //!   mean per-entry latency are printed after the run.
 //! - `recovery/open_1m_entries_100b`: `FileStorage::open` of a directory holding 1,000,000
 //!   entries of 100 B; the peak memory of one open is measured in a child process (VmHWM,
@@ -103,22 +104,27 @@ static LATENCY_NANOS: AtomicU64 = AtomicU64::new(0);
 /// Runs `total` proposals through the group-commit pipeline; returns the elapsed time.
 fn group_commit_round(s: &mut FileStorage, total: u64) -> Duration {
     let per_writer = total.div_ceil(WRITERS as u64);
-    let (tx, rx) = mpsc::sync_channel::<(Vec<u8>, mpsc::Sender<()>)>(4 * WRITERS);
+    type Ack = futures::channel::oneshot::Sender<()>;
+    let (tx, rx) = mpsc::sync_channel::<(Vec<u8>, Ack)>(4 * WRITERS);
     let start = Instant::now();
     std::thread::scope(|scope| {
-        for _ in 0..WRITERS {
-            let tx = tx.clone();
-            scope.spawn(move || {
-                let (ack_tx, ack_rx) = mpsc::channel();
-                for _ in 0..per_writer {
-                    let t = Instant::now();
-                    tx.send((vec![1u8; 100], ack_tx.clone())).expect("queue");
-                    ack_rx.recv().expect("ack");
-                    LATENCY_NANOS.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        // The writers: 64 tasks on one executor thread, as clients of a node are (each waits
+        // for its ack before sending the next entry).
+        scope.spawn(move || {
+            let writers = (0..WRITERS).map(|_| {
+                let tx = tx.clone();
+                async move {
+                    for _ in 0..per_writer {
+                        let t = Instant::now();
+                        let (ack_tx, ack_rx) = futures::channel::oneshot::channel();
+                        tx.send((vec![1u8; 100], ack_tx)).expect("queue");
+                        ack_rx.await.expect("ack");
+                        LATENCY_NANOS.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                    }
                 }
             });
-        }
-        drop(tx);
+            futures::executor::block_on(futures::future::join_all(writers));
+        });
         // The storage thread (this one): drain, append, sync once, ack all.
         let mut batch = Vec::new();
         while let Ok(first) = rx.recv() {
