@@ -1,5 +1,6 @@
 //! An in-process 3-node raftkv cluster that narrates what it does: election, replication,
-//! losing the leader, re-election, and a restarted node catching up from its storage.
+//! losing the leader, re-election, and a stopped node restarting from its data directory
+//! (file storage in a temporary directory) and catching up.
 //!
 //! Run with: `cargo run --release --example demo`
 
@@ -8,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use raftkv::error::ProposeError;
 use raftkv::raft::Role;
-use raftkv::storage::MemStorage;
+use raftkv::storage::{FileStorage, FileStorageOptions};
 use raftkv::transport::LocalNetwork;
 use raftkv::{Index, Node, NodeConfig, StateMachine};
 
@@ -38,11 +39,19 @@ impl StateMachine for Map {
 
 type MapNode = Node<Option<String>>;
 
-fn start(id: u64, net: &LocalNetwork, storage: &MemStorage) -> MapNode {
+fn start(id: u64, net: &LocalNetwork, dir: &std::path::Path) -> MapNode {
     let mut config = NodeConfig::new(id, vec![1, 2, 3]);
     config.tick_interval = Duration::from_millis(20);
-    let (node, driver) = Node::start(config, storage.clone(), Map::default(), net.transport(id))
-        .expect("node starts");
+    let options = FileStorageOptions {
+        cluster_id: 42,
+        node_id: id,
+        segment_size: 1 << 20,
+        ..Default::default()
+    };
+    let storage =
+        FileStorage::open(dir.join(format!("node-{id}")), options).expect("data directory opens");
+    let (node, driver) =
+        Node::start(config, storage, Map::default(), net.transport(id)).expect("node starts");
     tokio::spawn(driver);
     let inbox = node.clone();
     net.register(id, move |m| inbox.step(m));
@@ -107,11 +116,14 @@ fn show(nodes: &[Option<MapNode>]) {
 
 #[tokio::main]
 async fn main() {
-    println!("raftkv demo: 3 nodes in one process, in-memory storage, in-process network\n");
+    let data = tempfile::tempdir().expect("a temporary directory");
+    println!(
+        "raftkv demo: 3 nodes in one process, file storage under {}, in-process network\n",
+        data.path().display()
+    );
     let net = LocalNetwork::new();
-    let storages: Vec<MemStorage> = (0..3).map(|_| MemStorage::new()).collect();
     let mut nodes: Vec<Option<MapNode>> = (1..=3)
-        .map(|id| Some(start(id, &net, &storages[id as usize - 1])))
+        .map(|id| Some(start(id, &net, data.path())))
         .collect();
 
     println!("1. electing a leader");
@@ -139,8 +151,8 @@ async fn main() {
     show(&nodes);
 
     let restarted = old.id();
-    println!("\n4. restarting node {restarted} from its storage");
-    nodes[restarted as usize - 1] = Some(start(restarted, &net, &storages[restarted as usize - 1]));
+    println!("\n4. restarting node {restarted} from its data directory");
+    nodes[restarted as usize - 1] = Some(start(restarted, &net, data.path()));
     tokio::time::sleep(Duration::from_millis(300)).await;
     show(&nodes);
     let applied: Vec<u64> = nodes
