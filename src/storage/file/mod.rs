@@ -58,6 +58,7 @@
 //!
 //! One `FileStorage` per directory: nothing else may write to it while it is open.
 
+mod header;
 mod log_index;
 mod recovery;
 mod segment;

@@ -43,6 +43,7 @@ use std::path::{Path, PathBuf};
 use memmap2::Mmap;
 use serde::{Deserialize, Serialize};
 
+use super::header;
 use super::vfs::{io_error, Vfs, VfsFile};
 use crate::error::StorageError;
 use crate::raft::{Entry, HardState, Index};
@@ -52,7 +53,7 @@ pub(crate) const SEGMENT_MAGIC: [u8; 8] = *b"RKVLOG\0\x01";
 /// Current on-disk format version (segments and snapshots).
 pub(crate) const FORMAT_VERSION: u32 = 1;
 /// Bytes of a segment header.
-pub(crate) const HEADER_LEN: u64 = 64;
+pub(crate) const HEADER_LEN: u64 = header::LEN as u64;
 /// Bytes of a record's length + checksum prefix.
 pub(crate) const RECORD_PREFIX: u64 = 8;
 /// Chunk size used to zero-fill new segments.
@@ -150,41 +151,16 @@ pub(crate) struct SegmentHeader {
 
 impl SegmentHeader {
     pub(crate) fn encode(&self) -> [u8; HEADER_LEN as usize] {
-        let mut h = [0u8; HEADER_LEN as usize];
-        h[0..8].copy_from_slice(&SEGMENT_MAGIC);
-        h[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
-        h[16..24].copy_from_slice(&self.cluster_id.to_le_bytes());
-        h[24..32].copy_from_slice(&self.node_id.to_le_bytes());
+        let mut h = header::begin(&SEGMENT_MAGIC, self.cluster_id, self.node_id);
         h[32..40].copy_from_slice(&self.seq.to_le_bytes());
         h[40..48].copy_from_slice(&self.allocated_len.to_le_bytes());
-        let crc = crc32fast::hash(&h[0..60]);
-        h[60..64].copy_from_slice(&crc.to_le_bytes());
+        header::seal(&mut h);
         h
     }
 
     /// Parses and checks a header (magic, version, checksum); identity is checked by the caller.
     pub(crate) fn decode(bytes: &[u8], path: &Path) -> Result<SegmentHeader, StorageError> {
-        let corrupt = |offset: u64, reason: &str| StorageError::Corrupt {
-            path: path.to_path_buf(),
-            offset,
-            reason: reason.to_owned(),
-        };
-        let h = bytes
-            .get(..HEADER_LEN as usize)
-            .ok_or_else(|| corrupt(0, "file shorter than a segment header"))?;
-        if h[0..8] != SEGMENT_MAGIC {
-            return Err(corrupt(0, "bad segment magic"));
-        }
-        let version = read_u32(h, 8).unwrap_or(0);
-        if version != FORMAT_VERSION {
-            return Err(StorageError::WrongIdentity {
-                path: path.to_path_buf(),
-                reason: format!("format version {version}, expected {FORMAT_VERSION}"),
-            });
-        }
-        if read_u32(h, 60) != Some(crc32fast::hash(&h[0..60])) {
-            return Err(corrupt(60, "segment header checksum mismatch"));
-        }
+        let h = header::check(bytes, &SEGMENT_MAGIC, "segment", path)?;
         Ok(SegmentHeader {
             cluster_id: read_u64(h, 16).unwrap_or(0),
             node_id: read_u64(h, 24).unwrap_or(0),

@@ -29,7 +29,8 @@
 
 use std::path::{Path, PathBuf};
 
-use super::segment::{read_u32, read_u64, FORMAT_VERSION};
+use super::header;
+use super::segment::{read_u32, read_u64};
 use super::vfs::{io_error, Vfs, VfsFile};
 use crate::error::StorageError;
 use crate::raft::SnapshotMeta;
@@ -37,7 +38,7 @@ use crate::raft::SnapshotMeta;
 /// Magic bytes at the start of a snapshot file.
 pub(crate) const SNAPSHOT_MAGIC: [u8; 8] = *b"RKVSNAP\x01";
 /// Bytes of a snapshot header.
-pub(crate) const SNAPSHOT_HEADER_LEN: u64 = 64;
+pub(crate) const SNAPSHOT_HEADER_LEN: u64 = header::LEN as u64;
 /// Bytes read at a time when verifying a snapshot.
 const READ_CHUNK: usize = 1 << 20;
 /// Name of a snapshot being written.
@@ -68,43 +69,18 @@ pub(crate) struct SnapshotHeader {
 
 impl SnapshotHeader {
     fn encode(&self) -> [u8; SNAPSHOT_HEADER_LEN as usize] {
-        let mut h = [0u8; SNAPSHOT_HEADER_LEN as usize];
-        h[0..8].copy_from_slice(&SNAPSHOT_MAGIC);
-        h[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
-        h[16..24].copy_from_slice(&self.cluster_id.to_le_bytes());
-        h[24..32].copy_from_slice(&self.node_id.to_le_bytes());
+        let mut h = header::begin(&SNAPSHOT_MAGIC, self.cluster_id, self.node_id);
         h[32..40].copy_from_slice(&self.meta.index.to_le_bytes());
         h[40..48].copy_from_slice(&self.meta.term.to_le_bytes());
         h[48..56].copy_from_slice(&self.data_len.to_le_bytes());
         h[56..60].copy_from_slice(&self.data_crc.to_le_bytes());
-        let crc = crc32fast::hash(&h[0..60]);
-        h[60..64].copy_from_slice(&crc.to_le_bytes());
+        header::seal(&mut h);
         h
     }
 
     /// Parses and checks magic, version and header checksum.
     pub(crate) fn decode(h: &[u8], path: &Path) -> Result<SnapshotHeader, StorageError> {
-        let corrupt = |offset: u64, reason: &str| StorageError::Corrupt {
-            path: path.to_path_buf(),
-            offset,
-            reason: reason.to_owned(),
-        };
-        let h = h
-            .get(..SNAPSHOT_HEADER_LEN as usize)
-            .ok_or_else(|| corrupt(0, "file shorter than a snapshot header"))?;
-        if h[0..8] != SNAPSHOT_MAGIC {
-            return Err(corrupt(0, "bad snapshot magic"));
-        }
-        let version = read_u32(h, 8).unwrap_or(0);
-        if version != FORMAT_VERSION {
-            return Err(StorageError::WrongIdentity {
-                path: path.to_path_buf(),
-                reason: format!("format version {version}, expected {FORMAT_VERSION}"),
-            });
-        }
-        if read_u32(h, 60) != Some(crc32fast::hash(&h[0..60])) {
-            return Err(corrupt(60, "snapshot header checksum mismatch"));
-        }
+        let h = header::check(h, &SNAPSHOT_MAGIC, "snapshot", path)?;
         Ok(SnapshotHeader {
             cluster_id: read_u64(h, 16).unwrap_or(0),
             node_id: read_u64(h, 24).unwrap_or(0),
