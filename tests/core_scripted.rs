@@ -86,7 +86,7 @@ fn any_node_steps_down_on_a_higher_term() {
         from: 2,
         to: 1,
         term: term + 5,
-        body: MessageBody::HeartbeatResponse,
+        body: MessageBody::HeartbeatResponse { read_round: 0 },
     });
     assert_eq!(net.core(1).role(), Role::Follower);
     assert_eq!(net.core(1).term(), term + 5);
@@ -462,7 +462,7 @@ fn malformed_appends_are_ignored() {
         from: 9,
         to: 2,
         term: term + 1,
-        body: MessageBody::HeartbeatResponse,
+        body: MessageBody::HeartbeatResponse { read_round: 0 },
     };
     net.send(stranger);
     assert_eq!(net.core(2).term(), term);

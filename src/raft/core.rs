@@ -26,6 +26,7 @@ use std::collections::BTreeMap;
 use super::config::Config;
 use super::log::RaftLog;
 use super::progress::Progress;
+use super::read::Reads;
 use super::ready::{PersistAck, Proposed, Ready, SnapshotChunk, SnapshotChunkRequest, Status};
 use super::rng::Rng;
 use super::snapshot::Incoming;
@@ -98,6 +99,8 @@ pub struct RaftCore {
     pub(super) snapshot_requests: Vec<SnapshotChunkRequest>,
     pub(super) snapshot_chunks: Vec<SnapshotChunk>,
     pub(super) install_snapshot: Option<SnapshotMeta>,
+    /// ReadIndex state (leader), and confirmed/failed reads to hand out.
+    pub(super) reads: Reads,
 }
 
 impl RaftCore {
@@ -138,6 +141,7 @@ impl RaftCore {
             snapshot_requests: Vec::new(),
             snapshot_chunks: Vec::new(),
             install_snapshot: None,
+            reads: Reads::default(),
         };
         core.reset_election_timer();
         Ok(core)
@@ -334,11 +338,8 @@ impl RaftCore {
                 MessageBody::Append { .. }
                 | MessageBody::Heartbeat { .. }
                 | MessageBody::InstallSnapshot { .. } => {
-                    self.send(
-                        m.from,
-                        MessageBody::HeartbeatResponse,
-                        Dispatch::AfterPersist,
-                    );
+                    let body = MessageBody::HeartbeatResponse { read_round: 0 };
+                    self.send(m.from, body, Dispatch::AfterPersist);
                 }
                 MessageBody::Vote { pre_vote: true, .. } => {
                     self.send(
@@ -387,12 +388,16 @@ impl RaftCore {
             || self.log.take_unstable_len() > 0
             || self.log.commit().min(self.log.persisted()) > self.log.applied()
             || !self.snapshot_chunks.is_empty()
+            || !self.reads.states.is_empty()
+            || !self.reads.failed.is_empty()
+            || (self.role == Role::Leader && self.reads.pending.iter().any(|r| r.round == 0))
             || (self.role == Role::Leader && self.progress.keys().any(|&p| self.wants_send(p)))
     }
 
     /// Hands out the pending work. See [`Ready`] for the order the host must follow.
     pub fn ready(&mut self) -> Ready {
         if self.role == Role::Leader {
+            self.start_read_round();
             self.send_appends();
         }
         let hs = self.hard_state();
@@ -416,6 +421,8 @@ impl RaftCore {
             snapshot_requests: std::mem::take(&mut self.snapshot_requests),
             snapshot_chunks: std::mem::take(&mut self.snapshot_chunks),
             install_snapshot: self.install_snapshot.take(),
+            read_states: std::mem::take(&mut self.reads.states),
+            failed_reads: std::mem::take(&mut self.reads.failed),
             ack: PersistAck {
                 hard_state: hs,
                 last_index: self.log.last_index(),
@@ -434,6 +441,7 @@ impl RaftCore {
     }
 
     fn become_follower(&mut self, term: Term, leader: Option<NodeId>) {
+        self.abort_reads();
         if term > self.term {
             self.term = term;
             self.vote = None;
@@ -610,17 +618,15 @@ impl RaftCore {
                 offset,
                 data,
             } => self.handle_snapshot_chunk(m.from, meta, size, offset, data),
-            MessageBody::Heartbeat { commit } => {
+            MessageBody::Heartbeat { commit, read_round } => {
                 self.election_elapsed = 0;
                 self.leader = Some(m.from);
                 // The leader caps `commit` at what it knows we hold, so it is safe to adopt.
                 self.log.commit_to(commit.min(self.log.last_index()));
-                self.send(
-                    m.from,
-                    MessageBody::HeartbeatResponse,
-                    Dispatch::AfterPersist,
-                );
+                let body = MessageBody::HeartbeatResponse { read_round };
+                self.send(m.from, body, Dispatch::AfterPersist);
             }
+            MessageBody::ReadIndexResponse { ctx, index } => self.handle_read_response(ctx, index),
             _ => {}
         }
     }

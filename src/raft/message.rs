@@ -220,9 +220,28 @@ pub enum MessageBody {
     Heartbeat {
         /// Commit index the follower may adopt.
         commit: Index,
+        /// The leader's latest read round (ReadIndex): echoed back, it proves the leader still
+        /// led when the round started.
+        read_round: u64,
     },
     /// Answer to [`MessageBody::Heartbeat`].
-    HeartbeatResponse,
+    HeartbeatResponse {
+        /// The heartbeat's read round.
+        read_round: u64,
+    },
+    /// A follower asks the leader for a read index on behalf of a local read `ctx`.
+    ReadIndex {
+        /// The follower's identifier of the read.
+        ctx: u64,
+    },
+    /// The leader's answer: reads may be served once `index` is applied (`None`: the leader
+    /// could not confirm its leadership; retry).
+    ReadIndexResponse {
+        /// The read it answers.
+        ctx: u64,
+        /// The read index.
+        index: Option<Index>,
+    },
     /// One chunk of the leader's snapshot, for a follower that needs entries the leader has
     /// compacted away. Chunks go in order; `offset == 0` starts a transfer over.
     InstallSnapshot {

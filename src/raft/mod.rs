@@ -9,6 +9,7 @@ mod core;
 mod log;
 mod message;
 mod progress;
+mod read;
 mod ready;
 mod replication;
 mod rng;
@@ -19,5 +20,7 @@ pub use self::core::{RaftCore, Role};
 pub use self::log::RaftLog;
 pub use self::message::*;
 pub use self::progress::{Progress, ProgressState, SnapshotTransfer};
-pub use self::ready::{PersistAck, Proposed, Ready, SnapshotChunk, SnapshotChunkRequest, Status};
+pub use self::ready::{
+    PersistAck, Proposed, ReadState, Ready, SnapshotChunk, SnapshotChunkRequest, Status,
+};
 pub use self::rng::Rng;

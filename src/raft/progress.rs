@@ -68,6 +68,8 @@ pub struct Progress {
     pub sent_at_heartbeat: Index,
     /// The snapshot transfer, in Snapshot mode.
     pub transfer: Option<SnapshotTransfer>,
+    /// Latest read round (ReadIndex) the follower answered.
+    pub acked_read_round: u64,
 }
 
 impl Progress {
@@ -83,6 +85,7 @@ impl Progress {
             recent_active: true,
             sent_at_heartbeat: 0,
             transfer: None,
+            acked_read_round: 0,
         }
     }
 

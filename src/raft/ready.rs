@@ -48,6 +48,11 @@ pub struct Ready {
     /// snapshot in storage (durably), restore the state machine from it, and only then apply
     /// `committed_entries` (which all follow it).
     pub install_snapshot: Option<SnapshotMeta>,
+    /// Linearizable reads confirmed by the leader: each may be served once the state machine
+    /// has applied its `index` (see [`RaftCore::read_index`](super::RaftCore::read_index)).
+    pub read_states: Vec<ReadState>,
+    /// Reads that cannot be confirmed (leadership changed): fail them, the client retries.
+    pub failed_reads: Vec<u64>,
     /// What to report to [`RaftCore::on_persisted`](super::RaftCore::on_persisted) once this batch is durable.
     pub ack: PersistAck,
 }
@@ -142,4 +147,13 @@ pub struct SnapshotChunk {
     pub offset: u64,
     /// The bytes.
     pub data: Payload,
+}
+
+/// A confirmed linearizable read: serve read `ctx` once the state machine applied `index`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadState {
+    /// The host's identifier of the read.
+    pub ctx: u64,
+    /// The commit index when the read arrived at the leader.
+    pub index: Index,
 }

@@ -80,7 +80,9 @@ impl RaftCore {
                 p.recent_active = true;
                 p.maybe_decrease_to(rejected_index, probe);
             }
-            MessageBody::HeartbeatResponse => {
+            MessageBody::ReadIndex { ctx } => self.handle_read_request(from, ctx),
+            MessageBody::HeartbeatResponse { read_round } => {
+                self.read_round_acknowledged(from, read_round);
                 let last = self.log.last_index();
                 let Some(p) = self.progress.get_mut(&from) else {
                     return;
@@ -139,6 +141,7 @@ impl RaftCore {
                 .sum();
             self.uncommitted_bytes = self.uncommitted_bytes.saturating_sub(released);
             self.log.commit_to(candidate);
+            self.release_reads_waiting_for_commit();
         }
     }
 
@@ -211,7 +214,12 @@ impl RaftCore {
             })
             .collect();
         for (to, commit) in beats {
-            self.send(to, MessageBody::Heartbeat { commit }, Dispatch::Now);
+            let read_round = self.reads.round;
+            self.send(
+                to,
+                MessageBody::Heartbeat { commit, read_round },
+                Dispatch::Now,
+            );
         }
     }
 }

@@ -10,7 +10,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::host;
 use crate::raft::{
-    Config, Entry, EntryPayload, HardState, Message, NodeId, RaftCore, SnapshotMeta, Term,
+    Config, Entry, EntryPayload, HardState, Message, NodeId, RaftCore, ReadState, SnapshotMeta,
+    Term,
 };
 use crate::storage::{MemStorage, Storage};
 
@@ -41,6 +42,8 @@ pub struct Lockstep {
     filter: Option<Filter>,
     delivered: Vec<Message>,
     installed: Vec<(NodeId, SnapshotMeta)>,
+    reads: Vec<(NodeId, ReadState)>,
+    failed_reads: Vec<(NodeId, u64)>,
 }
 
 impl Lockstep {
@@ -63,6 +66,8 @@ impl Lockstep {
             filter: None,
             delivered: Vec::new(),
             installed: Vec::new(),
+            reads: Vec::new(),
+            failed_reads: Vec::new(),
         };
         for (i, terms) in logs.iter().enumerate() {
             let id = i as NodeId + 1;
@@ -194,6 +199,10 @@ impl Lockstep {
             self.queue.extend(ready.messages);
             self.queue.extend(chunks);
             self.queue.extend(ready.persisted_messages);
+            self.reads
+                .extend(ready.read_states.iter().map(|r| (id, *r)));
+            self.failed_reads
+                .extend(ready.failed_reads.iter().map(|c| (id, *c)));
             let applied = self.applied.get_mut(&id).expect("known node");
             if let Some(meta) = ready.install_snapshot {
                 self.installed.push((id, meta));
@@ -218,6 +227,16 @@ impl Lockstep {
             .expect("snapshot of an applied entry");
         storage.compact(meta.index).expect("memory storage");
         meta
+    }
+
+    /// Confirmed linearizable reads so far, as `(node, read)`.
+    pub fn read_states(&self) -> &[(NodeId, ReadState)] {
+        &self.reads
+    }
+
+    /// Reads that failed so far, as `(node, ctx)`.
+    pub fn failed_reads(&self) -> &[(NodeId, u64)] {
+        &self.failed_reads
     }
 
     /// Snapshots installed from a leader so far, as `(node, meta)`.

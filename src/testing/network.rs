@@ -60,7 +60,9 @@ pub fn kind_of(m: &Message) -> &'static str {
         MessageBody::Append { .. } => "Append",
         MessageBody::AppendResponse(_) => "AppendResponse",
         MessageBody::Heartbeat { .. } => "Heartbeat",
-        MessageBody::HeartbeatResponse => "HeartbeatResponse",
+        MessageBody::HeartbeatResponse { .. } => "HeartbeatResponse",
+        MessageBody::ReadIndex { .. } => "ReadIndex",
+        MessageBody::ReadIndexResponse { .. } => "ReadIndexResponse",
         MessageBody::InstallSnapshot { .. } => "InstallSnapshot",
         MessageBody::SnapshotResponse { .. } => "SnapshotResponse",
     }
