@@ -57,7 +57,7 @@ pub enum StorageError {
     Poisoned,
 }
 
-/// Why [`Node::propose`](crate::Node::propose) failed.
+/// Why [`Node::propose`](crate::Node::propose) or [`Node::read`](crate::Node::read) failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProposeError {
     /// This node is not the leader. Retry on `leader` if it is known.
@@ -79,6 +79,9 @@ pub enum ProposeError {
     /// This node's disk is full; it takes no proposals until space is freed.
     #[error("no space left on this node's disk")]
     NoSpace,
+    /// The state machine does not answer queries ([`StateMachine::query`](crate::StateMachine::query)).
+    #[error("the state machine does not serve queries")]
+    Unsupported,
     /// The node is shut down (or stopped after a fatal storage error).
     #[error("node is shut down")]
     Shutdown,

@@ -100,6 +100,8 @@ type Reply<O> = oneshot::Sender<Result<O, ProposeError>>;
 enum Command<O> {
     Propose(Payload, Reply<O>),
     Step(Message),
+    /// A linearizable read-only query.
+    Read(Payload, Reply<O>),
     /// Take a snapshot now; answered with its meta once installed (`None`: nothing new).
     Snapshot(oneshot::Sender<Option<SnapshotMeta>>),
     /// Serialized bytes of a local snapshot, from its background thread.
@@ -234,6 +236,9 @@ impl<O: Send + 'static> Node<O> {
             policy: SnapshotPolicy::new(config.max_log_bytes),
             snapshot_waiters: Vec::new(),
             skip_through: 0,
+            reads: HashMap::new(),
+            ready_reads: BTreeMap::new(),
+            next_read: 0,
             stalled: None,
             disk_full: None,
             config,
@@ -273,6 +278,20 @@ impl<O: Send + 'static> Node<O> {
     /// the node's inbox is full or the node is shut down (Raft recovers from lost messages).
     pub fn step(&self, message: Message) {
         let _ = self.handle.inbox.try_send(Command::Step(message));
+    }
+
+    /// Answers `query` with [`StateMachine::query`] once it is linearizable: the leader
+    /// confirms it still leads (ReadIndex, one heartbeat round, no log write), and the query
+    /// runs after this node applied everything committed when the read arrived. Works on
+    /// followers too (the leader is asked for the read index). Never blocks.
+    pub async fn read(&self, query: impl Into<Payload>) -> Result<O, ProposeError> {
+        let (tx, rx) = oneshot::channel();
+        match self.handle.inbox.try_send(Command::Read(query.into(), tx)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => return Err(ProposeError::Busy),
+            Err(TrySendError::Disconnected(_)) => return Err(ProposeError::Shutdown),
+        }
+        rx.await.unwrap_or(Err(ProposeError::Shutdown))
     }
 
     /// Takes a snapshot of the state machine now and compacts the log behind it. Resolves
@@ -362,6 +381,11 @@ struct Worker<S, M: StateMachine> {
     snapshot_waiters: Vec<oneshot::Sender<Option<SnapshotMeta>>>,
     /// Entries up to here are already in the state machine's own durable state.
     skip_through: Index,
+    /// Reads waiting for confirmation: ctx -> (query, reply, deadline).
+    reads: HashMap<u64, (Payload, Reply<M::Output>, Instant)>,
+    /// Confirmed reads waiting for the apply index: (index, ctx).
+    ready_reads: BTreeMap<(Index, u64), ()>,
+    next_read: u64,
     /// A batch that could not be written for lack of space, retried before anything else.
     stalled: Option<(Ready, WriteProgress)>,
     /// The full-disk error, while it lasts.
@@ -421,6 +445,9 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
         for (_, (_, reply, _)) in std::mem::take(&mut self.pending) {
             let _ = reply.send(Err(ProposeError::Shutdown));
         }
+        for (_, (_, reply, _)) in std::mem::take(&mut self.reads) {
+            let _ = reply.send(Err(ProposeError::Shutdown));
+        }
         for w in self.snapshot_waiters.drain(..) {
             let _ = w.send(None);
         }
@@ -466,6 +493,22 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
                     let _ = reply.send(Err(ProposeError::Busy));
                 }
             },
+            Command::Read(query, reply) => {
+                self.next_read += 1;
+                let ctx = self.next_read;
+                match self.core.read_index(ctx) {
+                    Ok(()) => {
+                        let deadline = Instant::now() + self.config.propose_timeout;
+                        self.reads.insert(ctx, (query, reply, deadline));
+                    }
+                    Err(CoreProposeError::NotLeader { leader }) => {
+                        let _ = reply.send(Err(ProposeError::NotLeader { leader }));
+                    }
+                    Err(CoreProposeError::Busy) => {
+                        let _ = reply.send(Err(ProposeError::Busy));
+                    }
+                }
+            }
             Command::Snapshot(reply) => {
                 if self.policy.in_progress().is_some() || !self.maybe_snapshot(true) {
                     let _ = reply.send(None);
@@ -541,6 +584,19 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
                 let _ = reply.send(Err(ProposeError::Timeout));
             }
         }
+        let expired: Vec<u64> = self
+            .reads
+            .iter()
+            .filter(|(_, r)| r.2 <= now)
+            .map(|(c, _)| *c)
+            .collect();
+        for ctx in expired {
+            if let Some((_, reply, _)) = self.reads.remove(&ctx) {
+                let _ = reply.send(Err(ProposeError::Timeout));
+            }
+        }
+        self.ready_reads
+            .retain(|(_, ctx), _| self.reads.contains_key(ctx));
     }
 
     fn send(&mut self, messages: Vec<Message>) {
@@ -629,7 +685,37 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
             };
             self.resolve(entry.index, entry.term, output);
         }
+        for ctx in ready.failed_reads {
+            if let Some((_, reply, _)) = self.reads.remove(&ctx) {
+                let _ = reply.send(Err(ProposeError::NotLeader {
+                    leader: self.core.leader(),
+                }));
+            }
+        }
+        for r in ready.read_states {
+            self.ready_reads.insert((r.index, r.ctx), ());
+        }
+        self.serve_reads();
         Ok(())
+    }
+
+    /// Answers the confirmed reads whose index the state machine has applied.
+    fn serve_reads(&mut self) {
+        let applied = self.core.log().applied();
+        while let Some(entry) = self.ready_reads.first_entry() {
+            let (index, ctx) = *entry.key();
+            if index > applied {
+                break;
+            }
+            entry.remove();
+            if let Some((query, reply, _)) = self.reads.remove(&ctx) {
+                let answer = self
+                    .machine
+                    .query(query.as_bytes())
+                    .ok_or(ProposeError::Unsupported);
+                let _ = reply.send(answer);
+            }
+        }
     }
 
     /// The entry at `index` was applied: answer the proposal that waited for it, and fail

@@ -71,6 +71,14 @@ pub trait StateMachine: Send + 'static {
     /// Replaces the whole state with a snapshot's content (read it to the end).
     fn restore(&mut self, snapshot: &mut dyn Read) -> io::Result<()>;
 
+    /// Answers a read-only `query` against the current state (called on the node thread, for
+    /// [`Node::read`](crate::Node::read), once the node has applied everything the read must
+    /// see). `None` (the default) means the state machine does not serve reads this way.
+    fn query(&self, query: &[u8]) -> Option<Self::Output> {
+        let _ = query;
+        None
+    }
+
     /// For a state machine that keeps its own durable state: the last index whose effects
     /// are durable in it (entries up to it are never applied again). `None` (the default)
     /// means the state is rebuilt from the snapshot and the log at every start.
