@@ -162,6 +162,10 @@ struct SimNode<M, S> {
     snapshots_installed: u64,
     /// Largest persisted size seen, summed over log and snapshot.
     peak_persisted: u64,
+    /// Reads asked of this node: ticket -> query.
+    read_queries: BTreeMap<u64, Payload>,
+    /// Reads confirmed, waiting for the apply index: (index, ticket).
+    confirmed_reads: BTreeMap<(Index, u64), ()>,
 }
 
 /// A simulated cluster. See the [module docs](self).
@@ -189,6 +193,8 @@ pub struct Cluster<M: StateMachine, S: SimStorage = MemStorage> {
     pub network: Network,
     checker: Checker,
     acknowledged: Vec<Acknowledged<M::Output>>,
+    read_results: BTreeMap<u64, Option<M::Output>>,
+    next_read: u64,
     dropped: u64,
     steps: u64,
 }
@@ -219,6 +225,8 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
             nodes: BTreeMap::new(),
             factory: Box::new(factory),
             acknowledged: Vec::new(),
+            read_results: BTreeMap::new(),
+            next_read: 0,
             dropped: 0,
             steps: 0,
         };
@@ -241,6 +249,8 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
                     snapshots_taken: 0,
                     snapshots_installed: 0,
                     peak_persisted: 0,
+                    read_queries: BTreeMap::new(),
+                    confirmed_reads: BTreeMap::new(),
                 },
             );
             c.boot(id);
@@ -360,6 +370,16 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
             for entry in ready.committed_entries {
                 self.apply(id, entry);
             }
+            let node = self.nodes.get_mut(&id).expect("known node");
+            for ticket in ready.failed_reads {
+                if node.read_queries.remove(&ticket).is_some() {
+                    self.read_results.insert(ticket, None);
+                }
+            }
+            for r in ready.read_states {
+                node.confirmed_reads.insert((r.index, r.ctx), ());
+            }
+            self.serve_reads(id);
         }
         self.maybe_snapshot(id, false);
         let node = self.nodes.get_mut(&id).expect("known node");
@@ -367,6 +387,22 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
         node.peak_persisted = node
             .peak_persisted
             .max(size.log_bytes + size.snapshot_bytes);
+    }
+
+    /// Answers the confirmed reads of `id` whose index it has applied.
+    fn serve_reads(&mut self, id: NodeId) {
+        let node = self.nodes.get_mut(&id).expect("known node");
+        while let Some(entry) = node.confirmed_reads.first_entry() {
+            let (index, ticket) = *entry.key();
+            if index > node.last_applied {
+                break;
+            }
+            entry.remove();
+            if let Some(query) = node.read_queries.remove(&ticket) {
+                let answer = node.machine.query(query.as_bytes());
+                self.read_results.insert(ticket, answer);
+            }
+        }
     }
 
     /// Starts a local snapshot of `id` if one is due (or forced): the state machine's image is
@@ -601,6 +637,28 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
         Ok(proposed)
     }
 
+    /// Asks `id` for a linearizable read of `query` (ReadIndex). Returns a ticket; the answer
+    /// shows up in [`Cluster::take_read_result`] once the read is confirmed and `id` applied
+    /// far enough. A read on a node that crashes is never answered.
+    pub fn read(&mut self, id: NodeId, query: impl Into<Payload>) -> Result<u64, CoreProposeError> {
+        let node = self.nodes.get_mut(&id).expect("known node");
+        let Some(core) = node.core.as_mut() else {
+            return Err(CoreProposeError::NotLeader { leader: None });
+        };
+        self.next_read += 1;
+        let ticket = self.next_read;
+        core.read_index(ticket)?;
+        node.read_queries.insert(ticket, query.into());
+        self.schedule(0, EventKind::Process(id));
+        Ok(ticket)
+    }
+
+    /// The answer to read `ticket`, once there is one: `Some(Some(output))` when served,
+    /// `Some(None)` when it failed (leadership changed, or the machine serves no queries).
+    pub fn take_read_result(&mut self, ticket: u64) -> Option<Option<M::Output>> {
+        self.read_results.remove(&ticket)
+    }
+
     /// Proposes on `id` and runs until the command is applied there (within `max_ms`).
     /// Returns its index and output, or `None` if it was refused, dropped or timed out.
     pub fn propose_and_wait(
@@ -659,6 +717,8 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
         node.storage.power_loss(&mut self.rng);
         node.incarnation += 1;
         node.pending.clear();
+        node.read_queries.clear();
+        node.confirmed_reads.clear();
         node.last_sync_at = self.now;
     }
 
