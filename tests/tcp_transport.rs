@@ -404,3 +404,26 @@ async fn a_full_queue_drops_the_newest_batches_and_counts_them() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redialing_a_listener_that_hangs_up_backs_off() {
+    within_budget(async {
+        // A listener of another cluster: it closes each connection right after the hello.
+        let socket = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        let server = tokio::spawn(serve(socket, CLUSTER + 1, DEFAULT_MAX_FRAME, |_| {}));
+        let transport = TcpTransport::new(CLUSTER, 1, HashMap::from([(2, addr)]));
+        let stats = transport.stats();
+        assert!(wait_until(|| stats.peer(2).unwrap().connects >= 1).await);
+        // Backoff 50, 100, 200, 400, 800 ms...: a handful of dials in 1.2 s, not one per 50 ms.
+        sleep(Duration::from_millis(1200)).await;
+        let connects = stats.peer(2).unwrap().connects;
+        assert!(
+            (2..=6).contains(&connects),
+            "{connects} connections in 1.2 s"
+        );
+        drop(transport);
+        server.abort();
+    })
+    .await;
+}

@@ -13,8 +13,9 @@
 //! # Limits
 //! - Per peer, at most [`QUEUE_BATCHES`] batches wait to be written; when the queue is full the
 //!   newest batch is dropped and counted (Raft resends what matters).
-//! - Reconnection backs off exponentially from [`BACKOFF_MIN`] to [`BACKOFF_MAX`]; connecting
-//!   and writing each have a timeout, after which the connection is dropped and redialed.
+//! - Reconnection backs off exponentially from [`BACKOFF_MIN`] to [`BACKOFF_MAX`], starting
+//!   over only after a connection that lasted [`HEALTHY_CONNECTION`]; connecting and writing
+//!   each have a timeout, after which the connection is dropped and redialed.
 //! - A batch that does not fit a frame of `max_frame` bytes is split; a single message that
 //!   does not fit is dropped and logged.
 //! - [`serve`] keeps at most [`MAX_CONNECTIONS`] connections; a connection must say hello within
@@ -50,6 +51,8 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(2);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long writing one frame may take before the connection is considered dead.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection that lived this long resets the reconnection backoff.
+pub const HEALTHY_CONNECTION: Duration = Duration::from_secs(1);
 /// How long an accepted connection has to send its hello.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections [`serve`] keeps open at most.
@@ -250,7 +253,7 @@ impl Link {
             }
             self.counters.connects.fetch_add(1, Ordering::Relaxed);
             self.counters.connected.store(true, Ordering::Relaxed);
-            let sent_before = self.counters.batches_sent.load(Ordering::Relaxed);
+            let connected_at = Instant::now();
             let ended = self.pump(stream, &hello, &mut queue).await;
             self.counters.connected.store(false, Ordering::Relaxed);
             match ended {
@@ -263,8 +266,9 @@ impl Link {
                     quiet = true;
                 }
             }
-            // A connection that carried traffic was healthy: start the backoff over.
-            if self.counters.batches_sent.load(Ordering::Relaxed) > sent_before {
+            // A connection that lasted was healthy: start the backoff over. One the peer
+            // closes at once (another cluster's listener, say) keeps backing off.
+            if connected_at.elapsed() >= HEALTHY_CONNECTION {
                 backoff = BACKOFF_MIN;
             }
             sleep(backoff).await;
