@@ -64,6 +64,7 @@ pub mod storage;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod transport;
+pub mod wire;
 
 pub use node::{Driver, Node, NodeConfig, NodeStatus};
 pub use raft::{Index, NodeId, Term};
