@@ -389,7 +389,10 @@ mod tests {
                 from: 1,
                 to: 2,
                 term: 3,
-                body: MessageBody::Heartbeat { commit: 5 },
+                body: MessageBody::Heartbeat {
+                    commit: 5,
+                    read_round: 0,
+                },
             },
         ])
     }

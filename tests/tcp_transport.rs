@@ -335,7 +335,10 @@ fn heartbeat(from: u64, to: u64) -> Message {
         from,
         to,
         term: 1,
-        body: MessageBody::Heartbeat { commit: 0 },
+        body: MessageBody::Heartbeat {
+            commit: 0,
+            read_round: 0,
+        },
     }
 }
 

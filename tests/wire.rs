@@ -55,8 +55,20 @@ fn every_message() -> Vec<Message> {
             hint_index: 5,
             hint_term: 3,
         })),
-        m(MessageBody::Heartbeat { commit: 12 }),
-        m(MessageBody::HeartbeatResponse),
+        m(MessageBody::Heartbeat {
+            commit: 12,
+            read_round: 7,
+        }),
+        m(MessageBody::HeartbeatResponse { read_round: 7 }),
+        m(MessageBody::ReadIndex { ctx: 99 }),
+        m(MessageBody::ReadIndexResponse {
+            ctx: 99,
+            index: Some(12),
+        }),
+        m(MessageBody::ReadIndexResponse {
+            ctx: 98,
+            index: None,
+        }),
         m(MessageBody::InstallSnapshot {
             meta: SnapshotMeta {
                 index: 100,
