@@ -8,7 +8,8 @@
 //! With `RAFTKV_SEEDS=30 cargo test --release --all-features --test sim_kv`:
 //! - *Sessions that do not de-duplicate* (a retried request applied again): both
 //!   `repeated_whole_cluster_crashes_*` tests fail with a non-linearizable history (a retried
-//!   append shows up twice).
+//!   append shows up twice), and `a_retried_request_across_a_leader_change_is_applied_once`
+//!   fails on its first seed.
 //! - *ReadIndex without the heartbeat round* (a leader answers reads from its commit index
 //!   at once): these tests did **not** catch it in 100 seeds, even without check-quorum — the
 //!   window in which a cut-off leader still answers while the new one has completed a write
@@ -573,5 +574,55 @@ fn lagging_followers_catch_up_by_snapshot() {
         let installed: u64 = c.node_ids().iter().map(|&i| c.snapshots_installed(i)).sum();
         assert!(installed >= 1, "no follower caught up by snapshot");
         assert_linearizable(seed, &h);
+    });
+}
+
+/// A client sends a numbered append to a leader, loses touch with it (the entry may or may
+/// not have committed), and retries the very same request on the next leader: the append is
+/// applied exactly once either way.
+#[test]
+fn a_retried_request_across_a_leader_change_is_applied_once() {
+    for_each_seed("kv_retry_across_leaders", 30, |seed| {
+        let mut c: Sim = Cluster::new(SimConfig::new(5, seed), |_| KvStateMachine::default());
+        let mut rng = Rng::new(seed);
+        let l1 = c.run_until_leader(5_000).expect("leader");
+        let session = match c.propose_and_wait(l1, encode_command(&KvCommand::Register), 2_000) {
+            Some((_, KvResult::Registered(id))) => id,
+            other => panic!("{other:?}"),
+        };
+        let append = request(
+            session,
+            1,
+            KvOp::Append {
+                key: b"k".to_vec(),
+                value: b"x".to_vec(),
+            },
+        );
+        c.propose(l1, append.clone()).expect("leader takes it");
+        // Cut the leader off after a random short while: sometimes the entry committed first.
+        c.run_for(rng.range(0, 6));
+        c.isolate(l1);
+        let l2 = c
+            .run_until(5_000, |c| c.stable_leader().is_some_and(|l| l != l1))
+            .then(|| c.stable_leader().unwrap())
+            .expect("a new leader");
+        let (_, answer) = c
+            .propose_and_wait(l2, append, 3_000)
+            .expect("the retry commits");
+        assert_eq!(answer, KvResult::Done);
+        c.reconnect(l1);
+        c.run_for(500);
+        let ticket = c
+            .read(l2, encode_query(&KvOp::Get { key: b"k".to_vec() }))
+            .unwrap();
+        assert!(
+            c.run_until(2_000, |c| c.read_done(ticket)),
+            "the read was not answered"
+        );
+        assert_eq!(
+            c.take_read_result(ticket),
+            Some(Some(KvResult::Value(Some(b"x".to_vec())))),
+            "applied twice or lost"
+        );
     });
 }

@@ -653,6 +653,11 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
         Ok(ticket)
     }
 
+    /// True once read `ticket` has an answer (see [`Cluster::take_read_result`]).
+    pub fn read_done(&self, ticket: u64) -> bool {
+        self.read_results.contains_key(&ticket)
+    }
+
     /// The answer to read `ticket`, once there is one: `Some(Some(output))` when served,
     /// `Some(None)` when it failed (leadership changed, or the machine serves no queries).
     pub fn take_read_result(&mut self, ticket: u64) -> Option<Option<M::Output>> {
