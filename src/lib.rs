@@ -1,4 +1,4 @@
-//! raftkv: an embeddable replicated, durable state machine (and, soon, key/value map) built on
+//! raftkv: an embeddable replicated, durable key/value map (or any state machine of yours) built on
 //! Raft.
 //!
 //! - [`raft::RaftCore`] is the protocol as a deterministic, IO-free state machine that any host
@@ -6,8 +6,12 @@
 //! - [`Node`] drives it for you: a dedicated thread for the core, the [`storage::Storage`] and
 //!   your [`StateMachine`]; a [`Driver`] future for the [`transport::Transport`], on any
 //!   executor;
+//! - [`kv`] is the ready-made replicated map (exactly-once sessions, linearizable reads) and
+//!   its client;
+//! - [`storage::FileStorage`] is the durable storage: checksummed segments, crash recovery,
+//!   streamed snapshots;
 //! - the `testing` feature simulates whole clusters under faults, with Raft's safety
-//!   properties checked after every step.
+//!   properties checked after every step, and checks KV histories for linearizability.
 //!
 //! A one-node cluster, driven by `futures::executor`:
 //!
