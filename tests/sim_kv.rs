@@ -339,6 +339,24 @@ struct Scenario {
 
 fn no_faults(_: &mut Sim, _: &mut Rng) {}
 
+impl Default for Scenario {
+    /// 3 nodes, 4 writing clients, 100 operations each, reliable network, no faults, no
+    /// snapshots, check-quorum on.
+    fn default() -> Self {
+        Scenario {
+            nodes: 3,
+            clients: 4,
+            ops: 100,
+            network: NetworkConfig::reliable(),
+            max_log_bytes: None,
+            faults: no_faults,
+            every_ms: 1000,
+            check_quorum: true,
+            readers: 0,
+        }
+    }
+}
+
 fn run(seed: u64, s: &Scenario) -> (Sim, Vec<Operation>) {
     let mut cfg = SimConfig::new(s.nodes, seed);
     cfg.network = s.network.clone();
@@ -400,15 +418,9 @@ fn assert_linearizable(seed: u64, history: &[Operation]) {
 fn one_client_reliable_network() {
     for_each_seed("kv_one_client", 10, |seed| {
         let s = Scenario {
-            nodes: 3,
             clients: 1,
             ops: 60,
-            network: NetworkConfig::reliable(),
-            max_log_bytes: None,
-            faults: no_faults,
-            every_ms: 1000,
-            check_quorum: true,
-            readers: 0,
+            ..Scenario::default()
         };
         let (_, h) = run(seed, &s);
         assert!(
@@ -427,11 +439,7 @@ fn many_clients_unreliable_network() {
             clients: 6,
             ops: 80,
             network: NetworkConfig::unreliable(),
-            max_log_bytes: None,
-            faults: no_faults,
-            every_ms: 1000,
-            check_quorum: true,
-            readers: 0,
+            ..Scenario::default()
         };
         let (_, h) = run(seed, &s);
         assert_linearizable(seed, &h);
@@ -458,14 +466,12 @@ fn partitions_that_move_the_leader_without_check_quorum() {
     for_each_seed("kv_moving_leader_no_lease", 10, |seed| {
         let s = Scenario {
             nodes: 5,
-            clients: 4,
             ops: 400,
-            network: NetworkConfig::reliable(),
-            max_log_bytes: None,
             faults: move_the_leader,
             every_ms: 800,
             check_quorum: false,
             readers: 1,
+            ..Scenario::default()
         };
         let (c, h) = run(seed, &s);
         assert!(c.checker().leaders().len() >= 3, "the leader did not move");
@@ -478,14 +484,10 @@ fn partitions_that_move_the_leader() {
     for_each_seed("kv_moving_leader", 10, |seed| {
         let s = Scenario {
             nodes: 5,
-            clients: 4,
             ops: 150,
-            network: NetworkConfig::reliable(),
-            max_log_bytes: None,
             faults: move_the_leader,
             every_ms: 250,
-            check_quorum: true,
-            readers: 0,
+            ..Scenario::default()
         };
         let (c, h) = run(seed, &s);
         assert!(c.checker().leaders().len() >= 3, "the leader did not move");
@@ -506,15 +508,9 @@ fn crash_everyone(c: &mut Sim, _: &mut Rng) {
 fn repeated_whole_cluster_crashes_without_snapshots() {
     for_each_seed("kv_total_failure", 8, |seed| {
         let s = Scenario {
-            nodes: 3,
-            clients: 4,
-            ops: 100,
-            network: NetworkConfig::reliable(),
-            max_log_bytes: None,
             faults: crash_everyone,
             every_ms: 300,
-            check_quorum: true,
-            readers: 0,
+            ..Scenario::default()
         };
         let (_, h) = run(seed, &s);
         assert_linearizable(seed, &h);
@@ -525,15 +521,10 @@ fn repeated_whole_cluster_crashes_without_snapshots() {
 fn repeated_whole_cluster_crashes_with_snapshots() {
     for_each_seed("kv_total_failure_snapshots", 8, |seed| {
         let s = Scenario {
-            nodes: 3,
-            clients: 4,
-            ops: 100,
-            network: NetworkConfig::reliable(),
             max_log_bytes: Some(2_000),
             faults: crash_everyone,
             every_ms: 300,
-            check_quorum: true,
-            readers: 0,
+            ..Scenario::default()
         };
         let (c, h) = run(seed, &s);
         let taken: u64 = c.node_ids().iter().map(|&i| c.snapshots_taken(i)).sum();
@@ -560,15 +551,11 @@ fn isolate_a_follower_for_a_while(c: &mut Sim, rng: &mut Rng) {
 fn lagging_followers_catch_up_by_snapshot() {
     for_each_seed("kv_lagging_snapshot", 8, |seed| {
         let s = Scenario {
-            nodes: 3,
-            clients: 4,
             ops: 150,
-            network: NetworkConfig::reliable(),
             max_log_bytes: Some(1_500),
             faults: isolate_a_follower_for_a_while,
             every_ms: 300,
-            check_quorum: true,
-            readers: 0,
+            ..Scenario::default()
         };
         let (c, h) = run(seed, &s);
         let installed: u64 = c.node_ids().iter().map(|&i| c.snapshots_installed(i)).sum();
