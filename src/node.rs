@@ -239,6 +239,7 @@ impl<O: Send + 'static> Node<O> {
             reads: HashMap::new(),
             ready_reads: BTreeMap::new(),
             next_read: 0,
+            answers: Vec::new(),
             stalled: None,
             disk_full: None,
             config,
@@ -386,6 +387,8 @@ struct Worker<S, M: StateMachine> {
     /// Confirmed reads waiting for the apply index: (index, ctx).
     ready_reads: BTreeMap<(Index, u64), ()>,
     next_read: u64,
+    /// Answers to send once the status is published.
+    answers: Vec<(Reply<M::Output>, Result<M::Output, ProposeError>)>,
     /// A batch that could not be written for lack of space, retried before anything else.
     stalled: Option<(Ready, WriteProgress)>,
     /// The full-disk error, while it lasts.
@@ -436,10 +439,16 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
                 next_tick = now + self.config.tick_interval;
                 self.expire(now);
             }
-            if let Err(e) = self.process() {
+            let processed = self.process();
+            // The status is published before the answers leave, so that a caller who got an
+            // answer sees a status at least as recent.
+            self.publish_status(None, true);
+            for (reply, answer) in self.answers.drain(..) {
+                let _ = reply.send(answer);
+            }
+            if let Err(e) = processed {
                 break Some(e);
             }
-            self.publish_status(None, true);
         };
         self.publish_status(fatal.map(|e| e.to_string()), false);
         for (_, (_, reply, _)) in std::mem::take(&mut self.pending) {
@@ -713,7 +722,7 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
                     .machine
                     .query(query.as_bytes())
                     .ok_or(ProposeError::Unsupported);
-                let _ = reply.send(answer);
+                self.answers.push((reply, answer));
             }
         }
     }
@@ -729,11 +738,11 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
             let (want_term, reply, _) = entry.remove();
             if at == index && want_term == term {
                 if let Some(out) = output {
-                    let _ = reply.send(Ok(out));
+                    self.answers.push((reply, Ok(out)));
                 }
                 break;
             }
-            let _ = reply.send(Err(ProposeError::Dropped));
+            self.answers.push((reply, Err(ProposeError::Dropped)));
         }
     }
 
