@@ -96,6 +96,8 @@ pub struct NodeStatus {
 }
 
 type Reply<O> = oneshot::Sender<Result<O, ProposeError>>;
+/// A reply and what it will carry.
+type Answer<O> = (Reply<O>, Result<O, ProposeError>);
 
 enum Command<O> {
     Propose(Payload, Reply<O>),
@@ -388,7 +390,7 @@ struct Worker<S, M: StateMachine> {
     ready_reads: BTreeMap<(Index, u64), ()>,
     next_read: u64,
     /// Answers to send once the status is published.
-    answers: Vec<(Reply<M::Output>, Result<M::Output, ProposeError>)>,
+    answers: Vec<Answer<M::Output>>,
     /// A batch that could not be written for lack of space, retried before anything else.
     stalled: Option<(Ready, WriteProgress)>,
     /// The full-disk error, while it lasts.
