@@ -104,6 +104,8 @@ enum Command<O> {
     Step(Message),
     /// A linearizable read-only query.
     Read(Payload, Reply<O>),
+    /// Hand leadership to a follower.
+    Transfer(NodeId, oneshot::Sender<Result<(), ProposeError>>),
     /// Take a snapshot now; answered with its meta once installed (`None`: nothing new).
     Snapshot(oneshot::Sender<Option<SnapshotMeta>>),
     /// Serialized bytes of a local snapshot, from its background thread.
@@ -290,6 +292,20 @@ impl<O: Send + 'static> Node<O> {
     pub async fn read(&self, query: impl Into<Payload>) -> Result<O, ProposeError> {
         let (tx, rx) = oneshot::channel();
         match self.handle.inbox.try_send(Command::Read(query.into(), tx)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => return Err(ProposeError::Busy),
+            Err(TrySendError::Disconnected(_)) => return Err(ProposeError::Shutdown),
+        }
+        rx.await.unwrap_or(Err(ProposeError::Shutdown))
+    }
+
+    /// Hands leadership to voter `to` (this node must lead): it is brought up to date, then
+    /// told to campaign at once. Resolves when the request is taken; watch
+    /// [`Node::status`] for the outcome (a transfer that cannot complete within an election
+    /// timeout is abandoned). Proposals are refused with [`ProposeError::Busy`] meanwhile.
+    pub async fn transfer_leadership(&self, to: NodeId) -> Result<(), ProposeError> {
+        let (tx, rx) = oneshot::channel();
+        match self.handle.inbox.try_send(Command::Transfer(to, tx)) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => return Err(ProposeError::Busy),
             Err(TrySendError::Disconnected(_)) => return Err(ProposeError::Shutdown),
@@ -519,6 +535,13 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
                         let _ = reply.send(Err(ProposeError::Busy));
                     }
                 }
+            }
+            Command::Transfer(to, reply) => {
+                let result = self.core.transfer_leadership(to).map_err(|e| match e {
+                    CoreProposeError::NotLeader { leader } => ProposeError::NotLeader { leader },
+                    CoreProposeError::Busy => ProposeError::Busy,
+                });
+                let _ = reply.send(result);
             }
             Command::Snapshot(reply) => {
                 if self.policy.in_progress().is_some() || !self.maybe_snapshot(true) {

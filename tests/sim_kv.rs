@@ -613,3 +613,27 @@ fn a_retried_request_across_a_leader_change_is_applied_once() {
         );
     });
 }
+
+fn hand_over_leadership(c: &mut Sim, rng: &mut Rng) {
+    if let Some(l) = c.stable_leader() {
+        let others: Vec<NodeId> = c.node_ids().into_iter().filter(|&i| i != l).collect();
+        let to = others[rng.range(0, others.len() as u64) as usize];
+        let _ = c.transfer_leadership(l, to);
+    }
+}
+
+#[test]
+fn leadership_handed_over_while_clients_run() {
+    for_each_seed("kv_leader_transfer", 10, |seed| {
+        let s = Scenario {
+            nodes: 3,
+            ops: 150,
+            faults: hand_over_leadership,
+            every_ms: 100,
+            ..Scenario::default()
+        };
+        let (c, h) = run(seed, &s);
+        assert!(c.checker().leaders().len() >= 3, "leadership did not move");
+        assert_linearizable(seed, &h);
+    });
+}

@@ -25,7 +25,9 @@ fn every_message() -> Vec<Message> {
             pre_vote: true,
             last_index: 10,
             last_term: 6,
+            transfer: false,
         }),
+        m(MessageBody::TimeoutNow),
         m(MessageBody::VoteResponse {
             pre_vote: false,
             granted: true,

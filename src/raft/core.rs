@@ -101,6 +101,9 @@ pub struct RaftCore {
     pub(super) install_snapshot: Option<SnapshotMeta>,
     /// ReadIndex state (leader), and confirmed/failed reads to hand out.
     pub(super) reads: Reads,
+    /// Leader: the follower leadership is being handed to, and ticks since it started.
+    pub(super) transferee: Option<NodeId>,
+    pub(super) transfer_elapsed: u32,
 }
 
 impl RaftCore {
@@ -142,6 +145,8 @@ impl RaftCore {
             snapshot_chunks: Vec::new(),
             install_snapshot: None,
             reads: Reads::default(),
+            transferee: None,
+            transfer_elapsed: 0,
         };
         core.reset_election_timer();
         Ok(core)
@@ -241,6 +246,12 @@ impl RaftCore {
         self.election_elapsed = self.election_elapsed.saturating_add(1);
         if self.role == Role::Leader {
             self.heartbeat_elapsed += 1;
+            if self.transferee.is_some() {
+                self.transfer_elapsed += 1;
+                if self.transfer_elapsed >= self.cfg.election_ticks {
+                    self.transferee = None; // the transfer failed: lead on
+                }
+            }
             if self.election_elapsed >= self.cfg.election_ticks {
                 self.election_elapsed = 0;
                 if self.cfg.check_quorum && !self.quorum_recently_active() {
@@ -279,6 +290,9 @@ impl RaftCore {
                 leader: self.leader,
             });
         }
+        if self.transferee.is_some() {
+            return Err(CoreProposeError::Busy); // leadership is being handed over
+        }
         let entry = Entry {
             index: self.log.last_index() + 1,
             term: self.term,
@@ -313,8 +327,10 @@ impl RaftCore {
         }
         if m.term > self.term {
             match &m.body {
-                MessageBody::Vote { pre_vote, .. } => {
-                    if self.in_lease(*pre_vote) {
+                MessageBody::Vote {
+                    pre_vote, transfer, ..
+                } => {
+                    if !transfer && self.in_lease(*pre_vote) {
                         return; // we hear from a live leader: do not let anyone depose it
                     }
                     if !pre_vote {
@@ -360,6 +376,7 @@ impl RaftCore {
             pre_vote,
             last_index,
             last_term,
+            ..
         } = m.body
         {
             self.handle_vote_request(m.from, m.term, pre_vote, last_index, last_term);
@@ -442,6 +459,7 @@ impl RaftCore {
 
     fn become_follower(&mut self, term: Term, leader: Option<NodeId>) {
         self.abort_reads();
+        self.transferee = None;
         if term > self.term {
             self.term = term;
             self.vote = None;
@@ -458,20 +476,25 @@ impl RaftCore {
         self.leader = None;
         self.votes.clear();
         self.reset_election_timer();
-        self.request_votes(true);
+        self.request_votes(true, false);
     }
 
     fn become_candidate(&mut self) {
+        self.become_candidate_for(false);
+    }
+
+    /// A real election; `transfer` marks one the leader asked for.
+    pub(super) fn become_candidate_for(&mut self, transfer: bool) {
         self.term += 1;
         self.vote = Some(self.cfg.id);
         self.role = Role::Candidate;
         self.leader = None;
         self.votes.clear();
         self.reset_election_timer();
-        self.request_votes(false);
+        self.request_votes(false, transfer);
     }
 
-    fn request_votes(&mut self, pre_vote: bool) {
+    fn request_votes(&mut self, pre_vote: bool, transfer: bool) {
         self.votes.insert(self.cfg.id, true);
         if self.votes.len() >= self.quorum() {
             self.won_election();
@@ -492,6 +515,7 @@ impl RaftCore {
                 pre_vote,
                 last_index,
                 last_term,
+                transfer,
             };
             self.msgs.push((
                 when,
@@ -627,6 +651,7 @@ impl RaftCore {
                 self.send(m.from, body, Dispatch::AfterPersist);
             }
             MessageBody::ReadIndexResponse { ctx, index } => self.handle_read_response(ctx, index),
+            MessageBody::TimeoutNow => self.handle_timeout_now(),
             _ => {}
         }
     }

@@ -195,6 +195,9 @@ pub enum MessageBody {
         last_index: Index,
         /// Term of the candidate's last log entry.
         last_term: Term,
+        /// The leader handed its leadership to the candidate ([`MessageBody::TimeoutNow`]):
+        /// voters do not hold their leader lease against it.
+        transfer: bool,
     },
     /// Answer to [`MessageBody::Vote`].
     VoteResponse {
@@ -229,6 +232,9 @@ pub enum MessageBody {
         /// The heartbeat's read round.
         read_round: u64,
     },
+    /// A leader handing over its leadership tells the chosen follower to start an election
+    /// at once (Raft thesis §3.10).
+    TimeoutNow,
     /// A follower asks the leader for a read index on behalf of a local read `ctx`.
     ReadIndex {
         /// The follower's identifier of the read.

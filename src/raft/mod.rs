@@ -14,6 +14,7 @@ mod ready;
 mod replication;
 mod rng;
 mod snapshot;
+mod transfer;
 
 pub use self::config::Config;
 pub use self::core::{RaftCore, Role};

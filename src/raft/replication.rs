@@ -65,6 +65,7 @@ impl RaftCore {
                 }
                 if updated {
                     self.maybe_commit();
+                    self.maybe_send_timeout_now(from);
                 }
             }
             MessageBody::AppendResponse(AppendResponse::Rejected {

@@ -62,6 +62,7 @@ pub fn kind_of(m: &Message) -> &'static str {
         MessageBody::Heartbeat { .. } => "Heartbeat",
         MessageBody::HeartbeatResponse { .. } => "HeartbeatResponse",
         MessageBody::ReadIndex { .. } => "ReadIndex",
+        MessageBody::TimeoutNow => "TimeoutNow",
         MessageBody::ReadIndexResponse { .. } => "ReadIndexResponse",
         MessageBody::InstallSnapshot { .. } => "InstallSnapshot",
         MessageBody::SnapshotResponse { .. } => "SnapshotResponse",

@@ -694,6 +694,18 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
         Some((a.index, a.output.clone()))
     }
 
+    /// Asks leader `id` to hand its leadership to `to` (see
+    /// [`RaftCore::transfer_leadership`]).
+    pub fn transfer_leadership(&mut self, id: NodeId, to: NodeId) -> Result<(), CoreProposeError> {
+        let node = self.nodes.get_mut(&id).expect("known node");
+        let Some(core) = node.core.as_mut() else {
+            return Err(CoreProposeError::NotLeader { leader: None });
+        };
+        core.transfer_leadership(to)?;
+        self.schedule(0, EventKind::Process(id));
+        Ok(())
+    }
+
     /// Takes a snapshot of `id` now (it completes after the configured serialization delay).
     /// Returns false if there is nothing new to snapshot or one is in progress.
     pub fn snapshot(&mut self, id: NodeId) -> bool {
