@@ -242,3 +242,27 @@ fn simple_agreement_sends_no_needless_messages() {
         assert!(count("Heartbeat") <= 2 * ticks);
     });
 }
+
+#[test]
+fn classic_helpers_commit_on_and_applied_count() {
+    for_each_seed("commit_on", 10, |seed| {
+        let mut c = cluster(5, seed);
+        let i1 = c.commit_on("one", 5, 5_000).expect("all five apply it");
+        assert_eq!(
+            c.applied_count(i1),
+            (5, Some(raftkv::raft::Payload::from("one")))
+        );
+        assert!(c.terms_agree());
+        let old = c.stable_leader().unwrap();
+        c.isolate(old);
+        let i2 = c
+            .commit_on("two", 4, 5_000)
+            .expect("the connected four apply it");
+        assert!(i2 > i1);
+        // The lone old leader is still running but has not applied it, and lags a term.
+        assert_eq!(c.applied_count(i2).0, 4);
+        assert!(!c.terms_agree());
+        c.reconnect(old);
+        assert!(c.run_until(3_000, |c| c.terms_agree() && c.applied_count(i2).0 == 5));
+    });
+}

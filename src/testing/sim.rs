@@ -727,6 +727,68 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
         self.nodes[&id].peak_persisted
     }
 
+    /// How many live nodes applied index `index` (in their current incarnation, or through a
+    /// snapshot that covers it), and the command there if a node applied it as a command.
+    /// The safety checker guarantees they all applied the same entry.
+    pub fn applied_count(&self, index: Index) -> (usize, Option<Payload>) {
+        let mut count = 0;
+        let mut command = None;
+        for node in self.nodes.values().filter(|n| n.core.is_some()) {
+            if node.last_applied < index {
+                continue;
+            }
+            count += 1;
+            if let Some(e) = node.applied.iter().rev().find(|e| e.index == index) {
+                if command.is_none() {
+                    command = e.command.clone();
+                }
+            }
+        }
+        (count, command)
+    }
+
+    /// Commits `command` through whoever leads and waits until at least `expected` live nodes
+    /// applied it (retrying on new leaders, as the classic `one()` test helper does), within
+    /// `max_ms`. Returns its index.
+    pub fn commit_on(
+        &mut self,
+        command: impl Into<Payload>,
+        expected: usize,
+        max_ms: u64,
+    ) -> Option<Index> {
+        let command = command.into();
+        let end = self.now + max_ms;
+        while self.now < end {
+            let Some(leader) = self.run_until_leader(end.saturating_sub(self.now).max(1)) else {
+                break;
+            };
+            let Ok(p) = self.propose(leader, command.clone()) else {
+                self.run_for(10);
+                continue;
+            };
+            let target = command.clone();
+            let ok = self.run_until(2_000.min(end.saturating_sub(self.now)).max(1), |c| {
+                let (n, cmd) = c.applied_count(p.index);
+                n >= expected && cmd.as_ref() == Some(&target)
+            });
+            if ok {
+                return Some(p.index);
+            }
+        }
+        None
+    }
+
+    /// True if every live node reports the same term (the classic `checkTerms`).
+    pub fn terms_agree(&self) -> bool {
+        let mut terms = self
+            .nodes
+            .values()
+            .filter_map(|n| n.core.as_ref())
+            .map(RaftCore::term);
+        let first = terms.next();
+        terms.all(|t| Some(t) == first)
+    }
+
     /// Crashes node `id`: its volatile state is gone, its storage keeps only what was synced.
     pub fn crash(&mut self, id: NodeId) {
         let node = self.nodes.get_mut(&id).expect("known node");
