@@ -92,10 +92,15 @@ impl Bank {
         self.nodes.lock().iter().flatten().cloned().collect()
     }
 
-    fn leader(&self) -> Option<BankNode> {
-        self.running()
-            .into_iter()
-            .find(|n| n.status().raft.role == Role::Leader)
+    /// A node that says it leads (waiting out elections).
+    async fn leader(&self) -> BankNode {
+        loop {
+            let mut nodes = self.running().into_iter();
+            if let Some(leader) = nodes.find(|n| n.status().raft.role == Role::Leader) {
+                return leader;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Proposes `command` to the leader, following leader changes. It retries only when the
@@ -105,15 +110,12 @@ impl Bank {
     async fn propose(&self, command: &Command) -> Result<Outcome, ProposeError> {
         let bytes = command.encode();
         loop {
-            if let Some(leader) = self.leader() {
-                match leader.propose(bytes.as_slice()).await {
-                    Err(
-                        ProposeError::NotLeader { .. } | ProposeError::Dropped | ProposeError::Busy,
-                    ) => {}
-                    answer => return answer,
-                }
+            match self.leader().await.propose(bytes.as_slice()).await {
+                Err(
+                    ProposeError::NotLeader { .. } | ProposeError::Dropped | ProposeError::Busy,
+                ) => tokio::time::sleep(Duration::from_millis(10)).await,
+                answer => return answer,
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
@@ -168,7 +170,7 @@ async fn auditor(bank: Arc<Bank>, expected: i64, done: Arc<AtomicBool>) -> u64 {
                 reads += 1;
             }
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
     reads
 }
@@ -224,7 +226,7 @@ async fn main() {
     let audit = tokio::spawn(auditor(bank.clone(), expected, done.clone()));
 
     bank.wait_for_answers(total / 3).await;
-    let stopped = bank.leader().map_or(1, |n| n.id());
+    let stopped = bank.leader().await.id();
     println!(
         "3. after {} transfers, stopping node {stopped} (the leader)",
         total / 3
