@@ -129,8 +129,9 @@ impl<S: Storage> Read for SnapshotReader<'_, S> {
 /// When to take a local snapshot, and the one being written.
 #[derive(Clone, Debug)]
 pub struct SnapshotPolicy {
-    /// Take a snapshot once the storage's log exceeds this many bytes (`None`: never
-    /// automatically).
+    /// Take a snapshot once the storage's log has grown by this many bytes since the last
+    /// compaction (`None`: never automatically). A storage that frees whole segments may keep
+    /// up to a segment beyond this.
     pub max_log_bytes: Option<u64>,
     /// A local snapshot being written: its meta and the bytes stored so far.
     in_progress: Option<(SnapshotMeta, u64)>,
@@ -138,6 +139,10 @@ pub struct SnapshotPolicy {
     pub taken: u64,
     /// Snapshots received from a leader and installed.
     pub installed: u64,
+    /// Log bytes the storage still reported right after the last compaction (a storage may
+    /// only free whole segments): growth is measured from here, so a bound smaller than a
+    /// segment does not trigger a snapshot after every apply.
+    baseline: u64,
 }
 
 impl SnapshotPolicy {
@@ -148,6 +153,7 @@ impl SnapshotPolicy {
             in_progress: None,
             taken: 0,
             installed: 0,
+            baseline: 0,
         }
     }
 
@@ -166,9 +172,10 @@ impl SnapshotPolicy {
         if applied <= core.log().snapshot().index {
             return None;
         }
+        let log_bytes = storage.persisted_size().log_bytes;
         let over = self
             .max_log_bytes
-            .is_some_and(|max| storage.persisted_size().log_bytes > max);
+            .is_some_and(|max| log_bytes.saturating_sub(self.baseline) > max);
         if !(force || over) {
             return None;
         }
@@ -238,6 +245,7 @@ impl SnapshotPolicy {
         core.snapshot_saved(meta, written)
             .map_err(|e| StorageError::Invalid(e.to_string()))?;
         storage.compact(meta.index)?;
+        self.baseline = storage.persisted_size().log_bytes;
         self.taken += 1;
         Ok(true)
     }

@@ -56,8 +56,10 @@ pub struct NodeConfig {
     pub inbox_capacity: usize,
     /// Message batches queued per peer at most (default 256); beyond that they are dropped.
     pub peer_queue_capacity: usize,
-    /// Take a snapshot and compact the log once the stored log exceeds this many bytes
-    /// (default 64 MiB; `None` disables automatic snapshots, [`Node::snapshot`] still works).
+    /// Take a snapshot and compact the log once the stored log has grown by this many bytes
+    /// since the last compaction (default 64 MiB; `None` disables automatic snapshots,
+    /// [`Node::snapshot`] still works). The file storage frees whole segments, so it may keep
+    /// up to one segment more than this.
     pub max_log_bytes: Option<u64>,
 }
 
@@ -244,6 +246,8 @@ impl<O: Send + 'static> Node<O> {
             ready_reads: BTreeMap::new(),
             next_read: 0,
             answers: Vec::new(),
+            read_answers: Vec::new(),
+            applied: 0,
             stalled: None,
             disk_full: None,
             config,
@@ -407,6 +411,10 @@ struct Worker<S, M: StateMachine> {
     next_read: u64,
     /// Answers to send once the status is published.
     answers: Vec<Answer<M::Output>>,
+    /// Read answers (they leave at once: a read does not change the status).
+    read_answers: Vec<Answer<M::Output>>,
+    /// Highest index the state machine holds (applied, restored or durable in it).
+    applied: Index,
     /// A batch that could not be written for lack of space, retried before anything else.
     stalled: Option<(Ready, WriteProgress)>,
     /// The full-disk error, while it lasts.
@@ -433,7 +441,8 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
                 .map_err(NodeError::Restore)?;
         }
         self.skip_through = durable;
-        self.core.set_applied(durable.max(init.snapshot.index));
+        self.applied = durable.max(init.snapshot.index);
+        self.core.set_applied(self.applied);
         Ok(())
     }
 
@@ -663,6 +672,7 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
             if !ready.snapshot_chunks.is_empty() {
                 self.policy.abandon(); // the leader's snapshot takes the incoming slot
             }
+            self.take_reads(&mut ready);
             self.persist_and_finish(ready, WriteProgress::default())?;
             if self.stalled.is_some() {
                 return Ok(());
@@ -700,6 +710,7 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
             host::restore_machine(&self.storage, &mut self.machine, size)
                 .map_err(NodeError::Restore)?;
             self.skip_through = 0;
+            self.applied = self.core.log().snapshot().index;
             self.policy.installed += 1;
             // Proposals below the snapshot will never be applied here.
             let through = self.core.log().snapshot().index;
@@ -717,25 +728,37 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
                 }
                 _ => None,
             };
+            self.applied = entry.index;
             self.resolve(entry.index, entry.term, output);
         }
-        for ctx in ready.failed_reads {
+        self.serve_reads();
+        for (reply, answer) in self.read_answers.drain(..) {
+            let _ = reply.send(answer);
+        }
+        Ok(())
+    }
+
+    /// Takes the batch's confirmed and failed reads, and answers at once those the state
+    /// machine can already serve: a read need not wait for this batch's fsync.
+    fn take_reads(&mut self, ready: &mut Ready) {
+        for ctx in std::mem::take(&mut ready.failed_reads) {
             if let Some((_, reply, _)) = self.reads.remove(&ctx) {
-                let _ = reply.send(Err(ProposeError::NotLeader {
-                    leader: self.core.leader(),
-                }));
+                let leader = self.core.leader();
+                let _ = reply.send(Err(ProposeError::NotLeader { leader }));
             }
         }
-        for r in ready.read_states {
+        for r in std::mem::take(&mut ready.read_states) {
             self.ready_reads.insert((r.index, r.ctx), ());
         }
         self.serve_reads();
-        Ok(())
+        for (reply, answer) in self.read_answers.drain(..) {
+            let _ = reply.send(answer);
+        }
     }
 
     /// Answers the confirmed reads whose index the state machine has applied.
     fn serve_reads(&mut self) {
-        let applied = self.core.log().applied();
+        let applied = self.applied;
         while let Some(entry) = self.ready_reads.first_entry() {
             let (index, ctx) = *entry.key();
             if index > applied {
@@ -747,7 +770,7 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
                     .machine
                     .query(query.as_bytes())
                     .ok_or(ProposeError::Unsupported);
-                self.answers.push((reply, answer));
+                self.read_answers.push((reply, answer));
             }
         }
     }

@@ -152,3 +152,23 @@ fn churn_on_file_storage_over_an_unreliable_network() {
         settle(&mut c);
     });
 }
+
+/// The file storage frees whole segments (4 KiB here), so right after a compaction it still
+/// reports up to a segment of log. A bound smaller than that must not make a node snapshot
+/// after every apply: growth is measured from what compaction left.
+#[test]
+fn a_bound_below_the_segment_size_does_not_snapshot_every_apply() {
+    for_each_seed("file_small_bound", 5, |seed| {
+        let mut c = cluster(seed, NetworkConfig::reliable(), true);
+        let acked = write(&mut c, "w", 100);
+        assert_eq!(acked, 100);
+        settle(&mut c);
+        for id in c.node_ids() {
+            let taken = c.snapshots_taken(id);
+            assert!(
+                (1..=25).contains(&taken),
+                "node {id} took {taken} snapshots for 101 commands"
+            );
+        }
+    });
+}
