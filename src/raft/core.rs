@@ -104,6 +104,8 @@ pub struct RaftCore {
     /// Leader: the follower leadership is being handed to, and ticks since it started.
     pub(super) transferee: Option<NodeId>,
     pub(super) transfer_elapsed: u32,
+    /// The highest term known durable (reported through `on_persisted`).
+    pub(super) durable_term: Term,
 }
 
 impl RaftCore {
@@ -147,6 +149,7 @@ impl RaftCore {
             reads: Reads::default(),
             transferee: None,
             transfer_elapsed: 0,
+            durable_term: hard_state.term,
         };
         core.reset_election_timer();
         Ok(core)
@@ -392,6 +395,7 @@ impl RaftCore {
     /// Reports that the batch whose [`Ready::ack`] this is is durable. Acks must be reported
     /// in the order the batches were handed out.
     pub fn on_persisted(&mut self, ack: PersistAck) {
+        self.durable_term = self.durable_term.max(ack.hard_state.term);
         self.log.persisted_to(ack.last_index, ack.last_term);
         if self.role == Role::Leader {
             self.maybe_commit();
@@ -647,8 +651,16 @@ impl RaftCore {
                 self.leader = Some(m.from);
                 // The leader caps `commit` at what it knows we hold, so it is safe to adopt.
                 self.log.commit_to(commit.min(self.log.last_index()));
+                // A heartbeat answer claims nothing about the log, only our term: once that
+                // term is durable it may leave at once, so confirming a read (ReadIndex) does
+                // not wait for this follower's fsync of unrelated appends.
                 let body = MessageBody::HeartbeatResponse { read_round };
-                self.send(m.from, body, Dispatch::AfterPersist);
+                let when = if self.durable_term == self.term {
+                    Dispatch::Now
+                } else {
+                    Dispatch::AfterPersist
+                };
+                self.send(m.from, body, when);
             }
             MessageBody::ReadIndexResponse { ctx, index } => self.handle_read_response(ctx, index),
             MessageBody::TimeoutNow => self.handle_timeout_now(),

@@ -63,8 +63,11 @@ pub struct Progress {
     max_inflight: usize,
     /// Heard from since the last check-quorum round.
     pub recent_active: bool,
-    /// Last index sent when the latest heartbeat left. If the heartbeat's answer comes back
-    /// while `match_index` is still below it, appends were probably lost.
+    /// Last index sent when the previous heartbeat left. If a heartbeat's answer comes back
+    /// while `match_index` is still below it — a whole heartbeat interval later — appends were
+    /// probably lost.
+    pub sent_before_last_heartbeat: Index,
+    /// Last index sent when the latest heartbeat left.
     pub sent_at_heartbeat: Index,
     /// The snapshot transfer, in Snapshot mode.
     pub transfer: Option<SnapshotTransfer>,
@@ -83,6 +86,7 @@ impl Progress {
             inflight: VecDeque::with_capacity(max_inflight.min(1024)),
             max_inflight,
             recent_active: true,
+            sent_before_last_heartbeat: 0,
             sent_at_heartbeat: 0,
             transfer: None,
             acked_read_round: 0,

@@ -93,7 +93,7 @@ impl RaftCore {
                 if p.state == ProgressState::Snapshot {
                     self.check_snapshot_progress(from);
                 } else if p.state == ProgressState::Replicate
-                    && p.match_index < p.sent_at_heartbeat.min(last)
+                    && p.match_index < p.sent_before_last_heartbeat.min(last)
                 {
                     // Appends in flight may have been lost (the window may even be full of
                     // them). An empty append at `next_index` settles it: accepted, it frees
@@ -207,6 +207,7 @@ impl RaftCore {
             .progress
             .iter_mut()
             .map(|(&id, p)| {
+                p.sent_before_last_heartbeat = p.sent_at_heartbeat;
                 p.sent_at_heartbeat = p.next_index - 1;
                 if let Some(t) = p.transfer.as_mut() {
                     t.acked_at_heartbeat = t.acked;
