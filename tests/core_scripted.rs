@@ -123,7 +123,11 @@ fn a_leader_commits_earlier_term_entries_only_through_an_entry_of_its_own_term()
         "committed an earlier-term entry by counting"
     );
     net.clear_filter();
-    net.tick(1, 1); // heartbeat: followers answer, the leader sees they lag and resends
+    // Two heartbeat rounds: the leader suspects lost appends only when a follower is still
+    // behind what was sent before the previous heartbeat; then it resends.
+    net.tick(1, 1);
+    net.stabilize();
+    net.tick(1, 1);
     net.stabilize();
     assert_eq!(net.core(1).commit_index(), 3);
     assert_eq!(net.core(1).log().term(3), Some(3));

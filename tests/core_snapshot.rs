@@ -61,8 +61,12 @@ fn a_lagging_follower_receives_the_snapshot_in_chunks_then_entries() {
     net.propose(1, "tail").unwrap();
     net.heal();
     net.clear_delivered();
-    net.tick(1, 1);
-    net.stabilize();
+    // The appends node 3 missed are presumed lost after a whole heartbeat interval without
+    // an acknowledgement: two heartbeat rounds.
+    for _ in 0..2 {
+        net.tick(1, 1);
+        net.stabilize();
+    }
     let chunks = net
         .delivered()
         .iter()
