@@ -52,8 +52,11 @@ fn a_lagging_transferee_is_caught_up_first_and_proposals_wait() {
     );
     // Let the appends through: node 3 catches up, then gets TimeoutNow and wins.
     net.clear_filter();
-    net.tick(1, 1);
-    net.stabilize();
+    // The dropped appends are presumed lost after a whole heartbeat interval: two rounds.
+    for _ in 0..2 {
+        net.tick(1, 1);
+        net.stabilize();
+    }
     assert_eq!(net.core(3).role(), Role::Leader);
     assert!(net.core(3).log().last_index() > last);
 }

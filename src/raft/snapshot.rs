@@ -88,7 +88,8 @@ impl RaftCore {
             return false;
         };
         let chunk = self.cfg.snapshot_chunk_bytes;
-        let in_flight = (t.sent - t.acked).div_ceil(chunk);
+        debug_assert!(t.acked <= t.sent, "snapshot transfer acknowledged past what was sent");
+        let in_flight = t.sent.saturating_sub(t.acked).div_ceil(chunk);
         (!t.started || t.sent < t.size) && in_flight < self.cfg.max_snapshot_chunks_inflight
     }
 
@@ -137,7 +138,12 @@ impl RaftCore {
             return; // about a transfer we abandoned
         }
         match status {
-            SnapshotStatus::Accepted => t.acked = t.acked.max(next_offset.min(t.size)),
+            SnapshotStatus::Accepted => {
+                t.acked = t.acked.max(next_offset.min(t.size));
+                // A late answer to a chunk sent before a rewind can acknowledge more than we
+                // now count as sent: the follower has those bytes, go on from there.
+                t.sent = t.sent.max(t.acked);
+            }
             _ => {
                 // The follower expects another offset (it lost chunks or its partial copy).
                 t.acked = next_offset.min(t.size);
