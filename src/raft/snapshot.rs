@@ -88,7 +88,10 @@ impl RaftCore {
             return false;
         };
         let chunk = self.cfg.snapshot_chunk_bytes;
-        debug_assert!(t.acked <= t.sent, "snapshot transfer acknowledged past what was sent");
+        debug_assert!(
+            t.acked <= t.sent,
+            "snapshot transfer acknowledged past what was sent"
+        );
         let in_flight = t.sent.saturating_sub(t.acked).div_ceil(chunk);
         (!t.started || t.sent < t.size) && in_flight < self.cfg.max_snapshot_chunks_inflight
     }
