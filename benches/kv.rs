@@ -14,21 +14,21 @@
 //! Run with: `cargo bench --bench kv` (`RAFTKV_BENCH_DIR` picks the directory; it must be a
 //! real disk for the file figures to mean anything).
 
-use std::io::Write;
-use std::path::PathBuf;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{
+    bench_dir, channel_round_trip, cluster, percentile, write_fdatasync, Backend, Cluster,
+};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use futures::future::join_all;
 use raftkv::error::ProposeError;
 use raftkv::kv::{
     encode_command, encode_query, request, KvCommand, KvOp, KvResult, KvStateMachine,
 };
-use raftkv::raft::{Rng, Role};
-use raftkv::storage::{FileStorage, FileStorageOptions, MemStorage};
-use raftkv::transport::LocalNetwork;
-use raftkv::{Node, NodeConfig};
+use raftkv::raft::Rng;
+use raftkv::Node;
 
 const KEYS: u64 = 1_000;
 const VALUE: [u8; 100] = [7u8; 100];
@@ -39,11 +39,6 @@ const MIXES: [u64; 2] = [95, 50];
 const CLIENTS: [usize; 2] = [1, 64];
 
 type KvNode = Node<KvResult>;
-
-enum Backend {
-    Memory,
-    Files(PathBuf),
-}
 
 /// A client: its session and the number of its latest request.
 struct Client {
@@ -65,53 +60,8 @@ enum Stop {
     At(Instant),
 }
 
-struct Cluster {
-    leader: KvNode,
-    nodes: Vec<KvNode>,
-    rt: tokio::runtime::Runtime,
-}
-
 fn key(i: u64) -> Vec<u8> {
     format!("key{i:04}").into_bytes()
-}
-
-fn cluster(backend: &Backend) -> Cluster {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let net = LocalNetwork::new();
-    let mut nodes = Vec::new();
-    for id in 1..=3 {
-        let mut c = NodeConfig::new(id, vec![1, 2, 3]);
-        c.tick_interval = Duration::from_millis(10);
-        let machine = KvStateMachine::default();
-        let (node, driver) = match backend {
-            Backend::Memory => Node::start(c, MemStorage::new(), machine, net.transport(id)),
-            Backend::Files(dir) => {
-                let opts = FileStorageOptions {
-                    cluster_id: 1,
-                    node_id: id,
-                    ..Default::default()
-                };
-                let storage = FileStorage::open(dir.join(format!("n{id}")), opts).unwrap();
-                Node::start(c, storage, machine, net.transport(id))
-            }
-        }
-        .unwrap();
-        rt.spawn(driver);
-        let inbox = node.clone();
-        net.register(id, move |m| inbox.step(m));
-        nodes.push(node);
-    }
-    let leader = loop {
-        if let Some(n) = nodes.iter().find(|n| n.status().raft.role == Role::Leader) {
-            break n.clone();
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    Cluster { leader, nodes, rt }
 }
 
 /// Proposes `command` until it is taken (retrying only `Busy`, which queued nothing).
@@ -148,7 +98,7 @@ async fn one_op(leader: &KvNode, client: &mut Client, gets_percent: u64) -> bool
     }
 }
 
-impl Cluster {
+impl Cluster<KvResult> {
     /// Opens `n` client sessions and writes every key once.
     fn clients(&self, n: usize) -> Vec<Client> {
         let leader = self.leader.clone();
@@ -213,19 +163,6 @@ impl Cluster {
             join_all(workers).await.into_iter().flatten().collect()
         })
     }
-
-    fn shutdown(self) {
-        for n in &self.nodes {
-            self.rt.block_on(n.shutdown());
-        }
-    }
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p) as usize]
 }
 
 fn p50_p99(mut lat: Vec<Duration>) -> String {
@@ -237,46 +174,8 @@ fn p50_p99(mut lat: Vec<Duration>) -> String {
     )
 }
 
-fn channel_round_trip() -> Duration {
-    let (to_tx, to_rx) = mpsc::channel::<u64>();
-    let (back_tx, back_rx) = mpsc::channel::<u64>();
-    let echo = std::thread::spawn(move || {
-        while let Ok(v) = to_rx.recv() {
-            if back_tx.send(v).is_err() {
-                break;
-            }
-        }
-    });
-    let n = 20_000;
-    let t = Instant::now();
-    for i in 0..n {
-        to_tx.send(i).unwrap();
-        back_rx.recv().unwrap();
-    }
-    let per = t.elapsed() / n as u32;
-    drop(to_tx);
-    echo.join().unwrap();
-    per
-}
-
-fn write_fdatasync(dir: &std::path::Path) -> Duration {
-    let path = dir.join("raw");
-    let mut f = std::fs::File::create(&path).unwrap();
-    f.write_all(&vec![0u8; 1 << 20]).unwrap();
-    f.sync_all().unwrap();
-    let n = 500;
-    let t = Instant::now();
-    for _ in 0..n {
-        f.write_all(&VALUE).unwrap();
-        f.sync_data().unwrap();
-    }
-    let per = t.elapsed() / n;
-    let _ = std::fs::remove_file(&path);
-    per
-}
-
 /// Runs one configuration for [`RUN`] and prints its figures.
-fn report(name: &str, c: &Cluster, clients: &mut [Client], gets_percent: u64) {
+fn report(name: &str, c: &Cluster<KvResult>, clients: &mut [Client], gets_percent: u64) {
     let start = Instant::now();
     let samples = c.run(clients, gets_percent, &Stop::At(start + RUN));
     let rate = samples.len() as f64 / start.elapsed().as_secs_f64();
@@ -302,11 +201,7 @@ fn report(name: &str, c: &Cluster, clients: &mut [Client], gets_percent: u64) {
 }
 
 fn bench(crit: &mut Criterion) {
-    let root = std::env::var_os("RAFTKV_BENCH_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir);
-    let dir = root.join(format!("raftkv-bench-kv-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = bench_dir("kv");
     println!(
         "machine floor: thread-to-thread channel round trip {:?}",
         channel_round_trip()
@@ -322,7 +217,7 @@ fn bench(crit: &mut Criterion) {
         ("memory", Backend::Memory),
         ("files", Backend::Files(dir.clone())),
     ] {
-        let c = cluster(&backend);
+        let c = cluster(&backend, KvStateMachine::default);
         let mut clients = c.clients(*CLIENTS.iter().max().unwrap_or(&1));
         for gets in MIXES {
             for n in CLIENTS {

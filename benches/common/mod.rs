@@ -1,0 +1,131 @@
+//! What the cluster benchmarks share: a 3-node in-process cluster on either storage, and the
+//! machine floors every figure is printed beside.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use raftkv::raft::Role;
+use raftkv::storage::{FileStorage, FileStorageOptions, MemStorage};
+use raftkv::transport::LocalNetwork;
+use raftkv::{Node, NodeConfig, StateMachine};
+
+/// Where the nodes keep their state.
+pub enum Backend {
+    /// `MemStorage`.
+    Memory,
+    /// `FileStorage`, one data directory per node under this one.
+    Files(PathBuf),
+}
+
+/// Three nodes over `LocalNetwork`, their drivers on a one-thread tokio runtime.
+pub struct Cluster<O> {
+    pub leader: Node<O>,
+    pub nodes: Vec<Node<O>>,
+    pub rt: tokio::runtime::Runtime,
+}
+
+/// Starts the cluster and waits for a leader.
+pub fn cluster<M: StateMachine>(backend: &Backend, machine: impl Fn() -> M) -> Cluster<M::Output> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let net = LocalNetwork::new();
+    let mut nodes = Vec::new();
+    for id in 1..=3 {
+        let mut c = NodeConfig::new(id, vec![1, 2, 3]);
+        c.tick_interval = Duration::from_millis(10);
+        let (node, driver) = match backend {
+            Backend::Memory => Node::start(c, MemStorage::new(), machine(), net.transport(id)),
+            Backend::Files(dir) => {
+                let opts = FileStorageOptions {
+                    cluster_id: 1,
+                    node_id: id,
+                    ..Default::default()
+                };
+                let storage =
+                    FileStorage::open(dir.join(format!("n{id}")), opts).expect("data directory");
+                Node::start(c, storage, machine(), net.transport(id))
+            }
+        }
+        .expect("node starts");
+        rt.spawn(driver);
+        let inbox = node.clone();
+        net.register(id, move |m| inbox.step(m));
+        nodes.push(node);
+    }
+    let leader = loop {
+        if let Some(n) = nodes.iter().find(|n| n.status().raft.role == Role::Leader) {
+            break n.clone();
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    Cluster { leader, nodes, rt }
+}
+
+impl<O: Send + 'static> Cluster<O> {
+    /// Stops every node.
+    pub fn shutdown(self) {
+        for n in &self.nodes {
+            self.rt.block_on(n.shutdown());
+        }
+    }
+}
+
+/// The directory benchmarks write in: `RAFTKV_BENCH_DIR`, else the system temp directory.
+pub fn bench_dir(name: &str) -> PathBuf {
+    let root = std::env::var_os("RAFTKV_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    let dir = root.join(format!("raftkv-bench-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("bench directory");
+    dir
+}
+
+/// The `p`-quantile of sorted latencies.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p) as usize]
+}
+
+/// Floor: one round trip between two threads over a channel.
+pub fn channel_round_trip() -> Duration {
+    let (to_tx, to_rx) = mpsc::channel::<u64>();
+    let (back_tx, back_rx) = mpsc::channel::<u64>();
+    let echo = std::thread::spawn(move || {
+        while let Ok(v) = to_rx.recv() {
+            if back_tx.send(v).is_err() {
+                break;
+            }
+        }
+    });
+    let n = 20_000;
+    let t = Instant::now();
+    for i in 0..n {
+        to_tx.send(i).expect("echo thread");
+        back_rx.recv().expect("echo thread");
+    }
+    let per = t.elapsed() / n as u32;
+    drop(to_tx);
+    let _ = echo.join();
+    per
+}
+
+/// Floor: one 100-byte write + fdatasync in `dir`.
+pub fn write_fdatasync(dir: &Path) -> Duration {
+    let path = dir.join("raw");
+    let mut f = std::fs::File::create(&path).expect("raw file");
+    f.write_all(&vec![0u8; 1 << 20]).expect("write");
+    f.sync_all().expect("fsync");
+    let n = 500;
+    let t = Instant::now();
+    for _ in 0..n {
+        f.write_all(&[7u8; 100]).expect("write");
+        f.sync_data().expect("fdatasync");
+    }
+    let per = t.elapsed() / n;
+    let _ = std::fs::remove_file(&path);
+    per
+}
