@@ -61,7 +61,7 @@
 pub mod error;
 pub mod host;
 pub mod kv;
-mod node;
+pub mod node;
 pub mod raft;
 mod state_machine;
 pub mod storage;

@@ -5,7 +5,7 @@
 
 mod client;
 mod command;
-mod machine;
+pub mod machine;
 mod store;
 mod timer;
 

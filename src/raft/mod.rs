@@ -5,7 +5,7 @@
 //! the simulation in `testing` drives it with virtual time.
 
 mod config;
-mod core;
+pub mod core;
 mod log;
 mod message;
 mod progress;

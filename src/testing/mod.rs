@@ -9,11 +9,11 @@
 mod file_disk;
 pub mod invariants;
 pub mod linearizability;
-mod lockstep;
+pub mod lockstep;
 mod machine;
 pub mod network;
 mod seeds;
-mod sim;
+pub mod sim;
 
 pub use file_disk::SimFileStorage;
 pub use lockstep::Lockstep;

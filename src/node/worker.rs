@@ -1,395 +1,22 @@
-//! [`Node`]: the driver that runs a [`RaftCore`] with a [`Storage`], a [`StateMachine`] and a
-//! [`Transport`].
-//!
-//! # Threads and futures
-//! The core, the storage and the state machine live on one dedicated OS thread (the *node
-//! thread*), so blocking file IO and `apply` never run on an async executor thread. The node
-//! thread loops: wait for a command or the next tick; take every queued command (this is
-//! where proposals batch and fsyncs group-commit: everything that arrived while the previous
-//! fsync ran goes into the next one); then work through the core's [`Ready`](crate::raft::Ready)
-//! batches in the order their contract prescribes:
-//!
-//! 1. messages that do not depend on this batch leave at once (a leader replicates in
-//!    parallel with its own fsync);
-//! 2. hard state and entries are written and fsynced — an fsync error stops the node;
-//! 3. the core is told, then acknowledgements and votes leave;
-//! 4. committed entries are applied and the waiting proposals resolved.
-//!
-//! Outgoing messages go to the *driver future* returned by [`Node::start`], which the host
-//! runs on any executor (tokio, async-std, `futures::executor`...); it feeds one bounded queue
-//! per peer to [`Transport::send`], so a dead peer costs bounded memory and never delays the
-//! others. [`Node`] itself is a cheap, clonable handle whose methods never block.
+//! The node thread: owns the core, the storage and the state machine, and works through the
+//! core's output in the order the [`Ready`] contract prescribes (see the [parent module](super)).
 
 use std::collections::{BTreeMap, HashMap};
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use futures::channel::{mpsc as fmpsc, oneshot};
-use futures::StreamExt;
-use parking_lot::Mutex;
 
+use super::{Answer, Command, NodeConfig, Reply, Shared};
 use crate::error::{CoreProposeError, NodeError, ProposeError, StorageError};
 use crate::host::{self, SnapshotPolicy, WriteProgress};
-use crate::raft::{
-    Config, EntryPayload, Index, Message, NodeId, Payload, RaftCore, Ready, SnapshotMeta, Status,
-    Term,
-};
+use crate::raft::{EntryPayload, Index, Message, Payload, RaftCore, Ready, SnapshotMeta, Term};
 use crate::state_machine::StateMachine;
-use crate::storage::{PersistedSize, Storage};
-use crate::transport::Transport;
-
-/// Settings of a [`Node`].
-#[derive(Clone, Debug)]
-pub struct NodeConfig {
-    /// The Raft settings (ids, timeouts in ticks, batch limits).
-    pub raft: Config,
-    /// Wall-clock length of one tick (default 50 ms: heartbeats every 50 ms, elections after
-    /// 0.5–1 s with the default 10 election ticks).
-    pub tick_interval: Duration,
-    /// How long [`Node::propose`] waits for its command to be applied (default 5 s).
-    pub propose_timeout: Duration,
-    /// Commands and inbound messages queued for the node thread at most (default 65536);
-    /// beyond that proposals fail with [`ProposeError::Busy`] and messages are dropped.
-    pub inbox_capacity: usize,
-    /// Message batches queued per peer at most (default 256); beyond that they are dropped.
-    pub peer_queue_capacity: usize,
-    /// Take a snapshot and compact the log once the stored log has grown by this many bytes
-    /// since the last compaction (default 64 MiB; `None` disables automatic snapshots,
-    /// [`Node::snapshot`] still works). The file storage frees whole segments, so it may keep
-    /// up to one segment more than this.
-    pub max_log_bytes: Option<u64>,
-}
-
-impl NodeConfig {
-    /// Defaults for node `id` of a cluster of `voters`.
-    pub fn new(id: NodeId, voters: impl Into<Vec<NodeId>>) -> Self {
-        NodeConfig {
-            raft: Config::new(id, voters),
-            tick_interval: Duration::from_millis(50),
-            propose_timeout: Duration::from_secs(5),
-            inbox_capacity: 1 << 16,
-            peer_queue_capacity: 256,
-            max_log_bytes: Some(64 << 20),
-        }
-    }
-}
-
-/// What a node reports about itself.
-#[derive(Clone, Debug)]
-pub struct NodeStatus {
-    /// The core's state: role, term, leader, indexes.
-    pub raft: Status,
-    /// Bytes the storage keeps.
-    pub persisted: PersistedSize,
-    /// Set when the node stopped on a fatal error (an fsync failure, say).
-    pub fatal_error: Option<String>,
-    /// False once the node thread has exited.
-    pub running: bool,
-    /// Set while writes fail for lack of disk space (the node retries every tick; it
-    /// refuses proposals with [`ProposeError::NoSpace`] and acknowledges nothing meanwhile).
-    pub disk_full: Option<String>,
-    /// Local snapshots taken (and the log compacted behind them) since start.
-    pub snapshots_taken: u64,
-    /// Snapshots received from a leader and installed since start.
-    pub snapshots_installed: u64,
-}
-
-type Reply<O> = oneshot::Sender<Result<O, ProposeError>>;
-/// A reply and what it will carry.
-type Answer<O> = (Reply<O>, Result<O, ProposeError>);
-
-enum Command<O> {
-    Propose(Payload, Reply<O>),
-    Step(Message),
-    /// A linearizable read-only query.
-    Read(Payload, Reply<O>),
-    /// Hand leadership to a follower.
-    Transfer(NodeId, oneshot::Sender<Result<(), ProposeError>>),
-    /// Take a snapshot now; answered with its meta once installed (`None`: nothing new).
-    Snapshot(oneshot::Sender<Option<SnapshotMeta>>),
-    /// Serialized bytes of a local snapshot, from its background thread.
-    LocalChunk(SnapshotMeta, Vec<u8>),
-    /// The local snapshot is fully serialized (or failed to serialize).
-    LocalDone(SnapshotMeta, Result<(), String>),
-    Shutdown,
-}
-
-struct Shared {
-    status: Mutex<NodeStatus>,
-    stopped: Mutex<Vec<oneshot::Sender<()>>>,
-}
-
-/// A running Raft node. See the [module docs](self).
-///
-/// ```
-/// use raftkv::{Node, NodeConfig, StateMachine, Index};
-/// use raftkv::storage::MemStorage;
-/// use raftkv::transport::LocalNetwork;
-///
-/// struct Echo;
-/// impl StateMachine for Echo {
-///     type Output = Vec<u8>;
-///     fn apply(&mut self, _: Index, cmd: &[u8]) -> Vec<u8> { cmd.to_vec() }
-///     fn snapshot(&mut self) -> Box<dyn raftkv::SnapshotSource> { Box::new(Vec::new()) }
-///     fn restore(&mut self, _: &mut dyn std::io::Read) -> std::io::Result<()> { Ok(()) }
-/// }
-///
-/// let net = LocalNetwork::new();
-/// let mut config = NodeConfig::new(1, vec![1]);
-/// config.tick_interval = std::time::Duration::from_millis(5);
-/// let (node, driver) = Node::start(config, MemStorage::new(), Echo, net.transport(1)).unwrap();
-/// std::thread::spawn(move || futures::executor::block_on(driver));
-/// let out = futures::executor::block_on(async {
-///     loop {
-///         match node.propose(b"hi".as_slice()).await {
-///             Err(raftkv::error::ProposeError::NotLeader { .. }) => std::thread::sleep(std::time::Duration::from_millis(5)),
-///             other => break other,
-///         }
-///     }
-/// });
-/// assert_eq!(out.unwrap(), b"hi");
-/// futures::executor::block_on(node.shutdown());
-/// ```
-pub struct Node<O> {
-    handle: Arc<Handle<O>>,
-}
-
-/// The shared part of every [`Node`] clone; dropping the last clone stops the node.
-struct Handle<O> {
-    inbox: SyncSender<Command<O>>,
-    shared: Arc<Shared>,
-    id: NodeId,
-}
-
-impl<O> Drop for Handle<O> {
-    fn drop(&mut self) {
-        // The node thread also holds a sender (for its snapshot threads), so it would not
-        // notice the handles are gone: tell it. Only a full inbox makes this wait, briefly.
-        while let Err(TrySendError::Full(_)) = self.inbox.try_send(Command::Shutdown) {
-            std::thread::yield_now();
-        }
-    }
-}
-
-impl<O> Clone for Node<O> {
-    fn clone(&self) -> Self {
-        Node {
-            handle: self.handle.clone(),
-        }
-    }
-}
-
-/// The future that carries a node's outgoing messages to its [`Transport`]. Run it on any
-/// executor; it finishes when the node shuts down.
-pub type Driver = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
-
-impl<O: Send + 'static> Node<O> {
-    /// Restores the core from `storage`, starts the node thread and returns the handle and
-    /// the [`Driver`] future the host must run.
-    pub fn start<S, M, T>(
-        config: NodeConfig,
-        storage: S,
-        machine: M,
-        transport: T,
-    ) -> Result<(Node<O>, Driver), NodeError>
-    where
-        S: Storage,
-        M: StateMachine<Output = O>,
-        T: Transport,
-    {
-        config.raft.validate().map_err(NodeError::Config)?;
-        let core = RaftCore::from_storage(config.raft.clone(), &storage)?;
-        let id = config.raft.id;
-        let shared = Arc::new(Shared {
-            status: Mutex::new(NodeStatus {
-                raft: core.status(),
-                persisted: storage.persisted_size(),
-                fatal_error: None,
-                running: true,
-                disk_full: None,
-                snapshots_taken: 0,
-                snapshots_installed: 0,
-            }),
-            stopped: Mutex::new(Vec::new()),
-        });
-        let (inbox, commands) = mpsc::sync_channel(config.inbox_capacity);
-        let (outbox, outgoing) = fmpsc::channel::<Vec<Message>>(config.peer_queue_capacity);
-        let peers: Vec<NodeId> = config
-            .raft
-            .voters
-            .iter()
-            .copied()
-            .filter(|&p| p != id)
-            .collect();
-        let driver = Box::pin(drive_transport(
-            transport,
-            peers,
-            outgoing,
-            config.peer_queue_capacity,
-        ));
-        let mut worker = Worker {
-            core,
-            storage,
-            machine,
-            commands,
-            self_inbox: inbox.clone(),
-            outbox,
-            pending: BTreeMap::new(),
-            shared: shared.clone(),
-            policy: SnapshotPolicy::new(config.max_log_bytes),
-            snapshot_waiters: Vec::new(),
-            skip_through: 0,
-            reads: HashMap::new(),
-            ready_reads: BTreeMap::new(),
-            next_read: 0,
-            answers: Vec::new(),
-            read_answers: Vec::new(),
-            applied: 0,
-            stalled: None,
-            disk_full: None,
-            config,
-        };
-        worker.restore()?;
-        worker.publish_status(None, true);
-        std::thread::Builder::new()
-            .name(format!("raftkv-node-{id}"))
-            .spawn(move || worker.run())
-            .map_err(NodeError::Spawn)?;
-        let handle = Arc::new(Handle { inbox, shared, id });
-        Ok((Node { handle }, driver))
-    }
-
-    /// This node's id.
-    pub fn id(&self) -> NodeId {
-        self.handle.id
-    }
-
-    /// Proposes `command`. Resolves with the state machine's output once the command is
-    /// committed and applied on this node, or with a [`ProposeError`]. Never blocks.
-    pub async fn propose(&self, command: impl Into<Payload>) -> Result<O, ProposeError> {
-        let (tx, rx) = oneshot::channel();
-        match self
-            .handle
-            .inbox
-            .try_send(Command::Propose(command.into(), tx))
-        {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => return Err(ProposeError::Busy),
-            Err(TrySendError::Disconnected(_)) => return Err(ProposeError::Shutdown),
-        }
-        rx.await.unwrap_or(Err(ProposeError::Shutdown))
-    }
-
-    /// Hands the node a message received from a peer. Never blocks; drops the message when
-    /// the node's inbox is full or the node is shut down (Raft recovers from lost messages).
-    pub fn step(&self, message: Message) {
-        let _ = self.handle.inbox.try_send(Command::Step(message));
-    }
-
-    /// Answers `query` with [`StateMachine::query`] once it is linearizable: the leader
-    /// confirms it still leads (ReadIndex, one heartbeat round, no log write), and the query
-    /// runs after this node applied everything committed when the read arrived. Works on
-    /// followers too (the leader is asked for the read index). Never blocks.
-    pub async fn read(&self, query: impl Into<Payload>) -> Result<O, ProposeError> {
-        let (tx, rx) = oneshot::channel();
-        match self.handle.inbox.try_send(Command::Read(query.into(), tx)) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => return Err(ProposeError::Busy),
-            Err(TrySendError::Disconnected(_)) => return Err(ProposeError::Shutdown),
-        }
-        rx.await.unwrap_or(Err(ProposeError::Shutdown))
-    }
-
-    /// Hands leadership to voter `to` (this node must lead): it is brought up to date, then
-    /// told to campaign at once. Resolves when the request is taken; watch
-    /// [`Node::status`] for the outcome (a transfer that cannot complete within an election
-    /// timeout is abandoned). Proposals are refused with [`ProposeError::Busy`] meanwhile.
-    pub async fn transfer_leadership(&self, to: NodeId) -> Result<(), ProposeError> {
-        let (tx, rx) = oneshot::channel();
-        match self.handle.inbox.try_send(Command::Transfer(to, tx)) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => return Err(ProposeError::Busy),
-            Err(TrySendError::Disconnected(_)) => return Err(ProposeError::Shutdown),
-        }
-        rx.await.unwrap_or(Err(ProposeError::Shutdown))
-    }
-
-    /// Takes a snapshot of the state machine now and compacts the log behind it. Resolves
-    /// with the snapshot's position once it is durably stored, or `None` if there was nothing
-    /// new to snapshot (or one was already being taken, or the node stopped).
-    pub async fn snapshot(&self) -> Option<SnapshotMeta> {
-        let (tx, rx) = oneshot::channel();
-        self.handle.inbox.try_send(Command::Snapshot(tx)).ok()?;
-        rx.await.ok().flatten()
-    }
-
-    /// The node's current state.
-    pub fn status(&self) -> NodeStatus {
-        self.handle.shared.status.lock().clone()
-    }
-
-    /// Stops the node: pending proposals fail with [`ProposeError::Shutdown`], the driver
-    /// future finishes. Resolves once the node thread has exited.
-    pub async fn shutdown(&self) {
-        let (tx, rx) = oneshot::channel();
-        {
-            let status = self.handle.shared.status.lock();
-            if !status.running {
-                return;
-            }
-            self.handle.shared.stopped.lock().push(tx);
-        }
-        // A full inbox still gets the shutdown through: retry until it is taken.
-        while let Err(TrySendError::Full(_)) = self.handle.inbox.try_send(Command::Shutdown) {
-            std::thread::yield_now();
-        }
-        let _ = rx.await;
-    }
-}
-
-/// Moves outgoing batches from the node thread to one bounded lane per peer.
-async fn drive_transport<T: Transport>(
-    transport: T,
-    peers: Vec<NodeId>,
-    mut outgoing: fmpsc::Receiver<Vec<Message>>,
-    lane_capacity: usize,
-) {
-    let transport = Arc::new(transport);
-    let mut lanes = HashMap::new();
-    let mut workers = Vec::new();
-    for peer in peers {
-        let (tx, mut rx) = fmpsc::channel::<Vec<Message>>(lane_capacity);
-        lanes.insert(peer, tx);
-        let transport = transport.clone();
-        workers.push(async move {
-            while let Some(batch) = rx.next().await {
-                // Errors are not fatal: Raft resends what matters.
-                let _ = transport.send(peer, batch).await;
-            }
-        });
-    }
-    let dispatch = async move {
-        while let Some(batch) = outgoing.next().await {
-            let mut by_peer: HashMap<NodeId, Vec<Message>> = HashMap::new();
-            for m in batch {
-                by_peer.entry(m.to).or_default().push(m);
-            }
-            for (peer, msgs) in by_peer {
-                if let Some(lane) = lanes.get_mut(&peer) {
-                    let _ = lane.try_send(msgs); // full lane: drop, the peer is slow or dead
-                }
-            }
-        }
-        // Dropping the lanes ends the workers.
-    };
-    futures::future::join(dispatch, futures::future::join_all(workers)).await;
-}
+use crate::storage::Storage;
 
 /// Everything the node thread owns.
-struct Worker<S, M: StateMachine> {
+pub(super) struct Worker<S, M: StateMachine> {
     core: RaftCore,
     storage: S,
     machine: M,
@@ -431,9 +58,44 @@ enum Flow {
 }
 
 impl<S: Storage, M: StateMachine> Worker<S, M> {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
+        core: RaftCore,
+        storage: S,
+        machine: M,
+        commands: mpsc::Receiver<Command<M::Output>>,
+        self_inbox: SyncSender<Command<M::Output>>,
+        outbox: fmpsc::Sender<Vec<Message>>,
+        shared: Arc<Shared>,
+        config: NodeConfig,
+    ) -> Self {
+        Worker {
+            core,
+            storage,
+            machine,
+            commands,
+            self_inbox,
+            outbox,
+            pending: BTreeMap::new(),
+            shared,
+            policy: SnapshotPolicy::new(config.max_log_bytes),
+            snapshot_waiters: Vec::new(),
+            skip_through: 0,
+            reads: HashMap::new(),
+            ready_reads: BTreeMap::new(),
+            next_read: 0,
+            answers: Vec::new(),
+            read_answers: Vec::new(),
+            applied: 0,
+            stalled: None,
+            disk_full: None,
+            config,
+        }
+    }
+
     /// Start-up: rebuilds the state machine from the stored snapshot, unless it keeps its own
     /// durable state that is at least as recent; then replay starts after what it holds.
-    fn restore(&mut self) -> Result<(), NodeError> {
+    pub(super) fn restore(&mut self) -> Result<(), NodeError> {
         let init = self.storage.initial_state()?;
         let durable = self.machine.durable_index().unwrap_or(0);
         if init.snapshot.index > durable {
@@ -446,7 +108,7 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
         Ok(())
     }
 
-    fn run(mut self) {
+    pub(super) fn run(mut self) {
         let mut next_tick = Instant::now() + self.config.tick_interval;
         let fatal = loop {
             let wait = next_tick.saturating_duration_since(Instant::now());
@@ -794,7 +456,7 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
         }
     }
 
-    fn publish_status(&self, fatal: Option<String>, running: bool) {
+    pub(super) fn publish_status(&self, fatal: Option<String>, running: bool) {
         let mut s = self.shared.status.lock();
         s.raft = self.core.status();
         s.persisted = self.storage.persisted_size();
