@@ -12,7 +12,9 @@
 //!   `maybe_commit`): caught by `core_scripted::a_leader_commits_earlier_term_entries_only_...`.
 //!   The randomized `figure8_*` tests did **not** catch it in 300 seeds: a new leader's no-op
 //!   usually travels with the older entries, so the dangerous window is tiny. That is why the
-//!   scripted story exists.
+//!   scripted story exists. `figure8_adversarial` (which loses most appends carrying a
+//!   current-term entry) did not catch it in 300 seeds either; the unsafe commit happens, but
+//!   the later election of a node holding a conflicting entry of a term in between is rare.
 //! - *Grant votes without the up-to-date check*: caught by `churn_*`, `figure8_*`,
 //!   `many_elections_under_partition_churn`, `rejoin_old_leader` ("leader completeness: leader
 //!   L of term T lacks committed entry I") and by `core_scripted::votes_go_only_to_...`.
@@ -22,7 +24,7 @@
 //! - *Forget the vote on restart*: caught by `churn_unreliable` (seed 23: "two leaders in
 //!   term 9") and `core_scripted::a_restarted_node_keeps_its_term_vote_and_log`.
 
-use raftkv::raft::{NodeId, Rng};
+use raftkv::raft::{MessageBody, NodeId, Rng};
 use raftkv::testing::{for_each_seed, Cluster, NetworkConfig, RecordingMachine, SimConfig};
 
 type Sim = Cluster<RecordingMachine>;
@@ -57,6 +59,7 @@ fn commands(c: &Sim, id: NodeId) -> Vec<Vec<u8>> {
 /// nodes applied the same sequence and that every acknowledged command is in it.
 fn settle_and_check(c: &mut Sim) {
     c.network.heal();
+    c.network.clear_filter();
     c.network.config = NetworkConfig::reliable();
     for id in c.node_ids() {
         if !c.is_up(id) {
@@ -189,6 +192,49 @@ fn figure8(seed: u64, network: NetworkConfig, iterations: usize) {
         }
     }
     settle_and_check(&mut c);
+}
+
+/// Figure 8 with a targeted fault: appends that carry an entry of the sender's own term (a new
+/// leader's no-op, say) are lost 70% of the time, so older entries often reach a majority
+/// without any entry of the current term — exactly the situation where counting replicas of
+/// an earlier-term entry would commit it unsafely.
+#[test]
+fn figure8_adversarial() {
+    for_each_seed("figure8_adversarial", 10, |seed| {
+        let nodes = 5;
+        let mut cfg = SimConfig::new(nodes, seed);
+        cfg.raft.max_append_entries = 1;
+        cfg.raft.max_inflight = 1;
+        let mut c = Cluster::new(cfg, |_| RecordingMachine::default());
+        c.network.set_filter(|m, rng| match &m.body {
+            MessageBody::Append { entries, .. } => {
+                entries.iter().any(|e| e.term == m.term) && rng.chance(0.7)
+            }
+            _ => false,
+        });
+        let mut rng = Rng::new(seed ^ 0xF18);
+        let mut up = nodes;
+        for i in 0..300 {
+            if let Some(l) = c.leader() {
+                let _ = c.propose(l, format!("f{i}").as_str());
+            }
+            c.run_for(if rng.chance(0.1) {
+                rng.range(0, 500)
+            } else {
+                rng.range(0, 13)
+            });
+            if let Some(l) = c.leader() {
+                c.crash(l);
+                up -= 1;
+            }
+            if up < 3 {
+                let down: Vec<_> = c.node_ids().into_iter().filter(|&i| !c.is_up(i)).collect();
+                c.restart(down[rng.range(0, down.len() as u64) as usize]);
+                up += 1;
+            }
+        }
+        settle_and_check(&mut c);
+    });
 }
 
 #[test]

@@ -79,12 +79,27 @@ pub fn approx_size(m: &Message) -> u64 {
 }
 
 /// Links, faults and counters.
-#[derive(Debug)]
 pub struct Network {
     /// Current fault settings (may be changed between steps).
     pub config: NetworkConfig,
     cut: BTreeSet<(NodeId, NodeId)>,
     traffic: BTreeMap<&'static str, Traffic>,
+    filter: Option<Filter>,
+}
+
+/// A targeted fault: returns true for a message that must be lost. It gets the cluster's
+/// generator, so its choices replay with the seed.
+pub type Filter = Box<dyn FnMut(&Message, &mut Rng) -> bool>;
+
+impl std::fmt::Debug for Network {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Network")
+            .field("config", &self.config)
+            .field("cut", &self.cut)
+            .field("traffic", &self.traffic)
+            .field("filter", &self.filter.is_some())
+            .finish()
+    }
 }
 
 impl Network {
@@ -93,6 +108,7 @@ impl Network {
             config,
             cut: BTreeSet::new(),
             traffic: BTreeMap::new(),
+            filter: None,
         }
     }
 
@@ -104,6 +120,16 @@ impl Network {
     /// Restores delivery from `from` to `to`.
     pub fn restore(&mut self, from: NodeId, to: NodeId) {
         self.cut.remove(&(from, to));
+    }
+
+    /// Loses every message `filter` picks (a targeted fault), until cleared.
+    pub fn set_filter(&mut self, filter: impl FnMut(&Message, &mut Rng) -> bool + 'static) {
+        self.filter = Some(Box::new(filter));
+    }
+
+    /// Removes the targeted fault.
+    pub fn clear_filter(&mut self) {
+        self.filter = None;
     }
 
     /// Restores every link.
@@ -141,6 +167,11 @@ impl Network {
         }
         if !self.connected(m.from, m.to) || rng.chance(self.config.drop_rate) {
             return Vec::new();
+        }
+        if let Some(filter) = self.filter.as_mut() {
+            if filter(m, rng) {
+                return Vec::new();
+            }
         }
         let copies = if rng.chance(self.config.duplicate_rate) {
             2
