@@ -471,3 +471,25 @@ fn malformed_appends_are_ignored() {
     net.send(stranger);
     assert_eq!(net.core(2).term(), term);
 }
+
+#[test]
+fn restore_rejects_inconsistent_durable_state() {
+    let e = |index, term| Entry {
+        index,
+        term,
+        payload: EntryPayload::Noop,
+    };
+    let cfg = || Config::new(1, vec![1, 2, 3]);
+    let hs = |term| raftkv::raft::HardState { term, vote: None };
+    // Terms going down in the log.
+    assert!(RaftCore::new(cfg(), hs(3), Default::default(), vec![e(1, 2), e(2, 1)]).is_err());
+    // A current term older than the log's last entry.
+    assert!(RaftCore::new(cfg(), hs(1), Default::default(), vec![e(1, 2)]).is_err());
+    // Consistent state restores.
+    assert!(RaftCore::new(cfg(), hs(2), Default::default(), vec![e(1, 1), e(2, 2)]).is_ok());
+    // And a node refuses a configuration that cannot work.
+    let mut bad = raftkv::NodeConfig::new(1, vec![1]);
+    bad.inbox_capacity = 0;
+    assert!(bad.validate().is_err());
+    assert!(raftkv::NodeConfig::new(1, vec![1]).validate().is_ok());
+}

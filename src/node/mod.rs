@@ -75,6 +75,23 @@ impl NodeConfig {
             max_log_bytes: Some(64 << 20),
         }
     }
+
+    /// Checks the configuration; the error says what is wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        self.raft.validate()?;
+        if self.tick_interval.is_zero() || self.propose_timeout.is_zero() {
+            return Err("tick_interval and propose_timeout must be positive".into());
+        }
+        if self.inbox_capacity == 0 || self.peer_queue_capacity == 0 {
+            return Err("inbox_capacity and peer_queue_capacity must be positive".into());
+        }
+        if self.max_log_bytes == Some(0) {
+            return Err(
+                "max_log_bytes must be positive (None disables automatic snapshots)".into(),
+            );
+        }
+        Ok(())
+    }
 }
 
 /// What a node reports about itself.
@@ -200,7 +217,7 @@ impl<O: Send + 'static> Node<O> {
         M: StateMachine<Output = O>,
         T: Transport,
     {
-        config.raft.validate().map_err(NodeError::Config)?;
+        config.validate().map_err(NodeError::Config)?;
         let core = RaftCore::from_storage(config.raft.clone(), &storage)?;
         let id = config.raft.id;
         let shared = Arc::new(Shared {

@@ -125,6 +125,22 @@ impl RaftCore {
         {
             return Err("restored entries do not follow the snapshot contiguously".into());
         }
+        let mut last_term = snapshot.term;
+        for e in &entries {
+            if e.term < last_term {
+                return Err(format!(
+                    "restored log: the term goes down at index {}",
+                    e.index
+                ));
+            }
+            last_term = e.term;
+        }
+        if hard_state.term < last_term {
+            return Err(format!(
+                "restored state: current term {} is below the last entry's term {last_term}",
+                hard_state.term
+            ));
+        }
         let mut core = RaftCore {
             rng: Rng::new(cfg.seed),
             cfg,
