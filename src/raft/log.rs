@@ -132,6 +132,20 @@ impl RaftLog {
         out
     }
 
+    /// Sum of [`Entry::size`] over the retained entries `lo..hi`, without copying them.
+    pub fn bytes_between(&self, lo: Index, hi: Index) -> u64 {
+        let first = self.first_index();
+        let lo = lo.max(first);
+        let hi = hi.min(self.last_index() + 1);
+        if lo >= hi {
+            return 0;
+        }
+        self.entries[(lo - first) as usize..(hi - first) as usize]
+            .iter()
+            .map(Entry::size)
+            .sum()
+    }
+
     /// Leader path: appends entries of the current term right after the last one.
     pub fn append(&mut self, entry: Entry) {
         debug_assert_eq!(entry.index, self.last_index() + 1);
@@ -289,7 +303,7 @@ impl RaftLog {
 
 #[cfg(test)]
 mod tests {
-    use super::super::EntryPayload;
+    use super::super::{EntryPayload, ENTRY_OVERHEAD};
     use super::*;
 
     fn e(index: Index, term: Term) -> Entry {
@@ -323,6 +337,15 @@ mod tests {
         assert_eq!(log.persisted(), 2);
         // Mismatch.
         assert_eq!(log.maybe_append(3, 2, 3, vec![]), None);
+    }
+
+    #[test]
+    fn bytes_between_sums_sizes_and_clamps_to_the_log() {
+        let log = log_of(&[1, 1, 1]);
+        assert_eq!(log.bytes_between(1, 4), 3 * ENTRY_OVERHEAD);
+        assert_eq!(log.bytes_between(2, 3), ENTRY_OVERHEAD);
+        assert_eq!(log.bytes_between(0, 100), 3 * ENTRY_OVERHEAD);
+        assert_eq!(log.bytes_between(3, 2), 0);
     }
 
     #[test]

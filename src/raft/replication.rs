@@ -134,12 +134,7 @@ impl RaftCore {
         matched.sort_unstable_by(|a, b| b.cmp(a));
         let candidate = matched[self.quorum() - 1];
         if candidate > self.log.commit() && self.log.term(candidate) == Some(self.term) {
-            let released: u64 = self
-                .log
-                .slice(self.log.commit() + 1, candidate + 1, usize::MAX, u64::MAX)
-                .iter()
-                .map(Entry::size)
-                .sum();
+            let released = self.log.bytes_between(self.log.commit() + 1, candidate + 1);
             self.uncommitted_bytes = self.uncommitted_bytes.saturating_sub(released);
             self.log.commit_to(candidate);
             self.release_reads_waiting_for_commit();
