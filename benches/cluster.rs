@@ -13,9 +13,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{
-    bench_dir, channel_round_trip, cluster, percentile, write_fdatasync, Backend, Cluster,
-};
+use common::{bench_dir, cluster, percentile, print_floors, Backend, Cluster};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use futures::future::join_all;
 use raftkv::error::ProposeError;
@@ -70,15 +68,7 @@ fn report(name: &str, c: &Cluster<u64>, concurrency: usize, total: usize) -> f64
 
 fn bench(crit: &mut Criterion) {
     let dir = bench_dir("cluster");
-    println!(
-        "machine floor: thread-to-thread channel round trip {:?}",
-        channel_round_trip()
-    );
-    println!(
-        "machine floor: 100 B write + fdatasync {:?} in {}",
-        write_fdatasync(&dir),
-        dir.display()
-    );
+    print_floors(&dir);
 
     let mem = cluster(&Backend::Memory, DigestMachine::default);
     report("memory", &mem, 1, 20_000);

@@ -18,9 +18,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{
-    bench_dir, channel_round_trip, cluster, percentile, write_fdatasync, Backend, Cluster,
-};
+use common::{bench_dir, cluster, percentile, print_floors, Backend, Cluster};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use futures::future::join_all;
 use raftkv::error::ProposeError;
@@ -202,15 +200,7 @@ fn report(name: &str, c: &Cluster<KvResult>, clients: &mut [Client], gets_percen
 
 fn bench(crit: &mut Criterion) {
     let dir = bench_dir("kv");
-    println!(
-        "machine floor: thread-to-thread channel round trip {:?}",
-        channel_round_trip()
-    );
-    println!(
-        "machine floor: 100 B write + fdatasync {:?} in {}",
-        write_fdatasync(&dir),
-        dir.display()
-    );
+    print_floors(&dir);
 
     let mut setups = Vec::new();
     for (name, backend) in [

@@ -129,3 +129,16 @@ pub fn write_fdatasync(dir: &Path) -> Duration {
     let _ = std::fs::remove_file(&path);
     per
 }
+
+/// Prints both machine floors (measured now, in `dir`).
+pub fn print_floors(dir: &Path) {
+    println!(
+        "machine floor: thread-to-thread channel round trip {:?}",
+        channel_round_trip()
+    );
+    println!(
+        "machine floor: 100 B write + fdatasync {:?} in {}",
+        write_fdatasync(dir),
+        dir.display()
+    );
+}

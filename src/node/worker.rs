@@ -278,27 +278,30 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
     }
 
     fn expire(&mut self, now: Instant) {
-        let expired: Vec<Index> = self
+        let timed_out = |deadline: &Instant| *deadline <= now;
+        let proposals: Vec<Index> = self
             .pending
             .iter()
-            .filter(|(_, p)| p.2 <= now)
+            .filter(|(_, p)| timed_out(&p.2))
             .map(|(i, _)| *i)
             .collect();
-        for i in expired {
-            if let Some((_, reply, _)) = self.pending.remove(&i) {
-                let _ = reply.send(Err(ProposeError::Timeout));
-            }
-        }
-        let expired: Vec<u64> = self
+        let reads: Vec<u64> = self
             .reads
             .iter()
-            .filter(|(_, r)| r.2 <= now)
+            .filter(|(_, r)| timed_out(&r.2))
             .map(|(c, _)| *c)
             .collect();
-        for ctx in expired {
-            if let Some((_, reply, _)) = self.reads.remove(&ctx) {
-                let _ = reply.send(Err(ProposeError::Timeout));
-            }
+        let replies = proposals
+            .iter()
+            .filter_map(|i| self.pending.remove(i).map(|p| p.1))
+            .chain(
+                reads
+                    .iter()
+                    .filter_map(|c| self.reads.remove(c).map(|r| r.1)),
+            )
+            .collect::<Vec<_>>();
+        for reply in replies {
+            let _ = reply.send(Err(ProposeError::Timeout));
         }
         self.ready_reads
             .retain(|(_, ctx), _| self.reads.contains_key(ctx));
