@@ -2,6 +2,9 @@
 //! and by `futures::executor`, plus its error paths (not leader, timeout, shutdown, fatal
 //! storage error).
 
+mod common;
+
+use common::wait_until;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -71,17 +74,6 @@ async fn futures_timer_sleep(d: Duration) {
         let _ = tx.send(());
     });
     let _ = rx.await;
-}
-
-fn wait_until(mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    false
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,10 +2,13 @@
 //! from snapshot plus log tail, a lagging follower catching up by snapshot, and a state
 //! machine with its own durable state skipping the replay.
 
+mod common;
+
+use common::wait_until;
 use std::io::Read;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use raftkv::error::ProposeError;
 use raftkv::raft::Role;
@@ -72,17 +75,6 @@ fn start(
     let inbox = node.clone();
     net.register(id, move |m| inbox.step(m));
     node
-}
-
-fn wait_until(mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    false
 }
 
 fn leader(nodes: &[Node<i64>]) -> Node<i64> {
