@@ -79,6 +79,17 @@ pub enum ProposeError {
     /// This node's disk is full; it takes no proposals until space is freed.
     #[error("no space left on this node's disk")]
     NoSpace,
+    /// The command can never be replicated: as a log entry it would take `size` bytes
+    /// ([`Entry::size`](crate::raft::Entry::size)), above the cluster's
+    /// [`Config::max_entry_bytes`](crate::raft::Config::max_entry_bytes). Not applied; do not
+    /// retry it as it is.
+    #[error("command of {size} bytes exceeds the largest entry of {max} bytes")]
+    TooLarge {
+        /// Bytes the entry would take.
+        size: u64,
+        /// The limit.
+        max: u64,
+    },
     /// The state machine does not answer queries ([`StateMachine::query`](crate::StateMachine::query)).
     #[error("the state machine does not serve queries")]
     Unsupported,
@@ -99,6 +110,24 @@ pub enum CoreProposeError {
     /// The uncommitted tail already holds `max_uncommitted_bytes`.
     #[error("too many uncommitted bytes")]
     Busy,
+    /// The entry would exceed [`Config::max_entry_bytes`](crate::raft::Config::max_entry_bytes).
+    #[error("entry of {size} bytes exceeds the largest entry of {max} bytes")]
+    TooLarge {
+        /// Bytes the entry would take.
+        size: u64,
+        /// The limit.
+        max: u64,
+    },
+}
+
+impl From<CoreProposeError> for ProposeError {
+    fn from(e: CoreProposeError) -> Self {
+        match e {
+            CoreProposeError::NotLeader { leader } => ProposeError::NotLeader { leader },
+            CoreProposeError::Busy => ProposeError::Busy,
+            CoreProposeError::TooLarge { size, max } => ProposeError::TooLarge { size, max },
+        }
+    }
 }
 
 /// Errors of a [`Transport`](crate::transport::Transport).

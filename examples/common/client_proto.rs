@@ -70,6 +70,13 @@ pub enum ClientFailure {
     Unsupported,
     /// The node is shutting down or stopped.
     Shutdown,
+    /// The command is larger than the cluster's largest entry.
+    TooLarge {
+        /// Bytes it would take.
+        size: u64,
+        /// The limit.
+        max: u64,
+    },
     /// Anything else (a protocol error, say).
     Other(String),
 }
@@ -93,6 +100,7 @@ impl From<ProposeError> for ClientFailure {
             ProposeError::NoSpace => ClientFailure::NoSpace,
             ProposeError::Unsupported => ClientFailure::Unsupported,
             ProposeError::Shutdown => ClientFailure::Shutdown,
+            ProposeError::TooLarge { size, max } => ClientFailure::TooLarge { size, max },
         }
     }
 }
@@ -109,6 +117,7 @@ impl From<ClientFailure> for ProposeError {
             ClientFailure::NoSpace => ProposeError::NoSpace,
             ClientFailure::Unsupported => ProposeError::Unsupported,
             ClientFailure::Shutdown => ProposeError::Shutdown,
+            ClientFailure::TooLarge { size, max } => ProposeError::TooLarge { size, max },
         }
     }
 }

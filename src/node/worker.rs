@@ -9,7 +9,7 @@ use std::time::Instant;
 use futures::channel::{mpsc as fmpsc, oneshot};
 
 use super::{Answer, Command, NodeConfig, Reply, Shared};
-use crate::error::{CoreProposeError, NodeError, ProposeError, StorageError};
+use crate::error::{NodeError, ProposeError, StorageError};
 use crate::host::{self, SnapshotPolicy, WriteProgress};
 use crate::raft::{EntryPayload, Index, Message, Payload, RaftCore, Ready, SnapshotMeta, Term};
 use crate::state_machine::StateMachine;
@@ -184,11 +184,8 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
                     let deadline = Instant::now() + self.config.propose_timeout;
                     self.pending.insert(p.index, (p.term, reply, deadline));
                 }
-                Err(CoreProposeError::NotLeader { leader }) => {
-                    let _ = reply.send(Err(ProposeError::NotLeader { leader }));
-                }
-                Err(CoreProposeError::Busy) => {
-                    let _ = reply.send(Err(ProposeError::Busy));
+                Err(e) => {
+                    let _ = reply.send(Err(e.into()));
                 }
             },
             Command::Read(query, reply) => {
@@ -199,19 +196,16 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
                         let deadline = Instant::now() + self.config.propose_timeout;
                         self.reads.insert(ctx, (query, reply, deadline));
                     }
-                    Err(CoreProposeError::NotLeader { leader }) => {
-                        let _ = reply.send(Err(ProposeError::NotLeader { leader }));
-                    }
-                    Err(CoreProposeError::Busy) => {
-                        let _ = reply.send(Err(ProposeError::Busy));
+                    Err(e) => {
+                        let _ = reply.send(Err(e.into()));
                     }
                 }
             }
             Command::Transfer(to, reply) => {
-                let result = self.core.transfer_leadership(to).map_err(|e| match e {
-                    CoreProposeError::NotLeader { leader } => ProposeError::NotLeader { leader },
-                    CoreProposeError::Busy => ProposeError::Busy,
-                });
+                let result = self
+                    .core
+                    .transfer_leadership(to)
+                    .map_err(ProposeError::from);
                 let _ = reply.send(result);
             }
             Command::Snapshot(reply) => {

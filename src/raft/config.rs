@@ -30,6 +30,11 @@ pub struct Config {
     pub max_append_bytes: u64,
     /// At most this many AppendEntries in flight (unacknowledged) per follower.
     pub max_inflight: usize,
+    /// The largest entry ([`Entry::size`](super::Entry::size)) a leader takes: a bigger
+    /// proposal is refused with [`CoreProposeError::TooLarge`](crate::error::CoreProposeError).
+    /// An entry larger than `max_append_bytes` travels alone in its AppendEntries. A transport
+    /// must carry messages of [`Config::max_message_bytes`] (default 8 MiB).
+    pub max_entry_bytes: u64,
     /// A leader refuses proposals while its uncommitted tail holds this many bytes.
     pub max_uncommitted_bytes: u64,
     /// At most this many bytes of committed entries handed out in one [`Ready`](super::Ready).
@@ -46,7 +51,7 @@ impl Config {
     /// A configuration with the defaults below for node `id` of a cluster of `voters`.
     ///
     /// Defaults: election 10 ticks, heartbeat 1 tick, pre-vote and check-quorum on, 256 entries
-    /// or 1 MiB per append, 64 appends in flight, 64 MiB uncommitted, 16 MiB applied per ready,
+    /// or 1 MiB per append, 64 appends in flight, entries of at most 8 MiB, 64 MiB uncommitted, 16 MiB applied per ready,
     /// snapshot chunks of 1 MiB with 4 in flight, seed = id.
     pub fn new(id: NodeId, voters: impl Into<Vec<NodeId>>) -> Self {
         Config {
@@ -59,12 +64,30 @@ impl Config {
             max_append_entries: 256,
             max_append_bytes: 1 << 20,
             max_inflight: 64,
+            max_entry_bytes: 8 << 20,
             max_uncommitted_bytes: 64 << 20,
             max_apply_bytes: 16 << 20,
             snapshot_chunk_bytes: 1 << 20,
             max_snapshot_chunks_inflight: 4,
             seed: id,
         }
+    }
+
+    /// An upper bound on the encoded size (postcard, as [`crate::wire`] frames it) of any
+    /// message this node sends: one AppendEntries holds at most `max_append_bytes` of entries,
+    /// or a single entry of up to `max_entry_bytes`; a snapshot chunk holds
+    /// `snapshot_chunk_bytes`. Size a transport's frame limit from this, so that no message the
+    /// core produces is ever too large to deliver (a dropped oversized append would stall
+    /// replication for good).
+    pub fn max_message_bytes(&self) -> u64 {
+        let payload = self
+            .max_append_bytes
+            .max(self.max_entry_bytes)
+            .max(self.snapshot_chunk_bytes);
+        // Per entry, postcard spends at most 26 bytes on index, term, kind and length, which
+        // `Entry::size` counts as 24; the message itself (ids, terms, indexes, lengths) takes
+        // well under 128 bytes.
+        payload + 2 * self.max_append_entries as u64 + 128
     }
 
     /// Checks the configuration; the error says what is wrong.
@@ -90,6 +113,7 @@ impl Config {
         if self.max_append_entries == 0
             || self.max_inflight == 0
             || self.max_append_bytes == 0
+            || self.max_entry_bytes < super::ENTRY_OVERHEAD
             || self.snapshot_chunk_bytes == 0
             || self.max_snapshot_chunks_inflight == 0
         {

@@ -317,6 +317,12 @@ impl RaftCore {
             term: self.term,
             payload: EntryPayload::Command(command),
         };
+        if entry.size() > self.cfg.max_entry_bytes {
+            return Err(CoreProposeError::TooLarge {
+                size: entry.size(),
+                max: self.cfg.max_entry_bytes,
+            });
+        }
         if self.uncommitted_bytes > 0
             && self.uncommitted_bytes + entry.size() > self.cfg.max_uncommitted_bytes
         {

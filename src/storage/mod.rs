@@ -47,6 +47,25 @@ pub struct InitialState {
     pub snapshot_size: u64,
 }
 
+/// Damage found in the tail of a log and cut off by a storage opened in recovery mode
+/// (protocol-aware recovery): entries after `intact_through` were lost, and with them, if
+/// `hard_state_lost`, the newest term and vote. The storage records this durably *before* it
+/// cuts anything and keeps reporting it until [`Storage::clear_tail_loss`] is synced, so a
+/// crash during recovery cannot hide it.
+///
+/// A node that lost its tail may have acknowledged entries it no longer holds (and may have
+/// voted in a term it no longer remembers): the core keeps it from voting, and from counting
+/// toward commits, until a leader has brought it back (see
+/// [`RaftCore`](crate::raft::RaftCore)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TailLoss {
+    /// The last log index known intact (entries after it were cut).
+    pub intact_through: Index,
+    /// The newest hard state was in the damaged region: the stored term and vote are older
+    /// than what the node last promised.
+    pub hard_state_lost: bool,
+}
+
 /// Bytes a storage keeps on its medium, as it reports them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PersistedSize {
@@ -148,4 +167,16 @@ pub trait Storage: Send + 'static {
 
     /// Bytes kept on the medium.
     fn persisted_size(&self) -> PersistedSize;
+
+    /// Damage cut from the log's tail at open in recovery mode and not yet repaired (see
+    /// [`TailLoss`]). Storages without a recovery mode report `None`.
+    fn tail_loss(&self) -> Option<TailLoss> {
+        None
+    }
+
+    /// The node was brought back after a [`TailLoss`]: forget it (durable at the next `sync`;
+    /// until then a reopened storage still reports it).
+    fn clear_tail_loss(&mut self) -> Result<(), StorageError> {
+        Ok(())
+    }
 }
