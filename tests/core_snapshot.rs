@@ -86,17 +86,20 @@ fn a_lagging_follower_receives_the_snapshot_in_chunks_then_entries() {
 }
 
 #[test]
-fn installing_keeps_a_matching_suffix_and_drops_a_conflicting_log() {
+fn a_matching_snapshot_only_moves_the_commit_and_a_conflicting_one_replaces_the_log() {
     // Node 2 holds entries 1..=6 of term 1 but knows nothing is committed yet.
     let mut net = Lockstep::with_logs(&[&[1; 6], &[1; 6], &[1; 6]], plain);
     assert_eq!(net.core(2).commit_index(), 0);
-    // A snapshot through 4 whose entry matches: entries 5 and 6 stay.
+    // A snapshot through 4 whose entry the log holds: the log matches the leader's through
+    // there, so only the commit index moves; nothing is installed, nothing thrown away.
     let meta = SnapshotMeta { index: 4, term: 1 };
     net.send(chunk(1, meta, 3, 0, "abc"));
-    assert_eq!(net.core(2).log().snapshot(), meta);
+    assert_eq!(net.core(2).log().snapshot(), SnapshotMeta::default());
     assert_eq!(net.core(2).log().last_index(), 6);
-    assert_eq!(net.core(2).log().entries().len(), 2);
+    assert_eq!(net.core(2).log().entries().len(), 6);
     assert_eq!(net.core(2).commit_index(), 4);
+    assert!(net.installed().is_empty());
+    assert!(net.storage(2).snapshot().unwrap().is_none());
     // A snapshot through 8 (beyond its log): the log is replaced entirely.
     let meta = SnapshotMeta { index: 8, term: 1 };
     net.send(chunk(1, meta, 1, 0, "z"));

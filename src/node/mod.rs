@@ -199,6 +199,18 @@ impl<O> Clone for Node<O> {
     }
 }
 
+/// 64 bits that differ between starts of a process and between processes.
+fn start_nonce() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
+}
+
 /// The future that carries a node's outgoing messages to its [`Transport`]. Run it on any
 /// executor; it finishes when the node shuts down.
 pub type Driver = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
@@ -218,6 +230,10 @@ impl<O: Send + 'static> Node<O> {
         T: Transport,
     {
         config.validate().map_err(NodeError::Config)?;
+        let mut config = config;
+        // Each start draws fresh randomness: election timeouts differ between restarts, and
+        // the ids of forwarded reads never repeat an earlier incarnation's.
+        config.raft.seed ^= start_nonce();
         let core = RaftCore::from_storage(config.raft.clone(), &storage)?;
         let id = config.raft.id;
         let shared = Arc::new(Shared {
@@ -247,7 +263,7 @@ impl<O: Send + 'static> Node<O> {
             outgoing,
             config.peer_queue_capacity,
         ));
-        let mut worker = Worker::new(
+        let worker = Worker::new(
             core,
             storage,
             machine,
@@ -256,8 +272,7 @@ impl<O: Send + 'static> Node<O> {
             outbox,
             shared.clone(),
             config,
-        );
-        worker.restore()?;
+        )?;
         worker.publish_status(None, true);
         std::thread::Builder::new()
             .name(format!("raftkv-node-{id}"))

@@ -1,7 +1,9 @@
-//! The node thread: owns the core, the storage and the state machine, and works through the
-//! core's output in the order the [`Ready`] contract prescribes (see the [parent module](super)).
+//! The node thread: owns the [`Engine`] (core, storage, state machine) and feeds it the
+//! commands that arrive, ticks, deadlines and the bytes of local snapshots serialized on
+//! background threads. Everything the core's output asks for is carried out by the engine, in
+//! the order its contract prescribes (see the [parent module](super)); what is the node's own
+//! is here: channels, wall-clock time, status, replies.
 
-use std::collections::{BTreeMap, HashMap};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
 use std::sync::Arc;
 use std::time::Instant;
@@ -9,43 +11,80 @@ use std::time::Instant;
 use futures::channel::{mpsc as fmpsc, oneshot};
 
 use super::{Answer, Command, NodeConfig, Reply, Shared};
-use crate::error::{NodeError, ProposeError, StorageError};
-use crate::host::{self, SnapshotPolicy, WriteProgress};
-use crate::raft::{EntryPayload, Index, Message, Payload, RaftCore, Ready, SnapshotMeta, Term};
-use crate::state_machine::StateMachine;
+use crate::error::{NodeError, ProposeError};
+use crate::host::{Engine, Host};
+use crate::raft::{Message, Proposed, RaftCore, SnapshotMeta};
+use crate::state_machine::{SnapshotSource, StateMachine};
 use crate::storage::Storage;
+
+/// A waiting caller: its reply and its deadline.
+type Waiting<O> = (Reply<O>, Instant);
+
+/// The node's side of the engine's callbacks.
+struct NodeHost<O> {
+    outbox: fmpsc::Sender<Vec<Message>>,
+    /// Answers to send once the status is published.
+    answers: Vec<Answer<O>>,
+    /// Read answers (they leave as soon as the engine returns: a read does not change the
+    /// status).
+    read_answers: Vec<Answer<O>>,
+    /// Handed to snapshot threads so they can deliver their bytes.
+    self_inbox: SyncSender<Command<O>>,
+    chunk_bytes: usize,
+}
+
+impl<S, O: Send + 'static> Host<S, O> for NodeHost<O> {
+    type Proposal = Waiting<O>;
+    type Read = Waiting<O>;
+
+    fn send(&mut self, _core: &RaftCore, _storage: &S, messages: Vec<Message>) {
+        // A full outbox means the driver future is not keeping up: drop, Raft resends.
+        let _ = self.outbox.try_send(messages);
+    }
+
+    fn proposal_done(
+        &mut self,
+        (reply, _): Waiting<O>,
+        _at: Proposed,
+        result: Result<O, ProposeError>,
+    ) {
+        self.answers.push((reply, result));
+    }
+
+    fn read_done(&mut self, (reply, _): Waiting<O>, result: Result<O, ProposeError>) {
+        self.read_answers.push((reply, result));
+    }
+
+    /// Serializes on a background thread that feeds the bytes back through the inbox.
+    fn serialize_snapshot(&mut self, meta: SnapshotMeta, source: Box<dyn SnapshotSource>) -> bool {
+        let inbox = self.self_inbox.clone();
+        let chunk = self.chunk_bytes;
+        std::thread::Builder::new()
+            .name("raftkv-snapshot".into())
+            .spawn(move || {
+                let mut out = ChunkWriter {
+                    inbox: inbox.clone(),
+                    meta,
+                    chunk,
+                    buf: Vec::new(),
+                };
+                let result = source
+                    .write_to(&mut out)
+                    .and_then(|_| out.flush_chunk())
+                    .map_err(|e| e.to_string());
+                let _ = inbox.send(Command::LocalDone(meta, result));
+            })
+            .is_ok()
+    }
+}
 
 /// Everything the node thread owns.
 pub(super) struct Worker<S, M: StateMachine> {
-    core: RaftCore,
-    storage: S,
-    machine: M,
+    engine: Engine<S, M, Waiting<M::Output>, Waiting<M::Output>>,
+    host: NodeHost<M::Output>,
     commands: mpsc::Receiver<Command<M::Output>>,
-    /// Handed to snapshot threads so they can deliver their bytes.
-    self_inbox: SyncSender<Command<M::Output>>,
-    outbox: fmpsc::Sender<Vec<Message>>,
-    /// Proposals waiting to be applied: index -> (term, reply, deadline).
-    pending: BTreeMap<Index, (Term, Reply<M::Output>, Instant)>,
     shared: Arc<Shared>,
-    policy: SnapshotPolicy,
     snapshot_waiters: Vec<oneshot::Sender<Option<SnapshotMeta>>>,
-    /// Entries up to here are already in the state machine's own durable state.
-    skip_through: Index,
-    /// Reads waiting for confirmation: ctx -> (query, reply, deadline).
-    reads: HashMap<u64, (Payload, Reply<M::Output>, Instant)>,
-    /// Confirmed reads waiting for the apply index: (index, ctx).
-    ready_reads: BTreeMap<(Index, u64), ()>,
-    next_read: u64,
-    /// Answers to send once the status is published.
-    answers: Vec<Answer<M::Output>>,
-    /// Read answers (they leave at once: a read does not change the status).
-    read_answers: Vec<Answer<M::Output>>,
-    /// Highest index the state machine holds (applied, restored or durable in it).
-    applied: Index,
-    /// A batch that could not be written for lack of space, retried before anything else.
-    stalled: Option<(Ready, WriteProgress)>,
-    /// The full-disk error, while it lasts.
-    disk_full: Option<String>,
     config: NodeConfig,
 }
 
@@ -58,7 +97,8 @@ enum Flow {
 }
 
 impl<S: Storage, M: StateMachine> Worker<S, M> {
-    #[allow(clippy::too_many_arguments)]
+    /// Restores the engine (state machine from the stored snapshot, replay after what it
+    /// holds) around `core`.
     pub(super) fn new(
         core: RaftCore,
         storage: S,
@@ -68,44 +108,22 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
         outbox: fmpsc::Sender<Vec<Message>>,
         shared: Arc<Shared>,
         config: NodeConfig,
-    ) -> Self {
-        Worker {
-            core,
-            storage,
-            machine,
+    ) -> Result<Self, NodeError> {
+        let engine = Engine::new(core, storage, machine, config.max_log_bytes)?;
+        Ok(Worker {
+            engine,
+            host: NodeHost {
+                outbox,
+                answers: Vec::new(),
+                read_answers: Vec::new(),
+                self_inbox,
+                chunk_bytes: config.raft.snapshot_chunk_bytes as usize,
+            },
             commands,
-            self_inbox,
-            outbox,
-            pending: BTreeMap::new(),
             shared,
-            policy: SnapshotPolicy::new(config.max_log_bytes),
             snapshot_waiters: Vec::new(),
-            skip_through: 0,
-            reads: HashMap::new(),
-            ready_reads: BTreeMap::new(),
-            next_read: 0,
-            answers: Vec::new(),
-            read_answers: Vec::new(),
-            applied: 0,
-            stalled: None,
-            disk_full: None,
             config,
-        }
-    }
-
-    /// Start-up: rebuilds the state machine from the stored snapshot, unless it keeps its own
-    /// durable state that is at least as recent; then replay starts after what it holds.
-    pub(super) fn restore(&mut self) -> Result<(), NodeError> {
-        let init = self.storage.initial_state()?;
-        let durable = self.machine.durable_index().unwrap_or(0);
-        if init.snapshot.index > durable {
-            host::restore_machine(&self.storage, &mut self.machine, init.snapshot_size)
-                .map_err(NodeError::Restore)?;
-        }
-        self.skip_through = durable;
-        self.applied = durable.max(init.snapshot.index);
-        self.core.set_applied(self.applied);
-        Ok(())
+        })
     }
 
     pub(super) fn run(mut self) {
@@ -124,15 +142,18 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
             }
             let now = Instant::now();
             if now >= next_tick {
-                self.core.tick();
+                self.engine.core_mut().tick();
                 next_tick = now + self.config.tick_interval;
                 self.expire(now);
             }
-            let processed = self.process();
+            // A batch that hit a full disk is retried here first, at every loop (so at least
+            // every tick), before anything newer.
+            let processed = self.engine.run(&mut self.host);
+            self.send_read_answers();
             // The status is published before the answers leave, so that a caller who got an
             // answer sees a status at least as recent.
             self.publish_status(None, true);
-            for (reply, answer) in self.answers.drain(..) {
+            for (reply, answer) in self.host.answers.drain(..) {
                 let _ = reply.send(answer);
             }
             if let Err(e) = processed {
@@ -140,18 +161,22 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
             }
         };
         self.publish_status(fatal.map(|e| e.to_string()), false);
-        for (_, (_, reply, _)) in std::mem::take(&mut self.pending) {
-            let _ = reply.send(Err(ProposeError::Shutdown));
-        }
-        for (_, (_, reply, _)) in std::mem::take(&mut self.reads) {
+        let (proposals, reads) = self.engine.take_all_waiting();
+        for (reply, _) in proposals.into_iter().chain(reads) {
             let _ = reply.send(Err(ProposeError::Shutdown));
         }
         for w in self.snapshot_waiters.drain(..) {
             let _ = w.send(None);
         }
-        self.outbox.close_channel();
+        self.host.outbox.close_channel();
         for tx in self.shared.stopped.lock().drain(..) {
             let _ = tx.send(());
+        }
+    }
+
+    fn send_read_answers(&mut self) {
+        for (reply, answer) in self.host.read_answers.drain(..) {
+            let _ = reply.send(answer);
         }
     }
 
@@ -175,59 +200,38 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
 
     fn handle(&mut self, cmd: Command<M::Output>) -> Result<Flow, NodeError> {
         match cmd {
-            Command::Step(m) => self.core.step(m),
-            Command::Propose(_, reply) if self.disk_full.is_some() => {
-                let _ = reply.send(Err(ProposeError::NoSpace));
+            Command::Step(m) => self.engine.core_mut().step(m),
+            Command::Propose(data, reply) => {
+                let deadline = Instant::now() + self.config.propose_timeout;
+                if let Err((e, (reply, _))) = self.engine.propose(data, (reply, deadline)) {
+                    let _ = reply.send(Err(e));
+                }
             }
-            Command::Propose(data, reply) => match self.core.propose(data) {
-                Ok(p) => {
-                    let deadline = Instant::now() + self.config.propose_timeout;
-                    self.pending.insert(p.index, (p.term, reply, deadline));
-                }
-                Err(e) => {
-                    let _ = reply.send(Err(e.into()));
-                }
-            },
             Command::Read(query, reply) => {
-                self.next_read += 1;
-                let ctx = self.next_read;
-                match self.core.read_index(ctx) {
-                    Ok(()) => {
-                        let deadline = Instant::now() + self.config.propose_timeout;
-                        self.reads.insert(ctx, (query, reply, deadline));
-                    }
-                    Err(e) => {
-                        let _ = reply.send(Err(e.into()));
-                    }
+                let deadline = Instant::now() + self.config.propose_timeout;
+                if let Err((e, (reply, _))) = self.engine.read(query, (reply, deadline)) {
+                    let _ = reply.send(Err(e));
                 }
             }
             Command::Transfer(to, reply) => {
                 let result = self
-                    .core
+                    .engine
+                    .core_mut()
                     .transfer_leadership(to)
                     .map_err(ProposeError::from);
                 let _ = reply.send(result);
             }
-            Command::Snapshot(reply) => {
-                if self.policy.in_progress().is_some() || !self.maybe_snapshot(true) {
+            Command::Snapshot(reply) => match self.engine.maybe_snapshot(&mut self.host, true) {
+                Some(_) => self.snapshot_waiters.push(reply),
+                None => {
                     let _ = reply.send(None);
-                } else {
-                    self.snapshot_waiters.push(reply);
                 }
-            }
-            Command::LocalChunk(meta, data) => self.policy.write(&mut self.storage, meta, &data)?,
+            },
+            Command::LocalChunk(meta, data) => self.engine.local_snapshot_chunk(meta, &data)?,
             Command::LocalDone(meta, result) => {
-                let installed = match result {
-                    Ok(()) => self
-                        .policy
-                        .finish(&mut self.storage, &mut self.core, meta)?,
-                    Err(_) => {
-                        // Serializing failed (the state machine's own error): no snapshot
-                        // this time; the log simply stays longer.
-                        self.policy.abandon();
-                        false
-                    }
-                };
+                let installed = self
+                    .engine
+                    .local_snapshot_done(&mut self.host, meta, result)?;
                 let answer = installed.then_some(meta);
                 for w in self.snapshot_waiters.drain(..) {
                     let _ = w.send(answer);
@@ -238,232 +242,26 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
         Ok(Flow::Continue)
     }
 
-    /// Starts a local snapshot if one is due (or `force`d): takes the state machine's image
-    /// here, right after the last apply, and serializes it on a background thread that feeds
-    /// the bytes back through the inbox.
-    fn maybe_snapshot(&mut self, force: bool) -> bool {
-        let Some(meta) = self.policy.due(&self.core, &self.storage, force) else {
-            return false;
-        };
-        let source = self.machine.snapshot();
-        self.policy.started(meta);
-        let inbox = self.self_inbox.clone();
-        let chunk = self.config.raft.snapshot_chunk_bytes as usize;
-        let spawned = std::thread::Builder::new()
-            .name("raftkv-snapshot".into())
-            .spawn(move || {
-                let mut out = ChunkWriter {
-                    inbox: inbox.clone(),
-                    meta,
-                    chunk,
-                    buf: Vec::new(),
-                };
-                let result = source
-                    .write_to(&mut out)
-                    .and_then(|_| out.flush_chunk())
-                    .map_err(|e| e.to_string());
-                let _ = inbox.send(Command::LocalDone(meta, result));
-            });
-        if spawned.is_err() {
-            self.policy.abandon();
-            return false;
-        }
-        true
-    }
-
     fn expire(&mut self, now: Instant) {
-        let timed_out = |deadline: &Instant| *deadline <= now;
-        let proposals: Vec<Index> = self
-            .pending
-            .iter()
-            .filter(|(_, p)| timed_out(&p.2))
-            .map(|(i, _)| *i)
-            .collect();
-        let reads: Vec<u64> = self
-            .reads
-            .iter()
-            .filter(|(_, r)| timed_out(&r.2))
-            .map(|(c, _)| *c)
-            .collect();
-        let replies = proposals
-            .iter()
-            .filter_map(|i| self.pending.remove(i).map(|p| p.1))
-            .chain(
-                reads
-                    .iter()
-                    .filter_map(|c| self.reads.remove(c).map(|r| r.1)),
-            )
-            .collect::<Vec<_>>();
-        for reply in replies {
+        let (proposals, reads) = self
+            .engine
+            .take_expired(|(_, d)| *d <= now, |(_, d)| *d <= now);
+        for (reply, _) in proposals.into_iter().chain(reads) {
             let _ = reply.send(Err(ProposeError::Timeout));
-        }
-        self.ready_reads
-            .retain(|(_, ctx), _| self.reads.contains_key(ctx));
-    }
-
-    fn send(&mut self, messages: Vec<Message>) {
-        if !messages.is_empty() {
-            // A full outbox means the driver future is not keeping up: drop, Raft resends.
-            let _ = self.outbox.try_send(messages);
-        }
-    }
-
-    /// Works through the core's output. A batch that hit a full disk is kept and retried
-    /// first (at every loop, so at least every tick) before anything newer: the node neither
-    /// acknowledges nor applies anything meanwhile, and leadership moves elsewhere.
-    fn process(&mut self) -> Result<(), NodeError> {
-        if let Some((ready, progress)) = self.stalled.take() {
-            self.persist_and_finish(ready, progress)?;
-            if self.stalled.is_some() {
-                return Ok(());
-            }
-        }
-        while self.core.has_ready() {
-            let mut ready = self.core.ready();
-            let mut now = std::mem::take(&mut ready.messages);
-            let requests = std::mem::take(&mut ready.snapshot_requests);
-            now.extend(host::snapshot_messages(
-                &self.storage,
-                self.core.id(),
-                requests,
-            )?);
-            self.send(now);
-            if !ready.snapshot_chunks.is_empty() {
-                self.policy.abandon(); // the leader's snapshot takes the incoming slot
-            }
-            self.take_reads(&mut ready);
-            self.persist_and_finish(ready, WriteProgress::default())?;
-            if self.stalled.is_some() {
-                return Ok(());
-            }
-        }
-        self.maybe_snapshot(false);
-        Ok(())
-    }
-
-    /// Makes `ready` durable, then acknowledges and applies it. On a full disk the batch is
-    /// parked in `stalled` with how far its writes got, and the error is reported in the
-    /// status.
-    fn persist_and_finish(
-        &mut self,
-        mut ready: Ready,
-        mut progress: WriteProgress,
-    ) -> Result<(), NodeError> {
-        if ready.must_persist() {
-            let written = host::write_ready(&mut self.storage, &ready, &mut progress)
-                .and_then(|_| self.storage.sync());
-            match written {
-                Ok(()) => self.disk_full = None,
-                Err(e @ StorageError::NoSpace { .. }) => {
-                    self.disk_full = Some(e.to_string());
-                    self.stalled = Some((ready, progress));
-                    return Ok(());
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        self.core.on_persisted(ready.ack);
-        self.send(std::mem::take(&mut ready.persisted_messages));
-        if ready.install_snapshot.is_some() {
-            let size = self.storage.initial_state()?.snapshot_size;
-            host::restore_machine(&self.storage, &mut self.machine, size)
-                .map_err(NodeError::Restore)?;
-            self.skip_through = 0;
-            self.applied = self.core.log().snapshot().index;
-            self.policy.installed += 1;
-            // Proposals below the snapshot will never be applied here.
-            let through = self.core.log().snapshot().index;
-            while let Some(e) = self.pending.first_entry() {
-                if *e.key() > through {
-                    break;
-                }
-                let _ = e.remove().1.send(Err(ProposeError::Timeout));
-            }
-        }
-        for entry in ready.committed_entries {
-            let output = match &entry.payload {
-                EntryPayload::Command(c) if entry.index > self.skip_through => {
-                    Some(self.machine.apply(entry.index, c.as_bytes()))
-                }
-                _ => None,
-            };
-            self.applied = entry.index;
-            self.resolve(entry.index, entry.term, output);
-        }
-        self.serve_reads();
-        for (reply, answer) in self.read_answers.drain(..) {
-            let _ = reply.send(answer);
-        }
-        Ok(())
-    }
-
-    /// Takes the batch's confirmed and failed reads, and answers at once those the state
-    /// machine can already serve: a read need not wait for this batch's fsync.
-    fn take_reads(&mut self, ready: &mut Ready) {
-        for ctx in std::mem::take(&mut ready.failed_reads) {
-            if let Some((_, reply, _)) = self.reads.remove(&ctx) {
-                let leader = self.core.leader();
-                let _ = reply.send(Err(ProposeError::NotLeader { leader }));
-            }
-        }
-        for r in std::mem::take(&mut ready.read_states) {
-            self.ready_reads.insert((r.index, r.ctx), ());
-        }
-        self.serve_reads();
-        for (reply, answer) in self.read_answers.drain(..) {
-            let _ = reply.send(answer);
-        }
-    }
-
-    /// Answers the confirmed reads whose index the state machine has applied.
-    fn serve_reads(&mut self) {
-        let applied = self.applied;
-        while let Some(entry) = self.ready_reads.first_entry() {
-            let (index, ctx) = *entry.key();
-            if index > applied {
-                break;
-            }
-            entry.remove();
-            if let Some((query, reply, _)) = self.reads.remove(&ctx) {
-                let answer = self
-                    .machine
-                    .query(query.as_bytes())
-                    .ok_or(ProposeError::Unsupported);
-                self.read_answers.push((reply, answer));
-            }
-        }
-    }
-
-    /// The entry at `index` was applied: answer the proposal that waited for it, and fail
-    /// those whose slots were taken by other entries.
-    fn resolve(&mut self, index: Index, term: Term, output: Option<M::Output>) {
-        while let Some(entry) = self.pending.first_entry() {
-            if *entry.key() > index {
-                break;
-            }
-            let at = *entry.key();
-            let (want_term, reply, _) = entry.remove();
-            if at == index && want_term == term {
-                if let Some(out) = output {
-                    self.answers.push((reply, Ok(out)));
-                }
-                break;
-            }
-            self.answers.push((reply, Err(ProposeError::Dropped)));
         }
     }
 
     pub(super) fn publish_status(&self, fatal: Option<String>, running: bool) {
         let mut s = self.shared.status.lock();
-        s.raft = self.core.status();
-        s.persisted = self.storage.persisted_size();
+        s.raft = self.engine.core().status();
+        s.persisted = self.engine.storage().persisted_size();
         if fatal.is_some() {
             s.fatal_error = fatal;
         }
         s.running = running;
-        s.disk_full = self.disk_full.clone();
-        s.snapshots_taken = self.policy.taken;
-        s.snapshots_installed = self.policy.installed;
+        s.disk_full = self.engine.disk_full().map(str::to_owned);
+        s.snapshots_taken = self.engine.policy().taken;
+        s.snapshots_installed = self.engine.policy().installed;
     }
 }
 

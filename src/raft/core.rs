@@ -1,10 +1,12 @@
 //! [`RaftCore`]: the Raft consensus rules as a deterministic, IO-free state machine.
 //!
 //! Inputs: [`RaftCore::step`] (a message from a peer), [`RaftCore::tick`] (time passes),
-//! [`RaftCore::propose`] (a client command). Output: [`RaftCore::ready`] hands out a [`Ready`]
-//! batch: state and entries to persist, messages to send (some at once, some only once the
-//! batch is durable), and committed entries to apply. The host reports durability back with
-//! [`RaftCore::on_persisted`].
+//! [`RaftCore::propose`] (a client command), [`RaftCore::read_index`] (a linearizable read).
+//! Output: [`RaftCore::ready`] hands out a [`Ready`] batch: state and entries to persist,
+//! messages to send (some at once, some only once the batch is durable), and committed entries
+//! to apply. The host reports durability back with [`RaftCore::on_persisted`]. A host may step
+//! any number of inputs before one `ready()`, and may hand out further batches before an
+//! earlier one is durable; the core's output stays correct under every such interleaving.
 //!
 //! Rules kept here (Raft paper, Figure 2, plus §9.6 of the thesis):
 //! - a node adopts any higher term it sees, and then forgets its vote;
@@ -20,21 +22,25 @@
 //! Durability ordering (see [`Ready`]): vote grants, append acknowledgements and anything of a
 //! new term leave only after the state they depend on is durable; a leader's own entries count
 //! toward commit only once the host reported them durable.
-
-use std::collections::BTreeMap;
+//!
+//! State that belongs to one role lives inside that role (see `role.rs`): a role or term
+//! change drops it by construction.
 
 use super::config::Config;
 use super::log::RaftLog;
 use super::progress::Progress;
-use super::read::Reads;
-use super::ready::{PersistAck, Proposed, Ready, SnapshotChunk, SnapshotChunkRequest, Status};
+use super::ready::{
+    PersistAck, Proposed, ReadState, Ready, SnapshotChunk, SnapshotChunkRequest, Status,
+};
+use super::recovery::Recovery;
 use super::rng::Rng;
-use super::snapshot::Incoming;
+use super::role::{Election, Follower, Leader, RoleState};
 use super::{
     Entry, EntryPayload, HardState, Index, Message, MessageBody, NodeId, Payload, SnapshotMeta,
     Term,
 };
 use crate::error::CoreProposeError;
+use crate::storage::TailLoss;
 
 /// A node's role.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -75,46 +81,67 @@ pub struct RaftCore {
     pub(super) cfg: Config,
     pub(super) term: Term,
     pub(super) vote: Option<NodeId>,
-    pub(super) role: Role,
+    /// The role, with the state only that role keeps.
+    pub(super) state: RoleState,
     pub(super) leader: Option<NodeId>,
     pub(super) log: RaftLog,
-    /// Followers' progress (leader only; never contains this node).
-    pub(super) progress: BTreeMap<NodeId, Progress>,
-    /// Votes received in the current (pre-)election.
-    pub(super) votes: BTreeMap<NodeId, bool>,
     pub(super) election_elapsed: u32,
-    pub(super) heartbeat_elapsed: u32,
     pub(super) randomized_election_timeout: u32,
-    /// Bytes proposed in this term and not yet committed (leader only).
-    pub(super) uncommitted_bytes: u64,
     pub(super) rng: Rng,
     pub(super) msgs: Vec<(Dispatch, Message)>,
     /// Hard state as last handed out in a `Ready`.
     pub(super) hard_state_handed: HardState,
-    /// Size of the stored snapshot (as the host reports it).
+    /// Size of the stored snapshot.
     pub(super) snapshot_size: u64,
-    /// A snapshot being received from the leader.
-    pub(super) incoming: Option<Incoming>,
     /// Pending output: chunk requests (leader), received chunks and install (follower).
     pub(super) snapshot_requests: Vec<SnapshotChunkRequest>,
     pub(super) snapshot_chunks: Vec<SnapshotChunk>,
     pub(super) install_snapshot: Option<SnapshotMeta>,
-    /// ReadIndex state (leader), and confirmed/failed reads to hand out.
-    pub(super) reads: Reads,
-    /// Leader: the follower leadership is being handed to, and ticks since it started.
-    pub(super) transferee: Option<NodeId>,
-    pub(super) transfer_elapsed: u32,
+    /// Pending output: confirmed and failed reads of this node's host.
+    pub(super) read_states: Vec<ReadState>,
+    pub(super) failed_reads: Vec<u64>,
+    /// Wire id of the next read forwarded to a leader. It starts at a random point drawn per
+    /// incarnation, so an answer meant for an earlier incarnation never matches.
+    pub(super) next_read_id: u64,
     /// The highest term known durable (reported through `on_persisted`).
     pub(super) durable_term: Term,
+    /// Set while this node recovers from a lost log tail (see `recovery.rs`).
+    pub(super) recovery: Option<Recovery>,
+    /// Pending output: the recovery finished; the host clears the storage's record.
+    pub(super) recovery_done: bool,
 }
 
 impl RaftCore {
-    /// A core resuming from durable state: `hard_state`, the `snapshot` boundary and the log
-    /// `entries` that follow it (all durable). A new node passes defaults and no entries.
+    /// A core resuming from durable state with no snapshot: `hard_state` and the log
+    /// `entries` from index 1 (all durable). A new node passes defaults and no entries.
+    ///
+    /// A node whose storage holds a snapshot must be restored with [`RaftCore::restore`] (or
+    /// [`RaftCore::from_storage`]), which takes the snapshot's size too: a core that knew a
+    /// snapshot but not its size would stream an empty snapshot to followers. Passing a
+    /// snapshot here is refused.
     pub fn new(
         cfg: Config,
         hard_state: HardState,
         snapshot: SnapshotMeta,
+        entries: Vec<Entry>,
+    ) -> Result<Self, String> {
+        if snapshot.index > 0 {
+            return Err(format!(
+                "a core resuming from the snapshot at {} needs its size: use RaftCore::restore",
+                snapshot.index
+            ));
+        }
+        Self::restore(cfg, hard_state, snapshot, 0, entries)
+    }
+
+    /// A core resuming from durable state: `hard_state`, the stored `snapshot` of
+    /// `snapshot_size` bytes (`SnapshotMeta::default()` and 0 when there is none) and the log
+    /// `entries` that follow it (all durable).
+    pub fn restore(
+        cfg: Config,
+        hard_state: HardState,
+        snapshot: SnapshotMeta,
+        snapshot_size: u64,
         entries: Vec<Entry>,
     ) -> Result<Self, String> {
         cfg.validate()?;
@@ -141,46 +168,54 @@ impl RaftCore {
                 hard_state.term
             ));
         }
+        // Drawn from its own generator so that the election timeouts do not depend on it.
+        let next_read_id = Rng::new(cfg.seed ^ 0x5EAD_1D5E_ED00_0000).next_u64();
         let mut core = RaftCore {
             rng: Rng::new(cfg.seed),
             cfg,
             term: hard_state.term,
             vote: hard_state.vote,
-            role: Role::Follower,
+            state: RoleState::Follower(Follower::default()),
             leader: None,
             log: RaftLog::restore(snapshot, entries),
-            progress: BTreeMap::new(),
-            votes: BTreeMap::new(),
             election_elapsed: 0,
-            heartbeat_elapsed: 0,
             randomized_election_timeout: 0,
-            uncommitted_bytes: 0,
             msgs: Vec::new(),
             hard_state_handed: hard_state,
-            snapshot_size: 0,
-            incoming: None,
+            snapshot_size,
             snapshot_requests: Vec::new(),
             snapshot_chunks: Vec::new(),
             install_snapshot: None,
-            reads: Reads::default(),
-            transferee: None,
-            transfer_elapsed: 0,
+            read_states: Vec::new(),
+            failed_reads: Vec::new(),
+            next_read_id,
             durable_term: hard_state.term,
+            recovery: None,
+            recovery_done: false,
         };
         core.reset_election_timer();
         Ok(core)
     }
 
-    /// Restores a core from what `storage` holds (reads the whole retained log once).
+    /// Restores a core from what `storage` holds (reads the whole retained log once),
+    /// including a [`TailLoss`] the storage reports.
     pub fn from_storage<S: crate::storage::Storage>(
         cfg: Config,
         storage: &S,
     ) -> Result<Self, crate::error::StorageError> {
         let init = storage.initial_state()?;
         let entries = storage.entries(init.first_index, init.last_index + 1, u64::MAX)?;
-        let mut core = RaftCore::new(cfg, init.hard_state, init.snapshot, entries)
-            .map_err(crate::error::StorageError::Invalid)?;
-        core.snapshot_size = init.snapshot_size;
+        let mut core = RaftCore::restore(
+            cfg,
+            init.hard_state,
+            init.snapshot,
+            init.snapshot_size,
+            entries,
+        )
+        .map_err(crate::error::StorageError::Invalid)?;
+        if let Some(loss) = storage.tail_loss() {
+            core.recover_from(loss);
+        }
         Ok(core)
     }
 
@@ -196,7 +231,7 @@ impl RaftCore {
     }
     /// Current role.
     pub fn role(&self) -> Role {
-        self.role
+        self.state.role()
     }
     /// Current term.
     pub fn term(&self) -> Term {
@@ -227,7 +262,7 @@ impl RaftCore {
     }
     /// A follower's progress (leader only).
     pub fn progress(&self, peer: NodeId) -> Option<&Progress> {
-        self.progress.get(&peer)
+        self.leader_state()?.progress.get(&peer)
     }
     /// The current randomized election timeout, in ticks.
     pub fn election_timeout(&self) -> u32 {
@@ -237,7 +272,7 @@ impl RaftCore {
     pub fn status(&self) -> Status {
         Status {
             id: self.cfg.id,
-            role: self.role,
+            role: self.role(),
             term: self.term,
             vote: self.vote,
             leader: self.leader,
@@ -253,9 +288,30 @@ impl RaftCore {
         self.cfg.voters.len() / 2 + 1
     }
 
-    fn peers(&self) -> impl Iterator<Item = NodeId> + '_ {
+    pub(super) fn peers(&self) -> impl Iterator<Item = NodeId> + '_ {
         let me = self.cfg.id;
         self.cfg.voters.iter().copied().filter(move |&v| v != me)
+    }
+
+    pub(super) fn leader_state(&self) -> Option<&Leader> {
+        match &self.state {
+            RoleState::Leader(l) => Some(l),
+            _ => None,
+        }
+    }
+
+    pub(super) fn leader_mut(&mut self) -> Option<&mut Leader> {
+        match &mut self.state {
+            RoleState::Leader(l) => Some(l),
+            _ => None,
+        }
+    }
+
+    pub(super) fn follower_mut(&mut self) -> Option<&mut Follower> {
+        match &mut self.state {
+            RoleState::Follower(f) => Some(f),
+            _ => None,
+        }
     }
 
     // ----- inputs ----------------------------------------------------------------------------
@@ -263,72 +319,82 @@ impl RaftCore {
     /// Advances logical time by one tick.
     pub fn tick(&mut self) {
         self.election_elapsed = self.election_elapsed.saturating_add(1);
-        if self.role == Role::Leader {
-            self.heartbeat_elapsed += 1;
-            if self.transferee.is_some() {
-                self.transfer_elapsed += 1;
-                if self.transfer_elapsed >= self.cfg.election_ticks {
-                    self.transferee = None; // the transfer failed: lead on
+        let election_ticks = self.cfg.election_ticks;
+        match &mut self.state {
+            RoleState::Leader(_) => self.tick_leader(),
+            RoleState::Follower(f) => {
+                // A transfer that stopped (its leader moved on, or caught us up with appends
+                // instead) must not keep the incoming-snapshot slot, nor block local
+                // snapshots, for ever.
+                if let Some(incoming) = f.incoming.as_mut() {
+                    incoming.idle_ticks += 1;
+                    if incoming.idle_ticks >= election_ticks {
+                        f.incoming = None;
+                    }
                 }
+                self.tick_election();
             }
-            if self.election_elapsed >= self.cfg.election_ticks {
-                self.election_elapsed = 0;
-                if self.cfg.check_quorum && !self.quorum_recently_active() {
-                    self.become_follower(self.term, None);
-                    return;
-                }
-                for p in self.progress.values_mut() {
-                    p.recent_active = false;
-                }
-            }
-            if self.heartbeat_elapsed >= self.cfg.heartbeat_ticks {
-                self.heartbeat_elapsed = 0;
-                self.broadcast_heartbeat();
-            }
-        } else if self.election_elapsed >= self.randomized_election_timeout {
+            _ => self.tick_election(),
+        }
+    }
+
+    fn tick_election(&mut self) {
+        if self.recovery.is_some() {
+            self.tick_recovery();
+            return;
+        }
+        if self.election_elapsed >= self.randomized_election_timeout {
             self.campaign();
         }
     }
 
-    /// Starts an election now (a pre-vote round first when pre-vote is on).
-    pub fn campaign(&mut self) {
-        if self.role == Role::Leader {
-            return;
+    fn tick_leader(&mut self) {
+        let election_ticks = self.cfg.election_ticks;
+        let heartbeat_ticks = self.cfg.heartbeat_ticks;
+        let elapsed = self.election_elapsed;
+        let Some(l) = self.leader_mut() else { return };
+        l.heartbeat_elapsed += 1;
+        let mut abandoned = false;
+        if let Some(t) = l.transfer.as_mut() {
+            t.elapsed += 1;
+            if t.elapsed >= election_ticks {
+                l.transfer = None; // the transfer failed: lead on
+                abandoned = true;
+            }
         }
-        if self.cfg.pre_vote {
-            self.become_pre_candidate();
-        } else {
-            self.become_candidate();
+        let heartbeat_due = l.heartbeat_elapsed >= heartbeat_ticks;
+        if abandoned {
+            // A no-op moves the log past the index a delayed TimeoutNow names, so that the
+            // transferee ignores it once it has this entry.
+            self.append_own(EntryPayload::Noop);
+        }
+        if elapsed >= election_ticks {
+            self.election_elapsed = 0;
+            if self.cfg.check_quorum && !self.quorum_recently_active() {
+                self.become_follower(self.term, None);
+                return;
+            }
+            if let Some(l) = self.leader_mut() {
+                for p in l.progress.values_mut() {
+                    p.recent_active = false;
+                }
+            }
+        }
+        if heartbeat_due {
+            if let Some(l) = self.leader_mut() {
+                l.heartbeat_elapsed = 0;
+            }
+            self.broadcast_heartbeat();
         }
     }
 
-    /// Appends a client command (leader only). It is replicated at the next [`ready`](Self::ready).
-    pub fn propose(&mut self, command: Payload) -> Result<Proposed, CoreProposeError> {
-        if self.role != Role::Leader {
-            return Err(CoreProposeError::NotLeader {
-                leader: self.leader,
-            });
-        }
-        if self.transferee.is_some() {
-            return Err(CoreProposeError::Busy); // leadership is being handed over
-        }
+    /// Appends an entry of the current term to a leader's log.
+    pub(super) fn append_own(&mut self, payload: EntryPayload) -> Proposed {
         let entry = Entry {
             index: self.log.last_index() + 1,
             term: self.term,
-            payload: EntryPayload::Command(command),
+            payload,
         };
-        if entry.size() > self.cfg.max_entry_bytes {
-            return Err(CoreProposeError::TooLarge {
-                size: entry.size(),
-                max: self.cfg.max_entry_bytes,
-            });
-        }
-        if self.uncommitted_bytes > 0
-            && self.uncommitted_bytes + entry.size() > self.cfg.max_uncommitted_bytes
-        {
-            return Err(CoreProposeError::Busy);
-        }
-        self.uncommitted_bytes += entry.size();
         let proposed = Proposed {
             index: entry.index,
             term: entry.term,
@@ -337,7 +403,32 @@ impl RaftCore {
         if self.cfg.voters.len() == 1 {
             self.maybe_commit();
         }
-        Ok(proposed)
+        proposed
+    }
+
+    /// Appends a client command (leader only). It is replicated at the next [`ready`](Self::ready).
+    pub fn propose(&mut self, command: Payload) -> Result<Proposed, CoreProposeError> {
+        let leader = self.leader;
+        let max_entry = self.cfg.max_entry_bytes;
+        let max_uncommitted = self.cfg.max_uncommitted_bytes;
+        let Some(l) = self.leader_mut() else {
+            return Err(CoreProposeError::NotLeader { leader });
+        };
+        if l.transfer.is_some() {
+            return Err(CoreProposeError::Busy); // leadership is being handed over
+        }
+        let size = super::ENTRY_OVERHEAD + command.len() as u64;
+        if size > max_entry {
+            return Err(CoreProposeError::TooLarge {
+                size,
+                max: max_entry,
+            });
+        }
+        if l.uncommitted_bytes > 0 && l.uncommitted_bytes + size > max_uncommitted {
+            return Err(CoreProposeError::Busy);
+        }
+        l.uncommitted_bytes += size;
+        Ok(self.append_own(EntryPayload::Command(command)))
     }
 
     /// Handles a message from a peer. Messages from unknown nodes or for another node are
@@ -349,6 +440,22 @@ impl RaftCore {
             || !well_formed(&m)
         {
             return;
+        }
+        // Questions about terms are answered whatever the terms (see `recovery.rs`).
+        match m.body {
+            MessageBody::TermQuery => {
+                let body = MessageBody::TermAnswer;
+                self.send(m.from, body, Dispatch::AfterPersist);
+                return;
+            }
+            MessageBody::TermAnswer => {
+                self.term_answered(m.from, m.term);
+                return;
+            }
+            _ => {}
+        }
+        if self.recovery.as_ref().is_some_and(Recovery::term_unknown) {
+            return; // until it knows which terms it may have promised, it takes no part
         }
         if m.term > self.term {
             match &m.body {
@@ -407,39 +514,46 @@ impl RaftCore {
             self.handle_vote_request(m.from, m.term, pre_vote, last_index, last_term);
             return;
         }
-        match self.role {
-            Role::Leader => self.step_leader(m),
-            Role::Candidate | Role::PreCandidate => self.step_candidate(m),
-            Role::Follower => self.step_follower(m),
+        match self.state {
+            RoleState::Leader(_) => self.step_leader(m),
+            RoleState::Candidate(_) | RoleState::PreCandidate(_) => self.step_candidate(m),
+            RoleState::Follower(_) => self.step_follower(m),
         }
     }
 
     /// Reports that the batch whose [`Ready::ack`] this is is durable. Acks must be reported
-    /// in the order the batches were handed out.
+    /// in the order the batches were handed out; one report may stand for several batches
+    /// only if they are reported each, in order.
     pub fn on_persisted(&mut self, ack: PersistAck) {
         self.durable_term = self.durable_term.max(ack.hard_state.term);
         self.log.persisted_to(ack.last_index, ack.last_term);
-        if self.role == Role::Leader {
+        if self.role() == Role::Leader {
             self.maybe_commit();
         }
     }
 
     /// True when [`ready`](Self::ready) would hand out work.
     pub fn has_ready(&self) -> bool {
+        let leader_work = self.leader_state().is_some_and(|l| {
+            l.pending_reads.iter().any(|r| r.round == 0)
+                || l.progress.keys().any(|&p| self.wants_send(p))
+        });
         self.hard_state() != self.hard_state_handed
             || !self.msgs.is_empty()
             || self.log.take_unstable_len() > 0
             || self.log.commit().min(self.log.persisted()) > self.log.applied()
             || !self.snapshot_chunks.is_empty()
-            || !self.reads.states.is_empty()
-            || !self.reads.failed.is_empty()
-            || (self.role == Role::Leader && self.reads.pending.iter().any(|r| r.round == 0))
-            || (self.role == Role::Leader && self.progress.keys().any(|&p| self.wants_send(p)))
+            || !self.snapshot_requests.is_empty()
+            || self.install_snapshot.is_some()
+            || !self.read_states.is_empty()
+            || !self.failed_reads.is_empty()
+            || self.recovery_done
+            || leader_work
     }
 
     /// Hands out the pending work. See [`Ready`] for the order the host must follow.
     pub fn ready(&mut self) -> Ready {
-        if self.role == Role::Leader {
+        if self.role() == Role::Leader {
             self.start_read_round();
             self.send_appends();
         }
@@ -464,8 +578,9 @@ impl RaftCore {
             snapshot_requests: std::mem::take(&mut self.snapshot_requests),
             snapshot_chunks: std::mem::take(&mut self.snapshot_chunks),
             install_snapshot: self.install_snapshot.take(),
-            read_states: std::mem::take(&mut self.reads.states),
-            failed_reads: std::mem::take(&mut self.reads.failed),
+            read_states: std::mem::take(&mut self.read_states),
+            failed_reads: std::mem::take(&mut self.failed_reads),
+            tail_loss_repaired: std::mem::take(&mut self.recovery_done),
             ack: PersistAck {
                 hard_state: hs,
                 last_index: self.log.last_index(),
@@ -474,177 +589,153 @@ impl RaftCore {
         }
     }
 
+    /// Checks the invariants the core keeps between inputs; panics naming the first one
+    /// broken. Cheap enough to call after every step of a simulation.
+    pub fn check_invariants(&self) {
+        let log = &self.log;
+        let u = log.unstable();
+        assert!(
+            u.persisted() <= log.last_index() && u.persisted() < u.handed_from(),
+            "node {}: persisted {} beyond the log (last {}, handed out below {})",
+            self.cfg.id,
+            u.persisted(),
+            log.last_index(),
+            u.handed_from()
+        );
+        assert!(
+            u.handed_from() <= log.last_index() + 1,
+            "node {}: handed out through {} beyond the last index {}",
+            self.cfg.id,
+            u.handed_from() - 1,
+            log.last_index()
+        );
+        assert!(
+            log.snapshot().index <= log.applied()
+                && log.applied() <= log.commit()
+                && log.commit() <= log.last_index(),
+            "node {}: need snapshot {} <= applied {} <= commit {} <= last {}",
+            self.cfg.id,
+            log.snapshot().index,
+            log.applied(),
+            log.commit(),
+            log.last_index()
+        );
+        assert!(
+            self.durable_term <= self.term,
+            "node {}: durable term {} above the current term {}",
+            self.cfg.id,
+            self.durable_term,
+            self.term
+        );
+        if let Some(l) = self.leader_state() {
+            assert_eq!(self.leader, Some(self.cfg.id), "a leader knows itself");
+            for (id, p) in &l.progress {
+                assert!(
+                    p.match_index < p.next_index,
+                    "node {}: follower {id} has match {} >= next {}",
+                    self.cfg.id,
+                    p.match_index,
+                    p.next_index
+                );
+            }
+        }
+    }
+
     // ----- role transitions ------------------------------------------------------------------
 
-    fn reset_election_timer(&mut self) {
+    pub(super) fn reset_election_timer(&mut self) {
         self.election_elapsed = 0;
-        self.heartbeat_elapsed = 0;
         let min = self.cfg.election_ticks as u64;
         self.randomized_election_timeout = self.rng.range(min, 2 * min) as u32;
     }
 
-    fn become_follower(&mut self, term: Term, leader: Option<NodeId>) {
-        self.abort_reads();
-        self.transferee = None;
+    /// Replaces the role. What the old role held that someone waits for is answered here:
+    /// a leader's reads fail (its own host's in the next `Ready`, forwarded ones with an
+    /// answer without an index), and so do the reads a follower forwarded.
+    pub(super) fn set_role(&mut self, new: RoleState) {
+        match std::mem::replace(&mut self.state, new) {
+            RoleState::Leader(l) => {
+                let held = l
+                    .pending_reads
+                    .into_iter()
+                    .map(|r| (r.from, r.ctx))
+                    .chain(l.reads_before_commit);
+                for (from, ctx) in held {
+                    if from == self.cfg.id {
+                        self.failed_reads.push(ctx);
+                    } else {
+                        // In the new term, which may not be durable yet.
+                        let body = MessageBody::ReadIndexResponse { ctx, index: None };
+                        self.send(from, body, Dispatch::AfterPersist);
+                    }
+                }
+            }
+            RoleState::Follower(f) => self.failed_reads.extend(f.forwarded_reads.into_values()),
+            RoleState::PreCandidate(_) | RoleState::Candidate(_) => {}
+        }
+    }
+
+    pub(super) fn become_follower(&mut self, term: Term, leader: Option<NodeId>) {
         if term > self.term {
             self.term = term;
             self.vote = None;
         }
-        self.role = Role::Follower;
+        self.set_role(RoleState::Follower(Follower::default()));
         self.leader = leader;
-        self.progress.clear();
-        self.votes.clear();
         self.reset_election_timer();
     }
 
-    fn become_pre_candidate(&mut self) {
-        self.role = Role::PreCandidate;
+    pub(super) fn become_pre_candidate(&mut self) {
+        self.set_role(RoleState::PreCandidate(Election::default()));
         self.leader = None;
-        self.votes.clear();
         self.reset_election_timer();
         self.request_votes(true, false);
     }
 
-    fn become_candidate(&mut self) {
-        self.become_candidate_for(false);
-    }
-
     /// A real election; `transfer` marks one the leader asked for.
-    pub(super) fn become_candidate_for(&mut self, transfer: bool) {
+    pub(super) fn become_candidate(&mut self, transfer: bool) {
         self.term += 1;
         self.vote = Some(self.cfg.id);
-        self.role = Role::Candidate;
+        self.set_role(RoleState::Candidate(Election::default()));
         self.leader = None;
-        self.votes.clear();
         self.reset_election_timer();
         self.request_votes(false, transfer);
     }
 
-    fn request_votes(&mut self, pre_vote: bool, transfer: bool) {
-        self.votes.insert(self.cfg.id, true);
-        if self.votes.len() >= self.quorum() {
-            self.won_election();
-            return;
-        }
-        let (last_index, last_term) = (self.log.last_index(), self.log.last_term());
-        let term = self.term + u64::from(pre_vote);
-        let peers: Vec<NodeId> = self.peers().collect();
-        for to in peers {
-            // A pre-vote changes nothing durable, so it may leave at once; a real vote request
-            // carries a new term and vote that must be durable first.
-            let when = if pre_vote {
-                Dispatch::Now
-            } else {
-                Dispatch::AfterPersist
-            };
-            let body = MessageBody::Vote {
-                pre_vote,
-                last_index,
-                last_term,
-                transfer,
-            };
-            self.msgs.push((
-                when,
-                Message {
-                    from: self.cfg.id,
-                    to,
-                    term,
-                    body,
-                },
-            ));
-        }
-    }
-
-    fn won_election(&mut self) {
-        match self.role {
-            Role::PreCandidate => self.become_candidate(),
-            Role::Candidate => self.become_leader(),
-            _ => {}
-        }
-    }
-
-    fn become_leader(&mut self) {
-        self.role = Role::Leader;
-        self.leader = Some(self.cfg.id);
-        self.votes.clear();
-        self.reset_election_timer();
+    pub(super) fn become_leader(&mut self) {
         let next = self.log.last_index() + 1;
-        let peers: Vec<NodeId> = self.peers().collect();
-        self.progress = peers
-            .into_iter()
-            .map(|p| (p, Progress::new(next, self.cfg.max_inflight)))
+        let max_inflight = self.cfg.max_inflight;
+        let progress = self
+            .peers()
+            .map(|p| (p, Progress::new(next, max_inflight)))
             .collect();
-        self.uncommitted_bytes = 0;
+        self.set_role(RoleState::Leader(Box::new(Leader {
+            progress,
+            heartbeat_elapsed: 0,
+            uncommitted_bytes: 0,
+            read_round: 0,
+            pending_reads: Default::default(),
+            reads_before_commit: Vec::new(),
+            transfer: None,
+        })));
+        self.leader = Some(self.cfg.id);
+        self.reset_election_timer();
         // The no-op lets entries of earlier terms commit (Figure 8 / §5.4.2).
-        self.log.append(Entry {
-            index: next,
-            term: self.term,
-            payload: EntryPayload::Noop,
-        });
-        if self.cfg.voters.len() == 1 {
-            self.maybe_commit();
-        }
-    }
-
-    /// Inside the leader lease a node refuses to take part in elections. Pre-votes are always
-    /// checked against it (that is what makes pre-vote protect a live leader); real votes when
-    /// check-quorum is on.
-    fn in_lease(&self, pre_vote: bool) -> bool {
-        (self.cfg.check_quorum || (pre_vote && self.cfg.pre_vote))
-            && self.leader.is_some()
-            && self.election_elapsed < self.cfg.election_ticks
+        self.append_own(EntryPayload::Noop);
     }
 
     // ----- per-role handling -----------------------------------------------------------------
 
-    fn handle_vote_request(
-        &mut self,
-        from: NodeId,
-        term: Term,
-        pre_vote: bool,
-        last_index: Index,
-        last_term: Term,
-    ) {
-        let can_vote = self.vote == Some(from)
-            || (self.vote.is_none() && self.leader.is_none())
-            || (pre_vote && term > self.term);
-        let granted = can_vote && self.log.is_up_to_date(last_index, last_term);
-        if granted && !pre_vote {
-            self.vote = Some(from);
-            self.election_elapsed = 0;
-        }
-        // A granted pre-vote answers in the term it was asked about.
-        let reply_term = if granted && pre_vote { term } else { self.term };
-        let body = MessageBody::VoteResponse { pre_vote, granted };
-        self.msgs.push((
-            Dispatch::AfterPersist,
-            Message {
-                from: self.cfg.id,
-                to: from,
-                term: reply_term,
-                body,
-            },
-        ));
-    }
-
     fn step_candidate(&mut self, m: Message) {
         match m.body {
-            MessageBody::Append { .. } | MessageBody::Heartbeat { .. } => {
+            MessageBody::Append { .. }
+            | MessageBody::Heartbeat { .. }
+            | MessageBody::InstallSnapshot { .. } => {
                 self.become_follower(m.term, Some(m.from));
                 self.step_follower(m);
             }
             MessageBody::VoteResponse { pre_vote, granted } => {
-                if pre_vote != (self.role == Role::PreCandidate) {
-                    return; // an answer from an earlier phase
-                }
-                self.votes.entry(m.from).or_insert(granted);
-                let yes = self.votes.values().filter(|g| **g).count();
-                let no = self.votes.len() - yes;
-                if yes >= self.quorum() {
-                    self.won_election();
-                } else if no >= self.quorum() {
-                    self.become_follower(self.term, None);
-                }
+                self.vote_answered(m.from, pre_vote, granted)
             }
             _ => {}
         }
@@ -671,21 +762,15 @@ impl RaftCore {
             MessageBody::Heartbeat { commit, read_round } => {
                 self.election_elapsed = 0;
                 self.leader = Some(m.from);
-                // The leader caps `commit` at what it knows we hold, so it is safe to adopt.
-                self.log.commit_to(commit.min(self.log.last_index()));
-                // A heartbeat answer claims nothing about the log, only our term: once that
-                // term is durable it may leave at once, so confirming a read (ReadIndex) does
-                // not wait for this follower's fsync of unrelated appends.
-                let body = MessageBody::HeartbeatResponse { read_round };
-                let when = if self.durable_term == self.term {
-                    Dispatch::Now
-                } else {
-                    Dispatch::AfterPersist
-                };
-                self.send(m.from, body, when);
+                self.handle_heartbeat(m.from, commit, read_round);
             }
-            MessageBody::ReadIndexResponse { ctx, index } => self.handle_read_response(ctx, index),
-            MessageBody::TimeoutNow => self.handle_timeout_now(),
+            MessageBody::ReadIndexResponse { ctx, index } => {
+                self.handle_read_response(m.from, ctx, index)
+            }
+            MessageBody::TimeoutNow => self.handle_timeout_now(m.from, None),
+            MessageBody::TimeoutNowAt { last_index } => {
+                self.handle_timeout_now(m.from, Some(last_index))
+            }
             _ => {}
         }
     }
@@ -700,6 +785,23 @@ impl RaftCore {
                 body,
             },
         ));
+    }
+
+    /// Starts recovering from a lost log tail (see `recovery.rs`). Call it at start-up,
+    /// before the first input, when the storage reports a [`TailLoss`]
+    /// ([`RaftCore::from_storage`] does).
+    pub fn recover_from(&mut self, loss: TailLoss) {
+        if self.cfg.voters.len() == 1 {
+            // No other copy to learn from: there is nothing to wait for.
+            self.recovery_done = true;
+            return;
+        }
+        self.recovery = Some(Recovery::new(loss));
+    }
+
+    /// The lost log tail this node is recovering from, if any.
+    pub fn recovering(&self) -> Option<TailLoss> {
+        self.recovery.as_ref().map(Recovery::loss)
     }
 }
 

@@ -3,13 +3,17 @@
 //! Invariants (checked with `debug_assert!` where cheap):
 //! - entries are contiguous: `entries[i].index == snapshot.index + 1 + i`, and their terms never
 //!   decrease;
-//! - `snapshot.index <= applied <= commit <= last_index()`, and `applied <= persisted`;
-//! - `persisted <= last_index()`: the prefix `..=persisted` is known durable in storage;
-//! - everything from `unstable_from` on has not yet been handed to storage.
+//! - `snapshot.index <= applied <= commit <= last_index()`, and `applied <= persisted` except
+//!   right after a received snapshot replaced the log (then `applied` is the snapshot's index,
+//!   and `persisted` catches up once the install is reported durable);
+//! - the handed-out and durable positions keep the invariants of [`Unstable`]; in particular
+//!   `persisted <= last_index()`.
 //!
 //! The whole log after the snapshot is held in memory (payloads are shared, never copied);
-//! snapshots and compaction are what bound it.
+//! snapshots and compaction are what bound it. Compaction is amortized O(entries removed):
+//! the dropped prefix is only cut out of the vector once it outweighs what is kept.
 
+use super::unstable::Unstable;
 use super::{Entry, Index, SnapshotMeta, Term};
 
 /// The log as the core sees it: the snapshot boundary, the retained entries and the
@@ -17,11 +21,13 @@ use super::{Entry, Index, SnapshotMeta, Term};
 #[derive(Clone, Debug, Default)]
 pub struct RaftLog {
     snapshot: SnapshotMeta,
+    /// `entries[start..]` are the retained entries; `entries[..start]` are compacted away
+    /// and cut out lazily.
     entries: Vec<Entry>,
+    start: usize,
     commit: Index,
     applied: Index,
-    persisted: Index,
-    unstable_from: Index,
+    unstable: Unstable,
 }
 
 impl RaftLog {
@@ -35,10 +41,24 @@ impl RaftLog {
         RaftLog {
             snapshot,
             entries,
+            start: 0,
             commit: snapshot.index,
             applied: snapshot.index,
-            persisted: last,
-            unstable_from: last + 1,
+            unstable: Unstable::restored(last),
+        }
+    }
+
+    fn live(&self) -> &[Entry] {
+        &self.entries[self.start..]
+    }
+
+    /// Drops the first `n` retained entries, cutting the vector only when the dropped part
+    /// outweighs the kept one (amortized O(n)).
+    fn drop_front(&mut self, n: usize) {
+        self.start += n;
+        if self.start >= 1024 && self.start * 2 >= self.entries.len() {
+            self.entries.drain(..self.start);
+            self.start = 0;
         }
     }
 
@@ -52,11 +72,11 @@ impl RaftLog {
     }
     /// Last index (the snapshot's index when no entries are retained).
     pub fn last_index(&self) -> Index {
-        self.snapshot.index + self.entries.len() as u64
+        self.snapshot.index + self.live().len() as u64
     }
     /// Term of the last entry.
     pub fn last_term(&self) -> Term {
-        self.entries.last().map_or(self.snapshot.term, |e| e.term)
+        self.live().last().map_or(self.snapshot.term, |e| e.term)
     }
     /// Highest index known committed.
     pub fn commit(&self) -> Index {
@@ -68,7 +88,11 @@ impl RaftLog {
     }
     /// Highest index known durable.
     pub fn persisted(&self) -> Index {
-        self.persisted
+        self.unstable.persisted()
+    }
+    /// The handed-out and durable positions.
+    pub fn unstable(&self) -> Unstable {
+        self.unstable
     }
 
     /// Term at `index`, or `None` if it is compacted away or beyond the end.
@@ -84,7 +108,7 @@ impl RaftLog {
         if index <= self.snapshot.index {
             return None;
         }
-        self.entries.get((index - self.snapshot.index - 1) as usize)
+        self.live().get((index - self.snapshot.index - 1) as usize)
     }
 
     /// True if the log has an entry `(index, term)` (or it is the snapshot boundary).
@@ -140,7 +164,7 @@ impl RaftLog {
         if lo >= hi {
             return 0;
         }
-        self.entries[(lo - first) as usize..(hi - first) as usize]
+        self.live()[(lo - first) as usize..(hi - first) as usize]
             .iter()
             .map(Entry::size)
             .sum()
@@ -150,8 +174,9 @@ impl RaftLog {
     pub fn append(&mut self, entry: Entry) {
         debug_assert_eq!(entry.index, self.last_index() + 1);
         debug_assert!(entry.term >= self.last_term());
-        self.unstable_from = self.unstable_from.min(entry.index);
+        let index = entry.index;
         self.entries.push(entry);
+        self.unstable.appended(index, index);
     }
 
     /// Follower path (AppendEntries): if the log matches `(prev_index, prev_term)`, stores
@@ -194,10 +219,9 @@ impl RaftLog {
 
     fn truncate_from(&mut self, index: Index) {
         debug_assert!(index > self.snapshot.index);
-        let keep = (index - self.first_index()) as usize;
+        let keep = self.start + (index - self.first_index()) as usize;
         self.entries.truncate(keep);
-        self.persisted = self.persisted.min(index - 1);
-        self.unstable_from = self.unstable_from.min(index);
+        self.unstable.truncated(index, self.last_index());
     }
 
     /// Advances the commit index (never backwards).
@@ -214,31 +238,32 @@ impl RaftLog {
     /// Hands out the entries not yet handed to storage and marks them handed.
     pub fn take_unstable(&mut self) -> Vec<Entry> {
         let last = self.last_index();
-        if self.unstable_from > last {
+        let from = self.unstable.handed_from();
+        if from > last {
             return Vec::new();
         }
-        let from = (self.unstable_from - self.first_index()) as usize;
-        self.unstable_from = last + 1;
-        self.entries[from..].to_vec()
+        let offset = (from - self.first_index()) as usize;
+        self.unstable.handed_out(last);
+        self.live()[offset..].to_vec()
     }
 
     /// Number of entries not yet handed to storage.
     pub fn take_unstable_len(&self) -> u64 {
-        (self.last_index() + 1).saturating_sub(self.unstable_from)
+        (self.last_index() + 1).saturating_sub(self.unstable.handed_from())
     }
 
     /// Records that storage made the log durable through `(index, term)`. Ignored when that
     /// entry has since been replaced.
     pub fn persisted_to(&mut self, index: Index, term: Term) {
-        if index > self.persisted && index < self.unstable_from && self.matches(index, term) {
-            self.persisted = index;
-        }
+        let matches = self.matches(index, term);
+        let last = self.last_index();
+        self.unstable.persisted_to(index, matches, last);
     }
 
     /// Committed, durable entries not yet handed out for applying (at most `max_bytes`, at
     /// least one), marking them handed out.
     pub fn take_committed(&mut self, max_bytes: u64) -> Vec<Entry> {
-        let hi = self.commit.min(self.persisted);
+        let hi = self.commit.min(self.persisted());
         if hi <= self.applied {
             return Vec::new();
         }
@@ -258,37 +283,39 @@ impl RaftLog {
             return false;
         }
         let drop = (meta.index - self.snapshot.index) as usize;
-        self.entries.drain(..drop);
+        self.drop_front(drop);
         self.snapshot = meta;
         true
     }
 
-    /// A snapshot received from the leader replaces the state through `meta.index`: entries
-    /// after it are kept if the log holds `meta`'s entry, otherwise the whole log goes. The
-    /// snapshot is committed and (once the host restored it) applied.
-    pub fn restore_snapshot(&mut self, meta: SnapshotMeta) {
+    /// A snapshot received from the leader, for a log that does not hold `meta`'s entry,
+    /// replaces the whole log: the snapshot is committed and (once the host restored it)
+    /// applied. Of the old log only the committed prefix stays known durable (see
+    /// [`Unstable::replaced_by_snapshot`]); the snapshot's own durability is reported with
+    /// the batch that installs it.
+    pub fn replace_with_snapshot(&mut self, meta: SnapshotMeta) {
         debug_assert!(
             meta.index > self.commit,
             "restoring a snapshot behind the commit index"
         );
-        if meta.index <= self.last_index() && self.matches(meta.index, meta.term) {
-            let drop = (meta.index - self.snapshot.index) as usize;
-            self.entries.drain(..drop);
-        } else {
-            self.entries.clear();
-        }
+        debug_assert!(
+            !self.matches(meta.index, meta.term),
+            "a log holding the snapshot's entry keeps its entries"
+        );
+        let old_commit = self.commit;
+        self.entries.clear();
+        self.start = 0;
         self.snapshot = meta;
-        self.commit = self.commit.max(meta.index);
-        self.applied = self.applied.max(meta.index);
-        self.persisted = self.persisted.max(meta.index);
-        self.unstable_from = self.unstable_from.max(meta.index + 1);
+        self.commit = meta.index;
+        self.applied = meta.index;
+        self.unstable.replaced_by_snapshot(meta.index, old_commit);
     }
 
     /// Declares entries through `index` applied by a state machine that keeps its own durable
     /// state (they will not be handed out again). `index` must be committed; a node learns
     /// that from its state machine at start-up, so the commit index moves up with it.
     pub fn set_applied(&mut self, index: Index) {
-        let index = index.min(self.persisted);
+        let index = index.min(self.persisted());
         if index > self.applied {
             self.applied = index;
             self.commit = self.commit.max(index);
@@ -297,7 +324,7 @@ impl RaftLog {
 
     /// All retained entries (for inspection by hosts and tests).
     pub fn entries(&self) -> &[Entry] {
-        &self.entries
+        self.live()
     }
 }
 

@@ -233,7 +233,8 @@ pub enum MessageBody {
         read_round: u64,
     },
     /// A leader handing over its leadership tells the chosen follower to start an election
-    /// at once (Raft thesis §3.10).
+    /// at once (Raft thesis §3.10). This crate sends [`MessageBody::TimeoutNowAt`], which a
+    /// follower can tell stale; this form is accepted from hosts and peers that send it.
     TimeoutNow,
     /// A follower asks the leader for a read index on behalf of a local read `ctx`.
     ReadIndex {
@@ -260,6 +261,21 @@ pub enum MessageBody {
         /// The bytes `offset..offset + data.len()`.
         data: Payload,
     },
+    /// A leader handing over its leadership tells the chosen follower to start an election
+    /// at once, naming its last log index when it sent this: the follower acts on it only
+    /// while its own log still ends there, so a late or duplicated one from an abandoned
+    /// transfer is ignored (see `transfer.rs`).
+    TimeoutNowAt {
+        /// The leader's last log index when it sent this.
+        last_index: Index,
+    },
+    /// A node recovering from a lost log tail and hard state asks a voter for its current
+    /// term (the answer's `term`). Answered whatever the terms, and never makes anyone adopt
+    /// the asker's term.
+    TermQuery,
+    /// Answer to [`MessageBody::TermQuery`]: the message's `term` is the answerer's durable
+    /// current term.
+    TermAnswer,
     /// Answer to [`MessageBody::InstallSnapshot`].
     SnapshotResponse {
         /// The snapshot's last included index.

@@ -6,15 +6,19 @@
 
 mod config;
 pub mod core;
+mod election;
 mod log;
 mod message;
 mod progress;
 mod read;
 mod ready;
+mod recovery;
 mod replication;
 mod rng;
+mod role;
 mod snapshot;
 mod transfer;
+mod unstable;
 
 pub use self::config::Config;
 pub use self::core::{RaftCore, Role};
@@ -25,3 +29,4 @@ pub use self::ready::{
     PersistAck, Proposed, ReadState, Ready, SnapshotChunk, SnapshotChunkRequest, Status,
 };
 pub use self::rng::Rng;
+pub use self::unstable::Unstable;

@@ -152,6 +152,14 @@ impl Progress {
         }
     }
 
+    /// The follower holds less than `match_index` (its tail was lost, or a late answer made
+    /// it look so): only `proven` is known to match. Probes again from after `probe_hint`.
+    pub fn lost_tail(&mut self, proven: Index, probe_hint: Index) {
+        self.match_index = self.match_index.min(proven);
+        self.become_probe();
+        self.next_index = (probe_hint + 1).max(self.match_index + 1);
+    }
+
     /// Lets a new probe go out (a heartbeat response arrived).
     pub fn resume(&mut self) {
         self.probe_sent = false;
@@ -211,6 +219,20 @@ mod tests {
         assert!(p.maybe_update(5));
         assert!(!p.is_paused());
         assert!(!p.maybe_update(3));
+    }
+
+    #[test]
+    fn a_lost_tail_lowers_the_match_and_probes_from_the_hint() {
+        let mut p = Progress::new(1, 4);
+        p.maybe_update(20);
+        p.become_replicate();
+        p.lost_tail(5, 5);
+        assert_eq!(
+            (p.match_index, p.next_index, p.state),
+            (5, 6, ProgressState::Probe)
+        );
+        p.maybe_update(20);
+        assert_eq!(p.match_index, 20);
     }
 
     #[test]

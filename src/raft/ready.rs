@@ -53,6 +53,11 @@ pub struct Ready {
     pub read_states: Vec<ReadState>,
     /// Reads that cannot be confirmed (leadership changed): fail them, the client retries.
     pub failed_reads: Vec<u64>,
+    /// The node has recovered from a lost log tail ([`TailLoss`](crate::storage::TailLoss)):
+    /// after writing `entries`, clear the storage's record
+    /// ([`Storage::clear_tail_loss`](crate::storage::Storage::clear_tail_loss)), so that it is
+    /// durable only together with them.
+    pub tail_loss_repaired: bool,
     /// What to report to [`RaftCore::on_persisted`](super::RaftCore::on_persisted) once this batch is durable.
     pub ack: PersistAck,
 }
@@ -64,6 +69,7 @@ impl Ready {
             || !self.entries.is_empty()
             || !self.snapshot_chunks.is_empty()
             || self.install_snapshot.is_some()
+            || self.tail_loss_repaired
     }
 }
 

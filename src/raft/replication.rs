@@ -3,7 +3,10 @@
 //!
 //! Invariants: a leader only ever appends to its log; an append answered `Accepted` means the
 //! follower's log matches the leader's through `match_index` and is durable there; the commit
-//! index moves only to an index stored on a majority whose entry is of the current term.
+//! index moves only to an index stored on a majority whose entry is of the current term, and
+//! the leader counts itself only through what its storage reported durable. A follower found
+//! holding less than the leader believed (its tail was lost) is noticed, its match lowered,
+//! and it is probed again from where it really is.
 
 use super::core::{Dispatch, RaftCore};
 use super::progress::ProgressState;
@@ -19,9 +22,22 @@ impl RaftCore {
         commit: Index,
     ) {
         let response = if prev_index < self.log.commit() {
-            // Everything up to our commit index matches any leader's log.
-            AppendResponse::Accepted {
-                match_index: self.log.commit(),
+            // Everything up to our commit index matches any leader's log; take what follows.
+            let skip = (self.log.commit() - prev_index) as usize;
+            let commit_index = self.log.commit();
+            let commit_term = self.log.term(commit_index).unwrap_or(0);
+            let rest: Vec<Entry> = entries.into_iter().skip(skip).collect();
+            let last_new = commit_index + rest.len() as u64;
+            match self
+                .log
+                .maybe_append(commit_index, commit_term, commit, rest)
+            {
+                Some(_) => AppendResponse::Accepted {
+                    match_index: last_new,
+                },
+                None => AppendResponse::Accepted {
+                    match_index: commit_index,
+                },
             }
         } else if let Some(last_new) = self
             .log
@@ -40,6 +56,10 @@ impl RaftCore {
                 hint_term,
             }
         };
+        if let AppendResponse::Accepted { match_index } = response {
+            self.snapshot_overtaken();
+            self.maybe_recovered(commit, match_index);
+        }
         // An acknowledgement claims durability: it leaves after this batch is persisted.
         self.send(
             leader,
@@ -48,11 +68,36 @@ impl RaftCore {
         );
     }
 
+    pub(super) fn handle_heartbeat(&mut self, leader: NodeId, commit: Index, read_round: u64) {
+        // The leader caps `commit` at what it believes we hold. If we hold less, our tail was
+        // lost: say so, so that it probes us from where we really are.
+        if commit > self.log.last_index() {
+            let body = MessageBody::AppendResponse(AppendResponse::Rejected {
+                rejected_index: commit,
+                hint_index: self.log.last_index(),
+                hint_term: self.log.last_term(),
+            });
+            self.send(leader, body, Dispatch::AfterPersist);
+        }
+        self.log.commit_to(commit.min(self.log.last_index()));
+        self.snapshot_overtaken();
+        // A heartbeat answer claims nothing about the log, only our term: once that term is
+        // durable it may leave at once, so confirming a read (ReadIndex) does not wait for
+        // this follower's fsync of unrelated appends.
+        let body = MessageBody::HeartbeatResponse { read_round };
+        let when = if self.durable_term == self.term {
+            Dispatch::Now
+        } else {
+            Dispatch::AfterPersist
+        };
+        self.send(leader, body, when);
+    }
+
     pub(super) fn step_leader(&mut self, m: Message) {
         let from = m.from;
         match m.body {
             MessageBody::AppendResponse(AppendResponse::Accepted { match_index }) => {
-                let Some(p) = self.progress.get_mut(&from) else {
+                let Some(p) = self.leader_mut().and_then(|l| l.progress.get_mut(&from)) else {
                     return;
                 };
                 p.recent_active = true;
@@ -75,17 +120,28 @@ impl RaftCore {
             }) => {
                 // Skip every entry of ours whose term exceeds the follower's at the hint.
                 let (probe, _) = self.log.find_conflict_by_term(hint_index, hint_term);
-                let Some(p) = self.progress.get_mut(&from) else {
+                let hint_matches = self.log.matches(hint_index, hint_term);
+                let Some(p) = self.leader_mut().and_then(|l| l.progress.get_mut(&from)) else {
                     return;
                 };
                 p.recent_active = true;
-                p.maybe_decrease_to(rejected_index, probe);
+                if rejected_index <= p.match_index && hint_index < p.match_index {
+                    // A correct follower holds everything through its match, so it rejects
+                    // an index at or below it only in a late answer; one whose log ends
+                    // below its match lost its tail. Either way the match is not to be
+                    // trusted: lower it to what the hint proves and probe from there.
+                    let proven = if hint_matches { hint_index } else { 0 };
+                    p.lost_tail(proven, probe);
+                } else {
+                    p.maybe_decrease_to(rejected_index, probe);
+                }
             }
             MessageBody::ReadIndex { ctx } => self.handle_read_request(from, ctx),
             MessageBody::HeartbeatResponse { read_round } => {
                 self.read_round_acknowledged(from, read_round);
                 let last = self.log.last_index();
-                let Some(p) = self.progress.get_mut(&from) else {
+                let commit = self.log.commit();
+                let Some(p) = self.leader_mut().and_then(|l| l.progress.get_mut(&from)) else {
                     return;
                 };
                 p.recent_active = true;
@@ -100,7 +156,6 @@ impl RaftCore {
                     // the window; rejected, it sends the follower back to probing.
                     let prev_index = p.next_index - 1;
                     if let Some(prev_term) = self.log.term(prev_index) {
-                        let commit = self.log.commit();
                         let body = MessageBody::Append {
                             prev_index,
                             prev_term,
@@ -108,7 +163,9 @@ impl RaftCore {
                             commit,
                         };
                         self.send(from, body, Dispatch::Now);
-                    } else {
+                    } else if let Some(p) =
+                        self.leader_mut().and_then(|l| l.progress.get_mut(&from))
+                    {
                         // Compacted meanwhile: probe again, which leads to the snapshot.
                         p.become_probe();
                     }
@@ -124,18 +181,27 @@ impl RaftCore {
     }
 
     pub(super) fn quorum_recently_active(&self) -> bool {
-        1 + self.progress.values().filter(|p| p.recent_active).count() >= self.quorum()
+        let active = self.leader_state().map_or(0, |l| {
+            l.progress.values().filter(|p| p.recent_active).count()
+        });
+        1 + active >= self.quorum()
     }
 
-    /// Commits the highest index stored by a majority, if it is of the current term.
+    /// Commits the highest index stored by a majority, if it is of the current term. This
+    /// node counts only through what its storage reported durable.
     pub(super) fn maybe_commit(&mut self) {
-        let mut matched: Vec<Index> = self.progress.values().map(|p| p.match_index).collect();
-        matched.push(self.log.persisted());
+        let persisted = self.log.persisted();
+        let quorum = self.quorum();
+        let Some(l) = self.leader_state() else { return };
+        let mut matched: Vec<Index> = l.progress.values().map(|p| p.match_index).collect();
+        matched.push(persisted);
         matched.sort_unstable_by(|a, b| b.cmp(a));
-        let candidate = matched[self.quorum() - 1];
+        let candidate = matched[quorum - 1];
         if candidate > self.log.commit() && self.log.term(candidate) == Some(self.term) {
             let released = self.log.bytes_between(self.log.commit() + 1, candidate + 1);
-            self.uncommitted_bytes = self.uncommitted_bytes.saturating_sub(released);
+            if let Some(l) = self.leader_mut() {
+                l.uncommitted_bytes = l.uncommitted_bytes.saturating_sub(released);
+            }
             self.log.commit_to(candidate);
             self.release_reads_waiting_for_commit();
         }
@@ -143,7 +209,7 @@ impl RaftCore {
 
     /// True if something may be sent to `to` now.
     pub(super) fn wants_send(&self, to: NodeId) -> bool {
-        let Some(p) = self.progress.get(&to) else {
+        let Some(p) = self.leader_state().and_then(|l| l.progress.get(&to)) else {
             return false;
         };
         !p.is_paused()
@@ -157,10 +223,13 @@ impl RaftCore {
     /// Sends every follower what it may be sent now: batches bounded by count and bytes, as
     /// many as its in-flight window allows (one probe in probe mode).
     pub(super) fn send_appends(&mut self) {
-        let peers: Vec<NodeId> = self.progress.keys().copied().collect();
+        let peers: Vec<NodeId> = match self.leader_state() {
+            Some(l) => l.progress.keys().copied().collect(),
+            None => return,
+        };
         for to in peers {
             while self.wants_send(to) {
-                let p = &self.progress[&to];
+                let Some(p) = self.progress(to) else { break };
                 if p.state == ProgressState::Snapshot {
                     self.send_snapshot_chunk(to);
                     continue;
@@ -187,7 +256,9 @@ impl RaftCore {
                     commit: self.log.commit(),
                 };
                 self.send(to, body, Dispatch::Now);
-                let p = self.progress.get_mut(&to).expect("peer listed above");
+                let Some(p) = self.leader_mut().and_then(|l| l.progress.get_mut(&to)) else {
+                    break;
+                };
                 p.sent(last, had_entries);
                 if p.state == ProgressState::Probe {
                     break;
@@ -198,7 +269,9 @@ impl RaftCore {
 
     pub(super) fn broadcast_heartbeat(&mut self) {
         let commit = self.log.commit();
-        let beats: Vec<(NodeId, Index)> = self
+        let Some(l) = self.leader_mut() else { return };
+        let read_round = l.read_round;
+        let beats: Vec<(NodeId, Index)> = l
             .progress
             .iter_mut()
             .map(|(&id, p)| {
@@ -211,7 +284,6 @@ impl RaftCore {
             })
             .collect();
         for (to, commit) in beats {
-            let read_round = self.reads.round;
             self.send(
                 to,
                 MessageBody::Heartbeat { commit, read_round },

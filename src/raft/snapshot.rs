@@ -12,10 +12,24 @@
 //! duplicate snapshot never moves it backwards); chunks are accepted strictly in order, and a
 //! transfer restarts cleanly from offset 0 (a new snapshot, or a follower that lost its
 //! partial copy) or resumes from the follower's `next_offset` after losses.
+//!
+//! A transfer belongs to the leader of one term: the follower keeps it in its role state,
+//! which a term change replaces, so chunks of two leaders are never spliced into one file. It
+//! is dropped when it can no longer be useful — the log already reached the snapshot by
+//! appends, or no chunk came for an election timeout — so an abandoned transfer never blocks
+//! local snapshots.
+//!
+//! When the last chunk arrives there are two cases, and one rule:
+//! - the log already holds the snapshot's last entry: it matches the leader's log through
+//!   that point, so only the commit index moves (nothing is installed, nothing of the log is
+//!   thrown away — entries stepped in the same batch stay);
+//! - otherwise the snapshot replaces the whole log; every entry stepped after it follows it,
+//!   and the host writes those only after the install (see [`Ready`](super::Ready)).
 
 use super::core::{Dispatch, RaftCore};
 use super::progress::ProgressState;
 use super::ready::{SnapshotChunk, SnapshotChunkRequest};
+use super::role::RoleState;
 use super::{AppendResponse, Index, MessageBody, NodeId, Payload, SnapshotMeta, SnapshotStatus};
 use crate::error::InvalidSnapshot;
 
@@ -25,6 +39,8 @@ pub(super) struct Incoming {
     pub(super) meta: SnapshotMeta,
     pub(super) size: u64,
     pub(super) next_offset: u64,
+    /// Ticks since the last chunk.
+    pub(super) idle_ticks: u32,
 }
 
 impl RaftCore {
@@ -49,9 +65,11 @@ impl RaftCore {
             )));
         }
         self.snapshot_size = size;
-        for p in self.progress.values_mut() {
-            if p.state == ProgressState::Snapshot {
-                p.become_snapshot(meta, size);
+        if let Some(l) = self.leader_mut() {
+            for p in l.progress.values_mut() {
+                if p.state == ProgressState::Snapshot {
+                    p.become_snapshot(meta, size);
+                }
             }
         }
         Ok(())
@@ -59,7 +77,22 @@ impl RaftCore {
 
     /// True while a snapshot from the leader is partly received.
     pub fn receiving_snapshot(&self) -> bool {
-        self.incoming.is_some()
+        matches!(&self.state, RoleState::Follower(f) if f.incoming.is_some())
+    }
+
+    /// Follower: drops a transfer the log has overtaken (the leader caught us up with
+    /// appends past it).
+    pub(super) fn snapshot_overtaken(&mut self) {
+        let commit = self.log.commit();
+        let held = |meta: SnapshotMeta, log: &super::RaftLog| {
+            meta.index <= commit || log.matches(meta.index, meta.term)
+        };
+        let log = &self.log;
+        if let RoleState::Follower(f) = &mut self.state {
+            if f.incoming.is_some_and(|i| held(i.meta, log)) {
+                f.incoming = None;
+            }
+        }
     }
 
     /// Declares entries through `index` applied by a state machine that keeps its own durable
@@ -77,14 +110,14 @@ impl RaftCore {
     /// Leader: starts a snapshot transfer to `to` (its next entry is compacted away).
     pub(super) fn start_snapshot_transfer(&mut self, to: NodeId) {
         let (meta, size) = (self.log.snapshot(), self.snapshot_size);
-        if let Some(p) = self.progress.get_mut(&to) {
+        if let Some(p) = self.leader_mut().and_then(|l| l.progress.get_mut(&to)) {
             p.become_snapshot(meta, size);
         }
     }
 
     /// Leader: true if a chunk may go to a follower in snapshot mode.
     pub(super) fn wants_snapshot_chunk(&self, to: NodeId) -> bool {
-        let Some(t) = self.progress.get(&to).and_then(|p| p.transfer) else {
+        let Some(t) = self.progress(to).and_then(|p| p.transfer) else {
             return false;
         };
         let chunk = self.cfg.snapshot_chunk_bytes;
@@ -100,20 +133,25 @@ impl RaftCore {
     pub(super) fn send_snapshot_chunk(&mut self, to: NodeId) {
         let term = self.term;
         let chunk = self.cfg.snapshot_chunk_bytes;
-        let Some(t) = self.progress.get_mut(&to).and_then(|p| p.transfer.as_mut()) else {
+        let Some(t) = self
+            .leader_mut()
+            .and_then(|l| l.progress.get_mut(&to))
+            .and_then(|p| p.transfer.as_mut())
+        else {
             return;
         };
         let len = chunk.min(t.size - t.sent);
-        self.snapshot_requests.push(SnapshotChunkRequest {
+        let request = SnapshotChunkRequest {
             to,
             term,
             meta: t.meta,
             size: t.size,
             offset: t.sent,
             len,
-        });
+        };
         t.sent += len;
         t.started = true;
+        self.snapshot_requests.push(request);
     }
 
     /// Leader: a follower answered a chunk.
@@ -124,7 +162,7 @@ impl RaftCore {
         next_offset: u64,
         status: SnapshotStatus,
     ) {
-        let Some(p) = self.progress.get_mut(&from) else {
+        let Some(p) = self.leader_mut().and_then(|l| l.progress.get_mut(&from)) else {
             return;
         };
         p.recent_active = true;
@@ -161,8 +199,8 @@ impl RaftCore {
     /// and the transfer resumes from the last acknowledged byte.
     pub(super) fn check_snapshot_progress(&mut self, from: NodeId) {
         let Some(t) = self
-            .progress
-            .get_mut(&from)
+            .leader_mut()
+            .and_then(|l| l.progress.get_mut(&from))
             .and_then(|p| p.transfer.as_mut())
         else {
             return;
@@ -184,15 +222,19 @@ impl RaftCore {
     ) {
         self.election_elapsed = 0;
         self.leader = Some(leader);
-        if meta.index <= self.log.commit() {
+        let commit = self.log.commit();
+        let holds_last_entry = self.log.matches(meta.index, meta.term);
+        let Some(f) = self.follower_mut() else { return };
+        if meta.index <= commit {
             // Old or duplicate: we already have all of it; tell the leader where we are.
-            self.incoming = None;
-            let match_index = self.log.commit();
-            let body = MessageBody::AppendResponse(AppendResponse::Accepted { match_index });
+            f.incoming = None;
+            let body = MessageBody::AppendResponse(AppendResponse::Accepted {
+                match_index: commit,
+            });
             self.send(leader, body, Dispatch::AfterPersist);
             return;
         }
-        let expected = match self.incoming {
+        let expected = match f.incoming {
             Some(i) if i.meta == meta && i.size == size => i.next_offset,
             _ => 0,
         };
@@ -206,25 +248,38 @@ impl RaftCore {
             return;
         }
         let next_offset = offset + data.len() as u64;
-        self.snapshot_chunks.push(SnapshotChunk {
-            meta,
-            size,
-            offset,
-            data,
-        });
-        let status = if next_offset >= size {
-            self.incoming = None;
-            self.log.restore_snapshot(meta);
-            self.snapshot_size = size;
-            self.install_snapshot = Some(meta);
-            SnapshotStatus::Installed
-        } else {
-            self.incoming = Some(Incoming {
+        let status = if next_offset < size {
+            f.incoming = Some(Incoming {
                 meta,
                 size,
                 next_offset,
+                idle_ticks: 0,
+            });
+            self.snapshot_chunks.push(SnapshotChunk {
+                meta,
+                size,
+                offset,
+                data,
             });
             SnapshotStatus::Accepted
+        } else if holds_last_entry {
+            // The log already reached the snapshot (appends stepped meanwhile): it matches
+            // the leader's through there, so only the commit index moves.
+            f.incoming = None;
+            self.log.commit_to(meta.index);
+            SnapshotStatus::Installed
+        } else {
+            f.incoming = None;
+            self.snapshot_chunks.push(SnapshotChunk {
+                meta,
+                size,
+                offset,
+                data,
+            });
+            self.log.replace_with_snapshot(meta);
+            self.snapshot_size = size;
+            self.install_snapshot = Some(meta);
+            SnapshotStatus::Installed
         };
         // Acknowledged only once the chunk (and, for the last, the installed snapshot) is
         // durable.

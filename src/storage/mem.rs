@@ -152,6 +152,40 @@ impl MemStorage {
         self.inner.lock().durable.snapshot.index
     }
 
+    /// The durable snapshot's position (what a crash would keep).
+    pub fn durable_snapshot(&self) -> SnapshotMeta {
+        self.inner.lock().durable.snapshot
+    }
+
+    /// Term of the durable entry at `index` (the snapshot's term at its index); `None` when
+    /// a crash would not keep an entry there.
+    pub fn durable_term(&self, index: Index) -> Option<Term> {
+        let inner = self.inner.lock();
+        let d = &inner.durable;
+        if index == d.snapshot.index {
+            return Some(d.snapshot.term);
+        }
+        if index < d.first_index() || index > d.last_index() {
+            return None;
+        }
+        Some(d.entries[(index - d.first_index()) as usize].term)
+    }
+
+    /// The smallest index that writes made since the last `sync` replace or remove (`None`
+    /// when none do): entries durable below it survive any crash unchanged.
+    pub fn pending_rewrite_from(&self) -> Option<Index> {
+        let inner = self.inner.lock();
+        inner
+            .pending
+            .iter()
+            .filter_map(|op| match op {
+                Op::Append(entries) => entries.first().map(|e| e.index),
+                Op::Truncate(from) => Some(*from),
+                Op::HardState(_) => None,
+            })
+            .min()
+    }
+
     /// How many times `sync` has been called.
     pub fn sync_count(&self) -> u64 {
         self.inner.lock().syncs

@@ -1,5 +1,11 @@
 //! [`SimFileStorage`]: the real [`FileStorage`] on a [`SimDisk`], as a [`SimStorage`], so the
 //! cluster simulation can crash nodes whose unsynced file writes are then lost, kept, or torn.
+//!
+//! Every write is also made to a shadow [`MemStorage`] that models the storage contract
+//! (synced writes survive, of later ones at most a prefix): the simulation checks
+//! acknowledgements against the shadow's durable state, and after each power loss the
+//! reopened file storage is checked against the shadow — everything synced must still be
+//! there — and the shadow is rebuilt from what the files kept.
 
 use std::path::PathBuf;
 
@@ -7,7 +13,9 @@ use super::sim::SimStorage;
 use crate::error::StorageError;
 use crate::raft::{Entry, HardState, Index, Rng, SnapshotMeta, Term};
 use crate::storage::file::sim::SimDisk;
-use crate::storage::{FileStorage, FileStorageOptions, InitialState, PersistedSize, Storage};
+use crate::storage::{
+    FileStorage, FileStorageOptions, InitialState, MemStorage, PersistedSize, Storage,
+};
 
 /// A [`FileStorage`] over its own simulated disk. A power loss crashes the disk (unsynced
 /// writes resolved at random from the simulation's seed) and reopens the storage, which must
@@ -18,6 +26,8 @@ pub struct SimFileStorage {
     disk: SimDisk,
     dir: PathBuf,
     options: FileStorageOptions,
+    /// The contract's model of this storage (see the module docs).
+    shadow: MemStorage,
 }
 
 impl SimFileStorage {
@@ -39,7 +49,63 @@ impl SimFileStorage {
             disk,
             dir,
             options,
+            shadow: MemStorage::new(),
         }
+    }
+
+    /// Checks that the reopened files keep everything the shadow says was synced, then makes
+    /// the shadow a synced copy of what they hold.
+    fn verify_and_rebuild_shadow(&mut self) {
+        let fail =
+            |what: String| -> ! { panic!("file storage lost synced data in a power loss: {what}") };
+        let init = self
+            .storage
+            .initial_state()
+            .unwrap_or_else(|e| panic!("reopened storage: {e}"));
+        let durable_hs = self.shadow.durable_hard_state();
+        if init.hard_state.term < durable_hs.term
+            || (init.hard_state.term == durable_hs.term
+                && durable_hs.vote.is_some()
+                && init.hard_state.vote != durable_hs.vote)
+        {
+            fail(format!(
+                "hard state {:?}, synced {durable_hs:?}",
+                init.hard_state
+            ));
+        }
+        let durable_snapshot = self.shadow.durable_snapshot();
+        if init.snapshot.index < durable_snapshot.index {
+            fail(format!(
+                "snapshot at {}, synced at {}",
+                init.snapshot.index, durable_snapshot.index
+            ));
+        }
+        // Durable entries below what unsynced writes rewrote survive unchanged.
+        let kept_below = self.shadow.pending_rewrite_from().unwrap_or(Index::MAX);
+        let last = self.shadow.durable_last_index().min(kept_below - 1);
+        for index in (init.snapshot.index + 1)..=last {
+            let want = self.shadow.durable_term(index);
+            let got = self.storage.term(index).ok();
+            if want.is_some() && got != want {
+                fail(format!("entry {index} has term {got:?}, synced {want:?}"));
+            }
+        }
+        let shadow = MemStorage::new();
+        let mut s = shadow.clone();
+        let rebuilt = s
+            .set_hard_state(init.hard_state)
+            .and_then(|_| match self.storage.snapshot()? {
+                Some((meta, data)) => s.save_snapshot(meta, &data),
+                None => Ok(()),
+            })
+            .and_then(|_| {
+                self.storage
+                    .entries(init.first_index, init.last_index + 1, u64::MAX)
+            })
+            .and_then(|entries| s.append(&entries))
+            .and_then(|_| s.sync());
+        rebuilt.unwrap_or_else(|e| panic!("rebuilding the shadow storage: {e}"));
+        self.shadow = shadow;
     }
 
     /// The simulated disk (to inject full-disk or fsync faults).
@@ -53,6 +119,16 @@ impl SimStorage for SimFileStorage {
         self.disk.crash(rng.next_u64());
         self.storage = FileStorage::open_simulated(&self.disk, &self.dir, self.options)
             .unwrap_or_else(|e| panic!("node storage cannot reopen after a crash: {e}"));
+        self.verify_and_rebuild_shadow();
+    }
+    fn durable_hard_state(&self) -> Option<HardState> {
+        Some(self.shadow.durable_hard_state())
+    }
+    fn durable_snapshot(&self) -> Option<SnapshotMeta> {
+        Some(self.shadow.durable_snapshot())
+    }
+    fn durable_term(&self, index: Index) -> Option<Term> {
+        self.shadow.durable_term(index)
     }
 }
 
@@ -73,16 +149,20 @@ impl Storage for SimFileStorage {
         self.storage.entries(lo, hi, max_bytes)
     }
     fn set_hard_state(&mut self, hard_state: HardState) -> Result<(), StorageError> {
-        self.storage.set_hard_state(hard_state)
+        self.storage.set_hard_state(hard_state)?;
+        self.shadow.set_hard_state(hard_state)
     }
     fn append(&mut self, entries: &[Entry]) -> Result<(), StorageError> {
-        self.storage.append(entries)
+        self.storage.append(entries)?;
+        self.shadow.append(entries)
     }
     fn truncate_suffix(&mut self, from: Index) -> Result<(), StorageError> {
-        self.storage.truncate_suffix(from)
+        self.storage.truncate_suffix(from)?;
+        self.shadow.truncate_suffix(from)
     }
     fn sync(&mut self) -> Result<(), StorageError> {
-        self.storage.sync()
+        self.storage.sync()?;
+        self.shadow.sync()
     }
     fn write_snapshot_chunk(
         &mut self,
@@ -90,16 +170,19 @@ impl Storage for SimFileStorage {
         offset: u64,
         data: &[u8],
     ) -> Result<(), StorageError> {
-        self.storage.write_snapshot_chunk(meta, offset, data)
+        self.storage.write_snapshot_chunk(meta, offset, data)?;
+        self.shadow.write_snapshot_chunk(meta, offset, data)
     }
     fn install_snapshot(&mut self, meta: SnapshotMeta) -> Result<(), StorageError> {
-        self.storage.install_snapshot(meta)
+        self.storage.install_snapshot(meta)?;
+        self.shadow.install_snapshot(meta)
     }
     fn read_snapshot(&self, offset: u64, len: usize) -> Result<Vec<u8>, StorageError> {
         self.storage.read_snapshot(offset, len)
     }
     fn compact(&mut self, through: Index) -> Result<(), StorageError> {
-        self.storage.compact(through)
+        self.storage.compact(through)?;
+        self.shadow.compact(through)
     }
     fn persisted_size(&self) -> PersistedSize {
         self.storage.persisted_size()

@@ -2,18 +2,77 @@
 //!
 //! Unlike the [`Cluster`](super::Cluster) there is no time and no randomness: messages wait
 //! in one FIFO queue until the test delivers them, every [`Ready`](crate::raft::Ready) is
-//! persisted at once (so acknowledgements leave immediately), and a test can cut links or drop
-//! messages matching a predicate. This is the harness for the scenario tests ported from
-//! etcd-io/raft and raft-rs style suites: elect, propose, deliver, look at the state.
+//! persisted at once (so acknowledgements leave immediately) unless the test holds a node's
+//! syncs, and a test can cut links or drop messages matching a predicate. This is the harness
+//! for the scenario tests ported from etcd-io/raft and raft-rs style suites: elect, propose,
+//! deliver, look at the state.
+//!
+//! Each node runs on the same [`Engine`] as the [`Node`](crate::Node) driver, and a script can
+//! make the interleavings a batching host makes: [`Lockstep::step_only`] and
+//! [`Lockstep::deliver_to`] step several messages before one round of `ready()`;
+//! [`Lockstep::hold`] keeps a node's writes unsynced (its acknowledgements wait) while it goes
+//! on stepping and writing, until [`Lockstep::release`] — or [`Lockstep::crash`] loses them.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use crate::host;
+use crate::error::ProposeError;
+use crate::host::{Engine, Host, Observed};
 use crate::raft::{
-    Config, Entry, EntryPayload, HardState, Message, NodeId, RaftCore, ReadState, SnapshotMeta,
-    Term,
+    Config, Entry, EntryPayload, HardState, Message, NodeId, Proposed, RaftCore, ReadState,
+    SnapshotMeta, Term,
 };
+use crate::state_machine::{SnapshotSource, StateMachine};
 use crate::storage::{MemStorage, Storage};
+
+/// The state machine of a scripted node: it applies nothing (the harness records the applied
+/// entries themselves).
+#[derive(Debug, Default)]
+struct NullMachine;
+
+impl StateMachine for NullMachine {
+    type Output = ();
+    fn apply(&mut self, _: crate::raft::Index, _: &[u8]) {}
+    fn snapshot(&mut self) -> Box<dyn SnapshotSource> {
+        Box::new(Vec::new())
+    }
+    fn restore(&mut self, _: &mut dyn std::io::Read) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+type ScriptEngine = Engine<MemStorage, NullMachine>;
+
+/// What the harness records of one node's engine calls.
+struct Recorder<'a> {
+    id: NodeId,
+    queue: &'a mut VecDeque<Message>,
+    applied: &'a mut Vec<Entry>,
+    installed: &'a mut Vec<(NodeId, SnapshotMeta)>,
+    reads: &'a mut Vec<(NodeId, ReadState)>,
+    failed_reads: &'a mut Vec<(NodeId, u64)>,
+}
+
+impl Host<MemStorage, ()> for Recorder<'_> {
+    type Proposal = ();
+    type Read = ();
+    fn send(&mut self, _: &RaftCore, _: &MemStorage, messages: Vec<Message>) {
+        self.queue.extend(messages);
+    }
+    fn proposal_done(&mut self, _: (), _: Proposed, _: Result<(), ProposeError>) {}
+    fn read_done(&mut self, _: (), _: Result<(), ProposeError>) {}
+    fn observe(&mut self, event: Observed<'_>) {
+        match event {
+            Observed::Applying { entry, .. } => self.applied.push(entry.clone()),
+            Observed::SnapshotInstalled(meta) => {
+                self.installed.push((self.id, meta));
+                self.applied.clear(); // the state is now the snapshot's
+            }
+            Observed::ReadConfirmed(r) => self.reads.push((self.id, r)),
+            Observed::ReadFailed(ctx) => self.failed_reads.push((self.id, ctx)),
+            _ => {}
+        }
+    }
+}
 
 type Filter = Box<dyn FnMut(&Message) -> bool>;
 
@@ -34,8 +93,8 @@ type Filter = Box<dyn FnMut(&Message) -> bool>;
 /// assert_eq!(net.core(2).commit_index(), 2);
 /// ```
 pub struct Lockstep {
-    cores: BTreeMap<NodeId, RaftCore>,
-    storages: BTreeMap<NodeId, MemStorage>,
+    engines: BTreeMap<NodeId, ScriptEngine>,
+    held: BTreeSet<NodeId>,
     applied: BTreeMap<NodeId, Vec<Entry>>,
     queue: VecDeque<Message>,
     cut: BTreeSet<(NodeId, NodeId)>,
@@ -58,8 +117,8 @@ impl Lockstep {
     pub fn with_logs(logs: &[&[Term]], tune: impl Fn(&mut Config)) -> Self {
         let voters: Vec<NodeId> = (1..=logs.len() as NodeId).collect();
         let mut net = Lockstep {
-            cores: BTreeMap::new(),
-            storages: BTreeMap::new(),
+            engines: BTreeMap::new(),
+            held: BTreeSet::new(),
             applied: BTreeMap::new(),
             queue: VecDeque::new(),
             cut: BTreeSet::new(),
@@ -92,36 +151,62 @@ impl Lockstep {
             cfg.check_quorum = false;
             tune(&mut cfg);
             let core = RaftCore::from_storage(cfg, &storage).expect("valid test setup");
-            net.cores.insert(id, core);
-            net.storages.insert(id, storage);
+            let engine = Engine::new(core, storage, NullMachine, None).expect("memory storage");
+            net.engines.insert(id, engine);
             net.applied.insert(id, Vec::new());
         }
         net
     }
 
-    /// Replaces node `id` with a core restored from its storage (a crash and restart: the
-    /// storage keeps everything, since every ready here is persisted at once).
+    /// Replaces node `id` with a core restored from its storage: a crash and restart. The
+    /// storage keeps everything synced — everything, unless the node's syncs are
+    /// [held](Lockstep::hold), whose unsynced writes are lost.
     pub fn restart(&mut self, id: NodeId) {
-        let cfg = self.cores[&id].config().clone();
-        let core = RaftCore::from_storage(cfg, &self.storages[&id]).expect("restartable");
-        self.cores.insert(id, core);
+        let engine = self.engines.remove(&id).expect("known node");
+        let cfg = engine.core().config().clone();
+        let (storage, _) = engine.into_parts();
+        storage.crash();
+        let core = RaftCore::from_storage(cfg, &storage).expect("restartable");
+        let engine = Engine::new(core, storage, NullMachine, None).expect("memory storage");
+        self.engines.insert(id, engine);
+        self.held.remove(&id);
         self.applied.insert(id, Vec::new());
+    }
+
+    /// A crash of node `id` (an alias of [`Lockstep::restart`], to read well in scripts that
+    /// [hold](Lockstep::hold) syncs): what it had not synced is lost, and it restarts.
+    pub fn crash(&mut self, id: NodeId) {
+        self.restart(id);
+    }
+
+    /// Holds node `id`'s syncs: from now on its output is written to storage but not synced,
+    /// so what must wait for durability (votes, acknowledgements) stays queued inside it,
+    /// while it goes on stepping and writing. Until [`Lockstep::release`].
+    pub fn hold(&mut self, id: NodeId) {
+        self.held.insert(id);
+    }
+
+    /// Syncs node `id`'s storage: the batches it wrote meanwhile complete, in order, and
+    /// their held-back messages are queued. Its syncs are no longer held.
+    pub fn release(&mut self, id: NodeId) {
+        self.held.remove(&id);
+        self.flush(id);
     }
 
     /// The core of node `id`.
     pub fn core(&self, id: NodeId) -> &RaftCore {
-        &self.cores[&id]
+        self.engines[&id].core()
     }
 
     /// Mutable access to node `id`'s core (to tick it, step it or propose directly).
     /// Call [`Lockstep::flush`] or [`Lockstep::stabilize`] afterwards to collect its output.
     pub fn core_mut(&mut self, id: NodeId) -> &mut RaftCore {
-        self.cores.get_mut(&id).expect("known node")
+        self.engines.get_mut(&id).expect("known node").core_mut()
     }
 
     /// Node `id`'s storage.
     pub fn storage(&self, id: NodeId) -> &MemStorage {
-        &self.storages[&id]
+        self.engines[&id].storage()
     }
 
     /// Entries node `id` applied since it (re)started.
@@ -167,7 +252,7 @@ impl Lockstep {
 
     /// Cuts `id` from every other node.
     pub fn isolate(&mut self, id: NodeId) {
-        let ids: Vec<NodeId> = self.cores.keys().copied().collect();
+        let ids: Vec<NodeId> = self.engines.keys().copied().collect();
         for other in ids {
             if other != id {
                 self.cut(id, other);
@@ -181,47 +266,37 @@ impl Lockstep {
         self.filter = None;
     }
 
-    /// Collects node `id`'s output: persists it, applies committed entries and queues its
-    /// messages (both kinds, in order).
+    /// Collects node `id`'s output: writes and (unless its syncs are held) syncs it,
+    /// applies committed entries and queues its messages (in the order they may leave).
     pub fn flush(&mut self, id: NodeId) {
-        loop {
-            let core = self.cores.get_mut(&id).expect("known node");
-            if !core.has_ready() {
-                return;
-            }
-            let mut ready = core.ready();
-            let storage = self.storages.get_mut(&id).expect("known node");
-            let requests = std::mem::take(&mut ready.snapshot_requests);
-            let chunks = host::snapshot_messages(storage, id, requests).expect("memory storage");
-            host::write_ready(storage, &ready, &mut Default::default()).expect("memory storage");
-            storage.sync().expect("memory storage");
-            core.on_persisted(ready.ack);
-            self.queue.extend(ready.messages);
-            self.queue.extend(chunks);
-            self.queue.extend(ready.persisted_messages);
-            self.reads
-                .extend(ready.read_states.iter().map(|r| (id, *r)));
-            self.failed_reads
-                .extend(ready.failed_reads.iter().map(|c| (id, *c)));
-            let applied = self.applied.get_mut(&id).expect("known node");
-            if let Some(meta) = ready.install_snapshot {
-                self.installed.push((id, meta));
-                applied.clear(); // the state is now the snapshot's
-            }
-            applied.extend(ready.committed_entries);
-        }
+        let held = self.held.contains(&id);
+        let engine = self.engines.get_mut(&id).expect("known node");
+        let mut rec = Recorder {
+            id,
+            queue: &mut self.queue,
+            applied: self.applied.get_mut(&id).expect("known node"),
+            installed: &mut self.installed,
+            reads: &mut self.reads,
+            failed_reads: &mut self.failed_reads,
+        };
+        let done = if held {
+            engine.advance(&mut rec)
+        } else {
+            engine.run(&mut rec)
+        };
+        done.expect("memory storage");
     }
 
     /// Node `id` snapshots its applied state (`data` stands for the state machine's bytes),
     /// stores it and compacts its log. Returns the snapshot's position.
     pub fn compact(&mut self, id: NodeId, data: &[u8]) -> SnapshotMeta {
-        let core = self.cores.get_mut(&id).expect("known node");
+        let engine = self.engines.get_mut(&id).expect("known node");
+        let (core, storage) = engine.core_and_storage();
         let index = core.log().applied();
         let meta = SnapshotMeta {
             index,
             term: core.log().term(index).expect("applied entry is retained"),
         };
-        let storage = self.storages.get_mut(&id).expect("known node");
         storage.save_snapshot(meta, data).expect("memory storage");
         core.snapshot_saved(meta, data.len() as u64)
             .expect("snapshot of an applied entry");
@@ -255,11 +330,39 @@ impl Lockstep {
         }
         let to = m.to;
         self.delivered.push(m.clone());
-        if let Some(core) = self.cores.get_mut(&to) {
-            core.step(m);
+        if let Some(engine) = self.engines.get_mut(&to) {
+            engine.core_mut().step(m);
             self.flush(to);
         }
         true
+    }
+
+    /// Steps `m` into its receiver without collecting the receiver's output: several messages
+    /// stepped this way go out in one `ready()` at the next [`Lockstep::flush`] (as a host
+    /// that batches its inbox does). Cuts and the filter apply.
+    pub fn step_only(&mut self, m: Message) {
+        if self.cut.contains(&(m.from, m.to)) || self.filter.as_mut().is_some_and(|f| f(&m)) {
+            return;
+        }
+        self.delivered.push(m.clone());
+        if let Some(engine) = self.engines.get_mut(&m.to) {
+            engine.core_mut().step(m);
+        }
+    }
+
+    /// Takes every queued message addressed to `id`, steps them all, then collects its
+    /// output once (one batch, as a host that batches its inbox). Returns how many were
+    /// taken from the queue.
+    pub fn deliver_to(&mut self, id: NodeId) -> usize {
+        let (mine, rest): (VecDeque<Message>, VecDeque<Message>) =
+            self.queue.drain(..).partition(|m| m.to == id);
+        self.queue = rest;
+        let n = mine.len();
+        for m in mine {
+            self.step_only(m);
+        }
+        self.flush(id);
+        n
     }
 
     /// Injects a message as if the network delivered it, then runs to quiescence.
@@ -270,7 +373,7 @@ impl Lockstep {
 
     /// Collects every node's output and delivers messages until none are left.
     pub fn stabilize(&mut self) {
-        let ids: Vec<NodeId> = self.cores.keys().copied().collect();
+        let ids: Vec<NodeId> = self.engines.keys().copied().collect();
         for id in ids {
             self.flush(id);
         }

@@ -3,24 +3,39 @@
 //!
 //! Each node is a [`RaftCore`] with a storage (a [`MemStorage`] by default, or any
 //! [`SimStorage`], such as the file storage on a simulated disk) and a state machine built by
-//! a factory.
-//! The simulation plays the host exactly as the [`Ready`](crate::raft::Ready) contract says:
-//! immediate messages go out at once, writes reach storage, and the fsync completes after a
-//! random virtual latency; only then are the batch's acknowledgements sent. A crash between a
-//! write and its fsync loses the write. Same seed, same run.
+//! a factory, run by the same [`Engine`] the [`Node`](crate::Node) driver runs. Around it the
+//! simulation plays the node's host as [`HostModel`] says, so every interleaving a real host
+//! produces can happen here:
+//! - inputs (deliveries, ticks) queue in an inbox and a seeded number of them is stepped
+//!   before one round of `ready()` — the `Node` takes everything queued, up to thousands;
+//! - fsyncs complete after a random virtual latency; a *blocking* node steps nothing new
+//!   meanwhile (inputs pile up, as in the `Node`), a *pipelined* one keeps stepping and
+//!   handing out batches while the fsync is in flight;
+//! - a crash at any moment — inside an fsync window too — keeps only what was synced.
+//!
+//! Checked after every step: the invariants of [`invariants`](super::invariants) (one leader
+//! per term, log matching, state machine safety, leader completeness, apply order), the
+//! core's own invariants, that every acknowledgement leaving a node (vote granted, append
+//! accepted, snapshot installed) is covered by what its storage has made durable, and that a
+//! node never believes its log durable beyond what its storage would keep. Same seed, same
+//! run.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
 
+use std::collections::VecDeque;
+
 use super::invariants::{Checker, LogMirror};
 
+mod host;
 mod observe;
+use self::host::{check_persisted, SimHost};
 use super::network::{Network, NetworkConfig};
-use crate::error::CoreProposeError;
-use crate::host::{self, SnapshotPolicy};
+use crate::error::{CoreProposeError, ProposeError};
+use crate::host::Engine;
 use crate::raft::{
-    Config, Entry, EntryPayload, Index, Message, NodeId, Payload, PersistAck, Proposed, RaftCore,
-    Rng, Role, SnapshotMeta, Term,
+    Config, HardState, Index, Message, NodeId, Payload, Proposed, RaftCore, Rng, Role,
+    SnapshotMeta, Term,
 };
 use crate::state_machine::StateMachine;
 use crate::storage::{MemStorage, Storage};
@@ -46,10 +61,13 @@ pub struct SimConfig {
     /// Smallest and largest virtual time a local snapshot takes to serialize, in ms (the node
     /// keeps working meanwhile).
     pub snapshot_ms: (u64, u64),
+    /// How each node's host batches inputs and waits for fsyncs.
+    pub host: HostModel,
 }
 
 impl SimConfig {
-    /// `nodes` nodes, a reliable network, 10 ms ticks, 0–2 ms fsyncs, default Raft settings.
+    /// `nodes` nodes, a reliable network, 10 ms ticks, 0–2 ms fsyncs, default Raft settings,
+    /// and hosts that batch like the `Node` driver ([`HostModel::default`]).
     pub fn new(nodes: usize, seed: u64) -> Self {
         SimConfig {
             nodes,
@@ -60,8 +78,51 @@ impl SimConfig {
             raft: Config::new(1, vec![1]),
             max_log_bytes: None,
             snapshot_ms: (0, 20),
+            host: HostModel::default(),
         }
     }
+}
+
+/// How a simulated node's host steps inputs and syncs (see the [module docs](self)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostModel {
+    /// At most this many queued inputs are stepped before one round of `ready()`; how many
+    /// of those queued is drawn from the seed each time (often all of them, as the `Node`
+    /// does). 1 steps and processes each input alone.
+    pub max_inputs: usize,
+    /// Whether a node steps new inputs while its fsync is in flight.
+    pub sync: SyncMode,
+}
+
+impl Default for HostModel {
+    /// Up to 64 inputs per round; each node blocking or pipelined at random, per start.
+    fn default() -> Self {
+        HostModel {
+            max_inputs: 64,
+            sync: SyncMode::Mixed,
+        }
+    }
+}
+
+impl HostModel {
+    /// One input per round, blocking fsyncs: the simplest host.
+    pub fn one_at_a_time() -> Self {
+        HostModel {
+            max_inputs: 1,
+            sync: SyncMode::Blocking,
+        }
+    }
+}
+
+/// Whether a simulated node steps new inputs while its fsync is in flight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncMode {
+    /// Nothing new is stepped until the fsync completes (the `Node` driver): inputs queue.
+    Blocking,
+    /// Inputs are stepped and further batches handed out and written while the fsync runs.
+    Pipelined,
+    /// Each node picks one of the two, from the seed, at every start.
+    Mixed,
 }
 
 /// An entry as a node applied it.
@@ -90,17 +151,25 @@ pub struct Acknowledged<O> {
     pub output: O,
 }
 
+/// An input waiting in a node's inbox.
+enum Input {
+    Tick,
+    Message(Message),
+}
+
 enum EventKind {
     Tick(NodeId),
-    /// Hand out the node's pending work (scheduled by proposals, so that proposals made
-    /// together are batched as a real driver batches them).
-    Process(NodeId),
     Deliver(Message),
-    Persisted {
+    /// The node's host takes inputs from its inbox and processes the core's output.
+    Wake {
         node: NodeId,
         incarnation: u64,
-        ack: PersistAck,
-        messages: Vec<Message>,
+    },
+    /// An fsync started after `batches` batches were handed out completes.
+    SyncDone {
+        node: NodeId,
+        incarnation: u64,
+        batches: u64,
     },
     /// A local snapshot finished serializing.
     SnapshotSerialized {
@@ -134,40 +203,91 @@ impl Ord for Event {
 }
 
 /// A storage the simulation can crash.
+///
+/// The `durable_*` methods let the simulation check, after every step, that whatever a node
+/// acknowledged is in what its storage would keep across a crash. A storage that cannot tell
+/// answers `None` (the default), and those checks are skipped for it.
 pub trait SimStorage: Storage + Sized {
     /// A power loss: what was not synced may be lost (all of it, part of it, or none, as the
     /// storage's medium allows), and the storage is reopened from what survived. `rng` drives
     /// any random choice, so runs stay reproducible.
     fn power_loss(&mut self, rng: &mut Rng);
+
+    /// The hard state a crash now would keep.
+    fn durable_hard_state(&self) -> Option<HardState> {
+        None
+    }
+    /// The snapshot a crash now would keep.
+    fn durable_snapshot(&self) -> Option<SnapshotMeta> {
+        None
+    }
+    /// Term of the entry at `index` a crash now would keep (`None`: none kept there).
+    fn durable_term(&self, _index: Index) -> Option<Term> {
+        None
+    }
 }
 
 impl SimStorage for MemStorage {
     fn power_loss(&mut self, _rng: &mut Rng) {
         self.crash();
     }
+    fn durable_hard_state(&self) -> Option<HardState> {
+        Some(MemStorage::durable_hard_state(self))
+    }
+    fn durable_snapshot(&self) -> Option<SnapshotMeta> {
+        Some(MemStorage::durable_snapshot(self))
+    }
+    fn durable_term(&self, index: Index) -> Option<Term> {
+        MemStorage::durable_term(self, index)
+    }
 }
 
-struct SimNode<M, S> {
-    core: Option<RaftCore>,
-    storage: S,
-    machine: M,
+type SimEngine<M, S> = Engine<S, M, Payload, u64>;
+
+/// A node's storage and state machine, running or not.
+enum Life<M: StateMachine, S> {
+    Up(Box<SimEngine<M, S>>),
+    /// Crashed: the storage keeps what survived; the last state machine stays inspectable.
+    Down {
+        storage: S,
+        machine: M,
+    },
+    /// Only while a transition moves the parts.
+    Moving,
+}
+
+struct SimNode<M: StateMachine, S> {
+    life: Life<M, S>,
     incarnation: u64,
     mirror: LogMirror,
-    last_applied: Index,
     applied: Vec<AppliedEntry>,
+    inbox: VecDeque<Input>,
+    /// This incarnation steps nothing while an fsync is in flight.
+    blocking: bool,
+    sync_in_flight: bool,
+    wake_scheduled: bool,
+    /// Virtual time the latest fsync completes (fsyncs complete in order).
     last_sync_at: u64,
-    /// Proposals made on this node and not yet applied: index -> (term, command).
-    pending: BTreeMap<Index, (Term, Payload)>,
-    policy: SnapshotPolicy,
     /// Snapshots taken and installed over the node's whole life (all incarnations).
     snapshots_taken: u64,
     snapshots_installed: u64,
     /// Largest persisted size seen, summed over log and snapshot.
     peak_persisted: u64,
-    /// Reads asked of this node: ticket -> query.
-    read_queries: BTreeMap<u64, Payload>,
-    /// Reads confirmed, waiting for the apply index: (index, ticket).
-    confirmed_reads: BTreeMap<(Index, u64), ()>,
+}
+
+impl<M: StateMachine, S> SimNode<M, S> {
+    fn engine(&self) -> Option<&SimEngine<M, S>> {
+        match &self.life {
+            Life::Up(e) => Some(e),
+            _ => None,
+        }
+    }
+    fn engine_mut(&mut self) -> Option<&mut SimEngine<M, S>> {
+        match &mut self.life {
+            Life::Up(e) => Some(e),
+            _ => None,
+        }
+    }
 }
 
 /// A simulated cluster. See the [module docs](self).
@@ -238,24 +358,21 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
             c.nodes.insert(
                 id,
                 SimNode {
-                    core: None,
-                    storage,
-                    machine,
+                    life: Life::Down { storage, machine },
                     incarnation: 0,
                     mirror: LogMirror::default(),
-                    last_applied: 0,
                     applied: Vec::new(),
+                    inbox: VecDeque::new(),
+                    blocking: true,
+                    sync_in_flight: false,
+                    wake_scheduled: false,
                     last_sync_at: 0,
-                    pending: BTreeMap::new(),
-                    policy: SnapshotPolicy::new(c.config.max_log_bytes),
                     snapshots_taken: 0,
                     snapshots_installed: 0,
                     peak_persisted: 0,
-                    read_queries: BTreeMap::new(),
-                    confirmed_reads: BTreeMap::new(),
                 },
             );
-            c.boot(id);
+            c.boot(id, None);
             let phase = c.rng.range(0, c.config.tick_ms);
             c.schedule(phase, EventKind::Tick(id));
         }
@@ -270,27 +387,39 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
         cfg
     }
 
-    fn boot(&mut self, id: NodeId) {
+    /// Starts node `id` from its storage, with `machine` (or the one it kept) as its state
+    /// machine.
+    fn boot(&mut self, id: NodeId, machine: Option<M>) {
         let incarnation = self.nodes[&id].incarnation;
         let cfg = self.raft_config(id, incarnation);
+        let blocking = match self.config.host.sync {
+            SyncMode::Blocking => true,
+            SyncMode::Pipelined => false,
+            SyncMode::Mixed => self.rng.chance(0.5),
+        };
+        let max_log_bytes = self.config.max_log_bytes;
         let node = self.nodes.get_mut(&id).expect("known node");
-        let core = RaftCore::from_storage(cfg, &node.storage)
+        let Life::Down {
+            storage,
+            machine: old,
+        } = std::mem::replace(&mut node.life, Life::Moving)
+        else {
+            panic!("node {id} is running");
+        };
+        let machine = machine.unwrap_or(old);
+        let core = RaftCore::from_storage(cfg, &storage)
             .unwrap_or_else(|e| panic!("node {id} cannot restart from its storage: {e}"));
-        let init = node
-            .storage
-            .initial_state()
-            .unwrap_or_else(|e| panic!("node storage failed: {e}"));
-        if init.snapshot.index > 0 {
-            host::restore_machine(&node.storage, &mut node.machine, init.snapshot_size)
-                .unwrap_or_else(|e| panic!("node {id} cannot restore its snapshot: {e}"));
-        }
-        node.policy = SnapshotPolicy::new(self.config.max_log_bytes);
         node.mirror =
             self.checker
                 .mirror_restored(id, core.log().snapshot().index, core.log().entries());
-        node.last_applied = core.log().applied();
+        let engine = Engine::new(core, storage, machine, max_log_bytes)
+            .unwrap_or_else(|e| panic!("node {id} cannot restore its state machine: {e}"));
+        node.life = Life::Up(Box::new(engine));
         node.applied.clear();
-        node.core = Some(core);
+        node.inbox.clear();
+        node.blocking = blocking;
+        node.sync_in_flight = false;
+        node.wake_scheduled = false;
     }
 
     fn schedule(&mut self, delay: u64, kind: EventKind) {
@@ -308,202 +437,216 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
         }
     }
 
-    /// Runs `id`'s core until it has no more work, playing the host's part.
-    fn process(&mut self, id: NodeId) {
-        loop {
+    /// Queues an input for a running node and makes sure its host wakes up for it.
+    fn enqueue(&mut self, id: NodeId, input: Input) {
+        let node = self.nodes.get_mut(&id).expect("known node");
+        if node.engine().is_none() {
+            return;
+        }
+        node.inbox.push_back(input);
+        self.wake(id);
+    }
+
+    /// Schedules the node's host to run, unless it will anyway (a wake is pending, or it
+    /// waits for an fsync).
+    fn wake(&mut self, id: NodeId) {
+        let node = self.nodes.get_mut(&id).expect("known node");
+        if node.wake_scheduled || (node.blocking && node.sync_in_flight) {
+            return;
+        }
+        node.wake_scheduled = true;
+        let incarnation = node.incarnation;
+        // Usually at once (inputs already queued for this instant still batch with it),
+        // sometimes a little later, so that more inputs pile up.
+        let delay = u64::from(self.rng.chance(0.2));
+        self.schedule(
+            delay,
+            EventKind::Wake {
+                node: id,
+                incarnation,
+            },
+        );
+    }
+
+    /// The host runs: steps a seeded number of queued inputs, then carries out the output.
+    fn on_wake(&mut self, id: NodeId) {
+        let take = {
             let node = self.nodes.get_mut(&id).expect("known node");
-            let Some(core) = node.core.as_mut() else {
+            node.wake_scheduled = false;
+            if node.engine().is_none() || (node.blocking && node.sync_in_flight) {
                 return;
-            };
-            if !core.has_ready() {
-                break;
             }
-            let mut ready = core.ready();
-            let (role, term, commit) = (core.role(), core.term(), core.commit_index());
-            let requests = std::mem::take(&mut ready.snapshot_requests);
-            let chunks = host::snapshot_messages(&node.storage, id, requests)
-                .unwrap_or_else(|e| panic!("node storage failed: {e}"));
-            if !ready.snapshot_chunks.is_empty() {
-                node.policy.abandon();
+            let queued = node.inbox.len().min(self.config.host.max_inputs.max(1));
+            if queued == 0 || self.rng.chance(0.5) {
+                queued
+            } else {
+                self.rng.range(1, queued as u64 + 1) as usize
             }
-            host::write_ready(&mut node.storage, &ready, &mut Default::default())
-                .unwrap_or_else(|e| panic!("node storage failed: {e}"));
-            if let Some(meta) = ready.install_snapshot {
-                let size = node
-                    .storage
-                    .initial_state()
-                    .unwrap_or_else(|e| panic!("node storage failed: {e}"))
-                    .snapshot_size;
-                host::restore_machine(&node.storage, &mut node.machine, size).unwrap_or_else(|e| {
-                    panic!("node {id} cannot restore a received snapshot: {e}")
-                });
-                self.checker.rebase(id, &mut node.mirror, meta.index);
-                node.last_applied = meta.index;
-                node.snapshots_installed += 1;
-                node.pending.retain(|&i, _| i > meta.index);
-            }
-            if !ready.entries.is_empty() {
-                self.checker.log_write(id, &mut node.mirror, &ready.entries);
-            }
-            let fsync = self
-                .rng
-                .range(self.config.fsync_ms.0, self.config.fsync_ms.1 + 1);
-            let node = self.nodes.get_mut(&id).expect("known node");
-            let at = (self.now + fsync).max(node.last_sync_at);
-            node.last_sync_at = at;
-            let incarnation = node.incarnation;
-            let delay = at - self.now;
-            self.checker.commit(id, commit, &node.mirror);
-            if role == Role::Leader {
-                self.checker.leader(id, term, &node.mirror);
-            }
-            for m in ready.messages.into_iter().chain(chunks) {
-                self.transmit(m);
-            }
-            self.schedule(
-                delay,
-                EventKind::Persisted {
-                    node: id,
-                    incarnation,
-                    ack: ready.ack,
-                    messages: ready.persisted_messages,
-                },
-            );
-            for entry in ready.committed_entries {
-                self.apply(id, entry);
-            }
-            let node = self.nodes.get_mut(&id).expect("known node");
-            for ticket in ready.failed_reads {
-                if node.read_queries.remove(&ticket).is_some() {
-                    self.read_results.insert(ticket, None);
+        };
+        let node = self.nodes.get_mut(&id).expect("known node");
+        let inputs: Vec<Input> = node.inbox.drain(..take).collect();
+        if let Some(engine) = node.engine_mut() {
+            for input in inputs {
+                match input {
+                    Input::Tick => engine.core_mut().tick(),
+                    Input::Message(m) => engine.core_mut().step(m),
                 }
             }
-            for r in ready.read_states {
-                node.confirmed_reads.insert((r.index, r.ctx), ());
-            }
-            self.serve_reads(id);
         }
-        self.maybe_snapshot(id, false);
-        let node = self.nodes.get_mut(&id).expect("known node");
-        let size = node.storage.persisted_size();
+        self.advance(id);
+        if !self.nodes[&id].inbox.is_empty() {
+            self.wake(id);
+        }
+    }
+
+    /// Runs one engine call on node `id` with the simulation as its host, then transmits what
+    /// it sent, schedules what it started (fsyncs, snapshot serializations) and checks the
+    /// invariants.
+    fn with_engine(
+        &mut self,
+        id: NodeId,
+        call: impl FnOnce(&mut SimEngine<M, S>, &mut SimHost<'_, M::Output>),
+    ) {
+        let mut outbox = Vec::new();
+        let mut serialize = Vec::new();
+        let seed = self.config.seed;
+        let Cluster {
+            nodes,
+            checker,
+            acknowledged,
+            dropped,
+            read_results,
+            ..
+        } = self;
+        let node = nodes.get_mut(&id).expect("known node");
+        let SimNode {
+            life,
+            mirror,
+            applied,
+            snapshots_installed,
+            snapshots_taken,
+            ..
+        } = node;
+        let Life::Up(engine) = life else { return };
+        let mut host = SimHost {
+            id,
+            seed,
+            checker,
+            mirror,
+            applied,
+            outbox: &mut outbox,
+            acknowledged,
+            dropped,
+            read_results,
+            serialize: &mut serialize,
+            snapshots_installed,
+            snapshots_taken,
+        };
+        call(engine, &mut host);
+        let core = engine.core();
+        core.check_invariants();
+        if let Err(what) = check_persisted(core, engine.storage()) {
+            panic!("safety violation (replay with RAFTKV_SEED={seed}): node {id}: {what}");
+        }
+        checker.commit(id, core.commit_index(), mirror);
+        if core.role() == Role::Leader {
+            checker.leader(id, core.term(), mirror);
+        }
+        let size = engine.storage().persisted_size();
         node.peak_persisted = node
             .peak_persisted
             .max(size.log_bytes + size.snapshot_bytes);
-    }
-
-    /// Answers the confirmed reads of `id` whose index it has applied.
-    fn serve_reads(&mut self, id: NodeId) {
-        let node = self.nodes.get_mut(&id).expect("known node");
-        while let Some(entry) = node.confirmed_reads.first_entry() {
-            let (index, ticket) = *entry.key();
-            if index > node.last_applied {
-                break;
-            }
-            entry.remove();
-            if let Some(query) = node.read_queries.remove(&ticket) {
-                let answer = node.machine.query(query.as_bytes());
-                self.read_results.insert(ticket, answer);
-            }
+        let incarnation = node.incarnation;
+        for m in outbox {
+            self.transmit(m);
+        }
+        for (meta, bytes) in serialize {
+            let delay = self
+                .rng
+                .range(self.config.snapshot_ms.0, self.config.snapshot_ms.1 + 1);
+            self.schedule(
+                delay,
+                EventKind::SnapshotSerialized {
+                    node: id,
+                    incarnation,
+                    meta,
+                    bytes,
+                },
+            );
         }
     }
 
-    /// Starts a local snapshot of `id` if one is due (or forced): the state machine's image is
-    /// taken now, right after the last apply; it is "serialized" over a random virtual delay
-    /// while the node keeps working. Returns true if one started.
-    fn maybe_snapshot(&mut self, id: NodeId, force: bool) -> bool {
-        let node = self.nodes.get_mut(&id).expect("known node");
-        let Some(core) = node.core.as_ref() else {
-            return false;
-        };
-        let Some(meta) = node.policy.due(core, &node.storage, force) else {
-            return false;
-        };
-        let mut bytes = Vec::new();
-        node.machine
-            .snapshot()
-            .write_to(&mut bytes)
-            .expect("test state machines serialize into memory");
-        node.policy.started(meta);
-        let incarnation = node.incarnation;
-        let delay = self
+    /// Hands out and writes the node's pending output; starts an fsync if batches wait for
+    /// one and none is in flight.
+    fn advance(&mut self, id: NodeId) {
+        self.with_engine(id, |engine, host| {
+            engine
+                .advance(host)
+                .unwrap_or_else(|e| panic!("node storage failed: {e}"));
+        });
+        self.maybe_start_sync(id);
+    }
+
+    fn maybe_start_sync(&mut self, id: NodeId) {
+        let fsync = self
             .rng
-            .range(self.config.snapshot_ms.0, self.config.snapshot_ms.1 + 1);
+            .range(self.config.fsync_ms.0, self.config.fsync_ms.1 + 1);
+        let now = self.now;
+        let node = self.nodes.get_mut(&id).expect("known node");
+        let Some(engine) = node.engine() else { return };
+        if node.sync_in_flight || !engine.needs_sync() {
+            return;
+        }
+        let batches = engine.batches_written();
+        let at = (now + fsync).max(node.last_sync_at);
+        node.last_sync_at = at;
+        node.sync_in_flight = true;
+        let incarnation = node.incarnation;
         self.schedule(
-            delay,
-            EventKind::SnapshotSerialized {
+            at - now,
+            EventKind::SyncDone {
                 node: id,
                 incarnation,
-                meta,
-                bytes,
+                batches,
             },
         );
-        true
+    }
+
+    fn on_sync_done(&mut self, id: NodeId, batches: u64) {
+        self.with_engine(id, |engine, host| {
+            engine
+                .sync_through(host, batches)
+                .unwrap_or_else(|e| panic!("node storage failed: {e}"));
+        });
+        self.nodes.get_mut(&id).expect("known node").sync_in_flight = false;
+        self.advance(id);
+        if !self.nodes[&id].inbox.is_empty() {
+            self.wake(id);
+        }
+    }
+
+    /// Starts a local snapshot of `id` if one is due (or forced). Returns true if one started.
+    fn maybe_snapshot(&mut self, id: NodeId, force: bool) -> bool {
+        let mut started = false;
+        self.with_engine(id, |engine, host| {
+            started = engine.maybe_snapshot(host, force).is_some();
+        });
+        started
     }
 
     fn snapshot_serialized(&mut self, id: NodeId, meta: SnapshotMeta, bytes: Vec<u8>) {
         let chunk = self.config.raft.snapshot_chunk_bytes.max(1) as usize;
-        let node = self.nodes.get_mut(&id).expect("known node");
-        let Some(core) = node.core.as_mut() else {
-            return;
-        };
-        for piece in bytes.chunks(chunk) {
-            node.policy
-                .write(&mut node.storage, meta, piece)
-                .unwrap_or_else(|e| panic!("node storage failed: {e}"));
-        }
-        if node
-            .policy
-            .finish(&mut node.storage, core, meta)
-            .unwrap_or_else(|e| panic!("node storage failed: {e}"))
-        {
-            node.snapshots_taken += 1;
-            self.checker.rebase(id, &mut node.mirror, meta.index);
-        }
-        self.process(id);
-    }
-
-    fn apply(&mut self, id: NodeId, entry: Entry) {
-        let node = self.nodes.get_mut(&id).expect("known node");
-        self.checker
-            .apply(id, node.last_applied, &entry, &node.mirror);
-        node.last_applied = entry.index;
-        let command = match &entry.payload {
-            EntryPayload::Command(c) => Some(c.clone()),
-            EntryPayload::Noop => None,
-        };
-        let output = command
-            .as_ref()
-            .map(|c| node.machine.apply(entry.index, c.as_bytes()));
-        node.applied.push(AppliedEntry {
-            index: entry.index,
-            term: entry.term,
-            command: command.clone(),
-        });
-        // Resolve the proposal that was waiting for this slot, if any.
-        let waiting: Vec<Index> = node
-            .pending
-            .range(..=entry.index)
-            .map(|(i, _)| *i)
-            .collect();
-        for i in waiting {
-            let (term, cmd) = node.pending.remove(&i).expect("listed");
-            match (&output, i == entry.index && term == entry.term) {
-                (Some(_), true) => {}
-                _ => {
-                    self.dropped += 1;
-                    continue;
-                }
+        self.with_engine(id, |engine, host| {
+            for piece in bytes.chunks(chunk) {
+                engine
+                    .local_snapshot_chunk(meta, piece)
+                    .unwrap_or_else(|e| panic!("node storage failed: {e}"));
             }
-            let output = output.expect("checked above");
-            self.acknowledged.push(Acknowledged {
-                node: id,
-                index: i,
-                term,
-                command: cmd,
-                output,
-            });
-            break;
-        }
+            engine
+                .local_snapshot_done(host, meta, Ok(()))
+                .unwrap_or_else(|e| panic!("node storage failed: {e}"));
+        });
+        self.advance(id);
     }
 
     /// Processes the next event. Returns false when nothing is scheduled.
@@ -513,51 +656,49 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
         };
         self.now = ev.at;
         self.steps += 1;
+        let current = |c: &Self, id: NodeId, incarnation: u64| {
+            let n = &c.nodes[&id];
+            n.incarnation == incarnation && n.engine().is_some()
+        };
         match ev.kind {
             EventKind::Tick(id) => {
-                if let Some(core) = self.nodes.get_mut(&id).and_then(|n| n.core.as_mut()) {
-                    core.tick();
-                    self.process(id);
-                }
+                self.enqueue(id, Input::Tick);
                 let every = self.config.tick_ms;
                 self.schedule(every, EventKind::Tick(id));
             }
-            EventKind::Process(id) => self.process(id),
+            EventKind::Deliver(m) => {
+                let to = m.to;
+                if self.nodes.contains_key(&to) {
+                    self.enqueue(to, Input::Message(m));
+                }
+            }
+            EventKind::Wake {
+                node: id,
+                incarnation,
+            } => {
+                if current(self, id, incarnation) {
+                    self.on_wake(id);
+                }
+            }
+            EventKind::SyncDone {
+                node: id,
+                incarnation,
+                batches,
+            } => {
+                // A crash before the fsync completed lost what it would have made durable.
+                if current(self, id, incarnation) {
+                    self.on_sync_done(id, batches);
+                }
+            }
             EventKind::SnapshotSerialized {
                 node: id,
                 incarnation,
                 meta,
                 bytes,
             } => {
-                if self.nodes[&id].incarnation == incarnation {
+                if current(self, id, incarnation) {
                     self.snapshot_serialized(id, meta, bytes);
                 }
-            }
-            EventKind::Deliver(m) => {
-                let to = m.to;
-                if let Some(core) = self.nodes.get_mut(&to).and_then(|n| n.core.as_mut()) {
-                    core.step(m);
-                    self.process(to);
-                }
-            }
-            EventKind::Persisted {
-                node: id,
-                incarnation,
-                ack,
-                messages,
-            } => {
-                let node = self.nodes.get_mut(&id).expect("known node");
-                if node.incarnation != incarnation || node.core.is_none() {
-                    return true; // the node crashed before this fsync completed
-                }
-                node.storage
-                    .sync()
-                    .unwrap_or_else(|e| panic!("node storage failed: {e}"));
-                node.core.as_mut().expect("checked").on_persisted(ack);
-                for m in messages {
-                    self.transmit(m);
-                }
-                self.process(id);
             }
         }
         true
@@ -604,8 +745,8 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
         let agree = self
             .nodes
             .values()
-            .filter_map(|n| n.core.as_ref())
-            .filter(|c| c.term() == term && c.leader() == Some(leader))
+            .filter_map(|n| n.engine())
+            .filter(|e| e.core().term() == term && e.core().leader() == Some(leader))
             .count();
         (agree > self.config.nodes / 2).then_some(leader)
     }
@@ -614,14 +755,14 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
     pub fn leader(&self) -> Option<NodeId> {
         self.nodes
             .iter()
-            .filter_map(|(id, n)| n.core.as_ref().map(|c| (*id, c)))
+            .filter_map(|(id, n)| n.engine().map(|e| (*id, e.core())))
             .filter(|(_, c)| c.role() == Role::Leader)
             .max_by_key(|(_, c)| c.term())
             .map(|(id, _)| id)
     }
 
     /// Proposes `command` on node `id` (which must think it is leader). The node hands out
-    /// its work at the next step, so proposals made back to back go out in one batch.
+    /// its work when its host next runs, so proposals made back to back go out in one batch.
     pub fn propose(
         &mut self,
         id: NodeId,
@@ -629,13 +770,17 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
     ) -> Result<Proposed, CoreProposeError> {
         let command = command.into();
         let node = self.nodes.get_mut(&id).expect("known node");
-        let Some(core) = node.core.as_mut() else {
+        let Some(engine) = node.engine_mut() else {
             return Err(CoreProposeError::NotLeader { leader: None });
         };
-        let proposed = core.propose(command.clone())?;
-        node.pending
-            .insert(proposed.index, (proposed.term, command));
-        self.schedule(0, EventKind::Process(id));
+        let proposed = engine
+            .propose(command.clone(), command)
+            .map_err(|(e, _)| match e {
+                ProposeError::NotLeader { leader } => CoreProposeError::NotLeader { leader },
+                ProposeError::TooLarge { size, max } => CoreProposeError::TooLarge { size, max },
+                _ => CoreProposeError::Busy,
+            })?;
+        self.wake(id);
         Ok(proposed)
     }
 
@@ -643,15 +788,19 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
     /// shows up in [`Cluster::take_read_result`] once the read is confirmed and `id` applied
     /// far enough. A read on a node that crashes is never answered.
     pub fn read(&mut self, id: NodeId, query: impl Into<Payload>) -> Result<u64, CoreProposeError> {
+        let ticket = self.next_read + 1;
         let node = self.nodes.get_mut(&id).expect("known node");
-        let Some(core) = node.core.as_mut() else {
+        let Some(engine) = node.engine_mut() else {
             return Err(CoreProposeError::NotLeader { leader: None });
         };
-        self.next_read += 1;
-        let ticket = self.next_read;
-        core.read_index(ticket)?;
-        node.read_queries.insert(ticket, query.into());
-        self.schedule(0, EventKind::Process(id));
+        engine
+            .read(query.into(), ticket)
+            .map_err(|(e, _)| match e {
+                ProposeError::NotLeader { leader } => CoreProposeError::NotLeader { leader },
+                _ => CoreProposeError::Busy,
+            })?;
+        self.next_read = ticket;
+        self.wake(id);
         Ok(ticket)
     }
 
@@ -700,11 +849,11 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
     /// [`RaftCore::transfer_leadership`]).
     pub fn transfer_leadership(&mut self, id: NodeId, to: NodeId) -> Result<(), CoreProposeError> {
         let node = self.nodes.get_mut(&id).expect("known node");
-        let Some(core) = node.core.as_mut() else {
+        let Some(engine) = node.engine_mut() else {
             return Err(CoreProposeError::NotLeader { leader: None });
         };
-        core.transfer_leadership(to)?;
-        self.schedule(0, EventKind::Process(id));
+        engine.core_mut().transfer_leadership(to)?;
+        self.wake(id);
         Ok(())
     }
 
@@ -729,24 +878,31 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
         self.nodes[&id].peak_persisted
     }
 
-    /// Crashes node `id`: its volatile state is gone, its storage keeps only what was synced.
+    /// Crashes node `id`: its volatile state is gone, its storage keeps only what was synced
+    /// (an fsync in flight is lost with it).
     pub fn crash(&mut self, id: NodeId) {
         let node = self.nodes.get_mut(&id).expect("known node");
-        node.core = None;
-        node.storage.power_loss(&mut self.rng);
+        if node.engine().is_none() {
+            return; // already down
+        }
+        let Life::Up(engine) = std::mem::replace(&mut node.life, Life::Moving) else {
+            unreachable!("checked running");
+        };
+        let (mut storage, machine) = engine.into_parts();
+        storage.power_loss(&mut self.rng);
+        node.life = Life::Down { storage, machine };
         node.incarnation += 1;
-        node.pending.clear();
-        node.read_queries.clear();
-        node.confirmed_reads.clear();
+        node.inbox.clear();
+        node.sync_in_flight = false;
+        node.wake_scheduled = false;
         node.last_sync_at = self.now;
     }
 
     /// Restarts a crashed node from its storage, with a fresh state machine from the factory.
     pub fn restart(&mut self, id: NodeId) {
-        assert!(self.nodes[&id].core.is_none(), "node {id} is running");
+        assert!(self.nodes[&id].engine().is_none(), "node {id} is running");
         let machine = (self.factory)(id);
-        self.nodes.get_mut(&id).expect("known node").machine = machine;
-        self.boot(id);
+        self.boot(id, Some(machine));
     }
 
     /// Cuts every link between the groups (links inside a group stay); nodes in no group are

@@ -1,7 +1,7 @@
 //! What a test can observe of a simulated [`Cluster`], and the classic test helpers
 //! (`commit_on`, `applied_count`, `terms_agree`) that ported test suites lean on.
 
-use super::{Acknowledged, AppliedEntry, Cluster, SimStorage};
+use super::{Acknowledged, AppliedEntry, Cluster, Life, SimStorage};
 use crate::raft::{Index, NodeId, Payload, RaftCore, Status};
 use crate::state_machine::StateMachine;
 use crate::storage::PersistedSize;
@@ -14,8 +14,11 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
     pub fn applied_count(&self, index: Index) -> (usize, Option<Payload>) {
         let mut count = 0;
         let mut command = None;
-        for node in self.nodes.values().filter(|n| n.core.is_some()) {
-            if node.last_applied < index {
+        for node in self.nodes.values() {
+            let Some(engine) = node.engine() else {
+                continue;
+            };
+            if engine.applied() < index {
                 continue;
             }
             count += 1;
@@ -64,8 +67,8 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
         let mut terms = self
             .nodes
             .values()
-            .filter_map(|n| n.core.as_ref())
-            .map(RaftCore::term);
+            .filter_map(|n| n.engine())
+            .map(|e| e.core().term());
         let first = terms.next();
         terms.all(|t| Some(t) == first)
     }
@@ -88,11 +91,11 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
     }
     /// True if `id` is running.
     pub fn is_up(&self, id: NodeId) -> bool {
-        self.nodes[&id].core.is_some()
+        self.nodes[&id].engine().is_some()
     }
     /// The core of a running node.
     pub fn core(&self, id: NodeId) -> Option<&RaftCore> {
-        self.nodes[&id].core.as_ref()
+        self.nodes[&id].engine().map(|e| e.core())
     }
     /// Role, term, leader and indexes of a running node.
     pub fn status(&self, id: NodeId) -> Option<Status> {
@@ -100,7 +103,11 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
     }
     /// A node's state machine (rebuilt at each restart).
     pub fn machine(&self, id: NodeId) -> &M {
-        &self.nodes[&id].machine
+        match &self.nodes[&id].life {
+            Life::Up(e) => e.machine(),
+            Life::Down { machine, .. } => machine,
+            Life::Moving => unreachable!("only inside a transition"),
+        }
     }
     /// Entries applied by `id` since it last (re)started, with their kind.
     pub fn applied(&self, id: NodeId) -> &[AppliedEntry] {
@@ -108,11 +115,15 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
     }
     /// Bytes `id`'s storage keeps durably, as it reports them.
     pub fn persisted_size(&self, id: NodeId) -> PersistedSize {
-        self.nodes[&id].storage.persisted_size()
+        self.storage(id).persisted_size()
     }
     /// A handle on `id`'s storage.
     pub fn storage(&self, id: NodeId) -> &S {
-        &self.nodes[&id].storage
+        match &self.nodes[&id].life {
+            Life::Up(e) => e.storage(),
+            Life::Down { storage, .. } => storage,
+            Life::Moving => unreachable!("only inside a transition"),
+        }
     }
     /// Proposals applied on the node they were proposed to, in the order they were applied.
     pub fn acknowledged(&self) -> &[Acknowledged<M::Output>] {
@@ -151,7 +162,7 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
             let held = self
                 .nodes
                 .values()
-                .filter_map(|n| n.core.as_ref())
+                .filter_map(|n| n.engine().map(|e| e.core()))
                 .filter(|c| c.commit_index() >= a.index)
                 .any(|c| {
                     c.log()

@@ -1,54 +1,16 @@
-//! What every host of a [`RaftCore`] does with its storage and state machine, shared by the
-//! [`Node`](crate::Node) driver and the simulation so both follow the same contract:
-//! writing a [`Ready`]'s durable part, answering snapshot chunk requests from storage,
-//! restoring a state machine from the stored snapshot, and taking local snapshots when the
-//! log grows past a bound.
+//! Snapshots on the host's side: answering a leader's chunk requests from storage, restoring
+//! a state machine from the stored snapshot, and taking local snapshots when the log grows
+//! past a bound.
 
 use std::io::{self, Read};
 
 use crate::error::StorageError;
-use crate::raft::{Message, NodeId, Payload, RaftCore, Ready, SnapshotChunkRequest, SnapshotMeta};
+use crate::raft::{Message, NodeId, Payload, RaftCore, SnapshotChunkRequest, SnapshotMeta};
 use crate::state_machine::StateMachine;
 use crate::storage::Storage;
 
 /// Bytes per read when streaming a stored snapshot into a state machine.
 const RESTORE_READ_BYTES: usize = 256 << 10;
-
-/// How far [`write_ready`] got with one batch, so that a retry after a full disk resumes
-/// where it stopped instead of rewriting snapshot chunks the storage already took.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct WriteProgress {
-    hard_state_and_entries: bool,
-    chunks: usize,
-    installed: bool,
-}
-
-/// Writes the durable part of `ready` to storage (not synced, except that installing a
-/// snapshot syncs): hard state, entries, received snapshot chunks, then the install. On an
-/// error, `progress` records what was done; calling again with it resumes (the hard state and
-/// entries are simply written again: both overwrite themselves).
-pub fn write_ready<S: Storage>(
-    storage: &mut S,
-    ready: &Ready,
-    progress: &mut WriteProgress,
-) -> Result<(), StorageError> {
-    if !progress.hard_state_and_entries {
-        if let Some(hs) = ready.hard_state {
-            storage.set_hard_state(hs)?;
-        }
-        storage.append(&ready.entries)?;
-        progress.hard_state_and_entries = true;
-    }
-    for chunk in &ready.snapshot_chunks[progress.chunks..] {
-        storage.write_snapshot_chunk(chunk.meta, chunk.offset, chunk.data.as_bytes())?;
-        progress.chunks += 1;
-    }
-    if let (Some(meta), false) = (ready.install_snapshot, progress.installed) {
-        storage.install_snapshot(meta)?;
-        progress.installed = true;
-    }
-    Ok(())
-}
 
 /// Reads the requested snapshot chunks from storage and builds the messages carrying them.
 /// Requests for a snapshot that is no longer the stored one are skipped (the core restarts

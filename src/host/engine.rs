@@ -1,0 +1,647 @@
+//! [`Engine`]: the one implementation of what a host does with the core's output.
+//!
+//! The node driver, the simulated cluster and the scripted harness all run a [`RaftCore`]
+//! through this engine, so the code path tested is the code path users run. What differs
+//! between hosts — how messages travel, when an fsync completes, how a local snapshot is
+//! serialized, what a caller waiting for a proposal is — reaches the engine through the
+//! [`Host`] callbacks and through *when* the host calls [`Engine::sync`].
+//!
+//! # How a host drives it
+//! Step any number of inputs ([`Engine::core_mut`] + `step`/`tick`, [`Engine::propose`],
+//! [`Engine::read`]), then call [`Engine::advance`]: it hands out every pending
+//! [`Ready`](crate::raft::Ready) and carries each out up to its writes (see
+//! [`Engine::advance`] for the order). Call [`Engine::sync`] when the host wants its fsync —
+//! right away (a blocking host), or later while it keeps stepping and advancing (a host with
+//! an fsync in flight). Nothing a batch must not claim before it is durable leaves before
+//! the sync that covers it.
+//!
+//! Invariants: batches complete (`on_persisted`, then their held-back messages) strictly in
+//! the order they were handed out; an entry reaches the state machine only once committed and
+//! durable here, after any snapshot installed before it; a proposal is answered exactly once.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use super::snapshot::{restore_machine, snapshot_messages, SnapshotPolicy};
+use super::write::{write_ready, WriteProgress};
+use crate::error::{NodeError, ProposeError, StorageError};
+use crate::raft::{
+    Entry, EntryPayload, Index, Message, Payload, PersistAck, Proposed, RaftCore, ReadState, Ready,
+    SnapshotMeta, Term,
+};
+use crate::state_machine::{SnapshotSource, StateMachine};
+use crate::storage::Storage;
+
+/// What the engine tells a host, and asks of it. Only [`Host::send`] and the two answers are
+/// required; the rest lets a host observe (a simulation checks invariants there).
+pub trait Host<S, O> {
+    /// What the host keeps for a proposal until it is answered (a reply channel, say).
+    type Proposal;
+    /// What the host keeps for a read until it is answered.
+    type Read;
+
+    /// Messages to hand to the transport now, in order. `core` and `storage` are as they are
+    /// at this moment (a checker may look at what the storage has made durable).
+    fn send(&mut self, core: &RaftCore, storage: &S, messages: Vec<Message>);
+
+    /// A proposal is settled: applied with its output, or failed.
+    fn proposal_done(
+        &mut self,
+        ticket: Self::Proposal,
+        at: Proposed,
+        result: Result<O, ProposeError>,
+    );
+
+    /// A read is settled.
+    fn read_done(&mut self, ticket: Self::Read, result: Result<O, ProposeError>);
+
+    /// Something happened that a host may want to see.
+    fn observe(&mut self, _event: Observed<'_>) {}
+
+    /// A local snapshot is due: serialize `source` (off the host's critical path if it can)
+    /// and feed the bytes back with [`Engine::local_snapshot_chunk`] and
+    /// [`Engine::local_snapshot_done`]. Return false to decline (then no snapshot is taken).
+    fn serialize_snapshot(
+        &mut self,
+        _meta: SnapshotMeta,
+        _source: Box<dyn SnapshotSource>,
+    ) -> bool {
+        false
+    }
+}
+
+/// What a [`Host`] may observe.
+#[derive(Debug)]
+pub enum Observed<'a> {
+    /// Entries were written to storage (replacing everything from the first one on).
+    LogWritten(&'a [Entry]),
+    /// A snapshot received from the leader was installed and the state machine restored.
+    SnapshotInstalled(SnapshotMeta),
+    /// A local snapshot was stored and the log compacted behind it.
+    SnapshotTaken(SnapshotMeta),
+    /// A committed entry is about to be applied (commands go to the state machine, no-ops
+    /// do not); `after` is the index applied before it.
+    Applying {
+        /// The entry.
+        entry: &'a Entry,
+        /// The index applied before it.
+        after: Index,
+    },
+    /// Writes failed for lack of space; the batch is kept and retried.
+    DiskFull(&'a StorageError),
+    /// The core confirmed a read (reads the host asked of the core directly, not through
+    /// [`Engine::read`], are seen only here).
+    ReadConfirmed(ReadState),
+    /// The core failed a read.
+    ReadFailed(u64),
+}
+
+/// A batch written (or with nothing to write) that waits for a sync.
+struct Unsynced {
+    ack: PersistAck,
+    messages: Vec<Message>,
+}
+
+/// A Ready whose writes stopped on a full disk, with how far they got.
+struct Stalled {
+    ready: Ready,
+    progress: WriteProgress,
+}
+
+/// A core with its storage and state machine, carrying out the core's output. See the
+/// [module docs](self).
+///
+/// ```
+/// use raftkv::host::{Engine, Host};
+/// use raftkv::raft::{Config, Message, Proposed, RaftCore, Role};
+/// use raftkv::storage::MemStorage;
+/// use raftkv::error::ProposeError;
+/// use raftkv::testing::RecordingMachine;
+///
+/// struct Printer(Vec<u64>);
+/// impl Host<MemStorage, u64> for Printer {
+///     type Proposal = ();
+///     type Read = ();
+///     fn send(&mut self, _: &RaftCore, _: &MemStorage, _: Vec<Message>) {}
+///     fn proposal_done(&mut self, _: (), at: Proposed, r: Result<u64, ProposeError>) {
+///         assert_eq!(r, Ok(at.index));
+///         self.0.push(at.index);
+///     }
+///     fn read_done(&mut self, _: (), _: Result<u64, ProposeError>) {}
+/// }
+///
+/// let core = RaftCore::new(Config::new(1, vec![1]), Default::default(), Default::default(), vec![]).unwrap();
+/// let mut engine = Engine::new(core, MemStorage::new(), RecordingMachine::default(), None).unwrap();
+/// let mut host = Printer(Vec::new());
+/// while engine.core().role() != Role::Leader {
+///     engine.core_mut().tick();
+/// }
+/// engine.propose(b"x".as_slice().into(), ()).map_err(|(e, _)| e).unwrap();
+/// engine.run(&mut host).unwrap(); // advance, sync, advance... until quiet
+/// assert_eq!(host.0, vec![2]); // the leader's no-op is 1
+/// ```
+pub struct Engine<S, M: StateMachine, P = (), R = ()> {
+    core: RaftCore,
+    storage: S,
+    machine: M,
+    policy: SnapshotPolicy,
+    /// Batches handed out and not yet completed, oldest first.
+    unsynced: VecDeque<Unsynced>,
+    /// Batches completed and handed out so far (a host remembers a count to complete only
+    /// through it).
+    written: u64,
+    completed: u64,
+    stalled: Option<Stalled>,
+    disk_full: Option<String>,
+    /// The state machine holds everything through here (applied, restored, or durable in
+    /// its own storage).
+    applied: Index,
+    /// Entries through here are already in the state machine's own durable state.
+    skip_through: Index,
+    proposals: BTreeMap<Index, (Term, P)>,
+    reads: HashMap<u64, (Payload, R)>,
+    /// Confirmed reads waiting for the apply index: (index, ctx).
+    confirmed_reads: BTreeMap<(Index, u64), ()>,
+    next_read: u64,
+}
+
+impl<S: Storage, M: StateMachine, P, R> Engine<S, M, P, R> {
+    /// An engine for `core`, restored from `storage`: the state machine is rebuilt from the
+    /// stored snapshot, unless it keeps its own durable state that is at least as recent
+    /// (then replay starts after what it holds). `max_log_bytes` is the automatic snapshot
+    /// bound ([`SnapshotPolicy`]).
+    pub fn new(
+        mut core: RaftCore,
+        storage: S,
+        mut machine: M,
+        max_log_bytes: Option<u64>,
+    ) -> Result<Self, NodeError> {
+        let init = storage.initial_state()?;
+        let durable = machine.durable_index().unwrap_or(0);
+        if init.snapshot.index > durable {
+            restore_machine(&storage, &mut machine, init.snapshot_size)
+                .map_err(NodeError::Restore)?;
+        }
+        let applied = durable.max(init.snapshot.index);
+        core.set_applied(applied);
+        Ok(Engine {
+            core,
+            storage,
+            machine,
+            policy: SnapshotPolicy::new(max_log_bytes),
+            unsynced: VecDeque::new(),
+            written: 0,
+            completed: 0,
+            stalled: None,
+            disk_full: None,
+            applied,
+            skip_through: durable,
+            proposals: BTreeMap::new(),
+            reads: HashMap::new(),
+            confirmed_reads: BTreeMap::new(),
+            next_read: 0,
+        })
+    }
+
+    // ----- access ----------------------------------------------------------------------------
+
+    /// The core.
+    pub fn core(&self) -> &RaftCore {
+        &self.core
+    }
+    /// The core, to step, tick or campaign it. Call [`Engine::advance`] afterwards.
+    pub fn core_mut(&mut self) -> &mut RaftCore {
+        &mut self.core
+    }
+    /// The storage.
+    pub fn storage(&self) -> &S {
+        &self.storage
+    }
+    /// The storage, for host operations outside the Raft flow (a manual snapshot in a test).
+    pub fn storage_mut(&mut self) -> &mut S {
+        &mut self.storage
+    }
+    /// The core and the storage together.
+    pub fn core_and_storage(&mut self) -> (&mut RaftCore, &mut S) {
+        (&mut self.core, &mut self.storage)
+    }
+    /// The state machine.
+    pub fn machine(&self) -> &M {
+        &self.machine
+    }
+    /// The snapshot policy (bound, counters).
+    pub fn policy(&self) -> &SnapshotPolicy {
+        &self.policy
+    }
+    /// Highest index the state machine holds.
+    pub fn applied(&self) -> Index {
+        self.applied
+    }
+    /// The full-disk error, while writes fail for lack of space.
+    pub fn disk_full(&self) -> Option<&str> {
+        self.disk_full.as_deref()
+    }
+    /// Gives back the storage and the state machine (the node stopped).
+    pub fn into_parts(self) -> (S, M) {
+        (self.storage, self.machine)
+    }
+
+    /// True while batches wait for a [`Engine::sync`].
+    pub fn needs_sync(&self) -> bool {
+        !self.unsynced.is_empty()
+    }
+    /// How many batches have been handed out so far (pass it to [`Engine::sync_through`]).
+    pub fn batches_written(&self) -> u64 {
+        self.written
+    }
+
+    // ----- inputs ----------------------------------------------------------------------------
+
+    /// Proposes `command`; `ticket` comes back through [`Host::proposal_done`]. Refused at
+    /// once, with the ticket handed back, when this node does not lead, is busy, the command
+    /// is too large, or the disk is full.
+    pub fn propose(&mut self, command: Payload, ticket: P) -> Result<Proposed, (ProposeError, P)> {
+        if self.disk_full.is_some() {
+            return Err((ProposeError::NoSpace, ticket));
+        }
+        match self.core.propose(command) {
+            Ok(p) => {
+                self.proposals.insert(p.index, (p.term, ticket));
+                Ok(p)
+            }
+            Err(e) => Err((e.into(), ticket)),
+        }
+    }
+
+    /// Asks for a linearizable read of `query` ([`StateMachine::query`]); `ticket` comes back
+    /// through [`Host::read_done`]. Refused at once, with the ticket handed back, when no
+    /// leader is known.
+    pub fn read(&mut self, query: Payload, ticket: R) -> Result<(), (ProposeError, R)> {
+        self.next_read += 1;
+        let ctx = self.next_read;
+        match self.core.read_index(ctx) {
+            Ok(()) => {
+                self.reads.insert(ctx, (query, ticket));
+                Ok(())
+            }
+            Err(e) => Err((e.into(), ticket)),
+        }
+    }
+
+    /// Removes the proposals and reads whose tickets `expired` says are expired, and
+    /// returns them (the host answers them, with a timeout say). They are never answered
+    /// through the [`Host`] afterwards.
+    pub fn take_expired(
+        &mut self,
+        mut proposal_expired: impl FnMut(&P) -> bool,
+        mut read_expired: impl FnMut(&R) -> bool,
+    ) -> (Vec<P>, Vec<R>) {
+        let gone: Vec<Index> = self
+            .proposals
+            .iter()
+            .filter(|(_, (_, p))| proposal_expired(p))
+            .map(|(i, _)| *i)
+            .collect();
+        let proposals = gone
+            .iter()
+            .filter_map(|i| self.proposals.remove(i).map(|(_, p)| p))
+            .collect();
+        let gone: Vec<u64> = self
+            .reads
+            .iter()
+            .filter(|(_, (_, r))| read_expired(r))
+            .map(|(c, _)| *c)
+            .collect();
+        let reads = gone
+            .iter()
+            .filter_map(|c| self.reads.remove(c).map(|(_, r)| r))
+            .collect();
+        let reads_left = &self.reads;
+        self.confirmed_reads
+            .retain(|(_, ctx), _| reads_left.contains_key(ctx));
+        (proposals, reads)
+    }
+
+    /// Takes every proposal and read still waiting (the node stops).
+    pub fn take_all_waiting(&mut self) -> (Vec<P>, Vec<R>) {
+        self.confirmed_reads.clear();
+        (
+            std::mem::take(&mut self.proposals)
+                .into_values()
+                .map(|(_, p)| p)
+                .collect(),
+            self.reads.drain().map(|(_, (_, r))| r).collect(),
+        )
+    }
+
+    // ----- processing ------------------------------------------------------------------------
+
+    /// Hands out and carries out every pending batch of the core, up to its writes. For each
+    /// [`Ready`], in this order:
+    ///
+    /// 1. messages that may leave at once are sent, with the snapshot chunks a leader
+    ///    streams (read from storage);
+    /// 2. failed reads are answered; confirmed reads wait for their index to be applied;
+    /// 3. the durable part is written ([`write_ready`]'s order: hard state, snapshot chunks,
+    ///    install, entries, end of a tail-loss recovery) — not synced, except that an install
+    ///    syncs itself;
+    /// 4. an installed snapshot is restored into the state machine (before any entry after
+    ///    it is applied); proposals it covers get [`ProposeError::Timeout`] (their outcome
+    ///    is unknown here);
+    /// 5. the batch's acknowledgement and held-back messages wait for the sync that covers
+    ///    it (or complete at once when nothing is unsynced before them);
+    /// 6. committed entries (already durable here) are applied and proposals answered;
+    /// 7. reads whose index is now applied are served.
+    ///
+    /// A batch whose writes hit a full disk is kept and retried first at the next call;
+    /// nothing newer is handed out meanwhile (so nothing is acknowledged), and proposals are
+    /// refused with [`ProposeError::NoSpace`]. Any other storage error is fatal.
+    pub fn advance<H>(&mut self, host: &mut H) -> Result<(), NodeError>
+    where
+        H: Host<S, M::Output, Proposal = P, Read = R>,
+    {
+        if let Some(stalled) = self.stalled.take() {
+            self.finish(host, stalled.ready, stalled.progress)?;
+            if self.stalled.is_some() {
+                return Ok(());
+            }
+        }
+        while self.core.has_ready() {
+            let mut ready = self.core.ready();
+            let mut now = std::mem::take(&mut ready.messages);
+            let requests = std::mem::take(&mut ready.snapshot_requests);
+            now.extend(snapshot_messages(&self.storage, self.core.id(), requests)?);
+            if !now.is_empty() {
+                host.send(&self.core, &self.storage, now);
+            }
+            for ctx in std::mem::take(&mut ready.failed_reads) {
+                host.observe(Observed::ReadFailed(ctx));
+                if let Some((_, ticket)) = self.reads.remove(&ctx) {
+                    let leader = self.core.leader();
+                    host.read_done(ticket, Err(ProposeError::NotLeader { leader }));
+                }
+            }
+            for r in std::mem::take(&mut ready.read_states) {
+                host.observe(Observed::ReadConfirmed(r));
+                if self.reads.contains_key(&r.ctx) {
+                    self.confirmed_reads.insert((r.index, r.ctx), ());
+                }
+            }
+            if !ready.snapshot_chunks.is_empty() {
+                self.policy.abandon(); // the leader's snapshot takes the incoming slot
+            }
+            self.finish(host, ready, WriteProgress::default())?;
+            if self.stalled.is_some() {
+                return Ok(());
+            }
+        }
+        self.maybe_snapshot(host, false);
+        Ok(())
+    }
+
+    /// Steps 3 to 7 of [`Engine::advance`] for one batch.
+    fn finish<H>(
+        &mut self,
+        host: &mut H,
+        mut ready: Ready,
+        mut progress: WriteProgress,
+    ) -> Result<(), NodeError>
+    where
+        H: Host<S, M::Output, Proposal = P, Read = R>,
+    {
+        if ready.must_persist() {
+            match write_ready(&mut self.storage, &ready, &mut progress) {
+                Ok(()) => {}
+                Err(e @ StorageError::NoSpace { .. }) => {
+                    host.observe(Observed::DiskFull(&e));
+                    self.disk_full = Some(e.to_string());
+                    self.stalled = Some(Stalled { ready, progress });
+                    return Ok(());
+                }
+                Err(e) => return Err(e.into()),
+            }
+            if let Some(meta) = ready.install_snapshot {
+                host.observe(Observed::SnapshotInstalled(meta));
+            }
+            if !ready.entries.is_empty() {
+                host.observe(Observed::LogWritten(&ready.entries));
+            }
+        }
+        if let Some(meta) = ready.install_snapshot {
+            let size = self.storage.initial_state()?.snapshot_size;
+            restore_machine(&self.storage, &mut self.machine, size).map_err(NodeError::Restore)?;
+            self.skip_through = 0;
+            self.applied = meta.index;
+            self.policy.installed += 1;
+            // Proposals below the snapshot will never be applied here.
+            while let Some(e) = self.proposals.first_entry() {
+                if *e.key() > meta.index {
+                    break;
+                }
+                let index = *e.key();
+                let (term, ticket) = e.remove();
+                host.proposal_done(ticket, Proposed { index, term }, Err(ProposeError::Timeout));
+            }
+        }
+        self.written += 1;
+        self.unsynced.push_back(Unsynced {
+            ack: ready.ack,
+            messages: std::mem::take(&mut ready.persisted_messages),
+        });
+        if !ready.must_persist() && self.unsynced.len() == 1 {
+            // Nothing to make durable, and nothing unsynced before it: complete at once.
+            self.complete(host, self.written);
+        }
+        for entry in std::mem::take(&mut ready.committed_entries) {
+            self.apply(host, entry);
+        }
+        self.serve_reads(host);
+        Ok(())
+    }
+
+    /// Syncs the storage and completes every batch written so far. Returns false if the
+    /// sync failed for lack of space (the batches stay waiting; try again later).
+    pub fn sync<H>(&mut self, host: &mut H) -> Result<bool, NodeError>
+    where
+        H: Host<S, M::Output, Proposal = P, Read = R>,
+    {
+        let written = self.written;
+        self.sync_through(host, written)
+    }
+
+    /// Syncs the storage and completes the first `batches` batches (a count from
+    /// [`Engine::batches_written`] taken when the host's fsync started; batches handed out
+    /// since wait for a later sync even though this one may have covered them). Returns false
+    /// if the sync failed for lack of space.
+    pub fn sync_through<H>(&mut self, host: &mut H, batches: u64) -> Result<bool, NodeError>
+    where
+        H: Host<S, M::Output, Proposal = P, Read = R>,
+    {
+        if self.unsynced.is_empty() {
+            return Ok(true);
+        }
+        match self.storage.sync() {
+            Ok(()) => {}
+            Err(e @ StorageError::NoSpace { .. }) => {
+                host.observe(Observed::DiskFull(&e));
+                self.disk_full = Some(e.to_string());
+                return Ok(false);
+            }
+            Err(e) => return Err(e.into()),
+        }
+        if self.stalled.is_none() {
+            self.disk_full = None;
+        }
+        self.complete(host, batches);
+        Ok(true)
+    }
+
+    fn complete<H>(&mut self, host: &mut H, through: u64)
+    where
+        H: Host<S, M::Output, Proposal = P, Read = R>,
+    {
+        while self.completed < through {
+            let Some(batch) = self.unsynced.pop_front() else {
+                break;
+            };
+            self.completed += 1;
+            self.core.on_persisted(batch.ack);
+            if !batch.messages.is_empty() {
+                host.send(&self.core, &self.storage, batch.messages);
+            }
+        }
+    }
+
+    /// Advances, syncs and advances again until the core has nothing more to do (a host
+    /// whose fsync blocks). Stops early when the disk is full.
+    pub fn run<H>(&mut self, host: &mut H) -> Result<(), NodeError>
+    where
+        H: Host<S, M::Output, Proposal = P, Read = R>,
+    {
+        loop {
+            self.advance(host)?;
+            if self.stalled.is_some() || !self.needs_sync() {
+                return Ok(());
+            }
+            if !self.sync(host)? {
+                return Ok(());
+            }
+        }
+    }
+
+    fn apply<H>(&mut self, host: &mut H, entry: Entry)
+    where
+        H: Host<S, M::Output, Proposal = P, Read = R>,
+    {
+        host.observe(Observed::Applying {
+            entry: &entry,
+            after: self.applied,
+        });
+        let output = match &entry.payload {
+            EntryPayload::Command(c) if entry.index > self.skip_through => {
+                Some(self.machine.apply(entry.index, c.as_bytes()))
+            }
+            _ => None,
+        };
+        self.applied = entry.index;
+        // Answer the proposal that waited for this slot; fail those whose slots were taken
+        // by other entries.
+        let mut output = output;
+        while let Some(e) = self.proposals.first_entry() {
+            if *e.key() > entry.index {
+                break;
+            }
+            let index = *e.key();
+            let (term, ticket) = e.remove();
+            let at = Proposed { index, term };
+            if index == entry.index && term == entry.term {
+                match output.take() {
+                    Some(out) => host.proposal_done(ticket, at, Ok(out)),
+                    // Already in the state machine's own durable state: its output is gone.
+                    None => host.proposal_done(ticket, at, Err(ProposeError::Timeout)),
+                }
+                break;
+            }
+            host.proposal_done(ticket, at, Err(ProposeError::Dropped));
+        }
+    }
+
+    /// Answers the confirmed reads whose index the state machine has applied.
+    fn serve_reads<H>(&mut self, host: &mut H)
+    where
+        H: Host<S, M::Output, Proposal = P, Read = R>,
+    {
+        while let Some(entry) = self.confirmed_reads.first_entry() {
+            let (index, ctx) = *entry.key();
+            if index > self.applied {
+                break;
+            }
+            entry.remove();
+            if let Some((query, ticket)) = self.reads.remove(&ctx) {
+                let answer = self
+                    .machine
+                    .query(query.as_bytes())
+                    .ok_or(ProposeError::Unsupported);
+                host.read_done(ticket, answer);
+            }
+        }
+    }
+
+    // ----- local snapshots -------------------------------------------------------------------
+
+    /// Starts a local snapshot now if one is due (or `force`d): the state machine's image is
+    /// taken right after the last apply and handed to [`Host::serialize_snapshot`]. Returns
+    /// the snapshot's position if one started.
+    pub fn maybe_snapshot<H>(&mut self, host: &mut H, force: bool) -> Option<SnapshotMeta>
+    where
+        H: Host<S, M::Output, Proposal = P, Read = R>,
+    {
+        if self.policy.in_progress().is_some() {
+            return None;
+        }
+        let meta = self.policy.due(&self.core, &self.storage, force)?;
+        let source = self.machine.snapshot();
+        self.policy.started(meta);
+        if host.serialize_snapshot(meta, source) {
+            Some(meta)
+        } else {
+            self.policy.abandon();
+            None
+        }
+    }
+
+    /// Serialized bytes of the local snapshot `meta`, in order (ignored if it was abandoned).
+    pub fn local_snapshot_chunk(
+        &mut self,
+        meta: SnapshotMeta,
+        data: &[u8],
+    ) -> Result<(), NodeError> {
+        Ok(self.policy.write(&mut self.storage, meta, data)?)
+    }
+
+    /// The local snapshot `meta` is fully serialized (`Ok`) or failed to serialize: installs
+    /// it and compacts the log behind it. Returns true if it was installed.
+    pub fn local_snapshot_done<H>(
+        &mut self,
+        host: &mut H,
+        meta: SnapshotMeta,
+        result: Result<(), String>,
+    ) -> Result<bool, NodeError>
+    where
+        H: Host<S, M::Output, Proposal = P, Read = R>,
+    {
+        if result.is_err() {
+            // The state machine's own error: no snapshot this time; the log stays longer.
+            if self.policy.in_progress() == Some(meta) {
+                self.policy.abandon();
+            }
+            return Ok(false);
+        }
+        let installed = self
+            .policy
+            .finish(&mut self.storage, &mut self.core, meta)?;
+        if installed {
+            host.observe(Observed::SnapshotTaken(meta));
+        }
+        Ok(installed)
+    }
+}

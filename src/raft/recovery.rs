@@ -1,0 +1,127 @@
+//! Protocol-aware recovery from a lost log tail (after Alagappan et al., "Protocol-Aware
+//! Recovery for Consensus-Based Storage", FAST'18).
+//!
+//! A storage opened in recovery mode may cut a damaged tail off the log and report it as a
+//! [`TailLoss`]. The node may have acknowledged entries it no longer holds, so leaders may
+//! have counted it toward commits it can no longer vouch for; if its newest hard state was
+//! lost too, it may also have voted, or acknowledged, in terms it no longer remembers. Taking
+//! part as if nothing happened could elect a leader without a committed entry (its shorter
+//! log passes the up-to-date check) or elect two leaders in one term. So:
+//!
+//! 1. **Terms first** (only when the hard state was lost): the node takes no part at all —
+//!    no votes, no acknowledgements, no answers to leaders — and asks *every* other voter for
+//!    its current term ([`MessageBody::TermQuery`]). Every term it could have promised
+//!    anything in was held by some node, and a node's term never goes down, so the largest
+//!    answer `U` bounds them all. It then adopts `U` with its vote set to itself (it will not
+//!    vote again in `U`, where its lost vote might count) and goes on with step 2. It waits
+//!    for all voters because a candidate it voted for may be the only other node that knew
+//!    that term.
+//! 2. **Caught up before voting**: the node follows leaders as usual (its acknowledgements
+//!    are true, and in a term no lower than any it promised, so they may count), but it
+//!    neither campaigns nor grants votes or pre-votes until an AppendEntries from the leader
+//!    of its current term leaves it holding that leader's log through the leader's commit
+//!    index, at an entry of the leader's term. Every entry committed with the node's lost
+//!    acknowledgements was then in that leader's log before that point (leader completeness:
+//!    the leader was elected without this node's vote, or is the very leader the node
+//!    acknowledged), so the node's log again holds all it ever helped commit. Then recovery
+//!    ends: [`Ready::tail_loss_repaired`](super::Ready::tail_loss_repaired) tells the host
+//!    to clear the storage's record, written after the batch's entries, so it is durable only
+//!    once they are.
+//!
+//! A crash before the record is cleared starts recovery again; that is always safe.
+
+use super::core::{Dispatch, RaftCore};
+use super::{MessageBody, NodeId, Term};
+use crate::storage::TailLoss;
+use std::collections::BTreeMap;
+
+/// A recovery in progress. See the [module docs](self).
+#[derive(Clone, Debug)]
+pub(super) struct Recovery {
+    loss: TailLoss,
+    /// Step 1: answers to the term queries so far (`None` once the terms are known).
+    terms: Option<BTreeMap<NodeId, Term>>,
+}
+
+impl Recovery {
+    pub(super) fn new(loss: TailLoss) -> Self {
+        Recovery {
+            loss,
+            terms: loss.hard_state_lost.then(BTreeMap::new),
+        }
+    }
+
+    pub(super) fn loss(&self) -> TailLoss {
+        self.loss
+    }
+
+    /// Step 1: the node does not yet know which terms it may have promised anything in.
+    pub(super) fn term_unknown(&self) -> bool {
+        self.terms.is_some()
+    }
+}
+
+impl RaftCore {
+    /// A recovering node's election timer fired: it does not campaign; in step 1 it asks
+    /// again every voter that has not answered.
+    pub(super) fn tick_recovery(&mut self) {
+        if self.election_elapsed < self.randomized_election_timeout {
+            return;
+        }
+        self.reset_election_timer();
+        let Some(answered) = self.recovery.as_ref().and_then(|r| r.terms.as_ref()) else {
+            return;
+        };
+        let ask: Vec<NodeId> = self.peers().filter(|p| !answered.contains_key(p)).collect();
+        for to in ask {
+            self.send(to, MessageBody::TermQuery, Dispatch::Now);
+        }
+        self.maybe_terms_known();
+    }
+
+    /// A voter told us its current term.
+    pub(super) fn term_answered(&mut self, from: NodeId, term: Term) {
+        let Some(answers) = self.recovery.as_mut().and_then(|r| r.terms.as_mut()) else {
+            return;
+        };
+        let slot = answers.entry(from).or_insert(term);
+        *slot = (*slot).max(term);
+        self.maybe_terms_known();
+    }
+
+    /// Step 1 ends once every other voter answered: adopt the largest term, voted.
+    fn maybe_terms_known(&mut self) {
+        let voters: Vec<NodeId> = self.peers().collect();
+        let Some(answers) = self.recovery.as_ref().and_then(|r| r.terms.as_ref()) else {
+            return;
+        };
+        if !voters.iter().all(|v| answers.contains_key(v)) {
+            return;
+        }
+        let top = answers.values().copied().fold(self.term, Term::max);
+        if top > self.term {
+            self.become_follower(top, None);
+        }
+        // Our lost vote may count in this term: never vote in it again.
+        self.vote = Some(self.cfg.id);
+        if let Some(r) = self.recovery.as_mut() {
+            r.terms = None;
+        }
+    }
+
+    /// Step 2, after an AppendEntries of `leader_commit` from the current leader: recovery
+    /// ends once the log holds the leader's log through its commit index, at an entry of
+    /// the leader's term.
+    pub(super) fn maybe_recovered(&mut self, leader_commit: u64, last_new: u64) {
+        let Some(r) = self.recovery.as_ref() else {
+            return;
+        };
+        if r.term_unknown() {
+            return;
+        }
+        if leader_commit <= last_new && self.log.term(leader_commit) == Some(self.term) {
+            self.recovery = None;
+            self.recovery_done = true;
+        }
+    }
+}
