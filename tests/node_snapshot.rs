@@ -240,3 +240,67 @@ fn a_state_machine_with_its_own_durable_state_is_not_replayed() {
     );
     futures::executor::block_on(node.shutdown());
 }
+
+/// The log bound holds through the threaded driver under concurrent load, even for a bound
+/// far below what one batch of proposals brings: at twice the bound the leader refuses
+/// proposals (`Busy`) and followers defer appends until a snapshot compacts the log.
+#[test]
+fn a_small_log_bound_holds_under_concurrent_proposals() {
+    let net = LocalNetwork::new();
+    let max = 1_000;
+    let storages: Vec<MemStorage> = (0..3).map(|_| MemStorage::new()).collect();
+    let nodes: Vec<Node<i64>> = (1..=3)
+        .map(|id| {
+            start(
+                &net,
+                id,
+                3,
+                &storages[id as usize - 1],
+                Sum::default(),
+                Some(max),
+            )
+        })
+        .collect();
+    let l = leader(&nodes);
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (nodes, done) = (nodes.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut peak = 0;
+            while !done.load(Ordering::SeqCst) {
+                for n in &nodes {
+                    peak = peak.max(n.status().persisted.log_bytes);
+                }
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            peak
+        })
+    };
+    let writers: Vec<_> = (0..8)
+        .map(|_| {
+            let l = l.clone();
+            std::thread::spawn(move || {
+                for _ in 0..150 {
+                    propose(&l, 1);
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    assert!(wait_until(|| nodes.iter().all(|n| n
+        .status()
+        .raft
+        .applied_index
+        == l.status().raft.commit_index)));
+    done.store(true, Ordering::SeqCst);
+    let peak = sampler.join().unwrap();
+    // 24 bytes of hard state, then entries of 24 + 1 bytes: at most one past the limit.
+    assert!(peak <= 2 * max + 24 + 25, "log peaked at {peak} bytes");
+    assert!(nodes.iter().all(|n| n.status().snapshots_taken >= 5));
+    assert_eq!(propose(&l, 0), 8 * 150, "every proposal applied once");
+    for n in &nodes {
+        futures::executor::block_on(n.shutdown());
+    }
+}

@@ -6,6 +6,7 @@
 use raftkv::raft::{NodeId, Rng};
 use raftkv::testing::{
     for_each_seed, Cluster, DigestMachine, NetworkConfig, RecordingMachine, SimConfig,
+    SimFileStorage, SimStorage,
 };
 use raftkv::StateMachine;
 
@@ -16,7 +17,7 @@ fn config(nodes: usize, seed: u64, max_log_bytes: u64) -> SimConfig {
 }
 
 /// Proposes `n` commands through whoever leads, waiting for each.
-fn write<M: StateMachine>(c: &mut Cluster<M>, tag: &str, n: usize)
+fn write<M: StateMachine, S: SimStorage>(c: &mut Cluster<M, S>, tag: &str, n: usize)
 where
     M::Output: Clone,
 {
@@ -268,4 +269,46 @@ fn without_a_bound_no_snapshot_is_taken() {
     c.run_for(100);
     assert_eq!(c.snapshots_taken(id), 1);
     assert!(c.core(id).unwrap().log().snapshot().index >= 100);
+}
+
+/// A small bound holds too (it used to stall at many times the bound): the log a node keeps
+/// stays under twice `max_log_bytes` (the threshold plus what may arrive while a snapshot is
+/// written; then the node takes on no more log), on memory and on the file storage, which
+/// may keep up to a segment it cannot free yet.
+#[test]
+fn a_small_log_bound_holds_on_memory_and_on_files() {
+    for_each_seed("small_log_bound", 5, |seed| {
+        let max = 1_000;
+        let mut c = Cluster::new(config(3, seed, max), |_| DigestMachine::default());
+        write(&mut c, "w", 300);
+        converge(&mut c);
+        let mut f = Cluster::with_storage(
+            config(3, seed, max),
+            |_| DigestMachine::default(),
+            SimFileStorage::new,
+        );
+        write(&mut f, "w", 300);
+        for id in c.node_ids() {
+            // Memory: 24 bytes of hard state, the entries, a 24-byte snapshot.
+            let peak = c.peak_persisted_bytes(id);
+            assert!(
+                peak <= 2 * max + 48,
+                "memory: node {id} peaked at {peak} bytes"
+            );
+            assert!(
+                c.snapshots_taken(id) >= 5,
+                "memory: node {id} took few snapshots"
+            );
+            // Files: record framing on top of each entry, and one 4 KiB segment.
+            let peak = f.peak_persisted_bytes(id);
+            assert!(
+                peak <= 3 * max + 4096 + 256,
+                "files: node {id} peaked at {peak} bytes"
+            );
+            assert!(
+                f.snapshots_taken(id) >= 5,
+                "files: node {id} took few snapshots"
+            );
+        }
+    });
 }

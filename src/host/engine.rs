@@ -168,7 +168,9 @@ impl<S: Storage, M: StateMachine, P, R> Engine<S, M, P, R> {
     /// An engine for `core`, restored from `storage`: the state machine is rebuilt from the
     /// stored snapshot, unless it keeps its own durable state that is at least as recent
     /// (then replay starts after what it holds). `max_log_bytes` is the automatic snapshot
-    /// bound ([`SnapshotPolicy`]).
+    /// threshold ([`SnapshotPolicy`]); the core's log is limited to twice that
+    /// ([`RaftCore::set_log_limit`]), so the log a node keeps stays bounded whatever the
+    /// load.
     pub fn new(
         mut core: RaftCore,
         storage: S,
@@ -183,6 +185,8 @@ impl<S: Storage, M: StateMachine, P, R> Engine<S, M, P, R> {
         }
         let applied = durable.max(init.snapshot.index);
         core.set_applied(applied);
+        // Room for the log to grow while a snapshot taken at the threshold is written.
+        core.set_log_limit(max_log_bytes.map(|max| max.saturating_mul(2)));
         Ok(Engine {
             core,
             storage,
@@ -598,7 +602,7 @@ impl<S: Storage, M: StateMachine, P, R> Engine<S, M, P, R> {
         if self.policy.in_progress().is_some() {
             return None;
         }
-        let meta = self.policy.due(&self.core, &self.storage, force)?;
+        let meta = self.policy.due(&self.core, force)?;
         let source = self.machine.snapshot();
         self.policy.started(meta);
         if host.serialize_snapshot(meta, source) {

@@ -89,11 +89,17 @@ impl<S: Storage> Read for SnapshotReader<'_, S> {
 }
 
 /// When to take a local snapshot, and the one being written.
+///
+/// A snapshot is due once the log the core retains beyond its snapshot holds more than
+/// `max_log_bytes` ([`Entry::size`](crate::raft::Entry::size)) and at least half of its
+/// entries are applied (so a snapshot frees a good part of it, not just the last apply).
+/// The core itself stops taking on log at twice the bound
+/// ([`RaftCore::set_log_limit`]), which bounds what arrives while a snapshot is written.
 #[derive(Clone, Debug)]
 pub struct SnapshotPolicy {
-    /// Take a snapshot once the storage's log has grown by this many bytes since the last
-    /// compaction (`None`: never automatically). A storage that frees whole segments may keep
-    /// up to a segment beyond this.
+    /// Take a snapshot once the retained log holds more than this many bytes (`None`: never
+    /// automatically). A storage that frees whole segments may keep up to a segment beyond
+    /// what the core retains.
     pub max_log_bytes: Option<u64>,
     /// A local snapshot being written: its meta and the bytes stored so far.
     in_progress: Option<(SnapshotMeta, u64)>,
@@ -101,10 +107,6 @@ pub struct SnapshotPolicy {
     pub taken: u64,
     /// Snapshots received from a leader and installed.
     pub installed: u64,
-    /// Log bytes the storage still reported right after the last compaction (a storage may
-    /// only free whole segments): growth is measured from here, so a bound smaller than a
-    /// segment does not trigger a snapshot after every apply.
-    baseline: u64,
 }
 
 impl SnapshotPolicy {
@@ -115,29 +117,25 @@ impl SnapshotPolicy {
             in_progress: None,
             taken: 0,
             installed: 0,
-            baseline: 0,
         }
     }
 
     /// The snapshot to take now, if any: when forced or when the log is over its bound, no
     /// snapshot is being written or received, and something was applied since the last one.
-    pub fn due<S: Storage>(
-        &self,
-        core: &RaftCore,
-        storage: &S,
-        force: bool,
-    ) -> Option<SnapshotMeta> {
+    pub fn due(&self, core: &RaftCore, force: bool) -> Option<SnapshotMeta> {
         if self.in_progress.is_some() || core.receiving_snapshot() {
             return None;
         }
-        let applied = core.log().applied();
-        if applied <= core.log().snapshot().index {
+        let log = core.log();
+        let applied = log.applied();
+        let base = log.snapshot().index;
+        if applied <= base {
             return None;
         }
-        let log_bytes = storage.persisted_size().log_bytes;
+        let mostly_applied = (applied - base) * 2 >= log.last_index() - base;
         let over = self
             .max_log_bytes
-            .is_some_and(|max| log_bytes.saturating_sub(self.baseline) > max);
+            .is_some_and(|max| log.bytes() > max && mostly_applied);
         if !(force || over) {
             return None;
         }
@@ -207,7 +205,6 @@ impl SnapshotPolicy {
         core.snapshot_saved(meta, written)
             .map_err(|e| StorageError::Invalid(e.to_string()))?;
         storage.compact(meta.index)?;
-        self.baseline = storage.persisted_size().log_bytes;
         self.taken += 1;
         Ok(true)
     }

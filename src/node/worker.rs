@@ -99,6 +99,7 @@ enum Flow {
 impl<S: Storage, M: StateMachine> Worker<S, M> {
     /// Restores the engine (state machine from the stored snapshot, replay after what it
     /// holds) around `core`.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         core: RaftCore,
         storage: S,

@@ -109,6 +109,8 @@ pub struct RaftCore {
     pub(super) recovery: Option<Recovery>,
     /// Pending output: the recovery finished; the host clears the storage's record.
     pub(super) recovery_done: bool,
+    /// Bound on the retained log's bytes (see [`RaftCore::set_log_limit`]).
+    pub(super) log_limit: Option<u64>,
 }
 
 impl RaftCore {
@@ -192,6 +194,7 @@ impl RaftCore {
             durable_term: hard_state.term,
             recovery: None,
             recovery_done: false,
+            log_limit: None,
         };
         core.reset_election_timer();
         Ok(core)
@@ -411,13 +414,14 @@ impl RaftCore {
         let leader = self.leader;
         let max_entry = self.cfg.max_entry_bytes;
         let max_uncommitted = self.cfg.max_uncommitted_bytes;
+        let size = super::ENTRY_OVERHEAD + command.len() as u64;
+        let room = self.log_has_room(size);
         let Some(l) = self.leader_mut() else {
             return Err(CoreProposeError::NotLeader { leader });
         };
         if l.transfer.is_some() {
             return Err(CoreProposeError::Busy); // leadership is being handed over
         }
-        let size = super::ENTRY_OVERHEAD + command.len() as u64;
         if size > max_entry {
             return Err(CoreProposeError::TooLarge {
                 size,
@@ -426,6 +430,9 @@ impl RaftCore {
         }
         if l.uncommitted_bytes > 0 && l.uncommitted_bytes + size > max_uncommitted {
             return Err(CoreProposeError::Busy);
+        }
+        if !room {
+            return Err(CoreProposeError::Busy); // wait for the next snapshot to compact
         }
         l.uncommitted_bytes += size;
         Ok(self.append_own(EntryPayload::Command(command)))
@@ -797,6 +804,26 @@ impl RaftCore {
             return;
         }
         self.recovery = Some(Recovery::new(loss));
+    }
+
+    /// Bounds the bytes ([`Entry::size`]) of the log this node retains beyond its snapshot
+    /// (`None`: unbounded, the default). At the bound the node takes on no more log until a
+    /// snapshot compacts it: as leader it refuses proposals with
+    /// [`CoreProposeError::Busy`]; as follower it leaves appends that would grow its log
+    /// unanswered (the leader sends them again). A log that is empty always takes one entry,
+    /// whatever its size. The [`Node`](crate::Node) sets it to twice its snapshot threshold,
+    /// so that a snapshot being written never lets the log grow without bound.
+    pub fn set_log_limit(&mut self, limit: Option<u64>) {
+        self.log_limit = limit;
+    }
+
+    /// True if `more` bytes of log fit under the limit.
+    pub(super) fn log_has_room(&self, more: u64) -> bool {
+        let held = self.log.bytes();
+        match self.log_limit {
+            Some(limit) => held == 0 || held + more <= limit,
+            None => true,
+        }
     }
 
     /// The lost log tail this node is recovering from, if any.

@@ -25,6 +25,8 @@ pub struct RaftLog {
     /// and cut out lazily.
     entries: Vec<Entry>,
     start: usize,
+    /// Sum of [`Entry::size`] over the retained entries, kept as they come and go.
+    bytes: u64,
     commit: Index,
     applied: Index,
     unstable: Unstable,
@@ -38,10 +40,12 @@ impl RaftLog {
             .enumerate()
             .all(|(i, e)| e.index == snapshot.index + 1 + i as u64));
         let last = snapshot.index + entries.len() as u64;
+        let bytes = entries.iter().map(Entry::size).sum();
         RaftLog {
             snapshot,
             entries,
             start: 0,
+            bytes,
             commit: snapshot.index,
             applied: snapshot.index,
             unstable: Unstable::restored(last),
@@ -55,6 +59,11 @@ impl RaftLog {
     /// Drops the first `n` retained entries, cutting the vector only when the dropped part
     /// outweighs the kept one (amortized O(n)).
     fn drop_front(&mut self, n: usize) {
+        let dropped: u64 = self.entries[self.start..self.start + n]
+            .iter()
+            .map(Entry::size)
+            .sum();
+        self.bytes -= dropped;
         self.start += n;
         if self.start >= 1024 && self.start * 2 >= self.entries.len() {
             self.entries.drain(..self.start);
@@ -73,6 +82,10 @@ impl RaftLog {
     /// Last index (the snapshot's index when no entries are retained).
     pub fn last_index(&self) -> Index {
         self.snapshot.index + self.live().len() as u64
+    }
+    /// Sum of [`Entry::size`] over the retained entries.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
     }
     /// Term of the last entry.
     pub fn last_term(&self) -> Term {
@@ -175,6 +188,7 @@ impl RaftLog {
         debug_assert_eq!(entry.index, self.last_index() + 1);
         debug_assert!(entry.term >= self.last_term());
         let index = entry.index;
+        self.bytes += entry.size();
         self.entries.push(entry);
         self.unstable.appended(index, index);
     }
@@ -220,6 +234,8 @@ impl RaftLog {
     fn truncate_from(&mut self, index: Index) {
         debug_assert!(index > self.snapshot.index);
         let keep = self.start + (index - self.first_index()) as usize;
+        let removed: u64 = self.entries[keep..].iter().map(Entry::size).sum();
+        self.bytes -= removed;
         self.entries.truncate(keep);
         self.unstable.truncated(index, self.last_index());
     }
@@ -305,6 +321,7 @@ impl RaftLog {
         let old_commit = self.commit;
         self.entries.clear();
         self.start = 0;
+        self.bytes = 0;
         self.snapshot = meta;
         self.commit = meta.index;
         self.applied = meta.index;

@@ -21,6 +21,15 @@ impl RaftCore {
         entries: Vec<Entry>,
         commit: Index,
     ) {
+        let last = self.log.last_index();
+        let growth: u64 = entries
+            .iter()
+            .filter(|e| e.index > last)
+            .map(Entry::size)
+            .sum();
+        if growth > 0 && !self.log_has_room(growth) {
+            return; // at the log limit: as if lost, until a snapshot compacts the log
+        }
         let response = if prev_index < self.log.commit() {
             // Everything up to our commit index matches any leader's log; take what follows.
             let skip = (self.log.commit() - prev_index) as usize;

@@ -24,6 +24,10 @@ use crate::raft::{
 use crate::state_machine::{SnapshotSource, StateMachine};
 use crate::storage::{MemStorage, Storage};
 
+fn engine_config(configs: &BTreeMap<NodeId, Config>, id: NodeId) -> Config {
+    configs.get(&id).expect("known node").clone()
+}
+
 /// The state machine of a scripted node: it applies nothing (the harness records the applied
 /// entries themselves).
 #[derive(Debug, Default)]
@@ -94,6 +98,10 @@ type Filter = Box<dyn FnMut(&Message) -> bool>;
 /// ```
 pub struct Lockstep {
     engines: BTreeMap<NodeId, ScriptEngine>,
+    /// Each node's configuration as built (restarts start from it).
+    configs: BTreeMap<NodeId, Config>,
+    /// Restarts so far, per node.
+    starts: BTreeMap<NodeId, u64>,
     held: BTreeSet<NodeId>,
     applied: BTreeMap<NodeId, Vec<Entry>>,
     queue: VecDeque<Message>,
@@ -118,6 +126,8 @@ impl Lockstep {
         let voters: Vec<NodeId> = (1..=logs.len() as NodeId).collect();
         let mut net = Lockstep {
             engines: BTreeMap::new(),
+            configs: BTreeMap::new(),
+            starts: BTreeMap::new(),
             held: BTreeSet::new(),
             applied: BTreeMap::new(),
             queue: VecDeque::new(),
@@ -150,6 +160,7 @@ impl Lockstep {
             cfg.pre_vote = false;
             cfg.check_quorum = false;
             tune(&mut cfg);
+            net.configs.insert(id, cfg.clone());
             let core = RaftCore::from_storage(cfg, &storage).expect("valid test setup");
             let engine = Engine::new(core, storage, NullMachine, None).expect("memory storage");
             net.engines.insert(id, engine);
@@ -163,9 +174,25 @@ impl Lockstep {
     /// [held](Lockstep::hold), whose unsynced writes are lost.
     pub fn restart(&mut self, id: NodeId) {
         let engine = self.engines.remove(&id).expect("known node");
-        let cfg = engine.core().config().clone();
         let (storage, _) = engine.into_parts();
         storage.crash();
+        self.boot(id, engine_config(&self.configs, id), storage);
+    }
+
+    /// Node `id` lost its disk: it restarts from an empty storage (same id, same
+    /// configuration), remembering nothing — term, vote and log are gone.
+    pub fn wipe(&mut self, id: NodeId) {
+        self.engines.remove(&id).expect("known node");
+        self.boot(id, engine_config(&self.configs, id), MemStorage::new());
+    }
+
+    fn boot(&mut self, id: NodeId, mut cfg: Config, storage: MemStorage) {
+        // Every start draws new randomness, as a real host does.
+        let starts = self.starts.entry(id).or_insert(0);
+        *starts += 1;
+        cfg.seed = cfg
+            .seed
+            .wrapping_add(starts.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let core = RaftCore::from_storage(cfg, &storage).expect("restartable");
         let engine = Engine::new(core, storage, NullMachine, None).expect("memory storage");
         self.engines.insert(id, engine);

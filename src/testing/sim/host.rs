@@ -160,38 +160,29 @@ pub(super) fn check_claims<S: SimStorage>(
         MessageBody::VoteResponse {
             pre_vote: false,
             granted: true,
-        } => {
-            if !(hs.term > m.term || (hs.term == m.term && hs.vote == Some(m.to))) {
-                return Err(format!(
-                    "granted its vote to {} in term {} but durably holds {hs:?}",
-                    m.to, m.term
-                ));
-            }
-        }
-        MessageBody::AppendResponse(AppendResponse::Accepted { match_index }) => {
-            if durably_holds(core, storage, *match_index) == Some(false) {
-                return Err(format!(
-                    "acknowledged a match at {match_index} that its storage has not made durable \
-                     (durable term there {:?}, log term {:?})",
-                    storage.durable_term(*match_index),
-                    core.log().term(*match_index)
-                ));
-            }
+        } if !(hs.term > m.term || (hs.term == m.term && hs.vote == Some(m.to))) => Err(format!(
+            "granted its vote to {} in term {} but durably holds {hs:?}",
+            m.to, m.term
+        )),
+        MessageBody::AppendResponse(AppendResponse::Accepted { match_index })
+            if durably_holds(core, storage, *match_index) == Some(false) =>
+        {
+            Err(format!(
+                "acknowledged a match at {match_index} that its storage has not made durable \
+                 (durable term there {:?}, log term {:?})",
+                storage.durable_term(*match_index),
+                core.log().term(*match_index)
+            ))
         }
         MessageBody::SnapshotResponse {
             index,
             status: SnapshotStatus::Installed,
             ..
-        } => {
-            if durably_holds(core, storage, *index) == Some(false) {
-                return Err(format!(
-                    "acknowledged the snapshot at {index} as installed before it was durable"
-                ));
-            }
-        }
-        _ => {}
+        } if durably_holds(core, storage, *index) == Some(false) => Err(format!(
+            "acknowledged the snapshot at {index} as installed before it was durable"
+        )),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 /// The core counts itself toward commits through its persisted index: that must be durable.
