@@ -211,8 +211,17 @@ fn settled(
         return None; // not every node tried yet
     }
     if fresh.iter().all(|(_, s)| matches!(s, Seen::Refused(_))) {
+        let hint = if fresh
+            .iter()
+            .any(|(_, s)| matches!(s, Seen::Refused(why) if why.contains("secret")))
+        {
+            " — the client secret is wrong or missing: give --secret-file the file the nodes \
+             were started with (--client-secret-file)"
+        } else {
+            ""
+        };
         return Some(format!(
-            "every node refused the connection: {}",
+            "every node refused the connection{hint}; {}",
             describe(&fresh)
         ));
     }

@@ -397,12 +397,17 @@ async fn run(args: Args) -> Result<(), String> {
         "a new data directory".to_string()
     } else {
         format!(
-            "recovered term {}, snapshot index {}, last log index {}, commit {} (vote {:?})",
+            "recovered term {}, snapshot index {}, last log index {}, commit {} ({})",
             status.raft.term,
             status.raft.snapshot.index,
             status.raft.last_index,
             status.raft.commit_index,
-            status.raft.vote,
+            status
+                .raft
+                .vote
+                .map_or("no vote in this term".to_string(), |v| format!(
+                    "voted for node {v} in this term"
+                )),
         )
     };
     info!(

@@ -94,6 +94,8 @@ struct NodeProcess {
     log: PathBuf,
     /// Extra arguments given on every (re)start.
     extra_args: Vec<String>,
+    /// Environment variables set on every (re)start.
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -139,6 +141,7 @@ impl ProcessCluster {
                     data: dir.path().join(format!("n{id}")),
                     log: dir.path().join(format!("n{id}.log")),
                     extra_args: Vec::new(),
+                    env: Vec::new(),
                     child: None,
                 },
             );
@@ -201,6 +204,13 @@ impl ProcessCluster {
         }
     }
 
+    /// Environment variables (`RUST_LOG`, say) for node `id` from its next (re)start on.
+    pub fn set_env(&mut self, id: NodeId, env: Vec<(String, String)>) {
+        if let Some(n) = self.nodes.get_mut(&id) {
+            n.env = env;
+        }
+    }
+
     /// Starts nodes with `peers` as their `--peers` argument instead of the cluster's own
     /// addresses (a node pointed at another cluster's nodes, say).
     pub fn set_peers_arg(&mut self, peers: String) {
@@ -243,6 +253,7 @@ impl ProcessCluster {
             .arg("--data")
             .arg(&node.data)
             .args(&node.extra_args)
+            .envs(node.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
