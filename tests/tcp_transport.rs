@@ -2,7 +2,9 @@
 //! on 127.0.0.1: commands commit and apply everywhere; a node whose listener dies falls
 //! behind while the others go on committing, and catches up once its listener is back and
 //! its peers have redialed; garbage, an oversized frame and another cluster's frame each cost
-//! the sender its connection and nothing else.
+//! the sender its connection and nothing else. The handshake: the right secret gets in, a
+//! wrong or missing one is refused, a replayed hello fails; idle sockets cannot keep a peer
+//! out, a reconnecting peer replaces its old link, and a silent link is closed.
 
 #[allow(dead_code)]
 #[path = "../examples/common/tcp.rs"]
