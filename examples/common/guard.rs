@@ -23,7 +23,9 @@
 //! exchange, proving nothing, and a node with a secret refuses a dialer without one (and the
 //! other way round).
 //!
-//! This authenticates who opens a connection; it does not encrypt or protect the traffic
+//! The challenge names the cluster and the node to anyone who connects (neither is a secret;
+//! it lets a misconfigured dialer be told exactly what it reached). This authenticates who
+//! opens a connection; it does not encrypt or protect the traffic
 //! that follows against someone who can see or change it on the path (use TLS or a VPN
 //! between hosts for that).
 
