@@ -5,10 +5,13 @@
 //! ```sh
 //! cargo run --release --example node -- --id 1 \
 //!     --peers 1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003 \
-//!     --client 127.0.0.1:8001 --data ./data/n1 [--cluster 7]
+//!     --client 127.0.0.1:8001 --data ./data/n1 \
+//!     [--cluster-id N] [--peer-secret-file F] [--client-secret-file F]
 //! ```
 //!
 //! It runs until killed; everything it acknowledged is on disk (kill -9 is a fair test).
+//! Events go to stderr through `tracing` (`RUST_LOG=debug`, `RUST_LOG=warn`, or per target:
+//! `RUST_LOG=info,raftkv=debug`; default `info`).
 
 #[allow(dead_code)]
 #[path = "common/client_proto.rs"]
@@ -19,93 +22,287 @@ mod tcp;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use raftkv::kv::KvStateMachine;
 use raftkv::storage::{FileStorage, FileStorageOptions};
-use raftkv::wire::DEFAULT_MAX_FRAME;
 use raftkv::{Node, NodeConfig, NodeId};
+use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
+use tracing::{error, info, warn};
 
 const USAGE: &str =
-    "usage: node --id ID --peers ID=HOST:PORT,... --client HOST:PORT --data DIR [--cluster N]
+    "usage: node --id ID --peers ID=HOST:PORT,... --client HOST:PORT --data DIR [options]
 
-  --id       this node's id (one of the ids in --peers)
-  --peers    every node of the cluster (this one included) and its Raft address
-  --client   the address this node serves clients on
-  --data     the directory holding this node's log and snapshots (created if missing)
-  --cluster  the cluster id written into every file and frame (default 7)";
+  --id ID                 this node's id (one of the ids in --peers)
+  --peers LIST            every node of the cluster (this one included) and its Raft address
+  --client HOST:PORT      the address this node serves clients on (not a Raft address)
+  --data DIR              the directory holding this node's log and snapshots (created if
+                          missing)
 
+options:
+  --cluster-id N          the cluster's id, written into every file and checked in every
+                          handshake and frame. Default: the id stored in DIR, or for a new
+                          DIR one derived from --peers (so nodes started with the same
+                          --peers agree), then stored in DIR/cluster-id
+  --peer-secret-file F    a shared secret (at least 16 bytes) every node of the cluster
+                          proves on the Raft port; peers without it are refused
+  --client-secret-file F  a secret clients must prove on the client port (kv --secret-file)
+  -h, --help              this help
+
+Logs go to stderr; RUST_LOG sets the level (error, warn, info, debug, trace; default info).";
+
+/// The command line, parsed.
 struct Args {
     id: NodeId,
     peers: BTreeMap<NodeId, SocketAddr>,
     client: SocketAddr,
     data: PathBuf,
-    cluster: u64,
+    cluster_id: Option<u64>,
+    peer_secret: Option<PathBuf>,
+    client_secret: Option<PathBuf>,
 }
 
-fn parse_args(args: impl Iterator<Item = String>) -> Result<Args, String> {
+/// Why parsing stopped: a mistake, or a request for help.
+enum ArgsError {
+    Help,
+    Bad(String),
+}
+
+impl From<String> for ArgsError {
+    fn from(s: String) -> Self {
+        ArgsError::Bad(s)
+    }
+}
+
+impl From<&str> for ArgsError {
+    fn from(s: &str) -> Self {
+        ArgsError::Bad(s.to_string())
+    }
+}
+
+fn parse_number<T: std::str::FromStr>(flag: &str, v: &str) -> Result<T, String> {
+    v.parse()
+        .map_err(|_| format!("{flag}: `{v}` is not a number"))
+}
+
+fn parse_args(args: impl Iterator<Item = String>) -> Result<Args, ArgsError> {
     let mut id = None;
     let mut peers = None;
     let mut client = None;
     let mut data = None;
-    let mut cluster = 7;
+    let mut cluster_id = None;
+    let mut peer_secret = None;
+    let mut client_secret = None;
     let mut args = args.peekable();
     while let Some(flag) = args.next() {
-        let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
+        if flag == "-h" || flag == "--help" {
+            return Err(ArgsError::Help);
+        }
+        let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
-            "--id" => {
-                let v = value()?;
-                id = Some(
-                    v.parse()
-                        .map_err(|_| format!("--id: `{v}` is not a number"))?,
-                );
-            }
-            "--peers" => peers = Some(client_proto::parse_addrs(&value()?)?),
+            "--id" => id = Some(parse_number::<NodeId>(&flag, &value)?),
+            "--peers" => peers = Some(client_proto::parse_addrs(&value)?),
             "--client" => {
-                let v = value()?;
                 client = Some(
-                    v.parse()
-                        .map_err(|_| format!("--client: `{v}` is not IP:PORT"))?,
-                );
+                    value
+                        .parse::<SocketAddr>()
+                        .map_err(|_| format!("--client: `{value}` is not IP:PORT"))?,
+                )
             }
-            "--data" => data = Some(PathBuf::from(value()?)),
-            "--cluster" => {
-                let v = value()?;
-                cluster = v
-                    .parse()
-                    .map_err(|_| format!("--cluster: `{v}` is not a number"))?;
-            }
-            "-h" | "--help" => return Err(String::new()),
-            other => return Err(format!("unknown argument `{other}`")),
+            "--data" => data = Some(PathBuf::from(value)),
+            // `--cluster` is the flag's old name.
+            "--cluster-id" | "--cluster" => cluster_id = Some(parse_number(&flag, &value)?),
+            "--peer-secret-file" => peer_secret = Some(PathBuf::from(value)),
+            "--client-secret-file" => client_secret = Some(PathBuf::from(value)),
+            other => return Err(format!("unknown argument `{other}`").into()),
         }
     }
     let id: NodeId = id.ok_or("--id is required")?;
     let peers = peers.ok_or("--peers is required")?;
-    if !peers.contains_key(&id) {
-        return Err(format!("--peers does not list this node ({id})"));
+    let Some(raft) = peers.get(&id).copied() else {
+        return Err(format!("--peers does not list this node ({id})").into());
+    };
+    let client = client.ok_or("--client is required")?;
+    if let Some((other, _)) = peers.iter().find(|(_, addr)| **addr == client) {
+        return Err(if *other == id {
+            format!(
+                "--client {client} is this node's Raft address (in --peers); give the client \
+                 port an address of its own (the Raft port is {raft})"
+            )
+        } else {
+            format!("--client {client} is node {other}'s Raft address (in --peers)")
+        }
+        .into());
+    }
+    if cluster_id == Some(0) {
+        return Err("--cluster-id 0 is reserved".into());
     }
     Ok(Args {
         id,
         peers,
-        client: client.ok_or("--client is required")?,
+        client,
         data: data.ok_or("--data is required")?,
-        cluster,
+        cluster_id,
+        peer_secret,
+        client_secret,
     })
 }
 
+/// Where the cluster id is kept, next to the log.
+const CLUSTER_ID_FILE: &str = "cluster-id";
+
+/// The cluster id derived from the member list: the first 8 bytes of SHA-256 over the sorted
+/// `id=address` pairs (never 0).
+fn derived_cluster_id(peers: &BTreeMap<NodeId, SocketAddr>) -> u64 {
+    let mut h = Sha256::new();
+    for (id, addr) in peers {
+        h.update(format!("{id}={addr};").as_bytes());
+    }
+    let digest = h.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_le_bytes(first).max(1)
+}
+
+/// The cluster id of the node with data directory `data`: the one stored there (which
+/// `--cluster-id` must match), else the one its existing files carry, else `--cluster-id` or
+/// one derived from `peers`; stored in the directory for the next start. Returns it with how
+/// it was found.
+fn resolve_cluster_id(args: &Args) -> Result<(u64, &'static str), String> {
+    let path = args.data.join(CLUSTER_ID_FILE);
+    let stored = match std::fs::read_to_string(&path) {
+        Ok(text) => Some(text.trim().parse::<u64>().map_err(|_| {
+            format!(
+                "{} does not hold a cluster id (`{}`)",
+                path.display(),
+                text.trim()
+            )
+        })?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    // A directory written before the id was stored: its files say which cluster it is.
+    let found = match stored {
+        Some(id) => Some((id, "stored in the data directory")),
+        None => existing_files_cluster(&args.data).map(|id| (id, "read from the log's files")),
+    };
+    let (id, how) = match (found, args.cluster_id) {
+        (Some((id, _)), Some(given)) if given != id => {
+            return Err(format!(
+                "--cluster-id {given} does not match the data directory {}, which belongs to \
+                 cluster {id}",
+                args.data.display()
+            ))
+        }
+        (Some(found), _) => found,
+        (None, Some(given)) => (given, "given by --cluster-id"),
+        (None, None) => (derived_cluster_id(&args.peers), "derived from --peers"),
+    };
+    if stored.is_none() {
+        std::fs::create_dir_all(&args.data)
+            .map_err(|e| format!("cannot create {}: {e}", args.data.display()))?;
+        write_atomically(&path, format!("{id}\n").as_bytes())
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    Ok((id, how))
+}
+
+/// The cluster id in the headers of the log's files in `dir`, if there are any.
+fn existing_files_cluster(dir: &Path) -> Option<u64> {
+    let found = raftkv::storage::file::inspect::inspect(dir).ok()?;
+    found
+        .segments
+        .iter()
+        .filter_map(|s| s.identity)
+        .chain(found.snapshots.iter().filter_map(|s| s.identity))
+        .map(|(cluster, _node)| cluster)
+        .next()
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("new");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+fn load_secret<S>(
+    path: Option<&PathBuf>,
+    from_file: impl Fn(&Path) -> Result<(S, Option<String>), String>,
+    none: S,
+) -> Result<S, String> {
+    let Some(path) = path else {
+        return Ok(none);
+    };
+    let (secret, warning) = from_file(path)?;
+    if let Some(w) = warning {
+        warn!("{w}");
+    }
+    Ok(secret)
+}
+
+/// Prints `tracing` events to stderr, filtered by `RUST_LOG` (default `info`).
+fn init_logging() {
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let (filter, bad) = match std::env::var("RUST_LOG") {
+        Ok(spec) if !spec.trim().is_empty() => match spec.parse::<Targets>() {
+            Ok(t) => (t, None),
+            Err(e) => (
+                Targets::new().with_default(LevelFilter::INFO),
+                Some(format!(
+                    "RUST_LOG=`{spec}` not understood ({e}); logging at info"
+                )),
+            ),
+        },
+        _ => (Targets::new().with_default(LevelFilter::INFO), None),
+    };
+    let layer = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(false);
+    tracing_subscriber::registry()
+        .with(layer)
+        .with(filter)
+        .init();
+    if let Some(bad) = bad {
+        warn!("{bad}");
+    }
+}
+
+/// Makes every allocation of 128 KiB or more its own mapping, given back to the OS when
+/// freed. glibc's default raises that threshold each time such a block is freed, after which
+/// the large frame buffers of a burst of clients stay in the heap when they disconnect.
+fn return_large_buffers_to_the_os() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; called before any other thread runs.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10);
+    }
+}
+
 fn main() -> ExitCode {
+    return_large_buffers_to_the_os();
     let args = match parse_args(std::env::args().skip(1)) {
         Ok(a) => a,
-        Err(why) => {
-            if !why.is_empty() {
-                eprintln!("node: {why}\n");
-            }
-            eprintln!("{USAGE}");
+        Err(ArgsError::Help) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(ArgsError::Bad(why)) => {
+            eprintln!("node: {why}\n\n{USAGE}");
             return ExitCode::from(2);
         }
     };
+    init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -113,14 +310,14 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("node {}: cannot start the runtime: {e}", args.id);
+            error!("node {}: cannot start the runtime: {e}", args.id);
             return ExitCode::FAILURE;
         }
     };
     match runtime.block_on(run(args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(why) => {
-            eprintln!("{why}");
+            error!("{why}");
             ExitCode::FAILURE
         }
     }
@@ -128,13 +325,43 @@ fn main() -> ExitCode {
 
 async fn run(args: Args) -> Result<(), String> {
     let id = args.id;
+    let (cluster_id, cluster_how) =
+        resolve_cluster_id(&args).map_err(|e| format!("node {id}: {e}"))?;
+    let peer_secret = load_secret(
+        args.peer_secret.as_ref(),
+        tcp::guard::Secret::from_file,
+        tcp::guard::Secret::none(),
+    )
+    .map_err(|e| format!("node {id}: --peer-secret-file: {e}"))?;
+    let client_secret = load_secret(
+        args.client_secret.as_ref(),
+        client_proto::guard::Secret::from_file,
+        client_proto::guard::Secret::none(),
+    )
+    .map_err(|e| format!("node {id}: --client-secret-file: {e}"))?;
+
+    // The limits, consistent end to end: a client frame holds any command that fits an entry,
+    // and a Raft frame holds any message the core sends (the largest entry alone in its
+    // append, or a full batch, or a snapshot chunk).
+    let voters: Vec<NodeId> = args.peers.keys().copied().collect();
+    let config = NodeConfig::new(id, voters.clone());
+    let max_entry = config.raft.max_entry_bytes as usize;
+    if max_entry + client_proto::CLIENT_FRAME_OVERHEAD > client_proto::MAX_CLIENT_FRAME {
+        return Err(format!(
+            "node {id}: entries of {max_entry} bytes do not fit the client frame limit of {}",
+            client_proto::MAX_CLIENT_FRAME
+        ));
+    }
+    let raft_frame = tcp::frame_limit(&config.raft);
+
     let options = FileStorageOptions {
-        cluster_id: args.cluster,
+        cluster_id,
         node_id: id,
         ..FileStorageOptions::default()
     };
     let storage = FileStorage::open(&args.data, options)
         .map_err(|e| format!("node {id}: cannot open {}: {e}", args.data.display()))?;
+    let recovery = storage.recovery_report().clone();
     let raft_addr = args.peers[&id];
     // Bind both ports before starting, so a port in use fails fast and clearly.
     let raft_listener = TcpListener::bind(raft_addr)
@@ -144,36 +371,102 @@ async fn run(args: Args) -> Result<(), String> {
         .await
         .map_err(|e| format!("node {id}: cannot listen on {}: {e}", args.client))?;
 
-    let voters: Vec<NodeId> = args.peers.keys().copied().collect();
     let peers: HashMap<NodeId, SocketAddr> = args.peers.clone().into_iter().collect();
-    let transport = tcp::TcpTransport::new(args.cluster, id, peers);
-    let config = NodeConfig::new(id, voters);
+    let peer_options = tcp::PeerOptions {
+        cluster_id,
+        my_id: id,
+        secret: peer_secret,
+        max_frame: raft_frame,
+    };
+    let transport = tcp::TcpTransport::with_options(peer_options.clone(), peers);
     let (node, driver) = Node::start(config, storage, KvStateMachine::default(), transport)
         .map_err(|e| format!("node {id}: cannot start: {e}"))?;
     tokio::spawn(driver);
 
     let inbox = node.clone();
-    tokio::spawn(tcp::serve(
-        raft_listener,
-        args.cluster,
-        DEFAULT_MAX_FRAME,
-        move |m| inbox.step(m),
-    ));
+    let serve_options = tcp::ServeOptions {
+        peer: peer_options.clone(),
+        members: voters.iter().copied().collect(),
+    };
+    tokio::spawn(tcp::serve(raft_listener, serve_options, move |m| {
+        inbox.step(m)
+    }));
+
     let status = node.status();
-    eprintln!(
-        "node {id}: raft on {raft_addr}, clients on {}, data in {} (term {}, commit {}, snapshot {})",
+    let recovered = if status.raft.last_index == 0 && status.raft.term == 0 {
+        "a new data directory".to_string()
+    } else {
+        format!(
+            "recovered term {}, snapshot index {}, last log index {}, commit {} ({})",
+            status.raft.term,
+            status.raft.snapshot.index,
+            status.raft.last_index,
+            status.raft.commit_index,
+            status
+                .raft
+                .vote
+                .map_or("no vote in this term".to_string(), |v| format!(
+                    "voted for node {v} in this term"
+                )),
+        )
+    };
+    info!(
+        "node {id} of cluster {cluster_id:#x} ({cluster_how}): raft on {raft_addr}, clients on \
+         {}, data in {}: {recovered}",
         args.client,
         args.data.display(),
-        status.raft.term,
-        status.raft.commit_index,
-        status.raft.snapshot.index,
     );
-    let clients = tokio::spawn(client_proto::serve_clients(client_listener, node.clone()));
+    if let Some(torn) = &recovery.torn_tail {
+        warn!(
+            "node {id}: repaired a torn tail at open: {} bytes at offset {} of {}",
+            torn.bytes,
+            torn.offset,
+            torn.path.display()
+        );
+    }
+    if recovery.discarded_log {
+        warn!("node {id}: the log did not continue the snapshot and was discarded at open");
+    }
+    if !recovery.removed_files.is_empty() {
+        info!(
+            "node {id}: removed {} leftover file(s) at open",
+            recovery.removed_files.len()
+        );
+    }
+    info!(
+        "node {id}: limits: entries up to {max_entry} bytes, client frames up to {}, raft \
+         frames up to {raft_frame}; peer auth {}, client auth {}",
+        client_proto::MAX_CLIENT_FRAME,
+        if peer_options.secret.is_set() {
+            "on"
+        } else {
+            "off"
+        },
+        if client_secret.is_set() { "on" } else { "off" },
+    );
+    let client_options = client_proto::ClientServeOptions {
+        cluster_id,
+        secret: client_secret,
+        ..client_proto::ClientServeOptions::default()
+    };
+    let clients = tokio::spawn(client_proto::serve_clients_with(
+        client_listener,
+        node.clone(),
+        client_options,
+    ));
 
     // Run until killed, or until the node stops on a fatal error (a failed fsync, say).
+    let mut disk_full = None;
     loop {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         let status = node.status();
+        if status.disk_full != disk_full {
+            match &status.disk_full {
+                Some(why) => warn!("node {id}: disk full, writes refused: {why}"),
+                None => info!("node {id}: disk space is back, writes resume"),
+            }
+            disk_full = status.disk_full.clone();
+        }
         if !status.running {
             clients.abort();
             return Err(format!(

@@ -11,6 +11,7 @@ mod client_proto;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use client_proto::guard::{self, Port, Secret};
 use client_proto::{
     read_message, serve_clients, ClientRequest, ClientResponse, ProtoError, TcpKvEndpoint,
     MAX_CLIENT_FRAME,
@@ -144,15 +145,28 @@ async fn an_unreachable_node_reads_as_shutdown() {
     );
 }
 
-/// Connects to `addr`, writes `bytes`, and expects the server to close without answering.
+/// Connects to `addr`, shakes hands (no secret), writes `bytes`, and expects the server to
+/// close without answering.
 async fn send_and_expect_close(addr: SocketAddr, bytes: &[u8]) {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let mut stream = shaken(addr, &Secret::none()).await.unwrap();
     stream.write_all(bytes).await.unwrap();
     let mut sink = Vec::new();
     match timeout(Duration::from_secs(3), stream.read_to_end(&mut sink)).await {
         Ok(_) => assert!(sink.is_empty(), "the server answered garbage: {sink:?}"),
         Err(_) => panic!("the server kept a bad connection open"),
     }
+}
+
+/// A client connection to `addr` after the handshake with `secret`.
+async fn shaken(addr: SocketAddr, secret: &Secret) -> Result<TcpStream, guard::HandshakeError> {
+    let mut stream = TcpStream::connect(addr).await?;
+    let c = guard::read_challenge(&mut stream, Port::Client).await?;
+    let hello = guard::make_hello(Port::Client, secret, &c, c.cluster, 0, c.node)?;
+    stream
+        .write_all(&guard::hello_bytes(Port::Client, &hello))
+        .await?;
+    guard::read_answer(&mut stream, Port::Client, secret, &c, &hello).await?;
+    Ok(stream)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -174,10 +188,10 @@ async fn bad_frames_cost_only_their_connection() {
     let (mut a, mut b) = tokio::io::duplex(64);
     a.write_all(&u32::MAX.to_le_bytes()).await.unwrap();
     let got = read_message::<_, ClientResponse>(&mut b).await;
-    assert!(matches!(got, Err(ProtoError::TooLarge(n)) if n == u32::MAX as usize));
+    assert!(matches!(got, Err(ProtoError::TooLarge(n, _)) if n == u32::MAX as usize));
 
     // The node still serves, on a fresh connection.
-    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let mut stream = shaken(addr, &Secret::none()).await.unwrap();
     client_proto::write_message(&mut stream, &ClientRequest::Status)
         .await
         .unwrap();

@@ -2,7 +2,9 @@
 //! on 127.0.0.1: commands commit and apply everywhere; a node whose listener dies falls
 //! behind while the others go on committing, and catches up once its listener is back and
 //! its peers have redialed; garbage, an oversized frame and another cluster's frame each cost
-//! the sender its connection and nothing else.
+//! the sender its connection and nothing else. The handshake: the right secret gets in, a
+//! wrong or missing one is refused, a replayed hello fails; idle sockets cannot keep a peer
+//! out, a reconnecting peer replaces its old link, and a silent link is closed.
 
 #[allow(dead_code)]
 #[path = "../examples/common/tcp.rs"]
@@ -23,7 +25,7 @@ use raftkv::testing::RecordingMachine;
 use raftkv::transport::Transport;
 use raftkv::wire::{self, Frame, DEFAULT_MAX_FRAME};
 use raftkv::{Index, Node, NodeConfig, SnapshotSource, StateMachine};
-use tcp::{serve, TcpTransport, TransportStats, QUEUE_BATCHES};
+use tcp::{dial, serve, PeerOptions, ServeOptions, TcpTransport, TransportStats, QUEUE_BATCHES};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -110,9 +112,8 @@ impl TcpCluster {
     /// Serves node `id`'s inbound connections on `socket`.
     fn listen(&mut self, id: u64, socket: TcpListener) {
         let inbox = self.nodes[id as usize - 1].clone();
-        let task = tokio::spawn(serve(socket, CLUSTER, DEFAULT_MAX_FRAME, move |m| {
-            inbox.step(m)
-        }));
+        let options = ServeOptions::new(CLUSTER, id, [1, 2, 3]);
+        let task = tokio::spawn(serve(socket, options, move |m| inbox.step(m)));
         self.listeners[id as usize - 1] = Some(task);
     }
 
@@ -259,17 +260,28 @@ async fn three_nodes_over_tcp_commit_survive_a_dead_listener_and_reconnect() {
     .await;
 }
 
-/// Connects to `addr`, writes `bytes`, and waits for the server to close the connection.
-async fn send_and_expect_close(addr: SocketAddr, bytes: &[u8]) {
+/// Waits for the server to close `stream` (whatever it sent before, such as its challenge).
+async fn expect_close(mut stream: TcpStream, within: Duration) {
+    let mut sink = Vec::new();
+    let closed = timeout(within, stream.read_to_end(&mut sink)).await;
+    // A clean EOF or a reset: either way the server hung up.
+    assert!(closed.is_ok(), "the server kept a bad connection open");
+}
+
+/// Connects to `addr` without a handshake, writes `bytes`, and expects the server to close.
+async fn raw_and_expect_close(addr: SocketAddr, bytes: &[u8], within: Duration) {
     let mut stream = TcpStream::connect(addr).await.unwrap();
     stream.write_all(bytes).await.unwrap();
-    let mut sink = Vec::new();
-    let closed = timeout(Duration::from_secs(3), stream.read_to_end(&mut sink)).await;
-    // A clean EOF or a reset: either way the server hung up, and sent nothing.
-    match closed {
-        Ok(Ok(_)) | Ok(Err(_)) => assert!(sink.is_empty()),
-        Err(_) => panic!("the server kept a bad connection open"),
-    }
+    expect_close(stream, within).await;
+}
+
+/// Shakes hands as node `from`, writes `bytes`, and expects the server to close.
+async fn shaken_and_expect_close(addr: SocketAddr, from: u64, to: u64, bytes: &[u8]) {
+    let mut stream = dial(addr, &PeerOptions::new(CLUSTER, from), to)
+        .await
+        .unwrap();
+    stream.write_all(bytes).await.unwrap();
+    expect_close(stream, Duration::from_secs(3)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -282,34 +294,45 @@ async fn a_listener_survives_garbage_oversized_and_wrong_cluster_frames() {
             cluster.wait_applied(id, &sent).await;
         }
         let target = cluster.leader().await;
+        let member = (1..=3).find(|&id| id != target).unwrap();
         let addr = cluster.addrs[target as usize - 1];
-        let peer_connects: Vec<u64> = (1..=3u64)
-            .filter(|&p| p != target)
-            .map(|p| cluster.stats[p as usize - 1].peer(target).unwrap().connects)
-            .collect();
 
-        // Text instead of frames (its first four bytes read as a huge length).
-        send_and_expect_close(addr, b"GET / HTTP/1.1\r\nHost: raftkv\r\n\r\n").await;
-        // A plausible length, then bytes that are not a frame (bad version).
+        // Before the handshake: text (refused as soon as a hello's worth arrived), and a few
+        // bytes then silence (closed at the handshake timeout).
+        let mut text = b"GET / HTTP/1.1\r\nHost: raftkv\r\n".to_vec();
+        text.resize(128, b' ');
+        raw_and_expect_close(addr, &text, Duration::from_secs(2)).await;
+        raw_and_expect_close(addr, b"GET /", tcp::HANDSHAKE_TIMEOUT * 2).await;
+        // Handshakes that are refused: another cluster, an id that is not a member, a hello
+        // meant for another node.
+        for (options, to) in [
+            (PeerOptions::new(CLUSTER + 1, member), target),
+            (PeerOptions::new(CLUSTER, 9), target),
+            (PeerOptions::new(CLUSTER, member), member),
+        ] {
+            let refused = dial(addr, &options, to).await;
+            assert!(
+                matches!(refused, Err(tcp::DialError::Handshake(..))),
+                "{refused:?}"
+            );
+        }
+
+        // After a handshake (as a member): bytes that are not a frame (bad version), a frame
+        // with one payload bit flipped (checksum), only the length of an oversized frame
+        // (refused without waiting for its body), another cluster's frame, a second hello.
         let mut junk = 32u32.to_le_bytes().to_vec();
         junk.extend([0xAB; 32]);
-        send_and_expect_close(addr, &junk).await;
-        // A valid frame with one payload bit flipped (checksum).
-        let mut flipped = wire::encode(CLUSTER, &Frame::Hello { from: 2 }).unwrap();
+        let mut flipped = wire::encode(CLUSTER, &Frame::Messages(Vec::new())).unwrap();
         flipped[14] ^= 0x10;
-        send_and_expect_close(addr, &flipped).await;
-        // Only the length of an oversized frame: refused without waiting for its body.
-        send_and_expect_close(addr, &(DEFAULT_MAX_FRAME as u32 + 1).to_le_bytes()).await;
-        // A well-formed hello of another cluster.
-        let other = wire::encode(CLUSTER + 1, &Frame::Hello { from: 2 }).unwrap();
-        send_and_expect_close(addr, &other).await;
-        // Messages before any hello, and a hello from the reserved node 0.
-        let early = wire::encode(CLUSTER, &Frame::Messages(Vec::new())).unwrap();
-        send_and_expect_close(addr, &early).await;
-        let zero = wire::encode(CLUSTER, &Frame::Hello { from: 0 }).unwrap();
-        send_and_expect_close(addr, &zero).await;
+        let oversized = (DEFAULT_MAX_FRAME as u32 + 1).to_le_bytes().to_vec();
+        let other = wire::encode(CLUSTER + 1, &Frame::Messages(Vec::new())).unwrap();
+        let second = wire::encode(CLUSTER, &Frame::Hello { from: member }).unwrap();
+        for bytes in [junk, flipped, oversized, other, second] {
+            shaken_and_expect_close(addr, member, target, &bytes).await;
+        }
 
-        // The node, and its peers' connections to it, are untouched.
+        // The node goes on; the member whose connection was taken over redials (a reconnecting
+        // peer replaces its old connection, and so did the impostor) and everyone catches up.
         for i in 0..5 {
             sent.push(format!("after{i}"));
             cluster.propose(sent.last().unwrap()).await;
@@ -317,13 +340,13 @@ async fn a_listener_survives_garbage_oversized_and_wrong_cluster_frames() {
         for id in 1..=3 {
             cluster.wait_applied(id, &sent).await;
         }
-        let after: Vec<u64> = (1..=3u64)
-            .filter(|&p| p != target)
-            .map(|p| cluster.stats[p as usize - 1].peer(target).unwrap().connects)
-            .collect();
-        assert_eq!(
-            peer_connects, after,
-            "a bad connection disturbed a good one"
+        let stats = cluster.stats.clone();
+        assert!(
+            wait_until(|| (1..=3u64)
+                .filter(|&p| p != target)
+                .all(|p| stats[p as usize - 1].peer(target).unwrap().connected))
+            .await,
+            "a peer did not reconnect"
         );
         cluster.shutdown().await;
     })
@@ -348,13 +371,16 @@ async fn messages_not_from_the_hello_sender_are_dropped() {
         let socket = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = socket.local_addr().unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let server = tokio::spawn(serve(socket, CLUSTER, DEFAULT_MAX_FRAME, move |m| {
-            let _ = tx.send(m);
-        }));
-        let mut stream = TcpStream::connect(addr).await.unwrap();
-        let mut bytes = wire::encode(CLUSTER, &Frame::Hello { from: 2 }).unwrap();
+        let server = tokio::spawn(serve(
+            socket,
+            ServeOptions::new(CLUSTER, 1, [1, 2, 3]),
+            move |m| {
+                let _ = tx.send(m);
+            },
+        ));
+        let mut stream = dial(addr, &PeerOptions::new(CLUSTER, 2), 1).await.unwrap();
         let batch = vec![heartbeat(2, 1), heartbeat(3, 1), heartbeat(2, 1)];
-        bytes.extend(wire::encode(CLUSTER, &Frame::Messages(batch)).unwrap());
+        let bytes = wire::encode(CLUSTER, &Frame::Messages(batch)).unwrap();
         stream.write_all(&bytes).await.unwrap();
         for _ in 0..2 {
             let m = timeout(Duration::from_secs(5), rx.recv()).await.unwrap();
@@ -397,8 +423,8 @@ async fn a_full_queue_drops_the_newest_batches_and_counts_them() {
         assert_eq!(refused, 100);
         let link = stats.peer(2).unwrap();
         assert_eq!(
-            (link.dropped, link.connected, link.connects),
-            (100, false, 0)
+            (link.dropped, link.connected, link.connects, link.dials),
+            (100, false, 0, 0)
         );
         assert!(matches!(
             transport.send(3, vec![heartbeat(1, 3)]).await,
@@ -411,21 +437,203 @@ async fn a_full_queue_drops_the_newest_batches_and_counts_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redialing_a_listener_that_hangs_up_backs_off() {
     within_budget(async {
-        // A listener of another cluster: it closes each connection right after the hello.
+        // A listener of another cluster: it refuses each connection's handshake.
         let socket = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = socket.local_addr().unwrap();
-        let server = tokio::spawn(serve(socket, CLUSTER + 1, DEFAULT_MAX_FRAME, |_| {}));
+        let server = tokio::spawn(serve(
+            socket,
+            ServeOptions::new(CLUSTER + 1, 2, [1, 2]),
+            |_| {},
+        ));
         let transport = TcpTransport::new(CLUSTER, 1, HashMap::from([(2, addr)]));
         let stats = transport.stats();
-        assert!(wait_until(|| stats.peer(2).unwrap().connects >= 1).await);
+        assert!(wait_until(|| stats.peer(2).unwrap().dials >= 1).await);
         // Backoff 50, 100, 200, 400, 800 ms...: a handful of dials in 1.2 s, not one per 50 ms.
         sleep(Duration::from_millis(1200)).await;
-        let connects = stats.peer(2).unwrap().connects;
+        let link = stats.peer(2).unwrap();
         assert!(
-            (2..=6).contains(&connects),
-            "{connects} connections in 1.2 s"
+            (2..=6).contains(&link.dials),
+            "{} connections in 1.2 s",
+            link.dials
+        );
+        assert_eq!(
+            link.connects, 0,
+            "a refused handshake counted as a connection"
         );
         drop(transport);
+        server.abort();
+    })
+    .await;
+}
+
+/// A listener for node 1 of members 1..=3 with `secret`, handing messages to a channel.
+async fn listener_with(
+    secret: tcp::guard::Secret,
+) -> (
+    SocketAddr,
+    JoinHandle<()>,
+    tokio::sync::mpsc::UnboundedReceiver<Message>,
+) {
+    let socket = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut options = ServeOptions::new(CLUSTER, 1, [1, 2, 3]);
+    options.peer.secret = secret;
+    let server = tokio::spawn(serve(socket, options, move |m| {
+        let _ = tx.send(m);
+    }));
+    (addr, server, rx)
+}
+
+fn with_secret(from: u64, secret: &tcp::guard::Secret) -> PeerOptions {
+    let mut o = PeerOptions::new(CLUSTER, from);
+    o.secret = secret.clone();
+    o
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_with_the_secret_gets_in_and_one_without_is_refused() {
+    use tcp::guard::{HandshakeError, Refusal, Secret};
+    within_budget(async {
+        let secret = Secret::new(b"a shared secret of the cluster".to_vec());
+        let (addr, server, mut rx) = listener_with(secret.clone()).await;
+
+        // The right secret: in, and its messages arrive.
+        let mut stream = dial(addr, &with_secret(2, &secret), 1).await.unwrap();
+        let frame = wire::encode(CLUSTER, &Frame::Messages(vec![heartbeat(2, 1)])).unwrap();
+        stream.write_all(&frame).await.unwrap();
+        let m = timeout(Duration::from_secs(5), rx.recv()).await.unwrap();
+        assert_eq!(m, Some(heartbeat(2, 1)));
+
+        // A wrong secret, and none: refused in the handshake, nothing stepped.
+        for wrong in [
+            Secret::new(b"not the secret of this cluster".to_vec()),
+            Secret::none(),
+        ] {
+            let refused = dial(addr, &with_secret(3, &wrong), 1).await;
+            assert!(
+                matches!(
+                    refused,
+                    Err(tcp::DialError::Handshake(
+                        HandshakeError::Refused(Refusal::BadProof),
+                        _
+                    ))
+                ),
+                "{refused:?}"
+            );
+        }
+        // A listener without the secret cannot pass for one with it: the dialer refuses it.
+        let (open_addr, open_server, _open_rx) = listener_with(Secret::none()).await;
+        let fooled = dial(open_addr, &with_secret(2, &secret), 1).await;
+        assert!(
+            matches!(fooled, Err(tcp::DialError::Handshake(..))),
+            "{fooled:?}"
+        );
+        assert!(
+            timeout(Duration::from_millis(200), rx.recv())
+                .await
+                .is_err(),
+            "a refused peer's message was stepped"
+        );
+        server.abort();
+        open_server.abort();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_hello_is_refused() {
+    use tcp::guard::{self, Port, Secret};
+    within_budget(async {
+        let secret = Secret::new(b"a shared secret of the cluster".to_vec());
+        let (addr, server, _rx) = listener_with(secret.clone()).await;
+
+        // A genuine handshake, recorded by someone on the path.
+        let mut first = TcpStream::connect(addr).await.unwrap();
+        let c1 = guard::read_challenge(&mut first, Port::Peer).await.unwrap();
+        let hello = guard::make_hello(Port::Peer, &secret, &c1, CLUSTER, 2, 1).unwrap();
+        let recorded = guard::hello_bytes(Port::Peer, &hello);
+        first.write_all(&recorded).await.unwrap();
+        guard::read_answer(&mut first, Port::Peer, &secret, &c1, &hello)
+            .await
+            .expect("the genuine hello is accepted");
+
+        // The same bytes on a new connection answer a challenge they were not made for.
+        let mut replay = TcpStream::connect(addr).await.unwrap();
+        let c2 = guard::read_challenge(&mut replay, Port::Peer)
+            .await
+            .unwrap();
+        assert_ne!(c1.nonce, c2.nonce, "challenges must be fresh");
+        replay.write_all(&recorded).await.unwrap();
+        let answer = guard::read_answer(&mut replay, Port::Peer, &secret, &c2, &hello).await;
+        assert!(
+            matches!(
+                answer,
+                Err(guard::HandshakeError::Refused(guard::Refusal::BadProof))
+            ),
+            "{answer:?}"
+        );
+        expect_close(replay, Duration::from_secs(2)).await;
+        server.abort();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sockets_cannot_keep_a_peer_out_and_a_reconnecting_peer_replaces_its_link() {
+    within_budget(async {
+        let (addr, server, mut rx) = listener_with(tcp::guard::Secret::none()).await;
+
+        // More idle, never-handshaking sockets than the listener keeps: the oldest go.
+        let mut idle = Vec::new();
+        for _ in 0..tcp::MAX_HANDSHAKING + 8 {
+            idle.push(TcpStream::connect(addr).await.unwrap());
+        }
+        sleep(Duration::from_millis(200)).await;
+        let mut closed = 0;
+        for s in &idle {
+            let mut b = [0u8; 128];
+            // Each got its challenge; the evicted ones are closed after it.
+            while let Ok(Ok(())) = timeout(Duration::from_millis(20), s.readable()).await {
+                match s.try_read(&mut b) {
+                    Ok(0) => {
+                        closed += 1;
+                        break;
+                    }
+                    Ok(_) => continue,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(_) => {
+                        closed += 1;
+                        break;
+                    }
+                }
+            }
+        }
+        assert!(closed >= 8, "only {closed} idle sockets evicted");
+
+        // A real peer still gets in at once, among them.
+        let mut first = dial(addr, &PeerOptions::new(CLUSTER, 2), 1).await.unwrap();
+        let hb = wire::encode(CLUSTER, &Frame::Messages(vec![heartbeat(2, 1)])).unwrap();
+        first.write_all(&hb).await.unwrap();
+        assert!(timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .is_some());
+
+        // It reconnects: the new connection replaces the old one, which is closed.
+        let mut second = dial(addr, &PeerOptions::new(CLUSTER, 2), 1).await.unwrap();
+        expect_close(first, Duration::from_secs(2)).await;
+        second.write_all(&hb).await.unwrap();
+        assert!(timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .is_some());
+
+        // A shaken connection that then goes silent is closed after the idle timeout.
+        let started = Instant::now();
+        expect_close(second, tcp::PEER_IDLE_TIMEOUT * 2).await;
+        assert!(started.elapsed() >= tcp::PEER_IDLE_TIMEOUT - Duration::from_millis(100));
+        drop(idle);
         server.abort();
     })
     .await;

@@ -5,40 +5,82 @@
 //! `#[path = "common/client_proto.rs"] mod client_proto;`. Like `tcp.rs` it runs on tokio.
 //!
 //! # Format
-//! A connection carries request/response pairs, one at a time, in order. Each message is a
-//! frame: `u32 LE length | postcard body`, the body a [`ClientRequest`] (client to node) or a
-//! [`ClientResponse`] (node to client). A frame longer than [`MAX_CLIENT_FRAME`] is refused
-//! with [`ProtoError::TooLarge`] before its body is read; any decode error closes the
-//! connection (the node logs it), never the node.
+//! A connection starts with the handshake of [`guard`] (the node's challenge, the client's
+//! hello with an HMAC proof of the client secret if the node has one, the node's answer with
+//! its own proof). Then it carries request/response pairs, one at a time, in order. Each
+//! message is a frame: `u32 LE length | postcard body`, the body a [`ClientRequest`] (client
+//! to node) or a [`ClientResponse`] (node to client). A frame longer than the limit
+//! ([`MAX_CLIENT_FRAME`] by default) is refused with [`ProtoError::TooLarge`] before its body
+//! is read; any decode error closes the connection (the node logs it), never the node.
 //!
 //! # Limits
-//! - [`serve_clients`] keeps at most [`MAX_CLIENT_CONNECTIONS`] connections and closes one that
-//!   stays idle for [`IDLE_TIMEOUT`].
+//! - [`MAX_CLIENT_FRAME`] is the node's largest entry plus [`CLIENT_FRAME_OVERHEAD`]: every
+//!   command that fits an entry fits a request, and a command that does not is answered with
+//!   `TooLarge` by the node (or refused by the client before it is sent).
+//! - A node keeps at most [`MAX_CLIENT_CONNECTIONS`]; when they are all taken, a newcomer
+//!   evicts the connection that has waited longest without a request in progress (so idle
+//!   sockets cannot lock clients out). The handshake must finish within
+//!   [`CLIENT_HANDSHAKE_TIMEOUT`]; a connection idle for [`IDLE_TIMEOUT`] is closed.
+//! - A frame's buffer grows only as its bytes arrive; a frame larger than [`SMALL_FRAME`]
+//!   first reserves its length from one budget for the port ([`CLIENT_BUFFER_BUDGET`] by
+//!   default). A frame must arrive within 5 s plus 1 s per MiB, or its connection is closed.
+//! - `Register` (a new session) is taken at most once per connection and at most
+//!   [`REGISTER_RATE`] per second on the port (burst [`REGISTER_BURST`]); beyond that it is
+//!   answered `Busy`, so a flood cannot push idle sessions out of the bounded table quickly.
 //! - [`TcpKvEndpoint`] connects within its `connect_timeout` and gives each request its
 //!   `request_timeout` (longer than the node's own propose timeout, so the node's answer —
 //!   including its own `Timeout` — normally arrives first).
 
+// Its own copy in each of tcp.rs and client_proto.rs, so that a program includes only the
+// file it needs; node.rs includes both, which clippy notices.
+#[allow(clippy::duplicate_mod)]
+#[path = "guard.rs"]
+pub mod guard;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use guard::{ByteBudget, HandshakeError, LogLimiter, Port, Secret, SlotState, Slots};
+use parking_lot::Mutex;
 use raftkv::error::ProposeError;
-use raftkv::kv::{Bytes, KvEndpoint, KvResult};
+use raftkv::kv::{Bytes, KvCommand, KvEndpoint, KvResult};
 use raftkv::{Node, NodeId, NodeStatus};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio::time::timeout;
+use tracing::warn;
 
-/// Largest frame body either side accepts (16 MiB).
-pub const MAX_CLIENT_FRAME: usize = 16 << 20;
+/// The node's largest entry ([`Config::max_entry_bytes`](raftkv::raft::Config::max_entry_bytes)
+/// of the library's defaults, which `examples/node.rs` uses and checks at start).
+pub const MAX_ENTRY_BYTES: usize = 8 << 20;
+/// Bytes a request frame needs around its command: the request's tag and the command's
+/// length (at most 6), rounded up.
+pub const CLIENT_FRAME_OVERHEAD: usize = 64;
+/// Largest frame body either side accepts by default: the largest entry plus the framing.
+pub const MAX_CLIENT_FRAME: usize = MAX_ENTRY_BYTES + CLIENT_FRAME_OVERHEAD;
 /// Client connections a node keeps open at most.
 pub const MAX_CLIENT_CONNECTIONS: usize = 256;
+/// How long a client has to complete the handshake.
+pub const CLIENT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 /// A client connection with no request for this long is closed.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes of a frame a connection may buffer without the port's budget.
+pub const SMALL_FRAME: usize = 64 << 10;
+/// Bytes of partly received frames a client port holds at most beyond [`SMALL_FRAME`] per
+/// connection (eight frames of the largest size).
+pub const CLIENT_BUFFER_BUDGET: usize = 8 * MAX_CLIENT_FRAME;
+/// The base of a frame's deadline (plus one second per MiB of it).
+pub const FRAME_BASE_TIME: Duration = Duration::from_secs(5);
+/// New sessions per second a node's client port takes.
+pub const REGISTER_RATE: f64 = 100.0;
+/// New sessions a client port takes at once after a quiet spell.
+pub const REGISTER_BURST: f64 = 100.0;
 
 /// What a client asks a node.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -183,31 +225,38 @@ pub enum ClientResponse {
     Status(NodeStatusView),
 }
 
-/// Why a frame could not be read or written.
+/// Why a frame could not be read or written, or a connection not made.
 #[derive(Debug)]
 pub enum ProtoError {
     /// The socket failed or closed.
     Io(std::io::Error),
-    /// A frame announced more than [`MAX_CLIENT_FRAME`] bytes.
-    TooLarge(usize),
+    /// A frame of this many bytes exceeds the limit of the second (nothing was sent or read
+    /// of it).
+    TooLarge(usize, usize),
     /// The body is not a message of this protocol.
     Decode(postcard::Error),
     /// No answer within the deadline.
     TimedOut,
+    /// The handshake failed (a refused or missing secret, not a raftkv client port).
+    Handshake(HandshakeError),
+    /// A frame did not arrive by its deadline.
+    TooSlow,
+    /// Other connections held the port's whole buffer budget until the frame's deadline.
+    NoBudget,
 }
 
 impl fmt::Display for ProtoError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ProtoError::Io(e) => write!(f, "io: {e}"),
-            ProtoError::TooLarge(n) => {
-                write!(
-                    f,
-                    "frame of {n} bytes exceeds the {MAX_CLIENT_FRAME}-byte limit"
-                )
+            ProtoError::TooLarge(n, max) => {
+                write!(f, "frame of {n} bytes exceeds the {max}-byte limit")
             }
             ProtoError::Decode(e) => write!(f, "undecodable frame: {e}"),
             ProtoError::TimedOut => write!(f, "timed out"),
+            ProtoError::Handshake(e) => write!(f, "{e}"),
+            ProtoError::TooSlow => write!(f, "a frame took longer than its deadline"),
+            ProtoError::NoBudget => write!(f, "no buffer budget for a large frame in time"),
         }
     }
 }
@@ -222,7 +271,7 @@ where
 {
     let body = postcard::to_allocvec(message).map_err(ProtoError::Decode)?;
     if body.len() > MAX_CLIENT_FRAME {
-        return Err(ProtoError::TooLarge(body.len()));
+        return Err(ProtoError::TooLarge(body.len(), MAX_CLIENT_FRAME));
     }
     let mut frame = Vec::with_capacity(4 + body.len());
     frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
@@ -231,16 +280,40 @@ where
     writer.flush().await.map_err(ProtoError::Io)
 }
 
-/// Reads one frame; `Ok(None)` on a clean end of stream before its first byte.
+/// Reads one frame of at most [`MAX_CLIENT_FRAME`] bytes; `Ok(None)` on a clean end of stream
+/// before its first byte. The buffer grows only as bytes arrive.
 pub async fn read_message<R, T>(reader: &mut R) -> Result<Option<T>, ProtoError>
+where
+    R: AsyncRead + Unpin,
+    T: for<'de> Deserialize<'de>,
+{
+    let far = Instant::now() + Duration::from_secs(24 * 3600);
+    read_message_limited(reader, MAX_CLIENT_FRAME, None, far).await
+}
+
+/// Reads one frame of at most `max` bytes, its bytes beyond [`SMALL_FRAME`] reserved from
+/// `budget` if given; once its first byte is in, the rest must arrive by the frame's deadline
+/// (counted from then); `idle_until` bounds the wait for that first byte.
+async fn read_message_limited<R, T>(
+    reader: &mut R,
+    max: usize,
+    budget: Option<&ByteBudget>,
+    idle_until: Instant,
+) -> Result<Option<T>, ProtoError>
 where
     R: AsyncRead + Unpin,
     T: for<'de> Deserialize<'de>,
 {
     let mut len = [0u8; 4];
     let mut got = 0;
+    let mut deadline = idle_until;
     while got < len.len() {
-        let n = reader.read(&mut len[got..]).await.map_err(ProtoError::Io)?;
+        let read = tokio::time::timeout_at(deadline.into(), reader.read(&mut len[got..])).await;
+        let n = match read {
+            Err(_) if got == 0 => return Err(ProtoError::TimedOut),
+            Err(_) => return Err(ProtoError::TooSlow),
+            Ok(r) => r.map_err(ProtoError::Io)?,
+        };
         if n == 0 {
             return if got == 0 {
                 Ok(None)
@@ -248,40 +321,146 @@ where
                 Err(ProtoError::Io(std::io::ErrorKind::UnexpectedEof.into()))
             };
         }
+        if got == 0 {
+            deadline = Instant::now() + FRAME_BASE_TIME;
+        }
         got += n;
     }
     let len = u32::from_le_bytes(len) as usize;
-    if len > MAX_CLIENT_FRAME {
-        return Err(ProtoError::TooLarge(len));
+    if len > max {
+        return Err(ProtoError::TooLarge(len, max));
     }
-    let mut body = vec![0u8; len];
-    reader.read_exact(&mut body).await.map_err(ProtoError::Io)?;
+    let deadline = guard::frame_deadline(deadline - FRAME_BASE_TIME, FRAME_BASE_TIME, len);
+    let (body, _held) = guard::read_budgeted(reader, len, SMALL_FRAME, budget, deadline)
+        .await
+        .map_err(|e| match e {
+            guard::BudgetedReadError::Io(e) => ProtoError::Io(e),
+            guard::BudgetedReadError::TooSlow => ProtoError::TooSlow,
+            guard::BudgetedReadError::NoBudget => ProtoError::NoBudget,
+        })?;
     postcard::from_bytes(&body)
         .map(Some)
         .map_err(ProtoError::Decode)
 }
 
-/// Serves clients of `node` on `listener` until the future is dropped. Each connection
-/// answers its requests in order; a bad frame closes that connection only.
+/// How a node serves its client port.
+#[derive(Clone, Debug)]
+pub struct ClientServeOptions {
+    /// The cluster (named in the handshake's challenge and bound into its proofs).
+    pub cluster_id: u64,
+    /// The client secret ([`Secret::none`] for none).
+    pub secret: Secret,
+    /// The largest request frame.
+    pub max_frame: usize,
+    /// Bytes of partly received frames held at most beyond [`SMALL_FRAME`] per connection.
+    pub buffer_budget: usize,
+}
+
+impl Default for ClientServeOptions {
+    fn default() -> Self {
+        ClientServeOptions {
+            cluster_id: 0,
+            secret: Secret::none(),
+            max_frame: MAX_CLIENT_FRAME,
+            buffer_budget: CLIENT_BUFFER_BUDGET,
+        }
+    }
+}
+
+/// Takes `Register` requests at [`REGISTER_RATE`] per second at most (a token bucket).
+struct RegisterLimiter(Mutex<(f64, Instant)>);
+
+impl RegisterLimiter {
+    fn new() -> Self {
+        RegisterLimiter(Mutex::new((REGISTER_BURST, Instant::now())))
+    }
+    fn take(&self) -> bool {
+        let mut s = self.0.lock();
+        let now = Instant::now();
+        s.0 = (s.0 + now.duration_since(s.1).as_secs_f64() * REGISTER_RATE).min(REGISTER_BURST);
+        s.1 = now;
+        if s.0 >= 1.0 {
+            s.0 -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// What every connection of one client port shares.
+struct ClientPort {
+    options: ClientServeOptions,
+    budget: ByteBudget,
+    registers: RegisterLimiter,
+    logs: LogLimiter,
+}
+
+impl ClientPort {
+    fn log(&self, line: impl FnOnce() -> String) {
+        if let Some(suppressed) = self.logs.allow() {
+            if suppressed > 0 {
+                warn!("{} ({suppressed} similar lines suppressed)", line());
+            } else {
+                warn!("{}", line());
+            }
+        }
+    }
+}
+
+/// Serves clients of `node` on `listener` with the default options (no secret) until the
+/// future is dropped. See [`serve_clients_with`].
 pub async fn serve_clients(listener: TcpListener, node: Node<KvResult>) {
+    serve_clients_with(listener, node, ClientServeOptions::default()).await
+}
+
+/// Serves clients of `node` on `listener` until the future is dropped. Each connection
+/// answers its requests in order; a bad frame closes that connection only. See the module
+/// docs for the limits.
+pub async fn serve_clients_with(
+    listener: TcpListener,
+    node: Node<KvResult>,
+    options: ClientServeOptions,
+) {
+    let port = Arc::new(ClientPort {
+        budget: ByteBudget::new(options.buffer_budget),
+        options,
+        registers: RegisterLimiter::new(),
+        logs: LogLimiter::new(10, Duration::from_secs(10)),
+    });
+    let slots = Slots::default();
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, addr)) => {
-                    if connections.len() >= MAX_CLIENT_CONNECTIONS {
-                        eprintln!("client port: refusing {addr}: {MAX_CLIENT_CONNECTIONS} connections open");
+                    // All taken: the connection that has waited longest without a request in
+                    // progress makes room; if every one is busy, the newcomer is refused.
+                    if slots.count(|_| true) >= MAX_CLIENT_CONNECTIONS
+                        && !slots.evict_oldest(|s| s != SlotState::Busy)
+                    {
+                        port.log(|| format!(
+                            "client port: refusing {addr}: {MAX_CLIENT_CONNECTIONS} connections \
+                             busy"
+                        ));
                         continue;
                     }
+                    let slot = slots.open();
+                    let id = slot.id();
                     let node = node.clone();
-                    connections.spawn(async move {
-                        if let Err(e) = serve_connection(stream, node).await {
-                            eprintln!("client port: connection from {addr}: {e}; closing it");
+                    let port = port.clone();
+                    let abort = connections.spawn(async move {
+                        if let Err(e) = serve_connection(stream, node, &port, &slot).await {
+                            port.log(|| format!(
+                                "client port: connection from {addr}: {e}; closed it"
+                            ));
                         }
+                        drop(slot);
                     });
+                    slots.set_abort(id, abort);
                 }
                 Err(e) => {
-                    eprintln!("client port: accept failed: {e}");
+                    warn!("client port: accept failed: {e}");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             },
@@ -290,16 +469,101 @@ pub async fn serve_clients(listener: TcpListener, node: Node<KvResult>) {
     }
 }
 
-async fn serve_connection(mut stream: TcpStream, node: Node<KvResult>) -> Result<(), ProtoError> {
+/// The node's side of the handshake.
+async fn accept_client(
+    stream: &mut TcpStream,
+    options: &ClientServeOptions,
+    node_id: NodeId,
+) -> Result<(), ProtoError> {
+    let secret = &options.secret;
+    let challenge = guard::send_challenge(stream, Port::Client, options.cluster_id, node_id)
+        .await
+        .map_err(ProtoError::Handshake)?;
+    let hello = guard::read_hello(stream, Port::Client)
+        .await
+        .map_err(ProtoError::Handshake)?;
+    let verdict = guard::check_hello(Port::Client, secret, &challenge, &hello);
+    guard::send_answer(stream, Port::Client, secret, &challenge, &hello, verdict)
+        .await
+        .map_err(ProtoError::Io)?;
+    verdict.map_err(|r| ProtoError::Handshake(HandshakeError::Refused(r)))
+}
+
+/// The client's side of the handshake, on a fresh connection to node `to` (any id: the node
+/// tells its own in the challenge, and the proof covers it).
+async fn client_handshake(stream: &mut TcpStream, secret: &Secret) -> Result<(), ProtoError> {
+    let shake = async {
+        let c = guard::read_challenge(stream, Port::Client).await?;
+        let hello = guard::make_hello(Port::Client, secret, &c, c.cluster, 0, c.node)?;
+        stream
+            .write_all(&guard::hello_bytes(Port::Client, &hello))
+            .await?;
+        guard::read_answer(stream, Port::Client, secret, &c, &hello).await
+    };
+    shake.await.map_err(ProtoError::Handshake)
+}
+
+/// Whether `request` may go on to the node: `Some(refusal)` for a `Register` beyond this
+/// connection's one or the port's rate.
+fn admit(
+    request: &ClientRequest,
+    port: &ClientPort,
+    registered: &mut bool,
+) -> Option<ClientFailure> {
+    let ClientRequest::Propose(command) = request else {
+        return None;
+    };
+    if !matches!(
+        postcard::from_bytes::<KvCommand>(command),
+        Ok(KvCommand::Register)
+    ) {
+        return None;
+    }
+    if *registered || !port.registers.take() {
+        return Some(ClientFailure::Busy);
+    }
+    *registered = true;
+    None
+}
+
+async fn serve_connection(
+    mut stream: TcpStream,
+    node: Node<KvResult>,
+    port: &ClientPort,
+    slot: &guard::SlotGuard,
+) -> Result<(), ProtoError> {
     let _ = stream.set_nodelay(true);
+    match timeout(
+        CLIENT_HANDSHAKE_TIMEOUT,
+        accept_client(&mut stream, &port.options, node.id()),
+    )
+    .await
+    {
+        Ok(shaken) => shaken?,
+        Err(_) => return Err(ProtoError::TimedOut),
+    }
+    let mut registered = false;
     loop {
-        let request = match timeout(IDLE_TIMEOUT, read_message(&mut stream)).await {
-            Err(_) => return Ok(()), // idle: close quietly
-            Ok(read) => match read? {
-                Some(r) => r,
-                None => return Ok(()),
-            },
+        slot.set(SlotState::Idle);
+        let idle_until = Instant::now() + IDLE_TIMEOUT;
+        let read = read_message_limited(
+            &mut stream,
+            port.options.max_frame,
+            Some(&port.budget),
+            idle_until,
+        )
+        .await;
+        let request = match read {
+            Err(ProtoError::TimedOut) => return Ok(()), // idle: close quietly
+            Err(e) => return Err(e),
+            Ok(None) => return Ok(()),
+            Ok(Some(r)) => r,
         };
+        slot.set(SlotState::Busy);
+        if let Some(refusal) = admit(&request, port, &mut registered) {
+            write_message(&mut stream, &ClientResponse::Result(Err(refusal))).await?;
+            continue;
+        }
         let response = match request {
             ClientRequest::Propose(command) => {
                 ClientResponse::Result(node.propose(command).await.map_err(ClientFailure::from))
@@ -309,70 +573,181 @@ async fn serve_connection(mut stream: TcpStream, node: Node<KvResult>) -> Result
             }
             ClientRequest::Status => ClientResponse::Status(NodeStatusView::from(&node.status())),
         };
-        write_message(&mut stream, &response).await?;
+        match write_message(&mut stream, &response).await {
+            Err(ProtoError::TooLarge(n, max)) => {
+                let refusal = ClientFailure::Other(format!(
+                    "the answer of {n} bytes exceeds the {max}-byte frame limit"
+                ));
+                write_message(&mut stream, &ClientResponse::Result(Err(refusal))).await?;
+            }
+            written => written?,
+        }
     }
 }
 
-/// Sends one request to `addr` on a fresh connection and waits for the answer.
-pub async fn request(
+/// Why one request on a fresh connection did not get an answer.
+#[derive(Debug)]
+pub enum CallError {
+    /// No connection could be made: nothing was sent.
+    Connect(ProtoError),
+    /// The handshake failed (wrong or missing secret, say): the request was not sent.
+    Handshake(ProtoError),
+    /// The request is too large to send (nothing was sent).
+    TooLarge(usize, usize),
+    /// The request was sent (or may have been), and no answer came.
+    Lost(ProtoError),
+}
+
+impl fmt::Display for CallError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CallError::Connect(e) => write!(f, "cannot connect: {e}"),
+            CallError::Handshake(e) => write!(f, "{e}"),
+            CallError::TooLarge(n, max) => {
+                write!(
+                    f,
+                    "a request of {n} bytes exceeds the {max}-byte frame limit"
+                )
+            }
+            CallError::Lost(e) => write!(f, "no answer: {e}"),
+        }
+    }
+}
+
+/// Sends `request` to `addr` on a fresh connection (handshake first, with `secret`) and
+/// waits for the answer: connecting and the handshake within `connect_timeout`, the answer
+/// within `request_timeout`.
+pub async fn call(
     addr: SocketAddr,
+    secret: &Secret,
     request: &ClientRequest,
     connect_timeout: Duration,
     request_timeout: Duration,
-) -> Result<ClientResponse, ProtoError> {
+) -> Result<ClientResponse, CallError> {
+    // Refuse what cannot be sent before connecting at all.
+    let body =
+        postcard::to_allocvec(request).map_err(|e| CallError::Lost(ProtoError::Decode(e)))?;
+    if body.len() > MAX_CLIENT_FRAME {
+        return Err(CallError::TooLarge(body.len(), MAX_CLIENT_FRAME));
+    }
     let mut stream = match timeout(connect_timeout, TcpStream::connect(addr)).await {
-        Ok(connected) => connected.map_err(ProtoError::Io)?,
-        Err(_) => return Err(ProtoError::TimedOut),
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(CallError::Connect(ProtoError::Io(e))),
+        Err(_) => return Err(CallError::Connect(ProtoError::TimedOut)),
     };
     let _ = stream.set_nodelay(true);
+    match timeout(connect_timeout, client_handshake(&mut stream, secret)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(CallError::Handshake(e)),
+        Err(_) => return Err(CallError::Handshake(ProtoError::TimedOut)),
+    }
     let exchange = async {
-        write_message(&mut stream, request).await?;
+        let mut frame = Vec::with_capacity(4 + body.len());
+        frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        frame.extend_from_slice(&body);
+        stream.write_all(&frame).await.map_err(ProtoError::Io)?;
         match read_message(&mut stream).await? {
             Some(r) => Ok(r),
             None => Err(ProtoError::Io(std::io::ErrorKind::UnexpectedEof.into())),
         }
     };
     match timeout(request_timeout, exchange).await {
-        Ok(answer) => answer,
-        Err(_) => Err(ProtoError::TimedOut),
+        Ok(Ok(answer)) => Ok(answer),
+        Ok(Err(e)) => Err(CallError::Lost(e)),
+        Err(_) => Err(CallError::Lost(ProtoError::TimedOut)),
     }
 }
 
-/// Asks the node at `addr` for its status.
-pub async fn status(addr: SocketAddr, deadline: Duration) -> Result<NodeStatusView, ProtoError> {
-    match request(addr, &ClientRequest::Status, deadline, deadline).await? {
+/// Sends one request to `addr` on a fresh connection, without a secret, and waits for the
+/// answer.
+pub async fn request(
+    addr: SocketAddr,
+    request: &ClientRequest,
+    connect_timeout: Duration,
+    request_timeout: Duration,
+) -> Result<ClientResponse, CallError> {
+    call(
+        addr,
+        &Secret::none(),
+        request,
+        connect_timeout,
+        request_timeout,
+    )
+    .await
+}
+
+/// Asks the node at `addr` for its status (no secret).
+pub async fn status(addr: SocketAddr, deadline: Duration) -> Result<NodeStatusView, CallError> {
+    status_with(addr, &Secret::none(), deadline).await
+}
+
+/// Asks the node at `addr` for its status, proving `secret`.
+pub async fn status_with(
+    addr: SocketAddr,
+    secret: &Secret,
+    deadline: Duration,
+) -> Result<NodeStatusView, CallError> {
+    match call(addr, secret, &ClientRequest::Status, deadline, deadline).await? {
         ClientResponse::Status(s) => Ok(s),
-        ClientResponse::Result(_) => Err(ProtoError::Io(std::io::Error::other(
+        ClientResponse::Result(_) => Err(CallError::Lost(ProtoError::Io(std::io::Error::other(
             "a result where a status was expected",
-        ))),
+        )))),
     }
+}
+
+/// What a [`TcpKvEndpoint`] last saw of one node: enough for a client to say what is true
+/// when a request fails (no quorum reachable, a refused secret, a full disk).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Seen {
+    /// No connection could be made (the reason).
+    Unreachable(String),
+    /// Connected, but the handshake failed (the reason): a wrong or missing secret, or not a
+    /// node's client port.
+    Refused(String),
+    /// The node answered: done, or its refusal. (A request too large to send is recorded
+    /// here as `TooLarge` too, though it never left.)
+    Answered(Result<(), ClientFailure>),
+    /// The request left and no answer came (the reason).
+    NoAnswer(String),
 }
 
 /// A [`KvEndpoint`] over TCP: one fresh connection per request to the node's client address.
 ///
 /// Failures map back to [`ProposeError`] so [`raftkv::kv::KvClient`] follows redirects and
-/// retries: a node's own answer keeps its meaning; a connection that cannot be made is
-/// `Shutdown` (nothing was sent); a connection lost after the request left, or a request
-/// that got no answer in time, is `Timeout` (it may or may not have been applied, and the
-/// client retries it under the same number).
+/// retries: a node's own answer keeps its meaning; a connection that cannot be made or a
+/// handshake that fails is `Shutdown` (nothing was sent); a request too large to send is
+/// `TooLarge`; a connection lost after the request left, or a request that got no answer in
+/// time, is `Timeout` (it may or may not have been applied, and the client retries it under
+/// the same number). What it saw of each node is kept ([`TcpKvEndpoint::seen`]).
 #[derive(Clone, Debug)]
 pub struct TcpKvEndpoint {
     nodes: BTreeMap<NodeId, SocketAddr>,
-    /// How long connecting may take.
+    /// How long connecting (and the handshake) may take.
     pub connect_timeout: Duration,
     /// How long a request may wait for its answer once sent.
     pub request_timeout: Duration,
+    /// The client secret proven in the handshake.
+    pub secret: Secret,
+    seen: Arc<Mutex<BTreeMap<NodeId, (Instant, Seen)>>>,
 }
 
 impl TcpKvEndpoint {
     /// An endpoint for the nodes at `nodes` (node id to client address), with a 1 s connect
-    /// and a 7 s request timeout.
+    /// and a 7 s request timeout, and no secret.
     pub fn new(nodes: impl IntoIterator<Item = (NodeId, SocketAddr)>) -> Self {
         TcpKvEndpoint {
             nodes: nodes.into_iter().collect(),
             connect_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(7),
+            secret: Secret::none(),
+            seen: Arc::default(),
         }
+    }
+
+    /// The same endpoint, proving `secret`.
+    pub fn with_secret(mut self, secret: Secret) -> Self {
+        self.secret = secret;
+        self
     }
 
     /// The client address of `node`.
@@ -380,23 +755,62 @@ impl TcpKvEndpoint {
         self.nodes.get(&node).copied()
     }
 
+    /// What this endpoint (and its clones) last saw of each node, and when.
+    pub fn seen(&self) -> BTreeMap<NodeId, (Instant, Seen)> {
+        self.seen.lock().clone()
+    }
+
+    fn saw(&self, node: NodeId, what: Seen) {
+        self.seen.lock().insert(node, (Instant::now(), what));
+    }
+
     async fn call(&self, node: NodeId, req: ClientRequest) -> Result<KvResult, ProposeError> {
-        let addr = self.addr(node).ok_or(ProposeError::Shutdown)?;
-        let connect = match timeout(self.connect_timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(stream)) => stream,
-            _ => return Err(ProposeError::Shutdown),
+        let Some(addr) = self.addr(node) else {
+            self.saw(node, Seen::Unreachable("not a known node".into()));
+            return Err(ProposeError::Shutdown);
         };
-        let mut stream = connect;
-        let _ = stream.set_nodelay(true);
-        let exchange = async {
-            write_message(&mut stream, &req).await?;
-            read_message::<_, ClientResponse>(&mut stream).await
-        };
-        match timeout(self.request_timeout, exchange).await {
-            Ok(Ok(Some(ClientResponse::Result(r)))) => r.map_err(ProposeError::from),
-            // A status for a KV request, a lost connection, a bad frame, or no answer in time:
-            // the request's fate is unknown.
-            Ok(Ok(Some(ClientResponse::Status(_)))) | Ok(Ok(None)) | Ok(Err(_)) | Err(_) => {
+        let answer = call(
+            addr,
+            &self.secret,
+            &req,
+            self.connect_timeout,
+            self.request_timeout,
+        )
+        .await;
+        match answer {
+            Ok(ClientResponse::Result(r)) => {
+                self.saw(
+                    node,
+                    Seen::Answered(r.as_ref().map(|_| ()).map_err(Clone::clone)),
+                );
+                r.map_err(ProposeError::from)
+            }
+            Ok(ClientResponse::Status(_)) => {
+                self.saw(node, Seen::NoAnswer("a status for a KV request".into()));
+                Err(ProposeError::Timeout)
+            }
+            Err(CallError::Connect(e)) => {
+                self.saw(node, Seen::Unreachable(e.to_string()));
+                Err(ProposeError::Shutdown)
+            }
+            Err(CallError::Handshake(e)) => {
+                self.saw(node, Seen::Refused(e.to_string()));
+                Err(ProposeError::Shutdown)
+            }
+            Err(CallError::TooLarge(n, max)) => {
+                // The entry limit is what the command's size is measured against; the frame
+                // adds only its overhead.
+                let (size, max) = (n as u64, (max - CLIENT_FRAME_OVERHEAD) as u64);
+                self.saw(
+                    node,
+                    Seen::Answered(Err(ClientFailure::TooLarge { size, max })),
+                );
+                Err(ProposeError::TooLarge { size, max })
+            }
+            // A lost connection, a bad frame, or no answer in time: the request's fate is
+            // unknown.
+            Err(CallError::Lost(e)) => {
+                self.saw(node, Seen::NoAnswer(e.to_string()));
                 Err(ProposeError::Timeout)
             }
         }

@@ -1,6 +1,7 @@
 //! A cluster of `examples/node.rs` processes on loopback, for the `cluster` example and the
 //! end-to-end test: free ports, one data directory and one log file per node under a
-//! temporary directory, SIGKILL and restart.
+//! temporary directory, SIGKILL and restart. Each cluster gets its own cluster id (the nodes
+//! derive it from their `--peers`, which differ by port).
 //!
 //! Include it with `#[path = "common/processes.rs"] mod processes;` next to
 //! `client_proto.rs` (it uses `crate::client_proto`).
@@ -18,10 +19,8 @@ use std::time::{Duration, Instant};
 
 use raftkv::NodeId;
 
+use crate::client_proto::guard::Secret;
 use crate::client_proto::{self, NodeStatusView, TcpKvEndpoint};
-
-/// The cluster id the nodes are started with.
-pub const CLUSTER_ID: u64 = 7;
 
 /// The `node` example binary built with the same profile as the running executable: looked
 /// for next to it (`target/<profile>/examples/node`), or beside its parent directory for a
@@ -93,12 +92,20 @@ struct NodeProcess {
     client: SocketAddr,
     data: PathBuf,
     log: PathBuf,
+    /// Extra arguments given on every (re)start.
+    extra_args: Vec<String>,
+    /// Environment variables set on every (re)start.
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
 /// A cluster of node processes. See the [module docs](self).
 pub struct ProcessCluster {
     binary: PathBuf,
+    /// Replaces the `--peers` argument built from the nodes' addresses, when set.
+    peers_override: Option<String>,
+    /// The client secret the cluster's own requests (status, endpoints) prove.
+    client_secret: Secret,
     nodes: BTreeMap<NodeId, NodeProcess>,
     /// Removed on drop, after the processes are killed.
     dir: tempfile::TempDir,
@@ -108,6 +115,16 @@ impl ProcessCluster {
     /// Starts `n` nodes (ids `1..=n`) of `binary` on free loopback ports, each with its own
     /// data directory under a new temporary directory.
     pub fn start(binary: PathBuf, n: u64) -> Result<Self, String> {
+        let mut cluster = Self::new(binary, n)?;
+        for id in 1..=n {
+            cluster.restart(id)?;
+        }
+        Ok(cluster)
+    }
+
+    /// Like [`ProcessCluster::start`], but starts nothing yet (set arguments first, then
+    /// [`restart`](Self::restart) each node).
+    pub fn new(binary: PathBuf, n: u64) -> Result<Self, String> {
         let dir = tempfile::Builder::new()
             .prefix("raftkv-cluster-")
             .tempdir()
@@ -123,15 +140,19 @@ impl ProcessCluster {
                     client: addrs[2 * i + 1],
                     data: dir.path().join(format!("n{id}")),
                     log: dir.path().join(format!("n{id}.log")),
+                    extra_args: Vec::new(),
+                    env: Vec::new(),
                     child: None,
                 },
             );
         }
-        let mut cluster = ProcessCluster { binary, nodes, dir };
-        for id in 1..=n {
-            cluster.restart(id)?;
-        }
-        Ok(cluster)
+        Ok(ProcessCluster {
+            binary,
+            peers_override: None,
+            client_secret: Secret::none(),
+            nodes,
+            dir,
+        })
     }
 
     /// The temporary directory holding the data directories and logs.
@@ -144,13 +165,63 @@ impl ProcessCluster {
         self.nodes.keys().copied().collect()
     }
 
-    /// A client endpoint for every node's client port.
+    /// A client endpoint for every node's client port (proving the client secret, if set).
     pub fn endpoint(&self) -> TcpKvEndpoint {
         TcpKvEndpoint::new(self.nodes.iter().map(|(id, n)| (*id, n.client)))
+            .with_secret(self.client_secret.clone())
+    }
+
+    /// The secret this harness proves on the client ports (status polls, endpoints); start
+    /// the nodes with the matching `--client-secret-file`.
+    pub fn set_client_secret(&mut self, secret: Secret) {
+        self.client_secret = secret;
+    }
+
+    /// Node `id`'s Raft (peer) address.
+    pub fn raft_addr(&self, id: NodeId) -> Option<SocketAddr> {
+        self.nodes.get(&id).map(|n| n.raft)
+    }
+
+    /// Node `id`'s client address.
+    pub fn client_addr(&self, id: NodeId) -> Option<SocketAddr> {
+        self.nodes.get(&id).map(|n| n.client)
+    }
+
+    /// The process id of node `id`, while it runs.
+    pub fn pid(&self, id: NodeId) -> Option<u32> {
+        self.nodes.get(&id)?.child.as_ref().map(Child::id)
+    }
+
+    /// Node `id`'s whole log (its stderr so far).
+    pub fn log(&self, id: NodeId) -> String {
+        self.log_tail(id, usize::MAX)
+    }
+
+    /// Arguments added to node `id`'s command line from its next (re)start on.
+    pub fn set_extra_args(&mut self, id: NodeId, args: Vec<String>) {
+        if let Some(n) = self.nodes.get_mut(&id) {
+            n.extra_args = args;
+        }
+    }
+
+    /// Environment variables (`RUST_LOG`, say) for node `id` from its next (re)start on.
+    pub fn set_env(&mut self, id: NodeId, env: Vec<(String, String)>) {
+        if let Some(n) = self.nodes.get_mut(&id) {
+            n.env = env;
+        }
+    }
+
+    /// Starts nodes with `peers` as their `--peers` argument instead of the cluster's own
+    /// addresses (a node pointed at another cluster's nodes, say).
+    pub fn set_peers_arg(&mut self, peers: String) {
+        self.peers_override = Some(peers);
     }
 
     /// The `--peers` argument.
-    fn peers_arg(&self) -> String {
+    pub fn peers_arg(&self) -> String {
+        if let Some(p) = &self.peers_override {
+            return p.clone();
+        }
         self.nodes
             .iter()
             .map(|(id, n)| format!("{id}={}", n.raft))
@@ -181,8 +252,8 @@ impl ProcessCluster {
             .arg(node.client.to_string())
             .arg("--data")
             .arg(&node.data)
-            .arg("--cluster")
-            .arg(CLUSTER_ID.to_string())
+            .args(&node.extra_args)
+            .envs(node.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -258,7 +329,7 @@ impl ProcessCluster {
     /// Node `id`'s status, if it answers within a second.
     pub async fn status(&self, id: NodeId) -> Option<NodeStatusView> {
         let node = self.nodes.get(&id)?;
-        client_proto::status(node.client, Duration::from_secs(1))
+        client_proto::status_with(node.client, &self.client_secret, Duration::from_secs(1))
             .await
             .ok()
     }

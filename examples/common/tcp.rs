@@ -7,22 +7,38 @@
 //!
 //! # Connections
 //! Each node dials every peer once and only writes on that connection; it receives on the
-//! connections its peers dialed to it. A connection starts with a [`Frame::Hello`] naming the
-//! dialer, then carries [`Frame::Messages`] batches.
+//! connections its peers dialed to it. A connection starts with the handshake of
+//! [`guard`] (the listener's challenge, the dialer's hello naming its cluster, itself and the
+//! node it means, with an HMAC proof of the shared secret if there is one, and the listener's
+//! answer), then carries [`raftkv::wire`] frames: a [`Frame::Hello`] naming the dialer, then
+//! [`Frame::Messages`] batches; an empty batch every [`KEEPALIVE`] keeps an idle link open.
 //!
 //! # Limits
 //! - Per peer, at most [`QUEUE_BATCHES`] batches wait to be written; when the queue is full the
 //!   newest batch is dropped and counted (Raft resends what matters).
 //! - Reconnection backs off exponentially from [`BACKOFF_MIN`] to [`BACKOFF_MAX`], starting
-//!   over only after a connection that lasted [`HEALTHY_CONNECTION`]; connecting and writing
-//!   each have a timeout, after which the connection is dropped and redialed.
+//!   over only after a connection that lasted [`HEALTHY_CONNECTION`]; connecting, the
+//!   handshake and writing each have a timeout, after which the connection is dropped and
+//!   redialed.
 //! - A batch that does not fit a frame of `max_frame` bytes is split; a single message that
-//!   does not fit is dropped and logged.
-//! - [`serve`] keeps at most [`MAX_CONNECTIONS`] connections; a connection must say hello within
-//!   [`HELLO_TIMEOUT`]; any decode or protocol error closes that connection only, logged to
-//!   stderr with the peer's address.
+//!   does not fit is dropped and logged. Give both sides the same `max_frame`, at least
+//!   [`frame_limit`] of the Raft configuration (so every message the core sends fits).
+//! - [`serve`] keeps at most [`MAX_HANDSHAKING`] connections in the handshake (a newcomer
+//!   evicts the oldest), which must finish within [`HANDSHAKE_TIMEOUT`], and one connection
+//!   per member of the cluster: a peer that reconnects replaces its old connection; ids that
+//!   are not members are refused. An authenticated connection silent for [`PEER_IDLE_TIMEOUT`],
+//!   or whose frame takes longer than its deadline (5 s plus 1 s per MiB) to arrive, is closed.
+//!   So the bytes it buffers are bounded by the number of members times the frame limit.
+//! - Any handshake, decode or protocol error closes that connection only, logged (at most 10
+//!   such lines per 10 s; the rest are counted) with the peer's address.
 
-use std::collections::HashMap;
+// Its own copy in each of tcp.rs and client_proto.rs, so that a program includes only the
+// file it needs; node.rs includes both, which clippy notices.
+#[allow(clippy::duplicate_mod)]
+#[path = "guard.rs"]
+pub mod guard;
+
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -30,6 +46,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use guard::{HandshakeError, LogLimiter, Port, Refusal, Secret, SlotState, Slots};
 use raftkv::error::TransportError;
 use raftkv::raft::{Message, NodeId};
 use raftkv::transport::Transport;
@@ -40,6 +57,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::{sleep, timeout, Instant};
+use tracing::{info, warn};
 
 /// Batches queued per peer at most.
 pub const QUEUE_BATCHES: usize = 1024;
@@ -53,17 +71,35 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// A connection that lived this long resets the reconnection backoff.
 pub const HEALTHY_CONNECTION: Duration = Duration::from_secs(1);
-/// How long an accepted connection has to send its hello.
-pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
-/// Connections [`serve`] keeps open at most.
-pub const MAX_CONNECTIONS: usize = 64;
+/// How long an accepted connection has to complete the handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Connections [`serve`] keeps in the handshake at most (a newcomer evicts the oldest).
+pub const MAX_HANDSHAKING: usize = 32;
+/// An idle link sends an empty batch this often.
+pub const KEEPALIVE: Duration = Duration::from_secs(1);
+/// An authenticated connection that sends nothing for this long is closed.
+pub const PEER_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The base of a frame's deadline (plus one second per MiB of it).
+pub const FRAME_BASE_TIME: Duration = Duration::from_secs(5);
+/// Bytes a frame needs around one message: length prefix, version, cluster id and checksum
+/// (17), the frame's tag and the batch's length (at most 6), rounded up.
+pub const RAFT_FRAME_OVERHEAD: usize = 64;
 /// Bytes read from a socket at a time.
 const READ_CHUNK: usize = 64 << 10;
+
+/// The frame limit for a node with Raft configuration `config`: its largest message
+/// ([`Config::max_message_bytes`](raftkv::raft::Config::max_message_bytes)) plus the framing.
+pub fn frame_limit(config: &raftkv::raft::Config) -> usize {
+    usize::try_from(config.max_message_bytes())
+        .unwrap_or(usize::MAX)
+        .saturating_add(RAFT_FRAME_OVERHEAD)
+}
 
 /// Counters of one peer's outgoing link.
 #[derive(Debug, Default)]
 struct PeerCounters {
     connected: AtomicBool,
+    dials: AtomicU64,
     connects: AtomicU64,
     dropped: AtomicU64,
     batches_sent: AtomicU64,
@@ -74,8 +110,10 @@ struct PeerCounters {
 pub struct PeerStats {
     /// A connection to the peer is up.
     pub connected: bool,
-    /// Connections established so far (more than one means it reconnected).
+    /// Connections established so far, handshake done (more than one means it reconnected).
     pub connects: u64,
+    /// TCP connections opened so far, including those whose handshake failed.
+    pub dials: u64,
     /// Batches dropped because the queue was full.
     pub dropped: u64,
     /// Batches written to a connection.
@@ -94,6 +132,7 @@ impl TransportStats {
         Some(PeerStats {
             connected: c.connected.load(Ordering::Relaxed),
             connects: c.connects.load(Ordering::Relaxed),
+            dials: c.dials.load(Ordering::Relaxed),
             dropped: c.dropped.load(Ordering::Relaxed),
             batches_sent: c.batches_sent.load(Ordering::Relaxed),
         })
@@ -114,37 +153,57 @@ pub struct TcpTransport {
     stats: TransportStats,
 }
 
+/// Who a node is on the peer port: its cluster, its id, the shared secret, and the frame
+/// limit it keeps to (when sending) and enforces (when receiving).
+#[derive(Clone, Debug)]
+pub struct PeerOptions {
+    /// The cluster.
+    pub cluster_id: u64,
+    /// This node.
+    pub my_id: NodeId,
+    /// The peers' shared secret ([`Secret::none`] for none).
+    pub secret: Secret,
+    /// The largest frame body, in bytes (see [`frame_limit`]).
+    pub max_frame: usize,
+}
+
+impl PeerOptions {
+    /// Node `my_id` of cluster `cluster_id`, no secret, frames up to
+    /// [`wire::DEFAULT_MAX_FRAME`].
+    pub fn new(cluster_id: u64, my_id: NodeId) -> Self {
+        PeerOptions {
+            cluster_id,
+            my_id,
+            secret: Secret::none(),
+            max_frame: wire::DEFAULT_MAX_FRAME,
+        }
+    }
+}
+
 impl TcpTransport {
     /// A transport for node `my_id` of cluster `cluster_id`, dialing `peers` (its own id, if
-    /// present, is ignored). Frames are kept within [`wire::DEFAULT_MAX_FRAME`].
+    /// present, is ignored), with no secret and frames kept within [`wire::DEFAULT_MAX_FRAME`].
     ///
     /// Spawns one task per peer: call it from within a tokio runtime (like `tokio::spawn`, it
     /// panics otherwise).
     pub fn new(cluster_id: u64, my_id: NodeId, peers: HashMap<NodeId, SocketAddr>) -> Self {
-        Self::with_max_frame(cluster_id, my_id, peers, wire::DEFAULT_MAX_FRAME)
+        Self::with_options(PeerOptions::new(cluster_id, my_id), peers)
     }
 
-    /// Like [`TcpTransport::new`], keeping frames within `max_frame` bytes (the receivers'
-    /// limit).
-    pub fn with_max_frame(
-        cluster_id: u64,
-        my_id: NodeId,
-        peers: HashMap<NodeId, SocketAddr>,
-        max_frame: usize,
-    ) -> Self {
+    /// Like [`TcpTransport::new`], with `options`.
+    pub fn with_options(options: PeerOptions, peers: HashMap<NodeId, SocketAddr>) -> Self {
+        let options = Arc::new(options);
         let mut links = HashMap::new();
         for (peer, addr) in peers {
-            if peer == my_id {
+            if peer == options.my_id {
                 continue;
             }
             let (queue, rx) = mpsc::channel(QUEUE_BATCHES);
             let counters = Arc::new(PeerCounters::default());
             let link = Link {
-                cluster_id,
-                my_id,
+                options: options.clone(),
                 peer,
                 addr,
-                max_frame,
                 counters: counters.clone(),
             };
             tokio::spawn(link.run(rx));
@@ -186,13 +245,84 @@ impl Transport for TcpTransport {
     }
 }
 
+/// Why dialing a peer failed.
+#[derive(Debug)]
+pub enum DialError {
+    /// No TCP connection (refused, unreachable, timed out).
+    Connect(String),
+    /// Connected, but the handshake failed; the listener's challenge, if it sent one.
+    Handshake(HandshakeError, Option<guard::Challenge>),
+}
+
+impl fmt::Display for DialError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DialError::Connect(why) => write!(f, "{why}"),
+            DialError::Handshake(e, Some(c)) => {
+                write!(f, "{e} (it is node {} of cluster {:#x})", c.node, c.cluster)
+            }
+            DialError::Handshake(e, None) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// Connects to node `to` at `addr` and completes the handshake as node `options.my_id`, then
+/// writes the [`Frame::Hello`]: the stream is ready for [`Frame::Messages`].
+pub async fn dial(
+    addr: SocketAddr,
+    options: &PeerOptions,
+    to: NodeId,
+) -> Result<TcpStream, DialError> {
+    let mut stream = match timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(DialError::Connect(e.to_string())),
+        Err(_) => return Err(DialError::Connect("connect timed out".into())),
+    };
+    let _ = stream.set_nodelay(true);
+    let mut challenge = None;
+    let handshake = async {
+        let c = guard::read_challenge(&mut stream, Port::Peer).await?;
+        challenge = Some(c);
+        let hello = guard::make_hello(
+            Port::Peer,
+            &options.secret,
+            &c,
+            options.cluster_id,
+            options.my_id,
+            to,
+        )?;
+        stream
+            .write_all(&guard::hello_bytes(Port::Peer, &hello))
+            .await?;
+        guard::read_answer(&mut stream, Port::Peer, &options.secret, &c, &hello).await?;
+        let frame = wire::encode(
+            options.cluster_id,
+            &Frame::Hello {
+                from: options.my_id,
+            },
+        )
+        .map_err(std::io::Error::other)?;
+        stream.write_all(&frame).await?;
+        Ok::<(), HandshakeError>(())
+    };
+    match timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(())) => Ok(stream),
+        Ok(Err(e)) => Err(DialError::Handshake(e, challenge)),
+        Err(_) => Err(DialError::Handshake(
+            HandshakeError::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {HANDSHAKE_TIMEOUT:?}"),
+            )),
+            challenge,
+        )),
+    }
+}
+
 /// Everything one peer's connection task needs.
 struct Link {
-    cluster_id: u64,
-    my_id: NodeId,
+    options: Arc<PeerOptions>,
     peer: NodeId,
     addr: SocketAddr,
-    max_frame: usize,
     counters: Arc<PeerCounters>,
 }
 
@@ -205,16 +335,13 @@ enum Ended {
 }
 
 impl Link {
-    /// Dials (with backoff), writes the hello, then writes queued batches until the
-    /// connection fails (redial) or the queue closes (stop).
+    /// Dials (with backoff), shakes hands, then writes queued batches until the connection
+    /// fails (redial) or the queue closes (stop).
     async fn run(self, mut queue: mpsc::Receiver<Vec<Message>>) {
-        let hello = match wire::encode(self.cluster_id, &Frame::Hello { from: self.my_id }) {
+        let keepalive = match wire::encode(self.options.cluster_id, &Frame::Messages(Vec::new())) {
             Ok(bytes) => bytes,
             Err(e) => {
-                eprintln!(
-                    "raftkv tcp: cannot encode hello for node {}: {e}",
-                    self.peer
-                );
+                warn!(peer = self.peer, "cannot encode a keepalive: {e}");
                 return;
             }
         };
@@ -224,18 +351,26 @@ impl Link {
             if queue.is_closed() {
                 return;
             }
-            let stream = match timeout(CONNECT_TIMEOUT, TcpStream::connect(self.addr)).await {
-                Ok(Ok(stream)) => stream,
-                failed => {
+            let connected_at = Instant::now();
+            let dialed = dial(self.addr, &self.options, self.peer).await;
+            if !matches!(dialed, Err(DialError::Connect(_))) {
+                self.counters.dials.fetch_add(1, Ordering::Relaxed);
+            }
+            let stream = match dialed {
+                Ok(stream) => stream,
+                Err(e) => {
                     if !quiet {
-                        let why = match failed {
-                            Ok(Err(e)) => e.to_string(),
-                            _ => "timed out".to_string(),
-                        };
-                        eprintln!(
-                            "raftkv tcp: node {} at {} unreachable ({why}); retrying with backoff",
-                            self.peer, self.addr
-                        );
+                        match &e {
+                            DialError::Connect(_) => warn!(
+                                "node {} at {} unreachable ({e}); retrying with backoff",
+                                self.peer, self.addr
+                            ),
+                            DialError::Handshake(..) => warn!(
+                                "node {} at {} refused this node (of cluster {:#x}) or could \
+                                 not be verified: {e}; retrying with backoff",
+                                self.peer, self.addr, self.options.cluster_id
+                            ),
+                        }
                         quiet = true;
                     }
                     sleep(backoff).await;
@@ -243,24 +378,19 @@ impl Link {
                     continue;
                 }
             };
-            let _ = stream.set_nodelay(true);
             if quiet {
                 // After a logged failure or loss (a loss always sets `quiet` again).
-                eprintln!(
-                    "raftkv tcp: connected to node {} at {}",
-                    self.peer, self.addr
-                );
+                info!("connected to node {} at {}", self.peer, self.addr);
             }
             self.counters.connects.fetch_add(1, Ordering::Relaxed);
             self.counters.connected.store(true, Ordering::Relaxed);
-            let connected_at = Instant::now();
-            let ended = self.pump(stream, &hello, &mut queue).await;
+            let ended = self.pump(stream, &keepalive, &mut queue).await;
             self.counters.connected.store(false, Ordering::Relaxed);
             match ended {
                 Ended::TransportClosed => return,
                 Ended::Lost(why) => {
-                    eprintln!(
-                        "raftkv tcp: connection to node {} at {} lost: {why}",
+                    warn!(
+                        "connection to node {} at {} lost: {why}",
                         self.peer, self.addr
                     );
                     quiet = true;
@@ -276,27 +406,37 @@ impl Link {
         }
     }
 
-    /// Runs one connection: hello, then batches. Also watches the read side, so that a peer
-    /// closing the connection is noticed at once rather than at the next failed write.
+    /// Runs one connection: batches, and a keepalive when there were none for a while. Also
+    /// watches the read side, so that a peer closing the connection is noticed at once rather
+    /// than at the next failed write.
     async fn pump(
         &self,
         stream: TcpStream,
-        hello: &[u8],
+        keepalive: &[u8],
         queue: &mut mpsc::Receiver<Vec<Message>>,
     ) -> Ended {
         let (mut reader, mut writer) = stream.into_split();
-        if let Err(why) = write_with_timeout(&mut writer, hello).await {
-            return Ended::Lost(why);
-        }
         let mut probe = [0u8; 64];
         loop {
             tokio::select! {
-                batch = queue.recv() => {
-                    let Some(batch) = batch else {
-                        return Ended::TransportClosed;
+                batch = timeout(KEEPALIVE, queue.recv()) => {
+                    let batch = match batch {
+                        Err(_) => {
+                            if let Err(why) = write_with_timeout(&mut writer, keepalive).await {
+                                return Ended::Lost(why);
+                            }
+                            continue;
+                        }
+                        Ok(None) => return Ended::TransportClosed,
+                        Ok(Some(batch)) => batch,
                     };
                     let mut frames = Vec::new();
-                    encode_batch(self.cluster_id, batch, self.max_frame, &mut frames);
+                    encode_batch(
+                        self.options.cluster_id,
+                        batch,
+                        self.options.max_frame,
+                        &mut frames,
+                    );
                     for frame in frames {
                         if let Err(why) = write_with_timeout(&mut writer, &frame).await {
                             return Ended::Lost(why);
@@ -305,7 +445,8 @@ impl Link {
                     self.counters.batches_sent.fetch_add(1, Ordering::Relaxed);
                 }
                 read = reader.read(&mut probe) => {
-                    // The receiver never writes: any outcome means the connection is over.
+                    // The receiver never writes after the handshake: any outcome means the
+                    // connection is over.
                     return Ended::Lost(match read {
                         Ok(0) => "closed by the peer".to_string(),
                         Ok(_) => "the peer sent unexpected bytes".to_string(),
@@ -336,7 +477,7 @@ fn encode_batch(cluster_id: u64, batch: Vec<Message>, max_frame: usize, out: &mu
         }
         Ok(_) | Err(WireError::TooLarge { .. }) => {}
         Err(e) => {
-            eprintln!("raftkv tcp: dropping a batch that cannot be encoded: {e}");
+            warn!("dropping a batch that cannot be encoded: {e}");
             return;
         }
     }
@@ -344,8 +485,8 @@ fn encode_batch(cluster_id: u64, batch: Vec<Message>, max_frame: usize, out: &mu
         return;
     };
     if batch.len() <= 1 {
-        eprintln!(
-            "raftkv tcp: dropping a message larger than the {max_frame}-byte frame limit: {:?}",
+        warn!(
+            "dropping a message larger than the {max_frame}-byte frame limit: {:?}",
             batch.first().map(|m| (m.from, m.to, m.term))
         );
         return;
@@ -361,7 +502,15 @@ enum Refused {
     Wire(WireError),
     Io(std::io::Error),
     Protocol(&'static str),
-    HelloTimeout,
+    Handshake(HandshakeError),
+    /// The dialer's hello was refused; what it claimed.
+    Peer {
+        why: Refusal,
+        hello: guard::Hello,
+        ours: u64,
+    },
+    Idle,
+    TooSlow,
 }
 
 impl fmt::Display for Refused {
@@ -370,48 +519,101 @@ impl fmt::Display for Refused {
             Refused::Wire(e) => write!(f, "{e}"),
             Refused::Io(e) => write!(f, "io: {e}"),
             Refused::Protocol(what) => write!(f, "protocol: {what}"),
-            Refused::HelloTimeout => write!(f, "no hello within {HELLO_TIMEOUT:?}"),
+            Refused::Handshake(e) => write!(f, "{e}"),
+            Refused::Peer { why, hello, ours } => write!(
+                f,
+                "refused peer: {why} (it says it is node {} of cluster {:#x}, dialing node {}; \
+                 this node is in cluster {ours:#x})",
+                hello.from, hello.cluster, hello.to
+            ),
+            Refused::Idle => write!(f, "silent for {PEER_IDLE_TIMEOUT:?}"),
+            Refused::TooSlow => write!(f, "a frame took longer than its deadline"),
         }
     }
+}
+
+/// What [`serve`] needs to know: who this node is, the members it takes connections from,
+/// the secret and the frame limit.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// This node's identity, secret and frame limit.
+    pub peer: PeerOptions,
+    /// The cluster's members (this node's own id is ignored).
+    pub members: BTreeSet<NodeId>,
+}
+
+impl ServeOptions {
+    /// Node `my_id` of cluster `cluster_id` with members `members`, no secret, frames up to
+    /// [`wire::DEFAULT_MAX_FRAME`].
+    pub fn new(cluster_id: u64, my_id: NodeId, members: impl IntoIterator<Item = NodeId>) -> Self {
+        ServeOptions {
+            peer: PeerOptions::new(cluster_id, my_id),
+            members: members.into_iter().collect(),
+        }
+    }
+}
+
+struct ServeContext {
+    options: ServeOptions,
+    logs: LogLimiter,
 }
 
 /// Accepts peers' connections on `listener` and calls `on_message` (usually
 /// [`Node::step`](raftkv::Node::step)) for every message they carry, in order.
 ///
-/// Frames are decoded with a limit of `max_frame` bytes and must carry `cluster_id`. A
-/// connection that sends anything wrong — a decode error, another cluster's frame, no hello,
-/// a second hello — is logged (with the peer's address) and closed; the listener and the other
-/// connections go on. Messages whose `from` differs from the connection's hello are dropped
-/// (logged once per connection).
+/// A connection must complete the handshake (right cluster, right node, a member's id, the
+/// secret) and then send frames of at most `max_frame` bytes carrying the cluster id. A
+/// connection that sends anything wrong — a refused handshake, a decode error, another
+/// cluster's frame, a second hello — is logged (with the peer's address) and closed; the
+/// listener and the other connections go on. Messages whose `from` differs from the
+/// connection's hello are dropped (logged once per connection). See the module docs for the
+/// limits.
 ///
 /// Runs until its future is dropped (abort its task to stop listening); every connection it
 /// accepted is closed with it.
-pub async fn serve<F>(listener: TcpListener, cluster_id: u64, max_frame: usize, on_message: F)
+pub async fn serve<F>(listener: TcpListener, options: ServeOptions, on_message: F)
 where
     F: Fn(Message) + Send + Sync + 'static,
 {
     let on_message = Arc::new(on_message);
+    let context = Arc::new(ServeContext {
+        options,
+        logs: LogLimiter::new(10, Duration::from_secs(10)),
+    });
+    let slots = Slots::default();
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, addr)) => {
-                    if connections.len() >= MAX_CONNECTIONS {
-                        eprintln!("raftkv tcp: refusing {addr}: {MAX_CONNECTIONS} connections open");
-                        continue;
+                    // A newcomer evicts the connection that has been shaking hands longest:
+                    // idle sockets cannot keep a real peer out.
+                    if slots.count(|s| s == SlotState::Handshake) >= MAX_HANDSHAKING {
+                        slots.evict_oldest(|s| s == SlotState::Handshake);
                     }
+                    let slot = slots.open();
+                    let id = slot.id();
                     let on_message = on_message.clone();
-                    connections.spawn(async move {
-                        if let Err(e) =
-                            read_connection(stream, cluster_id, max_frame, &*on_message).await
-                        {
-                            eprintln!("raftkv tcp: connection from {addr}: {e}; closing it");
+                    let context = context.clone();
+                    let abort = connections.spawn(async move {
+                        let result = read_connection(stream, &context, &slot, &*on_message).await;
+                        if let Err(e) = result {
+                            if let Some(suppressed) = context.logs.allow() {
+                                let more = if suppressed > 0 {
+                                    format!(" ({suppressed} similar lines suppressed)")
+                                } else {
+                                    String::new()
+                                };
+                                warn!("peer connection from {addr}: {e}; closed it{more}");
+                            }
                         }
+                        drop(slot);
                     });
+                    slots.set_abort(id, abort);
                 }
                 Err(e) => {
                     // Out of file descriptors, say: wait a little rather than spin.
-                    eprintln!("raftkv tcp: accept failed: {e}");
+                    warn!("accept failed: {e}");
                     sleep(Duration::from_millis(100)).await;
                 }
             },
@@ -420,27 +622,80 @@ where
     }
 }
 
+/// The handshake of an accepted connection: the dialer's id, or why it was refused.
+async fn accept_handshake(
+    stream: &mut TcpStream,
+    options: &ServeOptions,
+) -> Result<NodeId, Refused> {
+    let me = &options.peer;
+    let challenge = guard::send_challenge(stream, Port::Peer, me.cluster_id, me.my_id)
+        .await
+        .map_err(Refused::Handshake)?;
+    let hello = guard::read_hello(stream, Port::Peer)
+        .await
+        .map_err(Refused::Handshake)?;
+    let verdict = guard::check_hello(Port::Peer, &me.secret, &challenge, &hello).and_then(|()| {
+        if hello.from == me.my_id || !options.members.contains(&hello.from) {
+            Err(Refusal::UnknownPeer)
+        } else {
+            Ok(())
+        }
+    });
+    guard::send_answer(stream, Port::Peer, &me.secret, &challenge, &hello, verdict)
+        .await
+        .map_err(Refused::Io)?;
+    match verdict {
+        Ok(()) => Ok(hello.from),
+        Err(why) => Err(Refused::Peer {
+            why,
+            hello,
+            ours: me.cluster_id,
+        }),
+    }
+}
+
 /// Reads one accepted connection until it ends (`Ok`) or misbehaves.
 async fn read_connection(
     mut stream: TcpStream,
-    cluster_id: u64,
-    max_frame: usize,
+    context: &ServeContext,
+    slot: &guard::SlotGuard,
     on_message: &(dyn Fn(Message) + Send + Sync),
 ) -> Result<(), Refused> {
-    let mut decoder = FrameDecoder::new(cluster_id).with_max_frame(max_frame);
+    let options = &context.options;
+    let _ = stream.set_nodelay(true);
+    let id = match timeout(HANDSHAKE_TIMEOUT, accept_handshake(&mut stream, options)).await {
+        Ok(result) => result?,
+        Err(_) => {
+            return Err(Refused::Handshake(HandshakeError::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no handshake within {HANDSHAKE_TIMEOUT:?}"),
+            ))))
+        }
+    };
+    if slot.claim_peer(id) > 0 {
+        info!("node {id} reconnected; closed its previous connection");
+    }
+    let (cluster_id, max_frame) = (options.peer.cluster_id, options.peer.max_frame);
+    let new_decoder = || FrameDecoder::new(cluster_id).with_max_frame(max_frame);
+    let mut decoder = new_decoder();
+    let mut fed_since_reset = 0usize;
     let mut buf = vec![0u8; READ_CHUNK];
-    let hello_deadline = Instant::now() + HELLO_TIMEOUT;
-    let mut from: Option<NodeId> = None;
+    let mut said_hello = false;
+    let mut partial_since: Option<Instant> = None;
     let mut forged = 0u64;
     loop {
-        let read = if from.is_none() {
-            tokio::time::timeout_at(hello_deadline, stream.read(&mut buf))
-                .await
-                .map_err(|_| Refused::HelloTimeout)?
-        } else {
-            stream.read(&mut buf).await
+        let idle = Instant::now() + PEER_IDLE_TIMEOUT;
+        let deadline = match partial_since {
+            Some(since) => guard::frame_deadline(since.into(), FRAME_BASE_TIME, max_frame)
+                .min(idle.into())
+                .into(),
+            None => idle,
         };
-        let n = read.map_err(Refused::Io)?;
+        let n = match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(read) => read.map_err(Refused::Io)?,
+            Err(_) if partial_since.is_some() => return Err(Refused::TooSlow),
+            Err(_) => return Err(Refused::Idle),
+        };
         if n == 0 {
             if decoder.buffered() > 0 {
                 return Err(Refused::Protocol("connection closed mid-frame"));
@@ -448,32 +703,43 @@ async fn read_connection(
             return Ok(());
         }
         decoder.feed(&buf[..n]);
+        fed_since_reset += n;
         while let Some(frame) = decoder.next_frame().map_err(Refused::Wire)? {
-            match (frame, from) {
-                (Frame::Hello { from: 0 }, _) => {
-                    return Err(Refused::Protocol("hello from node 0"))
+            match frame {
+                Frame::Hello { from } if !said_hello && from == id => said_hello = true,
+                Frame::Hello { .. } if !said_hello => {
+                    return Err(Refused::Protocol(
+                        "a hello from another node than the handshake's",
+                    ))
                 }
-                (Frame::Hello { from: id }, None) => from = Some(id),
-                (Frame::Hello { .. }, Some(_)) => return Err(Refused::Protocol("a second hello")),
-                (Frame::Messages(_), None) => {
+                Frame::Hello { .. } => return Err(Refused::Protocol("a second hello")),
+                Frame::Messages(_) if !said_hello => {
                     return Err(Refused::Protocol("messages before the hello"))
                 }
-                (Frame::Messages(messages), Some(id)) => {
+                Frame::Messages(messages) => {
                     for m in messages {
                         if m.from == id {
                             on_message(m);
                         } else {
                             if forged == 0 {
-                                eprintln!(
-                                    "raftkv tcp: node {id} sent a message from node {}; dropped",
-                                    m.from
-                                );
+                                warn!("node {id} sent a message from node {}; dropped", m.from);
                             }
                             forged += 1;
                         }
                     }
                 }
             }
+        }
+        if decoder.buffered() == 0 {
+            partial_since = None;
+            // Give back the memory a large frame took, rather than keep it for the
+            // connection's life.
+            if fed_since_reset > (1 << 20) {
+                decoder = new_decoder();
+                fed_since_reset = 0;
+            }
+        } else if partial_since.is_none() {
+            partial_since = Some(Instant::now());
         }
     }
 }

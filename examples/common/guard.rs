@@ -1,0 +1,801 @@
+//! What the demo node's two ports (`tcp.rs` for peers, `client_proto.rs` for clients) use to
+//! defend themselves: the shared-secret handshake, a byte budget for frames being received,
+//! a table of connection slots with eviction, and a limiter for repeated log lines.
+//!
+//! Included by `tcp.rs` and `client_proto.rs` as a child module
+//! (`#[path = "guard.rs"] pub mod guard;`), so each has its own copy; nothing here is global.
+//!
+//! # The handshake (both ports)
+//! Fixed-size messages, so nothing is allocated from what a stranger sends:
+//!
+//! ```text
+//! server -> dialer  Challenge  magic[8] | cluster u64 | node u64 | nonce_s[32]            56 B
+//! dialer -> server  Hello      magic[8] | cluster u64 | from u64 | to u64 | nonce_d[32]
+//!                              | mac[32]                                                 96 B
+//! server -> dialer  Answer     magic[8] | status u8 | mac[32]                             41 B
+//! ```
+//!
+//! (integers little-endian). The dialer's `mac` is HMAC-SHA256 over a label naming the port
+//! and direction, then `cluster | from | to | nonce_s | nonce_d`, keyed with the shared
+//! secret; the server's answer carries the same over the reply label, proving the server
+//! knows the secret too. The server's nonce is fresh for every connection, so a recorded
+//! Hello replayed on another connection fails. Without a secret the key is empty: the same
+//! exchange, proving nothing, and a node with a secret refuses a dialer without one (and the
+//! other way round).
+//!
+//! The challenge names the cluster and the node to anyone who connects (neither is a secret;
+//! it lets a misconfigured dialer be told exactly what it reached). This authenticates who
+//! opens a connection; it does not encrypt or protect the traffic
+//! that follows against someone who can see or change it on the path (use TLS or a VPN
+//! between hosts for that).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hmac::{Hmac, Mac};
+use parking_lot::Mutex;
+use sha2::Sha256;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::Semaphore;
+use tokio::task::AbortHandle;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Bytes of a nonce and of a MAC.
+pub const NONCE_LEN: usize = 32;
+/// Bytes of a [`Challenge`].
+pub const CHALLENGE_LEN: usize = 8 + 8 + 8 + NONCE_LEN;
+/// Bytes of a [`Hello`].
+pub const HELLO_LEN: usize = 8 + 8 + 8 + 8 + NONCE_LEN + NONCE_LEN;
+/// Bytes of an [`Answer`].
+pub const ANSWER_LEN: usize = 8 + 1 + NONCE_LEN;
+
+/// A shared secret (or none). The bytes are never printed.
+#[derive(Clone, Default)]
+pub struct Secret(Option<Arc<Vec<u8>>>);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(_) => write!(f, "Secret(set)"),
+            None => write!(f, "Secret(none)"),
+        }
+    }
+}
+
+impl Secret {
+    /// No secret: the handshake proves nothing.
+    pub fn none() -> Self {
+        Secret(None)
+    }
+
+    /// A secret of these bytes.
+    pub fn new(bytes: impl Into<Vec<u8>>) -> Self {
+        Secret(Some(Arc::new(bytes.into())))
+    }
+
+    /// Whether a secret is set.
+    pub fn is_set(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// Reads a secret from `path`: its bytes without trailing whitespace, at least 16 of
+    /// them. Returns a warning too if the file is readable by others than its owner.
+    pub fn from_file(path: &Path) -> Result<(Self, Option<String>), String> {
+        let bytes =
+            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let end = bytes
+            .iter()
+            .rposition(|b| !b.is_ascii_whitespace())
+            .map_or(0, |i| i + 1);
+        if end < 16 {
+            return Err(format!(
+                "{}: a secret needs at least 16 bytes (it has {end})",
+                path.display()
+            ));
+        }
+        let mut warning = None;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            if let Ok(meta) = std::fs::metadata(path) {
+                if meta.permissions().mode() & 0o077 != 0 {
+                    warning = Some(format!(
+                        "{} is readable by others (mode {:o}); chmod 600 it",
+                        path.display(),
+                        meta.permissions().mode() & 0o777
+                    ));
+                }
+            }
+        }
+        Ok((Secret::new(bytes[..end].to_vec()), warning))
+    }
+
+    fn key(&self) -> &[u8] {
+        self.0.as_deref().map_or(&[], Vec::as_slice)
+    }
+
+    /// HMAC-SHA256 of `label` then `parts`, keyed with the secret.
+    pub fn mac(&self, label: &[u8], parts: &[&[u8]]) -> [u8; NONCE_LEN] {
+        let mut mac = <HmacSha256 as Mac>::new_from_slice(self.key())
+            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+        mac.update(label);
+        for p in parts {
+            mac.update(p);
+        }
+        mac.finalize().into_bytes().into()
+    }
+
+    /// Whether `tag` is the MAC of `label` and `parts` (compared in constant time).
+    pub fn verify(&self, label: &[u8], parts: &[&[u8]], tag: &[u8]) -> bool {
+        let mut mac = <HmacSha256 as Mac>::new_from_slice(self.key())
+            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+        mac.update(label);
+        for p in parts {
+            mac.update(p);
+        }
+        mac.verify_slice(tag).is_ok()
+    }
+}
+
+/// A fresh random nonce from the operating system.
+pub fn nonce() -> std::io::Result<[u8; NONCE_LEN]> {
+    let mut n = [0u8; NONCE_LEN];
+    getrandom::fill(&mut n).map_err(|e| std::io::Error::other(format!("no randomness: {e}")))?;
+    Ok(n)
+}
+
+/// Which port a handshake is for; each has its own magic and MAC labels, so a message of one
+/// is worthless on the other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Port {
+    /// Raft traffic between nodes.
+    Peer,
+    /// Clients of the KV service.
+    Client,
+}
+
+impl Port {
+    fn magic(self, kind: u8) -> [u8; 8] {
+        let mut m = *match self {
+            Port::Peer => b"RKVPEER0",
+            Port::Client => b"RKVCLNT0",
+        };
+        m[7] = kind;
+        m
+    }
+    fn hello_label(self) -> &'static [u8] {
+        match self {
+            Port::Peer => b"raftkv peer hello v1",
+            Port::Client => b"raftkv client hello v1",
+        }
+    }
+    fn answer_label(self) -> &'static [u8] {
+        match self {
+            Port::Peer => b"raftkv peer answer v1",
+            Port::Client => b"raftkv client answer v1",
+        }
+    }
+}
+
+/// Why a handshake failed, as the server tells the dialer (and logs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The dialer belongs to another cluster.
+    WrongCluster = 1,
+    /// The dialer meant another node (its `--peers` has another address for this one).
+    WrongNode = 2,
+    /// The dialer's id is not a member of this cluster.
+    UnknownPeer = 3,
+    /// The proof is wrong: the dialer does not have this node's secret (or has one and this
+    /// node has none).
+    BadProof = 4,
+}
+
+impl Refusal {
+    fn from_code(code: u8) -> Option<Refusal> {
+        [
+            Refusal::WrongCluster,
+            Refusal::WrongNode,
+            Refusal::UnknownPeer,
+            Refusal::BadProof,
+        ]
+        .into_iter()
+        .find(|r| *r as u8 == code)
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Refusal::WrongCluster => "the dialer belongs to another cluster",
+            Refusal::WrongNode => "the dialer meant another node id at this address",
+            Refusal::UnknownPeer => "the dialer's node id is not a member of the cluster",
+            Refusal::BadProof => "the dialer's secret is wrong or missing",
+        })
+    }
+}
+
+/// The server's first message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Challenge {
+    /// The server's cluster.
+    pub cluster: u64,
+    /// The server's node id.
+    pub node: u64,
+    /// Fresh for this connection.
+    pub nonce: [u8; NONCE_LEN],
+}
+
+/// The dialer's answer to a [`Challenge`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hello {
+    /// The cluster the dialer belongs to.
+    pub cluster: u64,
+    /// The dialer's node id (0 for a client).
+    pub from: u64,
+    /// The node it means to reach.
+    pub to: u64,
+    /// The dialer's nonce.
+    pub nonce: [u8; NONCE_LEN],
+    /// The proof.
+    pub mac: [u8; NONCE_LEN],
+}
+
+/// Why a handshake did not complete.
+#[derive(Debug)]
+pub enum HandshakeError {
+    /// The socket failed, closed, or did not answer in time.
+    Io(std::io::Error),
+    /// The bytes are not this handshake (another protocol, a port of the other kind).
+    NotHandshake,
+    /// The server refused us (dialer side) or we refused the dialer (server side).
+    Refused(Refusal),
+    /// The server's answer does not prove it knows the secret.
+    ServerUnproven,
+}
+
+impl fmt::Display for HandshakeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HandshakeError::Io(e) => write!(f, "handshake: {e}"),
+            HandshakeError::NotHandshake => {
+                write!(f, "handshake: the other side does not speak this protocol")
+            }
+            HandshakeError::Refused(r) => write!(f, "handshake refused: {r}"),
+            HandshakeError::ServerUnproven => write!(
+                f,
+                "handshake: the server could not prove it has the secret (wrong or missing secret)"
+            ),
+        }
+    }
+}
+
+impl From<std::io::Error> for HandshakeError {
+    fn from(e: std::io::Error) -> Self {
+        HandshakeError::Io(e)
+    }
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut x = [0u8; 8];
+    x.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(x)
+}
+
+fn proof_parts<'a>(
+    cluster: &'a [u8; 8],
+    from: &'a [u8; 8],
+    to: &'a [u8; 8],
+    ns: &'a [u8],
+    nd: &'a [u8],
+) -> [&'a [u8]; 5] {
+    [cluster, from, to, ns, nd]
+}
+
+/// Server side, step 1: sends a fresh challenge.
+pub async fn send_challenge<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    port: Port,
+    cluster: u64,
+    node: u64,
+) -> Result<Challenge, HandshakeError> {
+    let c = Challenge {
+        cluster,
+        node,
+        nonce: nonce()?,
+    };
+    let mut b = Vec::with_capacity(CHALLENGE_LEN);
+    b.extend_from_slice(&port.magic(b'C'));
+    b.extend_from_slice(&cluster.to_le_bytes());
+    b.extend_from_slice(&node.to_le_bytes());
+    b.extend_from_slice(&c.nonce);
+    w.write_all(&b).await?;
+    Ok(c)
+}
+
+/// Server side, step 2: reads the dialer's hello (the caller bounds the time).
+pub async fn read_hello<R: AsyncRead + Unpin>(
+    r: &mut R,
+    port: Port,
+) -> Result<Hello, HandshakeError> {
+    let mut b = [0u8; HELLO_LEN];
+    r.read_exact(&mut b).await?;
+    if b[..8] != port.magic(b'H') {
+        return Err(HandshakeError::NotHandshake);
+    }
+    let mut nonce = [0u8; NONCE_LEN];
+    nonce.copy_from_slice(&b[32..64]);
+    let mut mac = [0u8; NONCE_LEN];
+    mac.copy_from_slice(&b[64..96]);
+    Ok(Hello {
+        cluster: u64_at(&b, 8),
+        from: u64_at(&b, 16),
+        to: u64_at(&b, 24),
+        nonce,
+        mac,
+    })
+}
+
+/// Server side, step 3: checks `hello` against the challenge and `secret` (the cluster and
+/// node checks come first, so a stranger learns why only for mistakes anyone could see).
+pub fn check_hello(
+    port: Port,
+    secret: &Secret,
+    challenge: &Challenge,
+    hello: &Hello,
+) -> Result<(), Refusal> {
+    if hello.cluster != challenge.cluster {
+        return Err(Refusal::WrongCluster);
+    }
+    if hello.to != challenge.node {
+        return Err(Refusal::WrongNode);
+    }
+    let (c, f, t) = (
+        hello.cluster.to_le_bytes(),
+        hello.from.to_le_bytes(),
+        hello.to.to_le_bytes(),
+    );
+    let parts = proof_parts(&c, &f, &t, &challenge.nonce, &hello.nonce);
+    if !secret.verify(port.hello_label(), &parts, &hello.mac) {
+        return Err(Refusal::BadProof);
+    }
+    Ok(())
+}
+
+/// Server side, step 4: accepts (with the server's proof) or refuses.
+pub async fn send_answer<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    port: Port,
+    secret: &Secret,
+    challenge: &Challenge,
+    hello: &Hello,
+    verdict: Result<(), Refusal>,
+) -> std::io::Result<()> {
+    let mut b = Vec::with_capacity(ANSWER_LEN);
+    b.extend_from_slice(&port.magic(b'A'));
+    match verdict {
+        Ok(()) => {
+            b.push(0);
+            let (c, f, t) = (
+                hello.cluster.to_le_bytes(),
+                hello.from.to_le_bytes(),
+                hello.to.to_le_bytes(),
+            );
+            let parts = proof_parts(&c, &f, &t, &challenge.nonce, &hello.nonce);
+            b.extend_from_slice(&secret.mac(port.answer_label(), &parts));
+        }
+        Err(r) => {
+            b.push(r as u8);
+            b.extend_from_slice(&[0u8; NONCE_LEN]);
+        }
+    }
+    w.write_all(&b).await?;
+    w.flush().await
+}
+
+/// Dialer side, step 1: reads the server's challenge.
+pub async fn read_challenge<R: AsyncRead + Unpin>(
+    r: &mut R,
+    port: Port,
+) -> Result<Challenge, HandshakeError> {
+    let mut b = [0u8; CHALLENGE_LEN];
+    r.read_exact(&mut b).await?;
+    if b[..8] != port.magic(b'C') {
+        return Err(HandshakeError::NotHandshake);
+    }
+    let mut nonce = [0u8; NONCE_LEN];
+    nonce.copy_from_slice(&b[24..56]);
+    Ok(Challenge {
+        cluster: u64_at(&b, 8),
+        node: u64_at(&b, 16),
+        nonce,
+    })
+}
+
+/// Dialer side, step 2: the hello answering `challenge` (write it with [`hello_bytes`]).
+pub fn make_hello(
+    port: Port,
+    secret: &Secret,
+    challenge: &Challenge,
+    cluster: u64,
+    from: u64,
+    to: u64,
+) -> std::io::Result<Hello> {
+    let nonce = nonce()?;
+    let (c, f, t) = (cluster.to_le_bytes(), from.to_le_bytes(), to.to_le_bytes());
+    let parts = proof_parts(&c, &f, &t, &challenge.nonce, &nonce);
+    Ok(Hello {
+        cluster,
+        from,
+        to,
+        nonce,
+        mac: secret.mac(port.hello_label(), &parts),
+    })
+}
+
+/// The bytes of `hello`.
+pub fn hello_bytes(port: Port, hello: &Hello) -> Vec<u8> {
+    let mut b = Vec::with_capacity(HELLO_LEN);
+    b.extend_from_slice(&port.magic(b'H'));
+    b.extend_from_slice(&hello.cluster.to_le_bytes());
+    b.extend_from_slice(&hello.from.to_le_bytes());
+    b.extend_from_slice(&hello.to.to_le_bytes());
+    b.extend_from_slice(&hello.nonce);
+    b.extend_from_slice(&hello.mac);
+    b
+}
+
+/// Dialer side, step 3: reads the server's answer and checks its proof.
+pub async fn read_answer<R: AsyncRead + Unpin>(
+    r: &mut R,
+    port: Port,
+    secret: &Secret,
+    challenge: &Challenge,
+    hello: &Hello,
+) -> Result<(), HandshakeError> {
+    let mut b = [0u8; ANSWER_LEN];
+    r.read_exact(&mut b).await?;
+    if b[..8] != port.magic(b'A') {
+        return Err(HandshakeError::NotHandshake);
+    }
+    if b[8] != 0 {
+        return Err(
+            Refusal::from_code(b[8]).map_or(HandshakeError::NotHandshake, HandshakeError::Refused)
+        );
+    }
+    let (c, f, t) = (
+        hello.cluster.to_le_bytes(),
+        hello.from.to_le_bytes(),
+        hello.to.to_le_bytes(),
+    );
+    let parts = proof_parts(&c, &f, &t, &challenge.nonce, &hello.nonce);
+    if !secret.verify(port.answer_label(), &parts, &b[9..]) {
+        return Err(HandshakeError::ServerUnproven);
+    }
+    Ok(())
+}
+
+/// Bytes of frames being received, bounded across every connection of a port. A large
+/// frame's length is reserved here before its body is read (its buffer still grows only as
+/// bytes arrive); a connection that cannot reserve waits, holding nothing (it stops reading,
+/// so its sender stalls), until its frame's deadline.
+#[derive(Clone, Debug)]
+pub struct ByteBudget {
+    units: Arc<Semaphore>,
+    total: usize,
+}
+
+/// Budget is counted in units of this many bytes.
+const BUDGET_UNIT: usize = 4096;
+
+impl ByteBudget {
+    /// A budget of `bytes` (rounded up to whole 4 KiB units).
+    pub fn new(bytes: usize) -> Self {
+        let units = bytes.div_ceil(BUDGET_UNIT);
+        ByteBudget {
+            units: Arc::new(Semaphore::new(units)),
+            total: units * BUDGET_UNIT,
+        }
+    }
+
+    /// The whole budget, in bytes.
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    /// Bytes not reserved right now.
+    pub fn available(&self) -> usize {
+        self.units.available_permits() * BUDGET_UNIT
+    }
+
+    /// Reserves `bytes` more for `held`, waiting for them until `deadline`; false if the
+    /// deadline passed first (or the request exceeds the whole budget).
+    pub async fn reserve(&self, held: &mut Reservation, bytes: usize, deadline: Instant) -> bool {
+        let units = bytes.div_ceil(BUDGET_UNIT);
+        let Ok(units32) = u32::try_from(units) else {
+            return false;
+        };
+        if units * BUDGET_UNIT > self.total {
+            return false;
+        }
+        let acquire = self.units.acquire_many(units32);
+        match tokio::time::timeout_at(deadline.into(), acquire).await {
+            Ok(Ok(permit)) => {
+                permit.forget();
+                held.units += units;
+                held.budget = Some(self.units.clone());
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Budget held by one buffer; given back when dropped.
+#[derive(Debug, Default)]
+pub struct Reservation {
+    budget: Option<Arc<Semaphore>>,
+    units: usize,
+}
+
+impl Reservation {
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.units * BUDGET_UNIT
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if let Some(b) = &self.budget {
+            b.add_permits(self.units);
+        }
+    }
+}
+
+/// Reads exactly `len` bytes into a buffer that grows (doubling, never past `len`) only as
+/// bytes arrive; the whole read must end by `deadline`. A frame longer than `free` first
+/// reserves its whole length from `budget` (accounting only: nothing is allocated for bytes
+/// that have not arrived), so connections never hold part of the budget while waiting for
+/// the rest — a connection waits holding nothing, and one that has its reservation keeps
+/// reading (and notices at once if its peer goes away). Returns the bytes and the
+/// reservation covering them (keep it while the bytes are held). Without a budget the buffer
+/// still grows only as bytes arrive.
+pub async fn read_budgeted<R: AsyncRead + Unpin>(
+    r: &mut R,
+    len: usize,
+    free: usize,
+    budget: Option<&ByteBudget>,
+    deadline: Instant,
+) -> Result<(Vec<u8>, Reservation), BudgetedReadError> {
+    let mut held = Reservation::default();
+    if len > free {
+        if let Some(budget) = budget {
+            if !budget.reserve(&mut held, len, deadline).await {
+                return Err(BudgetedReadError::NoBudget);
+            }
+        }
+    }
+    let mut buf: Vec<u8> = Vec::new();
+    buf.reserve_exact(len.min(free.max(1)));
+    while buf.len() < len {
+        if buf.len() == buf.capacity() {
+            let grow = buf.capacity().min(len - buf.len()).max(1);
+            buf.reserve_exact(grow);
+        }
+        // Into the spare capacity, without zeroing it first, and never past `len`.
+        let mut limited = (&mut *r).take((len - buf.len()) as u64);
+        let read = tokio::time::timeout_at(deadline.into(), limited.read_buf(&mut buf)).await;
+        match read {
+            Err(_) => return Err(BudgetedReadError::TooSlow),
+            Ok(Err(e)) => return Err(BudgetedReadError::Io(e)),
+            Ok(Ok(0)) => {
+                return Err(BudgetedReadError::Io(
+                    std::io::ErrorKind::UnexpectedEof.into(),
+                ))
+            }
+            Ok(Ok(_)) => {}
+        }
+    }
+    Ok((buf, held))
+}
+
+/// Why [`read_budgeted`] failed.
+#[derive(Debug)]
+pub enum BudgetedReadError {
+    /// The socket failed or closed mid-frame.
+    Io(std::io::Error),
+    /// The frame's bytes did not all arrive by its deadline.
+    TooSlow,
+    /// Other connections hold the whole budget until past this frame's deadline.
+    NoBudget,
+}
+
+/// The time a frame of `len` bytes may take to arrive: `base`, plus one second per MiB (so a
+/// connection cannot hold a buffer by trickling bytes).
+pub fn frame_deadline(start: Instant, base: Duration, len: usize) -> Instant {
+    start + base + Duration::from_secs((len >> 20) as u64)
+}
+
+/// What one connection slot is doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlotState {
+    /// Accepted, handshake not done.
+    Handshake,
+    /// Waiting for its next request (clients).
+    Idle,
+    /// Reading or serving a request (clients).
+    Busy,
+    /// An authenticated peer, by node id.
+    Peer(u64),
+}
+
+struct Slot {
+    state: SlotState,
+    since: Instant,
+    abort: Option<AbortHandle>,
+}
+
+/// The connections of one port: what each is doing and since when, so the accept loop can
+/// evict the one that has waited longest instead of refusing a newcomer, and a peer that
+/// reconnects can replace its old connection.
+#[derive(Clone, Default)]
+pub struct Slots(Arc<Mutex<SlotsInner>>);
+
+#[derive(Default)]
+struct SlotsInner {
+    next: u64,
+    slots: HashMap<u64, Slot>,
+}
+
+/// A connection's place in [`Slots`]; dropping it (the connection task ending or being
+/// aborted) frees the slot.
+pub struct SlotGuard {
+    slots: Slots,
+    id: u64,
+}
+
+impl Slots {
+    /// Takes a slot in the handshake state.
+    pub fn open(&self) -> SlotGuard {
+        let mut inner = self.0.lock();
+        inner.next += 1;
+        let id = inner.next;
+        inner.slots.insert(
+            id,
+            Slot {
+                state: SlotState::Handshake,
+                since: Instant::now(),
+                abort: None,
+            },
+        );
+        SlotGuard {
+            slots: self.clone(),
+            id,
+        }
+    }
+
+    /// Slots whose state passes `filter`.
+    pub fn count(&self, filter: impl Fn(SlotState) -> bool) -> usize {
+        self.0
+            .lock()
+            .slots
+            .values()
+            .filter(|s| filter(s.state))
+            .count()
+    }
+
+    /// Records the task to abort to close connection `id` (see [`SlotGuard::id`]).
+    pub fn set_abort(&self, id: u64, abort: AbortHandle) {
+        if let Some(s) = self.0.lock().slots.get_mut(&id) {
+            s.abort = Some(abort);
+        }
+    }
+
+    /// Closes the slot that has been in a state passing `filter` the longest; false if none.
+    pub fn evict_oldest(&self, filter: impl Fn(SlotState) -> bool) -> bool {
+        let mut inner = self.0.lock();
+        let oldest = inner
+            .slots
+            .iter()
+            .filter(|(_, s)| filter(s.state))
+            .min_by_key(|(_, s)| s.since)
+            .map(|(id, _)| *id);
+        match oldest.and_then(|id| inner.slots.remove(&id)) {
+            Some(slot) => {
+                if let Some(a) = slot.abort {
+                    a.abort();
+                }
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl SlotGuard {
+    /// This slot's id (for [`Slots::set_abort`]).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Moves to `state` (restarting its clock).
+    pub fn set(&self, state: SlotState) {
+        if let Some(s) = self.slots.0.lock().slots.get_mut(&self.id) {
+            s.state = state;
+            s.since = Instant::now();
+        }
+    }
+
+    /// Becomes peer `peer`'s connection, closing any other it had; returns how many it
+    /// replaced.
+    pub fn claim_peer(&self, peer: u64) -> usize {
+        let mut inner = self.slots.0.lock();
+        let old: Vec<u64> = inner
+            .slots
+            .iter()
+            .filter(|(id, s)| **id != self.id && s.state == SlotState::Peer(peer))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &old {
+            if let Some(slot) = inner.slots.remove(id) {
+                if let Some(a) = slot.abort {
+                    a.abort();
+                }
+            }
+        }
+        if let Some(s) = inner.slots.get_mut(&self.id) {
+            s.state = SlotState::Peer(peer);
+            s.since = Instant::now();
+        }
+        old.len()
+    }
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        self.slots.0.lock().slots.remove(&self.id);
+    }
+}
+
+/// Lets a kind of log line through at most `burst` times per `window`, counting the rest.
+pub struct LogLimiter {
+    window: Duration,
+    burst: u32,
+    state: Mutex<(Instant, u32, u64)>,
+}
+
+impl LogLimiter {
+    /// At most `burst` lines per `window`.
+    pub fn new(burst: u32, window: Duration) -> Self {
+        LogLimiter {
+            window,
+            burst,
+            state: Mutex::new((Instant::now(), 0, 0)),
+        }
+    }
+
+    /// `Some(suppressed)` if a line may be logged now (`suppressed` lines were dropped since
+    /// the last one that was), `None` if this one is to be dropped.
+    pub fn allow(&self) -> Option<u64> {
+        let mut s = self.state.lock();
+        let now = Instant::now();
+        if now.duration_since(s.0) >= self.window {
+            s.0 = now;
+            s.1 = 0;
+        }
+        if s.1 < self.burst {
+            s.1 += 1;
+            let suppressed = s.2;
+            s.2 = 0;
+            Some(suppressed)
+        } else {
+            s.2 += 1;
+            None
+        }
+    }
+}
