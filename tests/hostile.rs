@@ -244,7 +244,7 @@ fn an_oversized_put_is_refused_at_once_and_never_wedges_the_cluster() {
                 matches!(answer, Err(ProposeError::TooLarge { .. })),
                 "a {size}-byte value: {answer:?}"
             );
-            assert!(took < Duration::from_secs(3), "refused only after {took:?}");
+            assert!(took < Duration::from_secs(8), "refused only after {took:?}");
         }
 
         // What an operator sees from the CLI: the limit, at once, not a lost answer.
@@ -263,7 +263,7 @@ fn an_oversized_put_is_refused_at_once_and_never_wedges_the_cluster() {
             stderr.trim()
         );
         assert!(!ok && stderr.contains("too large"), "{stderr}");
-        assert!(took < Duration::from_secs(3), "the CLI took {took:?}");
+        assert!(took < Duration::from_secs(8), "the CLI took {took:?}");
 
         // Just under the entry limit: replicates to every node (the Raft frame holds it).
         let near = (8 << 20) - 4096;
