@@ -107,8 +107,15 @@ struct Stalled {
     progress: WriteProgress,
 }
 
-/// A core with its storage and state machine, carrying out the core's output. See the
-/// [module docs](self).
+/// A core with its storage and state machine, carrying out the core's output.
+///
+/// Step any number of inputs ([`Engine::core_mut`] + `step`/`tick`, [`Engine::propose`],
+/// [`Engine::read`]), then call [`Engine::advance`]: it hands out every pending
+/// [`Ready`](crate::raft::Ready) and carries each out up to its writes. Call
+/// [`Engine::sync`] (or [`Engine::sync_through`]) when the host wants its fsync — right away
+/// (a blocking host; [`Engine::run`] does both until quiet), or later while it keeps stepping
+/// and advancing (an fsync in flight). Nothing a batch must not claim before it is durable
+/// leaves before the sync that covers it; batches complete strictly in order.
 ///
 /// ```
 /// use raftkv::host::{Engine, Host};

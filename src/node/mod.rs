@@ -56,10 +56,12 @@ pub struct NodeConfig {
     pub inbox_capacity: usize,
     /// Message batches queued per peer at most (default 256); beyond that they are dropped.
     pub peer_queue_capacity: usize,
-    /// Take a snapshot and compact the log once the stored log has grown by this many bytes
-    /// since the last compaction (default 64 MiB; `None` disables automatic snapshots,
-    /// [`Node::snapshot`] still works). The file storage frees whole segments, so it may keep
-    /// up to one segment more than this.
+    /// Take a snapshot and compact the log once the log retained beyond the snapshot holds
+    /// more than this many bytes ([`Entry::size`](crate::raft::Entry::size); default 64 MiB;
+    /// `None` disables automatic snapshots, [`Node::snapshot`] still works). The log never
+    /// grows past twice this: there the node takes on no more log (proposals get
+    /// [`ProposeError::Busy`]) until the snapshot compacts it. The file storage frees whole
+    /// segments, so it may keep up to one segment more.
     pub max_log_bytes: Option<u64>,
 }
 

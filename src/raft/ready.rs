@@ -16,14 +16,33 @@ pub struct PersistAck {
     pub last_term: Term,
 }
 
-/// One batch of work for the host. Handle it in this order:
+/// One batch of work for the host. [`host::Engine`](crate::host::Engine) does all of this for
+/// you; a host of its own handles every part, in this order:
 ///
-/// 1. send [`Ready::messages`] (they do not depend on this batch being durable — this is what
-///    lets a leader replicate in parallel with its own fsync);
-/// 2. write [`Ready::hard_state`] and [`Ready::entries`] to storage and sync;
-/// 3. call [`RaftCore::on_persisted`](super::RaftCore::on_persisted) with [`Ready::ack`];
-/// 4. send [`Ready::persisted_messages`];
-/// 5. apply [`Ready::committed_entries`] in order (they are already durable).
+/// 1. send [`Ready::messages`] at once (they claim nothing about durability — this is what
+///    lets a leader replicate in parallel with its own fsync), together with the snapshot
+///    chunks of [`Ready::snapshot_requests`] read from storage (skip a request whose `meta`
+///    is no longer the stored snapshot);
+/// 2. fail the reads of [`Ready::failed_reads`]; keep the [`Ready::read_states`] until the
+///    state machine has applied their index (step 7);
+/// 3. write to storage, in this order (see [`host::write_ready`](crate::host::write_ready)):
+///    [`Ready::hard_state`]; the [`Ready::snapshot_chunks`], in order; the
+///    [`Ready::install_snapshot`] (it replaces the stored log and is durable when it
+///    returns); [`Ready::entries`] (which follow any installed snapshot); and, if
+///    [`Ready::tail_loss_repaired`], the end of the tail-loss recovery, last;
+/// 4. if a snapshot was installed, restore the state machine from it before applying anything
+///    after it;
+/// 5. sync — now, or later while you go on stepping inputs and handing out further batches
+///    (an fsync in flight); then call [`RaftCore::on_persisted`](super::RaftCore::on_persisted)
+///    with the [`Ready::ack`] of every batch the sync covers, in the order they were handed
+///    out, and only then send their [`Ready::persisted_messages`] (votes, acknowledgements,
+///    anything of a new term: they claim what the sync made durable). A batch with nothing
+///    to persist still completes in order, after the batches before it;
+/// 6. apply [`Ready::committed_entries`] in order — they are already durable here, so this
+///    need not wait for step 5;
+/// 7. serve the confirmed reads whose index is now applied.
+///
+/// Any number of inputs may be stepped before one `ready()`, and between any two steps above.
 #[derive(Clone, Debug, Default)]
 #[must_use = "a Ready carries work the host must do"]
 pub struct Ready {

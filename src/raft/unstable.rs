@@ -17,7 +17,14 @@
 
 use super::Index;
 
-/// The handed-out and durable positions of the core's log. See the [module docs](self).
+/// The handed-out and durable positions of the core's log.
+///
+/// Entries are first *handed out* in a [`Ready`](super::Ready) (written, not yet synced),
+/// later reported *durable* through [`RaftCore::on_persisted`](super::RaftCore::on_persisted);
+/// several batches may be handed out before the first is durable. Invariants:
+/// `persisted < handed_from <= last_index + 1`; `persisted` moves forward only when the host
+/// reports durability, and every other change (a conflicting suffix, a replacing snapshot)
+/// can only move it back.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Unstable {
     /// The prefix `..=persisted` of the log is known durable in storage.
