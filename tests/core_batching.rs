@@ -398,3 +398,25 @@ fn a_crash_inside_the_fsync_window_loses_only_what_was_never_acknowledged() {
     assert_eq!(net.core(2).log().last_index(), 2);
     assert_eq!(net.storage(2).durable_last_index(), 2);
 }
+
+/// Found by the batching simulation (sim_crash churn_unreliable, seed 55): the last chunk of
+/// one snapshot and the first chunk of the next (the leader compacted meanwhile), stepped
+/// before one `ready()`. The second transfer's chunk took the storage's incoming slot before
+/// the first snapshot was installed, and the install failed. Now a chunk arriving while an
+/// install waits to be handed out is dropped, as if lost.
+#[test]
+fn a_new_transfer_waits_for_the_pending_install() {
+    let mut net = Lockstep::with_logs(&[&[1; 6], &[1], &[1]], plain);
+    let first = SnapshotMeta { index: 3, term: 1 };
+    let second = SnapshotMeta { index: 6, term: 1 };
+    net.step_only(chunk(1, 2, 1, first, 2, 0, "ab"));
+    net.step_only(chunk(1, 2, 1, second, 4, 0, "cd"));
+    net.flush(2);
+    assert_eq!(net.storage(2).durable_snapshot(), first);
+    assert!(!net.core(2).receiving_snapshot());
+    // The second transfer, sent again, goes through.
+    net.send(chunk(1, 2, 1, second, 4, 0, "cd"));
+    net.send(chunk(1, 2, 1, second, 4, 2, "ef"));
+    assert_eq!(net.storage(2).durable_snapshot(), second);
+    assert_eq!(net.storage(2).snapshot().unwrap().unwrap().1, b"cdef");
+}

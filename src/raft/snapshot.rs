@@ -224,6 +224,7 @@ impl RaftCore {
         self.leader = Some(leader);
         let commit = self.log.commit();
         let holds_last_entry = self.log.matches(meta.index, meta.term);
+        let install_pending = self.install_snapshot.is_some();
         let Some(f) = self.follower_mut() else { return };
         if meta.index <= commit {
             // Old or duplicate: we already have all of it; tell the leader where we are.
@@ -232,6 +233,12 @@ impl RaftCore {
                 match_index: commit,
             });
             self.send(leader, body, Dispatch::AfterPersist);
+            return;
+        }
+        if install_pending {
+            // A snapshot completed in this batch and is not handed out yet: its install must
+            // reach storage before another transfer's chunks do. Dropped, as if lost; the
+            // leader sends it again.
             return;
         }
         let expected = match f.incoming {
