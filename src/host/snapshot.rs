@@ -90,15 +90,15 @@ impl<S: Storage> Read for SnapshotReader<'_, S> {
 
 /// When to take a local snapshot, and the one being written.
 ///
-/// A snapshot is due once the log the core retains beyond its snapshot holds more than
-/// `max_log_bytes` ([`Entry::size`](crate::raft::Entry::size)) and at least half of its
-/// entries are applied (so a snapshot frees a good part of it, not just the last apply).
-/// The core itself stops taking on log at twice the bound
+/// A snapshot is due once the committed part of the log the core retains beyond its snapshot
+/// holds more than `max_log_bytes` ([`Entry::size`](crate::raft::Entry::size)) — what a
+/// snapshot can compact, so one is never due when it would free little — and something was
+/// applied since the last. The core itself takes on no more log at twice the bound
 /// ([`RaftCore::set_log_limit`]), which bounds what arrives while a snapshot is written.
 #[derive(Clone, Debug)]
 pub struct SnapshotPolicy {
-    /// Take a snapshot once the retained log holds more than this many bytes (`None`: never
-    /// automatically). A storage that frees whole segments may keep up to a segment beyond
+    /// Take a snapshot once the committed retained log holds more than this many bytes
+    /// (`None`: never automatically). A storage that frees whole segments may keep up to a segment beyond
     /// what the core retains.
     pub max_log_bytes: Option<u64>,
     /// A local snapshot being written: its meta and the bytes stored so far.
@@ -132,10 +132,9 @@ impl SnapshotPolicy {
         if applied <= base {
             return None;
         }
-        let mostly_applied = (applied - base) * 2 >= log.last_index() - base;
         let over = self
             .max_log_bytes
-            .is_some_and(|max| log.bytes() > max && mostly_applied);
+            .is_some_and(|max| log.committed_bytes() > max);
         if !(force || over) {
             return None;
         }

@@ -628,6 +628,13 @@ impl RaftCore {
             log.last_index()
         );
         assert!(
+            log.committed_bytes() <= log.bytes(),
+            "node {}: committed bytes {} above the retained {}",
+            self.cfg.id,
+            log.committed_bytes(),
+            log.bytes()
+        );
+        assert!(
             self.durable_term <= self.term,
             "node {}: durable term {} above the current term {}",
             self.cfg.id,
@@ -807,21 +814,36 @@ impl RaftCore {
     }
 
     /// Bounds the bytes ([`Entry::size`]) of the log this node retains beyond its snapshot
-    /// (`None`: unbounded, the default). At the bound the node takes on no more log until a
-    /// snapshot compacts it: as leader it refuses proposals with
-    /// [`CoreProposeError::Busy`]; as follower it leaves appends that would grow its log
-    /// unanswered (the leader sends them again). A log that is empty always takes one entry,
-    /// whatever its size. The [`Node`](crate::Node) sets it to twice its snapshot threshold,
-    /// so that a snapshot being written never lets the log grow without bound.
+    /// (`None`: unbounded, the default). As leader it refuses proposals with
+    /// [`CoreProposeError::Busy`] that would take its log past the bound (an empty log always
+    /// takes one entry, whatever its size). As follower, past the bound, it leaves appends
+    /// that would grow its log unanswered (the leader sends them again) while more than half
+    /// the bound is committed — a snapshot is then due and will compact it; uncommitted
+    /// entries are always taken, since the leader may need them to commit anything. The
+    /// [`Node`](crate::Node) sets it to twice its snapshot threshold, so that a snapshot being
+    /// written never lets the log grow without bound.
     pub fn set_log_limit(&mut self, limit: Option<u64>) {
         self.log_limit = limit;
     }
 
-    /// True if `more` bytes of log fit under the limit.
+    /// Leader: true if `more` bytes of new proposals fit under the limit.
     pub(super) fn log_has_room(&self, more: u64) -> bool {
         let held = self.log.bytes();
         match self.log_limit {
             Some(limit) => held == 0 || held + more <= limit,
+            None => true,
+        }
+    }
+
+    /// Follower: true if entries of `more` bytes from the leader may be taken now. Over the
+    /// limit they wait only while at least half the limit is committed — compactable by the
+    /// snapshot that is then due — never for uncommitted entries alone, which the leader may
+    /// need to commit anything at all.
+    pub(super) fn log_takes(&self, more: u64) -> bool {
+        match self.log_limit {
+            Some(limit) => {
+                self.log.bytes() + more <= limit || self.log.committed_bytes() <= limit / 2
+            }
             None => true,
         }
     }

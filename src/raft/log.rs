@@ -27,6 +27,8 @@ pub struct RaftLog {
     start: usize,
     /// Sum of [`Entry::size`] over the retained entries, kept as they come and go.
     bytes: u64,
+    /// The same over the retained entries at or below the commit index.
+    committed_bytes: u64,
     commit: Index,
     applied: Index,
     unstable: Unstable,
@@ -46,6 +48,7 @@ impl RaftLog {
             entries,
             start: 0,
             bytes,
+            committed_bytes: 0,
             commit: snapshot.index,
             applied: snapshot.index,
             unstable: Unstable::restored(last),
@@ -64,6 +67,8 @@ impl RaftLog {
             .map(Entry::size)
             .sum();
         self.bytes -= dropped;
+        // Only applied, hence committed, entries are ever dropped from the front.
+        self.committed_bytes -= dropped;
         self.start += n;
         if self.start >= 1024 && self.start * 2 >= self.entries.len() {
             self.entries.drain(..self.start);
@@ -86,6 +91,11 @@ impl RaftLog {
     /// Sum of [`Entry::size`] over the retained entries.
     pub fn bytes(&self) -> u64 {
         self.bytes
+    }
+    /// Sum of [`Entry::size`] over the retained entries at or below the commit index (what a
+    /// snapshot will be able to compact).
+    pub fn committed_bytes(&self) -> u64 {
+        self.committed_bytes
     }
     /// Term of the last entry.
     pub fn last_term(&self) -> Term {
@@ -247,8 +257,13 @@ impl RaftLog {
                 index <= self.last_index(),
                 "commit {index} beyond last index"
             );
-            self.commit = index.min(self.last_index());
+            self.raise_commit(index.min(self.last_index()));
         }
+    }
+
+    fn raise_commit(&mut self, index: Index) {
+        self.committed_bytes += self.bytes_between(self.commit + 1, index + 1);
+        self.commit = index;
     }
 
     /// Hands out the entries not yet handed to storage and marks them handed.
@@ -322,6 +337,7 @@ impl RaftLog {
         self.entries.clear();
         self.start = 0;
         self.bytes = 0;
+        self.committed_bytes = 0;
         self.snapshot = meta;
         self.commit = meta.index;
         self.applied = meta.index;
@@ -335,7 +351,9 @@ impl RaftLog {
         let index = index.min(self.persisted());
         if index > self.applied {
             self.applied = index;
-            self.commit = self.commit.max(index);
+            if index > self.commit {
+                self.raise_commit(index);
+            }
         }
     }
 
@@ -390,6 +408,27 @@ mod tests {
         assert_eq!(log.bytes_between(2, 3), ENTRY_OVERHEAD);
         assert_eq!(log.bytes_between(0, 100), 3 * ENTRY_OVERHEAD);
         assert_eq!(log.bytes_between(3, 2), 0);
+    }
+
+    #[test]
+    fn byte_counts_follow_appends_commits_truncations_and_compaction() {
+        let mut log = log_of(&[1, 1, 1]);
+        assert_eq!(
+            (log.bytes(), log.committed_bytes()),
+            (3 * ENTRY_OVERHEAD, 0)
+        );
+        log.commit_to(2);
+        assert_eq!(log.committed_bytes(), 2 * ENTRY_OVERHEAD);
+        assert_eq!(log.maybe_append(2, 1, 2, vec![e(3, 2), e(4, 2)]), Some(4));
+        assert_eq!(log.bytes(), 4 * ENTRY_OVERHEAD);
+        log.set_applied(2);
+        assert!(log.compact(SnapshotMeta { index: 2, term: 1 }));
+        assert_eq!(
+            (log.bytes(), log.committed_bytes()),
+            (2 * ENTRY_OVERHEAD, 0)
+        );
+        log.commit_to(4);
+        assert_eq!(log.committed_bytes(), 2 * ENTRY_OVERHEAD);
     }
 
     #[test]

@@ -27,8 +27,8 @@ impl RaftCore {
             .filter(|e| e.index > last)
             .map(Entry::size)
             .sum();
-        if growth > 0 && !self.log_has_room(growth) {
-            return; // at the log limit: as if lost, until a snapshot compacts the log
+        if growth > 0 && !self.log_takes(growth) {
+            return; // at the log limit: as if lost, until the due snapshot compacts the log
         }
         let response = if prev_index < self.log.commit() {
             // Everything up to our commit index matches any leader's log; take what follows.

@@ -816,7 +816,9 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
     }
 
     /// Proposes on `id` and runs until the command is applied there (within `max_ms`).
-    /// Returns its index and output, or `None` if it was refused, dropped or timed out.
+    /// Returns its index and output, or `None` if it was refused, dropped or timed out. A
+    /// proposal refused because the leader is busy (its uncommitted tail or its log is at its
+    /// bound) is retried every 10 ms within `max_ms`, as a client would.
     pub fn propose_and_wait(
         &mut self,
         id: NodeId,
@@ -826,7 +828,16 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
     where
         M::Output: Clone,
     {
-        let p = self.propose(id, command).ok()?;
+        let command = command.into();
+        let end = self.now + max_ms;
+        let p = loop {
+            match self.propose(id, command.clone()) {
+                Ok(p) => break p,
+                Err(CoreProposeError::Busy) if self.now + 10 < end => self.run_for(10),
+                Err(_) => return None,
+            }
+        };
+        let max_ms = end.saturating_sub(self.now).max(1);
         let found = |c: &Self| {
             c.acknowledged
                 .iter()
