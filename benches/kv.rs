@@ -23,7 +23,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use futures::future::join_all;
 use raftkv::error::ProposeError;
 use raftkv::kv::{
-    encode_command, encode_query, request, KvCommand, KvOp, KvResult, KvStateMachine,
+    encode_command, encode_query, request, Answer, KvCommand, KvOp, KvResult, KvStateMachine,
 };
 use raftkv::raft::Rng;
 use raftkv::Node;
@@ -79,7 +79,10 @@ async fn one_op(leader: &KvNode, client: &mut Client, gets_percent: u64) -> bool
         let query = encode_query(&KvOp::Get { key });
         loop {
             match leader.read(query.as_slice()).await {
-                Ok(KvResult::Value(Some(_))) => return true,
+                Ok(KvResult::Ok {
+                    answer: Answer::Value(Some(_)),
+                    ..
+                }) => return true,
                 Err(ProposeError::Busy) => tokio::task::yield_now().await,
                 other => panic!("get answered {other:?}"),
             }
@@ -91,7 +94,10 @@ async fn one_op(leader: &KvNode, client: &mut Client, gets_percent: u64) -> bool
         value: VALUE.to_vec(),
     };
     match propose(leader, &request(client.session, client.seq, put)).await {
-        KvResult::Done => false,
+        KvResult::Ok {
+            answer: Answer::Done,
+            ..
+        } => false,
         other => panic!("put answered {other:?}"),
     }
 }
@@ -101,9 +107,11 @@ impl Cluster<KvResult> {
     fn clients(&self, n: usize) -> Vec<Client> {
         let leader = self.leader.clone();
         self.rt.block_on(async move {
-            let register = encode_command(&KvCommand::Register);
             let mut clients = Vec::new();
             for i in 0..n {
+                let register = encode_command(&KvCommand::Register {
+                    nonce: i as u128 + 1,
+                });
                 let session = match propose(&leader, &register).await {
                     KvResult::Registered(id) => id,
                     other => panic!("register answered {other:?}"),
