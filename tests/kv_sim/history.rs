@@ -97,7 +97,11 @@ pub fn assert_linearizable(seed: u64, history: &[Operation]) {
     match check(history, 2_000_000).expect("well-formed history") {
         Verdict::Linearizable => {}
         Verdict::NotLinearizable(ce) => panic!("not linearizable (seed {seed}):\n{ce}"),
-        Verdict::Unknown { keys } => panic!("checker gave up on {keys:?} (seed {seed})"),
+        // Only after `check_revisions` found the revisions to be a valid linearization (see
+        // `assert_correct`): the checker's search ran out, the history is still proven.
+        Verdict::Unknown { keys } => {
+            eprintln!("seed {seed}: the checker gave up on {keys:?}; the revisions linearize it")
+        }
     }
     let completed = history.iter().filter(|o| o.complete.is_some()).count();
     assert!(
@@ -236,6 +240,37 @@ pub fn check_revisions(seed: u64, r: &Record) {
             (false, None) => unknown.push(i),
         }
     }
+    // Revisions respect real time: what completed before an operation was invoked has a
+    // revision no higher (a write's strictly lower) than the operation's. `floor(t)`: the
+    // highest revision of the operations completed before `t`.
+    let mut by_complete: Vec<(u64, Index)> = Vec::new();
+    for (i, revision) in r.revisions.iter().enumerate() {
+        if let (Some(rev), Some(done)) = (*revision, r.history[i].complete) {
+            by_complete.push((done, rev));
+        }
+    }
+    by_complete.sort_unstable();
+    let mut max_before = vec![0; by_complete.len() + 1];
+    for (j, &(_, rev)) in by_complete.iter().enumerate() {
+        max_before[j + 1] = max_before[j].max(rev);
+    }
+    let floor = |t: u64| max_before[by_complete.partition_point(|&(done, _)| done < t)];
+    for (i, revision) in r.revisions.iter().enumerate() {
+        let Some(rev) = *revision else { continue };
+        let floor = floor(r.history[i].invoke);
+        let ok = if r.ops[i].is_read() {
+            rev >= floor
+        } else {
+            rev > floor
+        };
+        if !ok {
+            fail(format!(
+                "operation {i} ({}) has revision {rev} but something completed before it has \
+                 revision {floor}",
+                r.history[i].input
+            ));
+        }
+    }
     // Replay in revision order.
     let revisions: BTreeSet<Index> = stream
         .keys()
@@ -266,8 +301,9 @@ pub fn check_revisions(seed: u64, r: &Record) {
             used[i] = true;
         } else if !changes.is_empty() {
             // Some write whose outcome is unknown must have made exactly these changes.
+            // (Invoked before everything already at a higher revision had completed.)
             let found = unknown.iter().copied().find(|&u| {
-                !used[u] && {
+                !used[u] && rev > floor(r.history[u].invoke) && {
                     let mut trial = state.clone();
                     model(&mut trial, &r.ops[u]).1 == changes
                 }
@@ -290,41 +326,14 @@ pub fn check_revisions(seed: u64, r: &Record) {
             }
         }
     }
-    // Revisions respect real time: what completed before an operation was invoked has a
-    // revision no higher (a write's strictly lower) than the operation's.
-    let mut by_complete: Vec<(u64, Index)> = Vec::new();
-    for (i, revision) in r.revisions.iter().enumerate() {
-        if let (Some(rev), Some(done)) = (*revision, r.history[i].complete) {
-            by_complete.push((done, rev));
-        }
-    }
-    by_complete.sort_unstable();
-    let mut max_before = vec![0; by_complete.len() + 1];
-    for (j, &(_, rev)) in by_complete.iter().enumerate() {
-        max_before[j + 1] = max_before[j].max(rev);
-    }
-    for (i, revision) in r.revisions.iter().enumerate() {
-        let Some(rev) = *revision else { continue };
-        let invoke = r.history[i].invoke;
-        let earlier = by_complete.partition_point(|&(done, _)| done < invoke);
-        let floor = max_before[earlier];
-        let ok = if r.ops[i].is_read() {
-            rev >= floor
-        } else {
-            rev > floor
-        };
-        if !ok {
-            fail(format!(
-                "operation {i} ({}) has revision {rev} but something completed before it has \
-                 revision {floor}",
-                r.history[i].input
-            ));
-        }
-    }
 }
 
-/// Both checks.
+/// Both checks. `check_revisions` goes first: it is decisive (it either finds the revisions
+/// to be a valid linearization — sorted by revision, writes before the reads of their
+/// revision, reads by invocation — or fails), while the checker's search may run out of steps
+/// on histories with many unknown outcomes; a `Verdict::Unknown` then stands proven by the
+/// first check.
 pub fn assert_correct(seed: u64, r: &Record) {
-    assert_linearizable(seed, &r.history);
     check_revisions(seed, r);
+    assert_linearizable(seed, &r.history);
 }
