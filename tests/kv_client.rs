@@ -514,6 +514,41 @@ fn a_full_disk_is_reported_at_once() {
     }
 }
 
+/// Two nodes that name each other as leader (stale hints): the client redirects a bounded
+/// number of times per round, backs off, and gives up at its deadline saying there is no
+/// leader — instead of bouncing between them forever.
+#[test]
+fn stale_leader_hints_that_point_at_each_other_do_not_loop_forever() {
+    let answers: BTreeMap<NodeId, Result<KvResult, ProposeError>> = [
+        (1, Err(ProposeError::NotLeader { leader: Some(2) })),
+        (2, Err(ProposeError::NotLeader { leader: Some(1) })),
+    ]
+    .into_iter()
+    .collect();
+    let endpoint = Scripted {
+        answers,
+        first_times_out: AtomicBool::new(false),
+        calls: AtomicUsize::new(0),
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let options = ClientOptions {
+            deadline: Duration::from_millis(200),
+            ..ClientOptions::default()
+        };
+        let mut c = BlockingKvClient::connect(endpoint, options).unwrap();
+        let _ = tx.send(c.get("k"));
+    });
+    match rx.recv_timeout(Duration::from_secs(10)) {
+        Ok(Err(ClientError::Unavailable {
+            cause: Cause::NoLeader,
+            ..
+        })) => {}
+        Ok(other) => panic!("{other:?}"),
+        Err(_) => panic!("the client is still bouncing between the two nodes after 10 s"),
+    }
+}
+
 /// Four writers from plain threads share a session table of two: sessions are evicted all
 /// the time. Every append the client acknowledged is in the log exactly once, and every one
 /// it reported as not applied is absent.
