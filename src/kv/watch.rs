@@ -9,9 +9,12 @@
 //! a watcher that falls behind it gets [`KvError::Compacted`](crate::kv::KvError::Compacted)
 //! (as [`ClientError::Refused`]) and should re-read the state and watch from its revision.
 //!
-//! Lag: a change reaches a watcher within one poll interval plus one read (a heartbeat
-//! round); the interval starts at [`WatchOptions::min_poll`] and doubles while nothing
-//! changes, up to [`WatchOptions::max_poll`].
+//! Lag and load: a watcher that is behind polls again at once (a full batch); one that is
+//! caught up waits [`WatchOptions::min_poll`] before its next poll, so that changes gather
+//! into one answer, and doubles the wait while nothing changes, up to
+//! [`WatchOptions::max_poll`]. A change thus reaches a caught-up watcher within one wait plus
+//! one linearizable read (a heartbeat round), and an idle watcher costs at most one read per
+//! `max_poll`.
 //!
 //! ```
 //! use std::time::Duration;
@@ -55,7 +58,7 @@ use crate::raft::Index;
 /// How a [`Watcher`] polls.
 #[derive(Clone, Copy, Debug)]
 pub struct WatchOptions {
-    /// Wait after a poll that found nothing, at first (default 2 ms); doubles while nothing
+    /// Wait before polling again once caught up (default 5 ms); doubles while nothing
     /// changes.
     pub min_poll: Duration,
     /// The longest wait between polls (default 100 ms).
@@ -67,7 +70,7 @@ pub struct WatchOptions {
 impl Default for WatchOptions {
     fn default() -> Self {
         WatchOptions {
-            min_poll: Duration::from_millis(2),
+            min_poll: Duration::from_millis(5),
             max_poll: Duration::from_millis(100),
             batch: 1_000,
         }
@@ -80,6 +83,7 @@ pub struct Watcher<E> {
     keys: Keys,
     next: Index,
     options: WatchOptions,
+    /// How long to wait before the next poll.
     wait: Duration,
 }
 
@@ -89,7 +93,7 @@ impl<E: KvEndpoint> Watcher<E> {
             caller,
             keys,
             next: from.max(1),
-            wait: options.min_poll,
+            wait: Duration::ZERO,
             options,
         }
     }
@@ -128,13 +132,20 @@ impl<E: KvEndpoint> Watcher<E> {
     /// away. Cancel-safe.
     pub async fn next(&mut self) -> Result<Vec<Change>, ClientError> {
         loop {
+            if !self.wait.is_zero() {
+                sleep(self.wait).await;
+            }
             let changes = self.poll().await?;
+            self.wait = if changes.len() >= self.options.batch.max(1) as usize {
+                Duration::ZERO // behind: at once
+            } else if changes.is_empty() {
+                (self.wait * 2).clamp(self.options.min_poll, self.options.max_poll)
+            } else {
+                self.options.min_poll
+            };
             if !changes.is_empty() {
-                self.wait = self.options.min_poll;
                 return Ok(changes);
             }
-            sleep(self.wait).await;
-            self.wait = (self.wait * 2).min(self.options.max_poll);
         }
     }
 }
