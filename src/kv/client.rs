@@ -1,142 +1,19 @@
-//! [`KvClient`]: the host's handle on the replicated map. It finds the leader and follows
-//! redirects, retries with backoff until a deadline, opens its session lazily (at the first
-//! write; reads need none) and numbers its writes, so a write is applied at most once however
-//! often it is retried — by the client within the deadline, or by the host afterwards with
-//! [`KvClient::retry`].
-//!
-//! # What an error means
-//! Every [`ClientError`] says whether a write may have been applied:
-//! - [`ClientError::Timeout`]: *outcome unknown*. Some attempt may have been applied (a node
-//!   took it and gave no answer in time, its connection was lost, it shut down with the
-//!   request pending, or the session expired after such an attempt). It is never applied
-//!   twice. The error carries the [`PendingWrite`]; [`KvClient::retry`] re-issues exactly that
-//!   request and answers its real result, unless the outcome can no longer be learned (the
-//!   [`Cause`] says so).
-//! - Every other error: *not applied*. [`ClientError::Unavailable`] says why no attempt was
-//!   taken: no leader, the nodes are shut down, busy, or a full disk (not retried for the
-//!   whole deadline).
-//!
-//! ```
-//! use raftkv::kv::{ClientError, KvClient, KvEndpoint};
-//!
-//! /// Appends `entry` exactly once, or says why the outcome is still unknown.
-//! async fn append_once<E: KvEndpoint>(c: &mut KvClient<E>, entry: &str) -> Result<(), ClientError> {
-//!     let mut outcome = c.append("log", entry).await.map(|_| ());
-//!     for _ in 0..3 {
-//!         match outcome {
-//!             // Same session, same number: applied at most once, and now we learn the result.
-//!             Err(ClientError::Timeout { request, cause, .. }) if cause.is_retryable() => {
-//!                 outcome = c.retry(&request).await.map(|_| ());
-//!             }
-//!             _ => break,
-//!         }
-//!     }
-//!     outcome
-//! }
-//! ```
+//! [`KvClient`]: sessions, numbering and the exactly-once contract, over a [`Caller`].
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use futures::future::{select, Either};
 use serde::{Deserialize, Serialize};
 
+use super::caller::{not_applied, Caller};
 use super::changes::Keys;
-use super::command::{encode_command, encode_query, Answer, Bytes, KvCommand, KvError, KvLimits};
+use super::command::{encode_command, Answer, Bytes, KvCommand, KvError, KvLimits};
 use super::command::{request, KvOp, KvResult};
 use super::endpoint::KvEndpoint;
-use super::timer::sleep;
 use super::txn::{Txn, TxnResponse};
 use super::watch::{WatchOptions, Watcher};
-use crate::error::ProposeError;
-use crate::raft::{Index, NodeId};
+use crate::raft::Index;
 
-/// Retry settings.
-#[derive(Clone, Copy, Debug)]
-pub struct ClientOptions {
-    /// Give up on a request after this long (default 10 s).
-    pub deadline: Duration,
-    /// First backoff after a failed attempt (default 10 ms), doubling up to `max_backoff`.
-    pub backoff: Duration,
-    /// Largest backoff (default 500 ms).
-    pub max_backoff: Duration,
-}
-
-impl Default for ClientOptions {
-    fn default() -> Self {
-        ClientOptions {
-            deadline: Duration::from_secs(10),
-            backoff: Duration::from_millis(10),
-            max_backoff: Duration::from_millis(500),
-        }
-    }
-}
-
-/// Why the cluster gave no definite answer.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
-pub enum Cause {
-    /// No node knew of a leader: an election is under way, or no majority is reachable.
-    #[error("no leader: an election is under way or no majority of the nodes is reachable")]
-    NoLeader,
-    /// A node took the request but gave no answer in time: its leader may have lost its
-    /// majority, or the connection broke.
-    #[error("a node took the request but gave no answer in time")]
-    NoAnswer,
-    /// Leadership changed before the request committed (that attempt was not applied).
-    #[error("leadership changed before the request committed")]
-    LeaderChanged,
-    /// The leader had too many requests in flight.
-    #[error("the leader is busy")]
-    Busy,
-    /// The nodes tried are shut down or unreachable.
-    #[error("the nodes tried are shut down or unreachable")]
-    Shutdown,
-    /// The disk of `node` is full (of the leader, or of every node tried). Returned at once:
-    /// it lasts until space is freed.
-    #[error("the disk of node {node} is full")]
-    NoSpace {
-        /// The node.
-        node: NodeId,
-    },
-    /// The last node tried refused the request as larger than its largest entry (after an
-    /// earlier node took it: the nodes' `max_entry_bytes` differ).
-    #[error("request of {size} bytes exceeds node's largest entry of {max} bytes")]
-    TooLarge {
-        /// Bytes the entry would take.
-        size: u64,
-        /// The limit.
-        max: u64,
-    },
-    /// The nodes do not serve reads (their state machine is not the KV one).
-    #[error("the nodes do not serve reads")]
-    Unsupported,
-    /// The session expired after an attempt whose outcome is unknown: the cluster no longer
-    /// remembers whether it was applied. Final.
-    #[error("session {session} expired after an attempt whose outcome is unknown")]
-    SessionExpired {
-        /// The session.
-        session: u64,
-    },
-    /// A later request of the same session was applied, so this one was applied before it or
-    /// never will be; its result is no longer kept. Final.
-    #[error("request {seq} was superseded by request {latest} of its session")]
-    Superseded {
-        /// The request's number.
-        seq: u64,
-        /// The session's latest.
-        latest: u64,
-    },
-}
-
-impl Cause {
-    /// False for the causes after which [`KvClient::retry`] can no longer learn the outcome
-    /// ([`Cause::SessionExpired`], [`Cause::Superseded`]).
-    pub fn is_retryable(&self) -> bool {
-        !matches!(
-            self,
-            Cause::SessionExpired { .. } | Cause::Superseded { .. }
-        )
-    }
-}
+pub use super::caller::{Cause, ClientOptions};
 
 /// A write whose outcome is unknown: its session, its number and its exact bytes. Re-issue it
 /// with [`KvClient::retry`] (any client of the same cluster can; it can be stored, it is
@@ -220,166 +97,6 @@ pub struct Response {
     pub answer: Answer,
 }
 
-/// How a call to the cluster ended without an answer from the state machine.
-enum CallError {
-    Deadline { attempts: u32, cause: Cause },
-    NoSpace { attempts: u32, node: NodeId },
-    TooLarge { size: u64, max: u64 },
-    Unsupported { attempts: u32 },
-}
-
-/// Finds the leader and retries under a deadline: the part of a client that talks.
-pub(crate) struct Caller<E> {
-    pub(crate) endpoint: E,
-    pub(crate) options: ClientOptions,
-    leader: Option<NodeId>,
-    /// Rotates through the nodes when no leader is known.
-    cursor: usize,
-}
-
-impl<E: KvEndpoint> Caller<E> {
-    pub(crate) fn new(endpoint: E, options: ClientOptions) -> Self {
-        Caller {
-            endpoint,
-            options,
-            leader: None,
-            cursor: 0,
-        }
-    }
-
-    fn target(&mut self) -> NodeId {
-        if let Some(l) = self.leader {
-            return l;
-        }
-        let nodes = self.endpoint.nodes();
-        if nodes.is_empty() {
-            return 0;
-        }
-        self.cursor = (self.cursor + 1) % nodes.len();
-        nodes[self.cursor]
-    }
-
-    /// Sends `bytes` (a proposal, or a read) until a node's state machine answers or
-    /// `deadline` passes. Sets `taken` once an attempt may have been applied.
-    async fn call(
-        &mut self,
-        propose: bool,
-        bytes: &[u8],
-        deadline: Instant,
-        taken: &mut bool,
-    ) -> Result<KvResult, CallError> {
-        let mut backoff = self.options.backoff;
-        let mut attempts = 0;
-        let mut full: Vec<NodeId> = Vec::new();
-        let mut redirects = 0;
-        loop {
-            attempts += 1;
-            let node = self.target();
-            let attempt = async {
-                if propose {
-                    self.endpoint.propose(node, bytes.to_vec()).await
-                } else {
-                    self.endpoint.read(node, bytes.to_vec()).await
-                }
-            };
-            // The deadline bounds every attempt too: no answer by then is no answer.
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            let answer = match select(Box::pin(attempt), sleep(remaining)).await {
-                Either::Left((answer, _)) => answer,
-                Either::Right(_) => Err(ProposeError::Timeout),
-            };
-            let cause = match answer {
-                Ok(result) => {
-                    self.leader = Some(node);
-                    return Ok(result);
-                }
-                Err(ProposeError::NotLeader { leader: Some(l) })
-                    if l != node && redirects <= self.endpoint.nodes().len() =>
-                {
-                    if full.contains(&l) {
-                        return Err(CallError::NoSpace { attempts, node: l });
-                    }
-                    self.leader = Some(l);
-                    redirects += 1;
-                    continue; // a redirect: retry at once (a bounded number of times)
-                }
-                Err(ProposeError::NotLeader { .. }) => Cause::NoLeader,
-                Err(ProposeError::Timeout) => {
-                    *taken |= propose;
-                    Cause::NoAnswer
-                }
-                Err(ProposeError::Shutdown) => {
-                    *taken |= propose;
-                    Cause::Shutdown
-                }
-                Err(ProposeError::Dropped) => Cause::LeaderChanged,
-                Err(ProposeError::Busy) => Cause::Busy,
-                Err(ProposeError::NoSpace) => {
-                    // The known leader's disk, or every node's: it will not pass by retrying.
-                    full.push(node);
-                    let all_full = self.endpoint.nodes().iter().all(|n| full.contains(n));
-                    if self.leader == Some(node) || all_full {
-                        return Err(CallError::NoSpace { attempts, node });
-                    }
-                    Cause::NoSpace { node }
-                }
-                Err(ProposeError::TooLarge { size, max }) => {
-                    return Err(CallError::TooLarge { size, max })
-                }
-                Err(ProposeError::Unsupported) => return Err(CallError::Unsupported { attempts }),
-            };
-            // Busy: the leader is still the leader. Otherwise look for another.
-            if cause != Cause::Busy {
-                self.leader = None;
-            }
-            if Instant::now() + backoff > deadline {
-                return Err(CallError::Deadline { attempts, cause });
-            }
-            sleep(backoff).await;
-            backoff = (backoff * 2).min(self.options.max_backoff);
-            redirects = 0;
-        }
-    }
-
-    /// A read: no session, nothing applied whatever happens.
-    pub(crate) async fn read(&mut self, op: &KvOp) -> Result<Response, ClientError> {
-        let deadline = Instant::now() + self.options.deadline;
-        let mut taken = false;
-        match self
-            .call(false, &encode_query(op), deadline, &mut taken)
-            .await
-        {
-            Ok(KvResult::Ok { revision, answer }) => Ok(Response { revision, answer }),
-            Ok(KvResult::Error(e)) => Err(ClientError::Refused(e)),
-            Ok(other) => Err(ClientError::Unexpected(other)),
-            Err(e) => Err(not_applied(e)),
-        }
-    }
-}
-
-impl CallError {
-    /// Attempts made, and the cause.
-    fn parts(self) -> (u32, Cause) {
-        match self {
-            CallError::Deadline { attempts, cause } => (attempts, cause),
-            CallError::NoSpace { attempts, node } => (attempts, Cause::NoSpace { node }),
-            CallError::TooLarge { size, max } => (1, Cause::TooLarge { size, max }),
-            CallError::Unsupported { attempts } => (attempts, Cause::Unsupported),
-        }
-    }
-}
-
-/// The error for a call none of whose attempts was taken.
-fn not_applied(e: CallError) -> ClientError {
-    match e {
-        CallError::TooLarge { size, max } => ClientError::TooLarge { size, max },
-        e => {
-            let (attempts, cause) = e.parts();
-            ClientError::Unavailable { attempts, cause }
-        }
-    }
-}
-
 /// A random nonce for registering a session (no dependency: the standard library's
 /// randomly keyed hasher, fed with the time and a process-wide counter).
 fn random_nonce() -> u128 {
@@ -399,8 +116,44 @@ fn random_nonce() -> u128 {
 /// write (a flood of registrations evicts fresh sessions first).
 const MAX_REGISTRATIONS_PER_WRITE: u32 = 3;
 
-/// A client of the replicated map. Requests are sequential per client (`&mut self`); use one
-/// client per concurrent caller. See the [module docs](self) for what its errors mean.
+/// The host's handle on the replicated map. It finds the leader and follows
+/// redirects, retries with backoff until a deadline, opens its session lazily (at the first
+/// write; reads need none) and numbers its writes, so a write is applied at most once however
+/// often it is retried — by the client within the deadline, or by the host afterwards with
+/// [`KvClient::retry`].
+///
+/// # What an error means
+/// Every [`ClientError`] says whether a write may have been applied:
+/// - [`ClientError::Timeout`]: *outcome unknown*. Some attempt may have been applied (a node
+///   took it and gave no answer in time, its connection was lost, it shut down with the
+///   request pending, or the session expired after such an attempt). It is never applied
+///   twice. The error carries the [`PendingWrite`]; [`KvClient::retry`] re-issues exactly that
+///   request and answers its real result, unless the outcome can no longer be learned (the
+///   [`Cause`] says so).
+/// - Every other error: *not applied*. [`ClientError::Unavailable`] says why no attempt was
+///   taken: no leader, the nodes are shut down, busy, or a full disk (not retried for the
+///   whole deadline).
+///
+/// ```
+/// use raftkv::kv::{ClientError, KvClient, KvEndpoint};
+///
+/// /// Appends `entry` exactly once, or says why the outcome is still unknown.
+/// async fn append_once<E: KvEndpoint>(c: &mut KvClient<E>, entry: &str) -> Result<(), ClientError> {
+///     let mut outcome = c.append("log", entry).await.map(|_| ());
+///     for _ in 0..3 {
+///         match outcome {
+///             // Same session, same number: applied at most once, and now we learn the result.
+///             Err(ClientError::Timeout { request, cause, .. }) if cause.is_retryable() => {
+///                 outcome = c.retry(&request).await.map(|_| ());
+///             }
+///             _ => break,
+///         }
+///     }
+///     outcome
+/// }
+/// ```
+///
+/// Requests are sequential per client (`&mut self`); use one client per concurrent caller.
 pub struct KvClient<E> {
     caller: Caller<E>,
     /// The open session, once the first write opened it.

@@ -22,6 +22,7 @@
 //!   ([`KvLimits`] are replicated state).
 
 mod blocking;
+mod caller;
 mod changes;
 mod client;
 mod command;

@@ -1,16 +1,4 @@
-//! [`Txn`]: an etcd-style transaction — compares on several keys; if all hold, one list of
-//! operations, else the other — applied atomically as one log entry (and, like every
-//! request, at most once per session and number).
-//!
-//! ```
-//! use raftkv::kv::{Compare, Txn, TxnOp};
-//!
-//! // Move 10 from a to b, if a still holds 30 and b does not exist yet.
-//! let txn = Txn::when([Compare::value("a", "30"), Compare::absent("b")])
-//!     .then([TxnOp::put("a", "20"), TxnOp::put("b", "10")])
-//!     .otherwise([TxnOp::get("a"), TxnOp::get("b")]);
-//! assert!(!txn.is_read_only());
-//! ```
+//! [`Txn`] and its parts: compares, operations, the response.
 
 use serde::{Deserialize, Serialize};
 
@@ -152,8 +140,22 @@ impl TxnOp {
     }
 }
 
-/// A transaction: if every compare holds, `success` runs, else `failure`; the operations run
-/// in order (a `Get` sees the writes before it), all at one revision.
+/// An etcd-style transaction — compares on several keys; if all hold, one list of
+/// operations, else the other — applied atomically as one log entry (and, like every
+/// request, at most once per session and number).
+///
+/// ```
+/// use raftkv::kv::{Compare, Txn, TxnOp};
+///
+/// // Move 10 from a to b, if a still holds 30 and b does not exist yet.
+/// let txn = Txn::when([Compare::value("a", "30"), Compare::absent("b")])
+///     .then([TxnOp::put("a", "20"), TxnOp::put("b", "10")])
+///     .otherwise([TxnOp::get("a"), TxnOp::get("b")]);
+/// assert!(!txn.is_read_only());
+/// ```
+///
+/// If every compare holds, `success` runs, else `failure`; the operations run in order (a
+/// `Get` sees the writes before it), all at one revision.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Txn {
     /// The conditions (none: always `success`).

@@ -1,41 +1,4 @@
-//! [`TypedKv`]: the replicated map for serde keys and values, encoded with postcard, under a
-//! namespace (a key prefix), so a host stores its own types without byte handling.
-//!
-//! ```
-//! use std::time::Duration;
-//! use serde::{Deserialize, Serialize};
-//! use raftkv::kv::{ClientOptions, KvClient, KvResult, KvStateMachine, TypedKv};
-//! use raftkv::storage::MemStorage;
-//! use raftkv::transport::LocalNetwork;
-//! use raftkv::{Node, NodeConfig};
-//!
-//! #[derive(Debug, PartialEq, Serialize, Deserialize)]
-//! struct Account {
-//!     owner: String,
-//!     balance: i64,
-//! }
-//!
-//! let net = LocalNetwork::new();
-//! let mut config = NodeConfig::new(1, vec![1]);
-//! config.tick_interval = Duration::from_millis(5);
-//! let (node, driver) =
-//!     Node::start(config, MemStorage::new(), KvStateMachine::new(), net.transport(1)).unwrap();
-//! std::thread::spawn(move || futures::executor::block_on(driver));
-//! futures::executor::block_on(async {
-//!     let client = KvClient::connect(vec![node.clone()], ClientOptions::default()).await.unwrap();
-//!     let mut accounts: TypedKv<u64, Account, _> = TypedKv::new(client, "accounts/");
-//!     let ada = Account { owner: "Ada".into(), balance: 100 };
-//!     accounts.put(&7, &ada).await.unwrap();
-//!     assert_eq!(accounts.get(&7).await.unwrap(), Some(ada));
-//!     let richer = Account { owner: "Ada".into(), balance: 150 };
-//!     let stale = Account { owner: "Ada".into(), balance: 0 };
-//!     assert!(!accounts.cas(&7, Some(&stale), Some(&richer)).await.unwrap());
-//!     assert_eq!(accounts.entries(10).await.unwrap().len(), 1);
-//!     assert!(accounts.delete(&7).await.unwrap());
-//!     assert_eq!(accounts.get(&7).await.unwrap(), None);
-//!     node.shutdown().await;
-//! });
-//! ```
+//! [`TypedKv`]: the map for serde keys and values.
 
 use std::marker::PhantomData;
 
@@ -67,8 +30,46 @@ pub enum TypedError {
     },
 }
 
-/// A typed view of the keys under one namespace (a key prefix; choose namespaces that are not
-/// prefixes of one another). Keys and values are postcard-encoded, so:
+/// The replicated map for serde keys and values, encoded with postcard, under a
+/// namespace (a key prefix), so a host stores its own types without byte handling.
+///
+/// ```
+/// use std::time::Duration;
+/// use serde::{Deserialize, Serialize};
+/// use raftkv::kv::{ClientOptions, KvClient, KvResult, KvStateMachine, TypedKv};
+/// use raftkv::storage::MemStorage;
+/// use raftkv::transport::LocalNetwork;
+/// use raftkv::{Node, NodeConfig};
+///
+/// #[derive(Debug, PartialEq, Serialize, Deserialize)]
+/// struct Account {
+///     owner: String,
+///     balance: i64,
+/// }
+///
+/// let net = LocalNetwork::new();
+/// let mut config = NodeConfig::new(1, vec![1]);
+/// config.tick_interval = Duration::from_millis(5);
+/// let (node, driver) =
+///     Node::start(config, MemStorage::new(), KvStateMachine::new(), net.transport(1)).unwrap();
+/// std::thread::spawn(move || futures::executor::block_on(driver));
+/// futures::executor::block_on(async {
+///     let client = KvClient::connect(vec![node.clone()], ClientOptions::default()).await.unwrap();
+///     let mut accounts: TypedKv<u64, Account, _> = TypedKv::new(client, "accounts/");
+///     let ada = Account { owner: "Ada".into(), balance: 100 };
+///     accounts.put(&7, &ada).await.unwrap();
+///     assert_eq!(accounts.get(&7).await.unwrap(), Some(ada));
+///     let richer = Account { owner: "Ada".into(), balance: 150 };
+///     let stale = Account { owner: "Ada".into(), balance: 0 };
+///     assert!(!accounts.cas(&7, Some(&stale), Some(&richer)).await.unwrap());
+///     assert_eq!(accounts.entries(10).await.unwrap().len(), 1);
+///     assert!(accounts.delete(&7).await.unwrap());
+///     assert_eq!(accounts.get(&7).await.unwrap(), None);
+///     node.shutdown().await;
+/// });
+/// ```
+///
+/// Namespaces should not be prefixes of one another. Keys and values are postcard-encoded, so:
 /// - entries come back in the order of their encoded keys (for integers, postcard's varints
 ///   do not sort numerically);
 /// - compare-and-swap compares encodings: use types whose encoding is canonical (not a

@@ -1,55 +1,10 @@
-//! [`Watcher`]: every change of a key or a prefix, in order, from a given revision.
-//!
-//! A watcher polls the change history of the replicated state machine with linearizable
-//! reads ([`KvOp::Changes`]), on whichever node answers. Each answer is complete through a
-//! revision, and the next poll starts right after it, so the stream has no gap and no
-//! duplicate across leader changes, node restarts and snapshot installs (the history is part
-//! of the replicated state and of its snapshots). To resume later, watch again from
-//! [`Watcher::next_revision`]. The history is bounded ([`KvLimits`](crate::kv::KvLimits));
-//! a watcher that falls behind it gets [`KvError::Compacted`](crate::kv::KvError::Compacted)
-//! (as [`ClientError::Refused`]) and should re-read the state and watch from its revision.
-//!
-//! Lag and load: a watcher that is behind polls again at once (a full batch); one that is
-//! caught up waits [`WatchOptions::min_poll`] before its next poll, so that changes gather
-//! into one answer, and doubles the wait while nothing changes, up to
-//! [`WatchOptions::max_poll`]. A change thus reaches a caught-up watcher within one wait plus
-//! one linearizable read (a heartbeat round), and an idle watcher costs at most one read per
-//! `max_poll`.
-//!
-//! ```
-//! use std::time::Duration;
-//! use raftkv::kv::{ClientOptions, Keys, KvClient, KvResult, KvStateMachine, WatchOptions};
-//! use raftkv::storage::MemStorage;
-//! use raftkv::transport::LocalNetwork;
-//! use raftkv::{Node, NodeConfig};
-//!
-//! let net = LocalNetwork::new();
-//! let mut config = NodeConfig::new(1, vec![1]);
-//! config.tick_interval = Duration::from_millis(5);
-//! let (node, driver) =
-//!     Node::start(config, MemStorage::new(), KvStateMachine::new(), net.transport(1)).unwrap();
-//! std::thread::spawn(move || futures::executor::block_on(driver));
-//! futures::executor::block_on(async {
-//!     let mut client = KvClient::connect(vec![node.clone()], ClientOptions::default()).await.unwrap();
-//!     let mut watcher = client.watch(Keys::Prefix(b"user/".to_vec()), 1, WatchOptions::default());
-//!     client.put("user/ada", "1815").await.unwrap();
-//!     client.put("other", "not watched").await.unwrap();
-//!     client.delete("user/ada").await.unwrap();
-//!     let mut seen = Vec::new();
-//!     while seen.len() < 2 {
-//!         seen.extend(watcher.next().await.unwrap());
-//!     }
-//!     assert_eq!(seen[0].value.as_deref(), Some(b"1815".as_slice()));
-//!     assert_eq!(seen[1].value, None, "deleted");
-//!     assert!(seen[0].revision < seen[1].revision);
-//!     node.shutdown().await;
-//! });
-//! ```
+//! [`Watcher`]: a stream of the changes of some keys, by polling the change history.
 
 use std::time::Duration;
 
+use super::caller::Caller;
 use super::changes::{Change, Keys};
-use super::client::{Caller, ClientError, Response};
+use super::client::{ClientError, Response};
 use super::command::{Answer, KvOp};
 use super::endpoint::KvEndpoint;
 use super::timer::sleep;
@@ -77,7 +32,53 @@ impl Default for WatchOptions {
     }
 }
 
-/// A stream of the changes of some keys. See the [module docs](self).
+/// Every change of a key or a prefix, in order, from a given revision.
+///
+/// A watcher polls the change history of the replicated state machine with linearizable
+/// reads ([`KvOp::Changes`]), on whichever node answers. Each answer is complete through a
+/// revision, and the next poll starts right after it, so the stream has no gap and no
+/// duplicate across leader changes, node restarts and snapshot installs (the history is part
+/// of the replicated state and of its snapshots). To resume later, watch again from
+/// [`Watcher::next_revision`]. The history is bounded ([`KvLimits`](crate::kv::KvLimits));
+/// a watcher that falls behind it gets [`KvError::Compacted`](crate::kv::KvError::Compacted)
+/// (as [`ClientError::Refused`]) and should re-read the state and watch from its revision.
+///
+/// Lag and load: a watcher that is behind polls again at once (a full batch); one that is
+/// caught up waits [`WatchOptions::min_poll`] before its next poll, so that changes gather
+/// into one answer, and doubles the wait while nothing changes, up to
+/// [`WatchOptions::max_poll`]. A change thus reaches a caught-up watcher within one wait plus
+/// one linearizable read (a heartbeat round), and an idle watcher costs at most one read per
+/// `max_poll`.
+///
+/// ```
+/// use std::time::Duration;
+/// use raftkv::kv::{ClientOptions, Keys, KvClient, KvResult, KvStateMachine, WatchOptions};
+/// use raftkv::storage::MemStorage;
+/// use raftkv::transport::LocalNetwork;
+/// use raftkv::{Node, NodeConfig};
+///
+/// let net = LocalNetwork::new();
+/// let mut config = NodeConfig::new(1, vec![1]);
+/// config.tick_interval = Duration::from_millis(5);
+/// let (node, driver) =
+///     Node::start(config, MemStorage::new(), KvStateMachine::new(), net.transport(1)).unwrap();
+/// std::thread::spawn(move || futures::executor::block_on(driver));
+/// futures::executor::block_on(async {
+///     let mut client = KvClient::connect(vec![node.clone()], ClientOptions::default()).await.unwrap();
+///     let mut watcher = client.watch(Keys::Prefix(b"user/".to_vec()), 1, WatchOptions::default());
+///     client.put("user/ada", "1815").await.unwrap();
+///     client.put("other", "not watched").await.unwrap();
+///     client.delete("user/ada").await.unwrap();
+///     let mut seen = Vec::new();
+///     while seen.len() < 2 {
+///         seen.extend(watcher.next().await.unwrap());
+///     }
+///     assert_eq!(seen[0].value.as_deref(), Some(b"1815".as_slice()));
+///     assert_eq!(seen[1].value, None, "deleted");
+///     assert!(seen[0].revision < seen[1].revision);
+///     node.shutdown().await;
+/// });
+/// ```
 pub struct Watcher<E> {
     caller: Caller<E>,
     keys: Keys,
