@@ -8,7 +8,9 @@
 //! machine keeps, per session, the number and result of the latest request: a retry of that
 //! request gets the recorded result (with the original revision) and is not applied again,
 //! across leader changes, crashes and snapshots (the table is part of the snapshot). An older
-//! number gets [`KvError::Stale`].
+//! number gets [`KvError::Stale`]. A read-only operation sent as a request changes nothing, so
+//! it is simply run (again, on a retry) and its answer is not kept: the table holds only the
+//! answers of writes.
 //!
 //! Sessions end three ways, all decided by log indexes alone so every replica agrees: idle
 //! for more than [`KvLimits::session_idle_entries`] entries; evicted when a registration
@@ -242,6 +244,12 @@ impl KvStateMachine {
                 Lookup::Retry(cached) => {
                     self.sessions.touch(client, index);
                     cached // a retry: same answer, not applied again
+                }
+                Lookup::New if op.is_read() => {
+                    // A read through the log changes nothing: a retry may run it again, so
+                    // its (possibly large) answer is not kept in the table.
+                    self.sessions.touch(client, index);
+                    self.execute(index, op)
                 }
                 Lookup::New => {
                     let result = self.execute(index, op);

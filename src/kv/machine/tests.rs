@@ -94,6 +94,26 @@ fn a_retried_request_is_answered_from_the_session_with_its_original_revision() {
 }
 
 #[test]
+fn reads_through_the_log_are_run_again_and_not_kept() {
+    let mut m = KvStateMachine::default();
+    let c = register(&mut m, 1, 1);
+    assert_eq!(m.apply(2, &request(c, 1, put("k", "v"))), done(2));
+    let scan = KvOp::Scan {
+        start: vec![],
+        end: None,
+        limit: u32::MAX,
+    };
+    let entries = |revision| KvResult::Ok {
+        revision,
+        answer: Answer::Entries(vec![(b("k"), b("v"))]),
+    };
+    assert_eq!(m.apply(3, &request(c, 2, scan.clone())), entries(3));
+    assert_eq!(m.apply(4, &request(c, 2, scan)), entries(4), "run again");
+    // The write before it is still the session's latest: its retry is answered from the table.
+    assert_eq!(m.apply(5, &request(c, 1, put("k", "v"))), done(2));
+}
+
+#[test]
 fn registering_again_with_the_same_nonce_finds_the_same_session() {
     let mut m = KvStateMachine::default();
     let a = register(&mut m, 1, 42);
