@@ -18,6 +18,11 @@ use crate::raft::Index;
 /// Bytes of bookkeeping each kept change counts for, beside its key and value.
 pub const CHANGE_OVERHEAD: u64 = 32;
 
+/// An answer to [`KvOp::Changes`](crate::kv::KvOp::Changes) stops once its changes cost this
+/// many bytes ([`Change::cost`]; a revision is still never split), so that it fits a frame of
+/// the usual transports.
+pub const MAX_CHANGES_ANSWER_BYTES: u64 = 4 << 20;
+
 /// Which keys a watcher follows.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Keys {
@@ -108,8 +113,9 @@ impl History {
         }
     }
 
-    /// The changes of `keys` from revision `from`, at most `limit` (a revision is never
-    /// split), complete through the returned `through`; `revision` is the state's revision.
+    /// The changes of `keys` from revision `from`, at most `limit` and about
+    /// [`MAX_CHANGES_ANSWER_BYTES`] (a revision is never split), complete through the returned
+    /// `through`; `revision` is the state's revision.
     pub(crate) fn read(
         &self,
         keys: &Keys,
@@ -127,8 +133,10 @@ impl History {
         let limit = limit.max(1) as usize;
         let start = self.changes.partition_point(|c| c.revision < from);
         let mut found: Vec<Change> = Vec::new();
+        let mut bytes = 0;
         for c in self.changes.range(start..) {
-            if found.len() >= limit && found.last().is_some_and(|l| l.revision != c.revision) {
+            let full = found.len() >= limit || bytes >= MAX_CHANGES_ANSWER_BYTES;
+            if full && found.last().is_some_and(|l| l.revision != c.revision) {
                 // Complete through the revision before this one.
                 return Ok(ChangeBatch {
                     through: c.revision - 1,
@@ -136,6 +144,7 @@ impl History {
                 });
             }
             if keys.contains(&c.key) {
+                bytes += c.cost();
                 found.push(c.clone());
             }
         }
@@ -228,6 +237,19 @@ mod tests {
         assert_eq!(one.changes, vec![change(3, "b", Some("y"))]);
         // Asking beyond the state: empty, complete through what was asked before.
         assert_eq!(h.read(&prefix, 20, 10, 7).unwrap().through, 19);
+        // Big values: an answer stops at about MAX_CHANGES_ANSWER_BYTES.
+        let mut big = History::default();
+        let value = "x".repeat(1 << 20);
+        for r in 1..=10 {
+            big.record(change(r, "k", Some(&value)), &l);
+        }
+        let first = big.read(&prefix_all(), 1, 100, 10).unwrap();
+        assert_eq!(first.changes.len(), 4);
+        assert_eq!(first.through, 4);
+    }
+
+    fn prefix_all() -> Keys {
+        Keys::Prefix(Vec::new())
     }
 
     #[test]

@@ -59,7 +59,8 @@ pub enum KvOp {
     /// [`Txn`]). Read-only when both lists only read.
     Txn(Txn),
     /// Read-only: the changes of `keys` at revisions `from` and later, in order (what a
-    /// [`Watcher`](crate::kv::Watcher) polls). At most `limit` changes, except that a
+    /// [`Watcher`](crate::kv::Watcher) polls). At most `limit` changes and about
+    /// [`MAX_CHANGES_ANSWER_BYTES`](crate::kv::MAX_CHANGES_ANSWER_BYTES), except that a
     /// revision's changes are never split. Answers [`Answer::Changes`], or
     /// [`KvError::Compacted`] when changes at `from` or later were already discarded.
     Changes {

@@ -36,7 +36,7 @@ mod typed;
 mod watch;
 
 pub use blocking::BlockingKvClient;
-pub use changes::{Change, ChangeBatch, Keys, CHANGE_OVERHEAD};
+pub use changes::{Change, ChangeBatch, Keys, CHANGE_OVERHEAD, MAX_CHANGES_ANSWER_BYTES};
 pub use client::{Cause, ClientError, ClientOptions, KvClient, PendingWrite, Response};
 pub use command::{
     encode_command, encode_query, request, Answer, Bytes, KvCommand, KvError, KvLimits, KvOp,
