@@ -3,6 +3,10 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::changes::{ChangeBatch, Keys};
+use super::txn::{Txn, TxnResponse};
+use crate::raft::Index;
+
 /// A key or a value.
 pub type Bytes = Vec<u8>;
 
@@ -51,25 +55,106 @@ pub enum KvOp {
         /// Maximum number of entries.
         limit: u32,
     },
+    /// Compares on several keys, then one of two lists of operations, atomically (see
+    /// [`Txn`]). Read-only when both lists only read.
+    Txn(Txn),
+    /// Read-only: the changes of `keys` at revisions `from` and later, in order (what a
+    /// [`Watcher`](crate::kv::Watcher) polls). At most `limit` changes and about
+    /// [`MAX_CHANGES_ANSWER_BYTES`](crate::kv::MAX_CHANGES_ANSWER_BYTES), except that a
+    /// revision's changes are never split. Answers [`Answer::Changes`], or
+    /// [`KvError::Compacted`] when changes at `from` or later were already discarded.
+    Changes {
+        /// Which keys.
+        keys: Keys,
+        /// The first revision wanted.
+        from: Index,
+        /// Changes per answer at most (a transaction's revision is not cut short).
+        limit: u32,
+    },
+    /// Read-only: the replicated [`KvLimits`].
+    Limits,
 }
 
 impl KvOp {
-    /// True for operations that change nothing (served by linearizable reads, not the log).
+    /// True for operations that change nothing (they can be served by linearizable reads,
+    /// without a log entry or a session).
     pub fn is_read(&self) -> bool {
-        matches!(self, KvOp::Get { .. } | KvOp::Scan { .. })
+        match self {
+            KvOp::Get { .. } | KvOp::Scan { .. } | KvOp::Changes { .. } | KvOp::Limits => true,
+            KvOp::Txn(t) => t.is_read_only(),
+            KvOp::Put { .. } | KvOp::Append { .. } | KvOp::Delete { .. } | KvOp::Cas { .. } => {
+                false
+            }
+        }
+    }
+}
+
+/// The replicated limits of the KV state machine. They are part of the replicated state (and
+/// of its snapshots), so every replica evicts and compacts identically whatever its local
+/// configuration; they change only through the log ([`KvCommand::SetLimits`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvLimits {
+    /// Open sessions at most. Opening one more evicts first the sessions that never had a
+    /// request applied (oldest first), then the least recently used.
+    pub max_sessions: u64,
+    /// A session with no request for this many log entries expires (log time: the same on
+    /// every replica).
+    pub session_idle_entries: u64,
+    /// Changes kept for watchers at most (whole revisions are discarded, oldest first).
+    pub max_changes: u64,
+    /// Bytes of keys and values kept for watchers at most (each change also counts
+    /// [`CHANGE_OVERHEAD`](crate::kv::CHANGE_OVERHEAD) bytes).
+    pub max_change_bytes: u64,
+}
+
+impl KvLimits {
+    /// 10,000 sessions idle for at most 1,000,000 entries; the last 10,000 changes, at most
+    /// 16 MiB of them.
+    pub const DEFAULT: KvLimits = KvLimits {
+        max_sessions: 10_000,
+        session_idle_entries: 1_000_000,
+        max_changes: 10_000,
+        max_change_bytes: 16 << 20,
+    };
+
+    /// Checks that every limit is at least 1.
+    pub fn validate(&self) -> Result<(), KvError> {
+        let fields = [
+            ("max_sessions", self.max_sessions),
+            ("session_idle_entries", self.session_idle_entries),
+            ("max_changes", self.max_changes),
+            ("max_change_bytes", self.max_change_bytes),
+        ];
+        match fields.iter().find(|(_, v)| *v == 0) {
+            Some((name, _)) => Err(KvError::InvalidLimits(format!("{name} must be at least 1"))),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Default for KvLimits {
+    fn default() -> Self {
+        KvLimits::DEFAULT
     }
 }
 
 /// What goes into the log.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum KvCommand {
-    /// Opens a client session; the session's id is the index of this entry.
-    Register,
+    /// Opens a session for the client that picked `nonce` (at random). Idempotent: while that
+    /// session lives, registering the same nonce again answers the same id, so a retry after a
+    /// lost answer opens no second session. A new session's id is the index of the entry that
+    /// opened it; ids are never reused.
+    Register {
+        /// The client's random nonce.
+        nonce: u128,
+    },
     /// A client's numbered request: applied at most once per `(client, seq)`.
     Request {
         /// The session.
         client: u64,
-        /// The client's sequence number, increasing by one per new request.
+        /// The client's sequence number (from 1), larger for every new request; a retry
+        /// carries the number of the request it retries.
         seq: u64,
         /// The operation.
         op: KvOp,
@@ -79,11 +164,21 @@ pub enum KvCommand {
         /// The session.
         client: u64,
     },
+    /// Replaces the replicated limits with `new` if they are `expected` (so a delayed
+    /// duplicate of an old change cannot undo a newer one). Answers [`Answer::Limits`]: the
+    /// limits in force afterwards (a lowered `max_sessions` evicts at once, as registering
+    /// does).
+    SetLimits {
+        /// The limits this change replaces.
+        expected: KvLimits,
+        /// The new limits.
+        new: KvLimits,
+    },
 }
 
-/// The result of a command or query.
+/// A successful operation's answer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum KvResult {
+pub enum Answer {
     /// `Get`: the value, if any.
     Value(Option<Bytes>),
     /// `Put`, `Append`, `Unregister`: done.
@@ -92,7 +187,27 @@ pub enum KvResult {
     Flag(bool),
     /// `Scan`: the entries, in key order.
     Entries(Vec<(Bytes, Bytes)>),
-    /// `Register`: the new session's id.
+    /// `Txn`: which branch ran and what its operations answered.
+    Txn(TxnResponse),
+    /// `Changes`: the changes found.
+    Changes(ChangeBatch),
+    /// `Limits`, `SetLimits`: the replicated limits (in force afterwards).
+    Limits(KvLimits),
+}
+
+/// The result of a command or query.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KvResult {
+    /// The operation succeeded. `revision` is, for a write, the log index at which it was
+    /// applied (a retry of an applied request gets the original's index); for a read, the
+    /// index of the last entry applied to the state it read.
+    Ok {
+        /// See above.
+        revision: Index,
+        /// The answer.
+        answer: Answer,
+    },
+    /// `Register`: the session's id.
     Registered(u64),
     /// The request was refused.
     Error(KvError),
@@ -101,14 +216,18 @@ pub enum KvResult {
 /// Why the KV service refused a request.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum KvError {
-    /// The session is unknown: it expired (evicted to keep the table bounded) or was never
-    /// opened. The request was not applied; open a new session.
-    #[error("session {client} expired or unknown; the request was not applied")]
+    /// The session is unknown: it expired (evicted to keep the table bounded, or idle for
+    /// too long) or was never opened. *This attempt* was not applied; an earlier attempt of
+    /// the same request may have been, before the session expired (the client reports that
+    /// case as an unknown outcome, never as "not applied").
+    #[error("session {client} expired or unknown; this attempt was not applied")]
     SessionExpired {
         /// The session.
         client: u64,
     },
-    /// A request older than the session's latest: its result is no longer kept.
+    /// A request older than the session's latest: a later request of the session was
+    /// applied, so this one was applied before it or never will be, and its result is no
+    /// longer kept.
     #[error("request {seq} is older than the session's latest ({latest})")]
     Stale {
         /// The request's number.
@@ -116,6 +235,20 @@ pub enum KvError {
         /// The latest number seen.
         latest: u64,
     },
+    /// The changes wanted (from revision `from`) were discarded to keep the change history
+    /// bounded ([`KvLimits::max_changes`], [`KvLimits::max_change_bytes`]); the oldest
+    /// revision still complete is `available_from`. Read the current state and watch from
+    /// after its revision.
+    #[error("changes from revision {from} are compacted away; available from {available_from}")]
+    Compacted {
+        /// The revision asked for.
+        from: Index,
+        /// The first revision whose changes are all kept.
+        available_from: Index,
+    },
+    /// `SetLimits` with a limit out of range; nothing changed.
+    #[error("invalid limits: {0}")]
+    InvalidLimits(String),
     /// The bytes are not a command of this service.
     #[error("malformed command")]
     Malformed,
@@ -129,4 +262,9 @@ pub fn encode_command(c: &KvCommand) -> Bytes {
 /// Encodes a read-only query.
 pub fn encode_query(op: &KvOp) -> Bytes {
     postcard::to_allocvec(op).unwrap_or_default()
+}
+
+/// A request command's bytes: `op` as request `seq` of session `client`.
+pub fn request(client: u64, seq: u64, op: KvOp) -> Bytes {
+    encode_command(&KvCommand::Request { client, seq, op })
 }

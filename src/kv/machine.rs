@@ -1,60 +1,73 @@
-//! [`KvStateMachine`]: the replicated map with exactly-once client sessions.
+//! [`KvStateMachine`]: the replicated map with exactly-once client sessions, transactions,
+//! revisions and a bounded change history for watchers.
 //!
-//! Exactly-once (Raft thesis §6.3): a client opens a session (a `Register` entry; the session
-//! id is that entry's index) and numbers its requests. The state machine keeps, per session,
-//! the number and result of the latest request: a retry of that request gets the recorded
-//! result and is not applied again, across leader changes, crashes and snapshots (the table is
-//! part of the snapshot). An older number gets [`KvError::Stale`].
+//! # Exactly once
+//! Raft thesis §6.3: a client opens a session (a [`KvCommand::Register`] entry carrying the
+//! client's random nonce; the session id is that entry's index; registering the same nonce
+//! again while the session lives answers the same id) and numbers its requests. The state
+//! machine keeps, per session, the number and result of the latest request: a retry of that
+//! request gets the recorded result (with the original revision) and is not applied again,
+//! across leader changes, crashes and snapshots (the table is part of the snapshot). An older
+//! number gets [`KvError::Stale`]. A read-only operation sent as a request changes nothing, so
+//! it is simply run (again, on a retry) and its answer is not kept: the table holds only the
+//! answers of writes.
 //!
-//! The table is bounded: past `max_sessions`, the session used least recently (by log index,
-//! so every node evicts the same one) is dropped. A request on a dropped session gets
-//! [`KvError::SessionExpired`] and is not applied — never applied a second time.
+//! Sessions end three ways, all decided by log indexes alone so every replica agrees: idle
+//! for more than [`KvLimits::session_idle_entries`] entries; evicted when a registration
+//! exceeds [`KvLimits::max_sessions`] (sessions that never had a request go first, oldest
+//! first, then the least recently used — so a flood of registrations evicts its own sessions
+//! before live clients'); or [`KvCommand::Unregister`]. A request on an ended session gets
+//! [`KvError::SessionExpired`] and is not applied — but an *earlier attempt* of it may have
+//! been, which only the client can know; [`KvClient`](crate::kv::KvClient) reports that case
+//! as an unknown outcome.
+//!
+//! # Revisions and changes
+//! The revision of the state is the index of the last entry applied. Every write answers the
+//! index it was applied at; every read answers the revision of the state it read. Each key
+//! change (put, append, delete, swap; a transaction's changes share its revision) is kept in
+//! a change history, bounded by [`KvLimits::max_changes`] and [`KvLimits::max_change_bytes`],
+//! which [`KvOp::Changes`] reads.
+//!
+//! # Limits
+//! [`KvLimits`] are replicated state: they start at [`KvLimits::DEFAULT`] and change only by
+//! [`KvCommand::SetLimits`] through the log, so replicas configured differently cannot
+//! diverge.
+//!
+//! # Snapshot format
+//! `b"RKVS" | u32 LE version (2) | u64 LE length | postcard(meta) | store stream`, where meta
+//! holds the revision, the limits, the session table and the change history, and the store
+//! stream is [`Store::write_to`]'s.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, Read, Write};
 
 use serde::{Deserialize, Serialize};
 
-use super::command::{Bytes, KvCommand, KvError, KvOp, KvResult};
+use super::changes::{Change, History, HistoryImage};
+use super::command::{Answer, Bytes, KvCommand, KvError, KvLimits, KvOp, KvResult};
+use super::sessions::{Lookup, Session, Sessions};
 use super::store::Store;
+use super::txn::{Txn, TxnOp, TxnResponse};
 use crate::raft::Index;
 use crate::state_machine::{SnapshotSource, StateMachine};
 
-/// Default bound on open sessions.
-pub const DEFAULT_MAX_SESSIONS: usize = 10_000;
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-struct Session {
-    last_seq: u64,
-    last_result: KvResult,
-    last_used: Index,
-}
+const SNAPSHOT_MAGIC: &[u8; 4] = b"RKVS";
+const SNAPSHOT_VERSION: u32 = 2;
 
 /// The KV state machine. See the [module docs](self).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct KvStateMachine {
     store: Store,
-    sessions: BTreeMap<u64, Session>,
-    /// `(last_used, client)` for every session, least recently used first.
-    by_use: BTreeSet<(Index, u64)>,
-    max_sessions: usize,
-}
-
-impl Default for KvStateMachine {
-    fn default() -> Self {
-        Self::new(DEFAULT_MAX_SESSIONS)
-    }
+    sessions: Sessions,
+    history: History,
+    limits: KvLimits,
+    revision: Index,
 }
 
 impl KvStateMachine {
-    /// An empty map keeping at most `max_sessions` sessions (at least 1).
-    pub fn new(max_sessions: usize) -> Self {
-        KvStateMachine {
-            store: Store::default(),
-            sessions: BTreeMap::new(),
-            by_use: BTreeSet::new(),
-            max_sessions: max_sessions.max(1),
-        }
+    /// An empty map with the [default limits](KvLimits::DEFAULT) (change them through the
+    /// log: [`KvCommand::SetLimits`]).
+    pub fn new() -> Self {
+        KvStateMachine::default()
     }
 
     /// The map.
@@ -67,107 +80,197 @@ impl KvStateMachine {
         self.sessions.len()
     }
 
-    fn touch(&mut self, client: u64, index: Index) {
-        if let Some(s) = self.sessions.get_mut(&client) {
-            self.by_use.remove(&(s.last_used, client));
-            s.last_used = index;
-            self.by_use.insert((index, client));
-        }
+    /// The ids of the open sessions, ascending.
+    pub fn session_ids(&self) -> Vec<u64> {
+        self.sessions.ids().collect()
     }
 
-    fn execute(&mut self, op: KvOp) -> KvResult {
-        match op {
-            KvOp::Get { .. } | KvOp::Scan { .. } => self.read(&op),
+    /// The replicated limits in force.
+    pub fn limits(&self) -> KvLimits {
+        self.limits
+    }
+
+    /// The index of the last entry applied.
+    pub fn revision(&self) -> Index {
+        self.revision
+    }
+
+    /// Changes kept for watchers, and the newest revision already discarded (0: none).
+    pub fn change_history(&self) -> (usize, Index) {
+        (self.history.len(), self.history.compacted_through())
+    }
+
+    fn changed(&mut self, revision: Index, key: Bytes, value: Option<Bytes>) {
+        let change = Change {
+            revision,
+            key,
+            value,
+        };
+        self.history.record(change, &self.limits);
+    }
+
+    fn put(&mut self, index: Index, key: Bytes, value: Bytes) {
+        self.store.put(key.clone(), value.clone());
+        self.changed(index, key, Some(value));
+    }
+
+    fn append(&mut self, index: Index, key: Bytes, suffix: &[u8]) {
+        let value = self.store.append(key.clone(), suffix).clone();
+        self.changed(index, key, Some(value));
+    }
+
+    fn delete(&mut self, index: Index, key: Bytes) -> bool {
+        let existed = self.store.delete(&key);
+        if existed {
+            self.changed(index, key, None);
+        }
+        existed
+    }
+
+    /// Runs a write (or a read through the log) at `index`.
+    fn execute(&mut self, index: Index, op: KvOp) -> KvResult {
+        let answer = match op {
             KvOp::Put { key, value } => {
-                self.store.put(key, value);
-                KvResult::Done
+                self.put(index, key, value);
+                Answer::Done
             }
             KvOp::Append { key, value } => {
-                self.store.append(key, &value);
-                KvResult::Done
+                self.append(index, key, &value);
+                Answer::Done
             }
-            KvOp::Delete { key } => KvResult::Flag(self.store.delete(&key)),
+            KvOp::Delete { key } => Answer::Flag(self.delete(index, key)),
             KvOp::Cas { key, expected, new } => {
                 if self.store.get(&key) != expected.as_ref() {
-                    return KvResult::Flag(false);
+                    return ok(index, Answer::Flag(false));
                 }
                 match new {
-                    Some(v) => {
-                        self.store.put(key, v);
-                    }
+                    Some(v) => self.put(index, key, v),
                     None => {
-                        self.store.delete(&key);
+                        self.delete(index, key);
                     }
                 }
-                KvResult::Flag(true)
+                Answer::Flag(true)
             }
-        }
+            KvOp::Txn(txn) => Answer::Txn(self.transaction(index, txn)),
+            read => return self.read(&read),
+        };
+        ok(index, answer)
     }
 
+    fn compares_hold(&self, txn: &Txn) -> bool {
+        txn.compares
+            .iter()
+            .all(|c| c.holds(self.store.get(c.key())))
+    }
+
+    fn transaction(&mut self, index: Index, txn: Txn) -> TxnResponse {
+        let succeeded = self.compares_hold(&txn);
+        let ops = if succeeded { txn.success } else { txn.failure };
+        let results = ops
+            .into_iter()
+            .map(|op| match op {
+                TxnOp::Get { key } => Answer::Value(self.store.get(&key).cloned()),
+                TxnOp::Put { key, value } => {
+                    self.put(index, key, value);
+                    Answer::Done
+                }
+                TxnOp::Append { key, value } => {
+                    self.append(index, key, &value);
+                    Answer::Done
+                }
+                TxnOp::Delete { key } => Answer::Flag(self.delete(index, key)),
+            })
+            .collect();
+        TxnResponse { succeeded, results }
+    }
+
+    /// Answers a read-only operation from the current state.
     fn read(&self, op: &KvOp) -> KvResult {
-        match op {
-            KvOp::Get { key } => KvResult::Value(self.store.get(key).cloned()),
+        let answer = match op {
+            KvOp::Get { key } => Answer::Value(self.store.get(key).cloned()),
             KvOp::Scan { start, end, limit } => {
-                KvResult::Entries(self.store.scan(start, end.as_deref(), *limit as usize))
+                Answer::Entries(self.store.scan(start, end.as_deref(), *limit as usize))
             }
-            _ => KvResult::Error(KvError::Malformed),
-        }
+            KvOp::Txn(txn) if txn.is_read_only() => {
+                let succeeded = self.compares_hold(txn);
+                let ops = if succeeded {
+                    &txn.success
+                } else {
+                    &txn.failure
+                };
+                let results = ops
+                    .iter()
+                    .map(|op| Answer::Value(self.store.get(op.key()).cloned()))
+                    .collect();
+                Answer::Txn(TxnResponse { succeeded, results })
+            }
+            KvOp::Changes { keys, from, limit } => {
+                match self.history.read(keys, *from, *limit, self.revision) {
+                    Ok(batch) => Answer::Changes(batch),
+                    Err(e) => return KvResult::Error(e),
+                }
+            }
+            KvOp::Limits => Answer::Limits(self.limits),
+            _ => return KvResult::Error(KvError::Malformed),
+        };
+        ok(self.revision, answer)
     }
 
     fn apply_command(&mut self, index: Index, command: KvCommand) -> KvResult {
         match command {
-            KvCommand::Register => {
-                let s = Session {
-                    last_seq: 0,
-                    last_result: KvResult::Done,
-                    last_used: index,
-                };
-                self.sessions.insert(index, s);
-                self.by_use.insert((index, index));
-                while self.sessions.len() > self.max_sessions {
-                    let Some(&(used, oldest)) = self.by_use.iter().next() else {
-                        break;
-                    };
-                    self.by_use.remove(&(used, oldest));
-                    self.sessions.remove(&oldest);
-                }
-                KvResult::Registered(index)
+            KvCommand::Register { nonce } => {
+                KvResult::Registered(self.sessions.register(nonce, index, &self.limits))
             }
             KvCommand::Unregister { client } => {
-                if let Some(s) = self.sessions.remove(&client) {
-                    self.by_use.remove(&(s.last_used, client));
-                }
-                KvResult::Done
+                self.sessions.remove(client);
+                ok(index, Answer::Done)
             }
-            KvCommand::Request { client, seq, op } => {
-                let Some(session) = self.sessions.get(&client) else {
-                    return KvResult::Error(KvError::SessionExpired { client });
-                };
-                if seq == session.last_seq && seq != 0 {
-                    let cached = session.last_result.clone();
-                    self.touch(client, index);
-                    return cached; // a retry: same answer, not applied again
+            KvCommand::SetLimits { expected, new } => {
+                if let Err(e) = new.validate() {
+                    return KvResult::Error(e);
                 }
-                if seq < session.last_seq {
-                    let latest = session.last_seq;
-                    return KvResult::Error(KvError::Stale { seq, latest });
+                if self.limits == expected {
+                    self.limits = new;
+                    self.history.trim(&self.limits);
+                    self.sessions.expire(index, &self.limits);
+                    self.sessions.evict_to(&self.limits);
                 }
-                let result = self.execute(op);
-                if let Some(s) = self.sessions.get_mut(&client) {
-                    s.last_seq = seq;
-                    s.last_result = result.clone();
-                }
-                self.touch(client, index);
-                result
+                ok(index, Answer::Limits(self.limits))
             }
+            KvCommand::Request { seq: 0, .. } => KvResult::Error(KvError::Malformed),
+            KvCommand::Request { client, seq, op } => match self.sessions.lookup(client, seq) {
+                Lookup::Unknown => KvResult::Error(KvError::SessionExpired { client }),
+                Lookup::Stale { latest } => KvResult::Error(KvError::Stale { seq, latest }),
+                Lookup::Retry(cached) => {
+                    self.sessions.touch(client, index);
+                    cached // a retry: same answer, not applied again
+                }
+                Lookup::New if op.is_read() => {
+                    // A read through the log changes nothing: a retry may run it again, so
+                    // its (possibly large) answer is not kept in the table.
+                    self.sessions.touch(client, index);
+                    self.execute(index, op)
+                }
+                Lookup::New => {
+                    let result = self.execute(index, op);
+                    self.sessions.record(client, seq, result.clone(), index);
+                    result
+                }
+            },
         }
     }
+}
+
+fn ok(revision: Index, answer: Answer) -> KvResult {
+    KvResult::Ok { revision, answer }
 }
 
 impl StateMachine for KvStateMachine {
     type Output = KvResult;
 
     fn apply(&mut self, index: Index, command: &[u8]) -> KvResult {
+        self.revision = index;
+        self.sessions.expire(index, &self.limits);
         match postcard::from_bytes::<KvCommand>(command) {
             Ok(c) => self.apply_command(index, c),
             Err(_) => KvResult::Error(KvError::Malformed),
@@ -184,187 +287,80 @@ impl StateMachine for KvStateMachine {
     fn snapshot(&mut self) -> Box<dyn SnapshotSource> {
         Box::new(KvImage {
             store: self.store.image(),
-            sessions: self.sessions.clone(),
+            meta: Meta {
+                revision: self.revision,
+                limits: self.limits,
+                sessions: self.sessions.image(),
+                history: self.history.image(),
+            },
         })
     }
 
     fn restore(&mut self, input: &mut dyn Read) -> io::Result<()> {
+        let invalid = |why: String| io::Error::new(io::ErrorKind::InvalidData, why);
+        let mut header = [0u8; 16];
+        input.read_exact(&mut header)?;
+        let version = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        if &header[..4] != SNAPSHOT_MAGIC || version != SNAPSHOT_VERSION {
+            return Err(invalid(format!(
+                "not a KV snapshot of version {SNAPSHOT_VERSION} (magic {:?}, version {version})",
+                &header[..4]
+            )));
+        }
         let mut len = [0u8; 8];
-        input.read_exact(&mut len)?;
+        len.copy_from_slice(&header[8..]);
         let len = u64::from_le_bytes(len);
-        let mut table = Vec::new();
-        let got = input.take(len).read_to_end(&mut table)?;
+        let mut meta = Vec::new();
+        let got = input.take(len).read_to_end(&mut meta)?;
         if got as u64 != len {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
-                "session table cut short",
+                "snapshot metadata cut short",
             ));
         }
-        let sessions: BTreeMap<u64, Session> = postcard::from_bytes(&table)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let meta: Meta = postcard::from_bytes(&meta).map_err(|e| invalid(e.to_string()))?;
+        meta.limits.validate().map_err(|e| invalid(e.to_string()))?;
+        let sessions = Sessions::from_image(meta.sessions).map_err(invalid)?;
+        let history = History::from_image(meta.history).map_err(invalid)?;
         let store = Store::read_from(input)?;
-        self.by_use = sessions.iter().map(|(c, s)| (s.last_used, *c)).collect();
-        self.sessions = sessions;
-        self.store = store;
+        *self = KvStateMachine {
+            store,
+            sessions,
+            history,
+            limits: meta.limits,
+            revision: meta.revision,
+        };
         Ok(())
     }
 }
 
-/// A point-in-time image of the map and the session table.
+/// Everything but the map, as a snapshot keeps it.
+#[derive(Serialize, Deserialize)]
+struct Meta {
+    revision: Index,
+    limits: KvLimits,
+    sessions: Vec<(u64, Session)>,
+    history: HistoryImage,
+}
+
+/// A point-in-time image of the whole state.
 struct KvImage {
     store: Store,
-    sessions: BTreeMap<u64, Session>,
+    meta: Meta,
 }
 
 impl SnapshotSource for KvImage {
-    /// `u64 LE length | postcard(session table) | store stream` (see [`Store::write_to`]).
+    /// See the [module docs](self) for the format.
     fn write_to(self: Box<Self>, out: &mut dyn Write) -> io::Result<()> {
-        let table = postcard::to_allocvec(&self.sessions)
+        let meta = postcard::to_allocvec(&self.meta)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        out.write_all(&(table.len() as u64).to_le_bytes())?;
-        out.write_all(&table)?;
+        out.write_all(SNAPSHOT_MAGIC)?;
+        out.write_all(&SNAPSHOT_VERSION.to_le_bytes())?;
+        out.write_all(&(meta.len() as u64).to_le_bytes())?;
+        out.write_all(&meta)?;
         self.store.write_to(out)
     }
 }
 
-/// Shorthand used by tests and clients: a request command's bytes.
-pub fn request(client: u64, seq: u64, op: KvOp) -> Bytes {
-    super::command::encode_command(&KvCommand::Request { client, seq, op })
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::kv::command::encode_command;
-
-    fn b(s: &str) -> Bytes {
-        s.as_bytes().to_vec()
-    }
-    fn put(k: &str, v: &str) -> KvOp {
-        KvOp::Put {
-            key: b(k),
-            value: b(v),
-        }
-    }
-    fn register(m: &mut KvStateMachine, index: Index) -> u64 {
-        match m.apply(index, &encode_command(&KvCommand::Register)) {
-            KvResult::Registered(id) => id,
-            other => panic!("{other:?}"),
-        }
-    }
-
-    #[test]
-    fn a_retried_request_is_answered_from_the_session_and_not_applied_again() {
-        let mut m = KvStateMachine::default();
-        let c = register(&mut m, 1);
-        let append = KvOp::Append {
-            key: b("k"),
-            value: b("x"),
-        };
-        assert_eq!(m.apply(2, &request(c, 1, append.clone())), KvResult::Done);
-        assert_eq!(m.apply(3, &request(c, 1, append.clone())), KvResult::Done);
-        assert_eq!(m.store().get(b"k"), Some(&b("x")), "applied twice");
-        assert_eq!(m.apply(4, &request(c, 2, append)), KvResult::Done);
-        assert_eq!(m.store().get(b"k"), Some(&b("xx")));
-        let cas = KvOp::Cas {
-            key: b("k"),
-            expected: Some(b("xx")),
-            new: None,
-        };
-        assert_eq!(
-            m.apply(5, &request(c, 3, cas.clone())),
-            KvResult::Flag(true)
-        );
-        assert_eq!(
-            m.apply(6, &request(c, 3, cas)),
-            KvResult::Flag(true),
-            "the retry gets the original answer"
-        );
-        assert_eq!(
-            m.apply(7, &request(c, 1, put("k", "old"))),
-            KvResult::Error(KvError::Stale { seq: 1, latest: 3 })
-        );
-        assert_eq!(m.store().get(b"k"), None);
-    }
-
-    #[test]
-    fn expired_sessions_get_a_clear_error_and_nothing_is_applied() {
-        let mut m = KvStateMachine::new(2);
-        let a = register(&mut m, 1);
-        let c2 = register(&mut m, 2);
-        assert_eq!(m.apply(3, &request(a, 1, put("a", "1"))), KvResult::Done); // a is now fresher
-        let c3 = register(&mut m, 4); // evicts c2, the least recently used
-        assert_eq!(m.sessions(), 2);
-        assert_eq!(
-            m.apply(5, &request(c2, 1, put("c2", "1"))),
-            KvResult::Error(KvError::SessionExpired { client: c2 })
-        );
-        assert_eq!(m.store().get(b"c2"), None);
-        assert_eq!(m.apply(6, &request(c3, 1, put("c3", "1"))), KvResult::Done);
-        assert_eq!(
-            m.apply(7, &request(a, 1, put("a", "1"))),
-            KvResult::Done,
-            "a kept its session"
-        );
-    }
-
-    #[test]
-    fn snapshots_carry_the_map_and_the_sessions_and_stay_small() {
-        let mut m = KvStateMachine::default();
-        let c = register(&mut m, 1);
-        for (i, k) in ["x", "y", "z", "w", "v"].iter().enumerate() {
-            m.apply(2 + i as u64, &request(c, 1 + i as u64, put(k, "value")));
-        }
-        for i in 0..1000u64 {
-            // A long history of overwrites of one key: the snapshot does not grow with it.
-            m.apply(10 + i, &request(c, 6 + i, put("x", "v2")));
-        }
-        let mut bytes = Vec::new();
-        m.snapshot().write_to(&mut bytes).unwrap();
-        assert!(
-            bytes.len() < 300,
-            "snapshot of 5 keys is {} bytes",
-            bytes.len()
-        );
-        let mut n = KvStateMachine::default();
-        n.restore(&mut bytes.as_slice()).unwrap();
-        assert_eq!(n.store().scan(b"", None, 10), m.store().scan(b"", None, 10));
-        // The restored session still de-duplicates the last request.
-        let last = request(c, 1005, put("x", "v2"));
-        assert_eq!(n.apply(2000, &last), KvResult::Done);
-        assert_eq!(
-            n.apply(2001, &request(c, 3, put("x", "old"))),
-            KvResult::Error(KvError::Stale {
-                seq: 3,
-                latest: 1005
-            })
-        );
-        // A cut snapshot is an error, not a half-restored state.
-        assert!(KvStateMachine::default()
-            .restore(&mut &bytes[..bytes.len() - 3])
-            .is_err());
-    }
-
-    #[test]
-    fn queries_and_malformed_input() {
-        let mut m = KvStateMachine::default();
-        let c = register(&mut m, 1);
-        m.apply(2, &request(c, 1, put("k", "v")));
-        let get = crate::kv::encode_query(&KvOp::Get { key: b("k") });
-        assert_eq!(m.query(&get), Some(KvResult::Value(Some(b("v")))));
-        let write = crate::kv::encode_query(&put("k", "w"));
-        assert_eq!(
-            m.query(&write),
-            Some(KvResult::Error(KvError::Malformed)),
-            "queries cannot write"
-        );
-        let mut rng = crate::raft::Rng::new(9);
-        for _ in 0..5_000 {
-            let len = rng.range(0, 40) as usize;
-            let junk: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
-            let _ = m.apply(3, &junk); // must not panic
-            let _ = m.query(&junk);
-        }
-        assert_eq!(m.store().get(b"k"), Some(&b("v")));
-    }
-}
+mod tests;

@@ -57,12 +57,11 @@ impl Store {
         self.shard_mut(&key).insert(key, value)
     }
 
-    /// Appends to `key`'s value, creating it.
-    pub fn append(&mut self, key: Bytes, suffix: &[u8]) {
-        self.shard_mut(&key)
-            .entry(key)
-            .or_default()
-            .extend_from_slice(suffix);
+    /// Appends to `key`'s value, creating it; returns the new value.
+    pub fn append(&mut self, key: Bytes, suffix: &[u8]) -> &Bytes {
+        let value = self.shard_mut(&key).entry(key).or_default();
+        value.extend_from_slice(suffix);
+        value
     }
 
     /// Removes `key`; returns whether it existed.

@@ -39,6 +39,9 @@
 //! * **Unknown output.** `output: None` accepts any output. Read-only operations (`Get`, `Scan`)
 //!   with unknown output constrain nothing and are dropped before the search.
 //! * **Scan results** must list entries in ascending key order, as the model does.
+//! * **Transactions** ([`KvInput::Txn`]) touch every key they compare or operate on, so those
+//!   keys share a partition; their operations are point operations (no scan, no nested
+//!   transaction), applied in order, atomically.
 //!
 //! # Limits
 //!
@@ -93,6 +96,33 @@ pub enum KvInput {
     },
     /// Read all keys starting with a prefix. Output: [`KvOutput::Entries`], ascending by key.
     Scan(Vec<u8>),
+    /// An atomic transaction: if every compare holds, `success` runs, else `failure`.
+    /// Output: [`KvOutput::Txn`].
+    Txn(TxnInput),
+}
+
+/// A transaction of a history (see [`KvInput::Txn`]).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct TxnInput {
+    /// The conditions, all of which must hold for `success` to run.
+    pub compares: Vec<TxnCompare>,
+    /// Point operations (`Get`, `Put`, `Append`, `Delete`, `Cas`) run in order if every
+    /// compare holds.
+    pub success: Vec<KvInput>,
+    /// Point operations run otherwise.
+    pub failure: Vec<KvInput>,
+}
+
+/// A condition of a transaction: the key's value is (`equal`) or is not (`!equal`) `value`
+/// (`None`: absent).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct TxnCompare {
+    /// The key.
+    pub key: Vec<u8>,
+    /// The value compared with; `None`: absent.
+    pub value: Option<Vec<u8>>,
+    /// Whether the value must equal `value` (or differ from it).
+    pub equal: bool,
 }
 
 /// What the KV store answered.
@@ -106,6 +136,13 @@ pub enum KvOutput {
     Bool(bool),
     /// Answer to `Scan`: `(key, value)` pairs in ascending key order.
     Entries(Vec<(Vec<u8>, Vec<u8>)>),
+    /// Answer to `Txn`: whether the compares held, and the answers of the branch that ran.
+    Txn {
+        /// True when `success` ran.
+        succeeded: bool,
+        /// One answer per operation of that branch.
+        results: Vec<KvOutput>,
+    },
 }
 
 /// One operation of a history, as one client observed it.
@@ -168,6 +205,8 @@ pub enum HistoryError {
     ReturnBeforeInvoke(usize),
     /// The operation's output has the wrong kind for its input (e.g. `Get` -> `Bool`).
     OutputKindMismatch(usize),
+    /// A transaction holds a `Scan` or another transaction.
+    UnsupportedInTxn(usize),
 }
 
 impl fmt::Display for HistoryError {
@@ -175,6 +214,12 @@ impl fmt::Display for HistoryError {
         match self {
             HistoryError::ReturnBeforeInvoke(i) => write!(f, "operation {i} returns too early"),
             HistoryError::OutputKindMismatch(i) => write!(f, "operation {i}: wrong output kind"),
+            HistoryError::UnsupportedInTxn(i) => {
+                write!(
+                    f,
+                    "operation {i}: a transaction may only hold point operations"
+                )
+            }
         }
     }
 }
@@ -219,22 +264,40 @@ fn validate(history: &[Operation]) -> Result<(), HistoryError> {
         if op.complete.is_some_and(|c| c < op.invoke) {
             return Err(HistoryError::ReturnBeforeInvoke(index));
         }
-        let kind_ok = matches!(
-            (&op.input, &op.output),
-            (_, None)
-                | (KvInput::Get(_), Some(KvOutput::Value(_)))
-                | (KvInput::Put(..) | KvInput::Append(..), Some(KvOutput::Done))
-                | (
-                    KvInput::Delete(_) | KvInput::Cas { .. },
-                    Some(KvOutput::Bool(_))
-                )
-                | (KvInput::Scan(_), Some(KvOutput::Entries(_)))
-        );
-        if !kind_ok {
+        if let KvInput::Txn(txn) = &op.input {
+            let point = |i: &KvInput| !matches!(i, KvInput::Scan(_) | KvInput::Txn(_));
+            if !txn.success.iter().chain(&txn.failure).all(point) {
+                return Err(HistoryError::UnsupportedInTxn(index));
+            }
+        }
+        if !output_kind_ok(&op.input, op.output.as_ref()) {
             return Err(HistoryError::OutputKindMismatch(index));
         }
     }
     Ok(())
+}
+
+fn output_kind_ok(input: &KvInput, output: Option<&KvOutput>) -> bool {
+    match (input, output) {
+        (_, None)
+        | (KvInput::Get(_), Some(KvOutput::Value(_)))
+        | (KvInput::Put(..) | KvInput::Append(..), Some(KvOutput::Done))
+        | (KvInput::Delete(_) | KvInput::Cas { .. }, Some(KvOutput::Bool(_)))
+        | (KvInput::Scan(_), Some(KvOutput::Entries(_))) => true,
+        (KvInput::Txn(txn), Some(KvOutput::Txn { succeeded, results })) => {
+            let ops = if *succeeded {
+                &txn.success
+            } else {
+                &txn.failure
+            };
+            ops.len() == results.len()
+                && ops
+                    .iter()
+                    .zip(results)
+                    .all(|(i, o)| output_kind_ok(i, Some(o)))
+        }
+        _ => false,
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -276,11 +339,28 @@ fn apply(state: &mut State, input: &KvInput) -> KvOutput {
                 .map(|(key, value)| (key.clone(), value.clone()))
                 .collect(),
         ),
+        KvInput::Txn(txn) => {
+            let succeeded = txn
+                .compares
+                .iter()
+                .all(|c| (state.get(&c.key) == c.value.as_ref()) == c.equal);
+            let ops = if succeeded {
+                &txn.success
+            } else {
+                &txn.failure
+            };
+            let results = ops.iter().map(|op| apply(state, op)).collect();
+            KvOutput::Txn { succeeded, results }
+        }
     }
 }
 
 fn read_only(input: &KvInput) -> bool {
-    matches!(input, KvInput::Get(_) | KvInput::Scan(_))
+    match input {
+        KvInput::Get(_) | KvInput::Scan(_) => true,
+        KvInput::Txn(txn) => txn.success.iter().chain(&txn.failure).all(read_only),
+        _ => false,
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -309,7 +389,7 @@ fn partitions(history: &[Operation]) -> Vec<Partition> {
                 keys.extend(entries.iter().map(|(key, _)| key.as_slice()));
             }
             (KvInput::Scan(_), _) => {}
-            (input, _) => keys.push(point_key(input)),
+            (input, _) => keys.extend(point_keys(input)),
         }
     }
     keys.sort_unstable();
@@ -325,7 +405,10 @@ fn partitions(history: &[Operation]) -> Vec<Partition> {
                     .take_while(|&id| keys[id].starts_with(prefix))
                     .collect()
             }
-            input => keys.binary_search(&point_key(input)).into_iter().collect(),
+            input => point_keys(input)
+                .into_iter()
+                .filter_map(|k| keys.binary_search(&k).ok())
+                .collect(),
         };
         for pair in touched.windows(2) {
             sets.union(pair[0], pair[1]);
@@ -358,15 +441,21 @@ fn partitions(history: &[Operation]) -> Vec<Partition> {
     keyed.chain(keyless).collect()
 }
 
-/// The single key of a non-scan input.
-fn point_key(input: &KvInput) -> &[u8] {
+/// The keys of a non-scan input: its key, or every key a transaction names.
+fn point_keys(input: &KvInput) -> Vec<&[u8]> {
     match input {
         KvInput::Get(key)
         | KvInput::Put(key, _)
         | KvInput::Append(key, _)
         | KvInput::Delete(key)
         | KvInput::Cas { key, .. }
-        | KvInput::Scan(key) => key,
+        | KvInput::Scan(key) => vec![key],
+        KvInput::Txn(txn) => txn
+            .compares
+            .iter()
+            .map(|c| c.key.as_slice())
+            .chain(txn.success.iter().chain(&txn.failure).flat_map(point_keys))
+            .collect(),
     }
 }
 
@@ -733,6 +822,33 @@ impl fmt::Display for KvInput {
                 write!(f, "Cas({}, {expected}, {new})", bytes(key))
             }
             KvInput::Scan(p) => write!(f, "Scan({})", bytes(p)),
+            KvInput::Txn(txn) => {
+                let compares: Vec<String> = txn
+                    .compares
+                    .iter()
+                    .map(|c| {
+                        let op = if c.equal { "==" } else { "!=" };
+                        format!(
+                            "{} {op} {}",
+                            bytes(&c.key),
+                            optional_bytes(c.value.as_deref())
+                        )
+                    })
+                    .collect();
+                let list = |ops: &[KvInput]| {
+                    ops.iter()
+                        .map(|o| o.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                write!(
+                    f,
+                    "Txn(if {} then [{}] else [{}])",
+                    compares.join(" && "),
+                    list(&txn.success),
+                    list(&txn.failure)
+                )
+            }
         }
     }
 }
@@ -745,6 +861,11 @@ impl fmt::Display for KvOutput {
             KvOutput::Done => write!(f, "Done"),
             KvOutput::Bool(b) => write!(f, "{b}"),
             KvOutput::Entries(entries) => write!(f, "[{}]", pairs(entries)),
+            KvOutput::Txn { succeeded, results } => {
+                let shown: Vec<String> = results.iter().map(|r| r.to_string()).collect();
+                let branch = if *succeeded { "then" } else { "else" };
+                write!(f, "{branch} [{}]", shown.join(", "))
+            }
         }
     }
 }
