@@ -161,11 +161,12 @@ async fn run() -> Result<(), String> {
     let mut client = KvClient::connect(cluster.endpoint(), options)
         .await
         .map_err(|e| format!("cannot open a session: {e}"))?;
+    println!("\n== Writing 100 keys through KvClient over TCP");
+    put_range(&mut client, 0..100).await?;
     println!(
-        "\n== Writing 100 keys through KvClient over TCP (session {})",
+        "    (session {}, opened by the first write)",
         client.session()
     );
-    put_range(&mut client, 0..100).await?;
 
     let victim: NodeId = cluster.wait_for_leader(Duration::from_secs(15)).await?;
     println!("\n== Killing node {victim} (the leader) with SIGKILL");

@@ -23,7 +23,9 @@ use std::time::{Duration, Instant};
 use client_proto::guard::Secret;
 use client_proto::{ClientFailure, Seen, TcpKvEndpoint};
 use raftkv::error::ProposeError;
-use raftkv::kv::{encode_query, ClientError, ClientOptions, KvClient, KvEndpoint, KvOp, KvResult};
+use raftkv::kv::{
+    encode_query, Answer, ClientError, ClientOptions, KvClient, KvEndpoint, KvOp, KvResult,
+};
 use raftkv::NodeId;
 
 const USAGE: &str = "usage: kv --nodes ID=HOST:PORT,... [options] COMMAND
@@ -297,9 +299,16 @@ async fn explained<T>(
 
 fn client_error(e: ClientError) -> String {
     match e {
-        ClientError::Timeout { attempts, last } => {
-            format!("gave up after {attempts} attempts; the last error was: {last}")
-        }
+        ClientError::TooLarge { size, max } => format!(
+            "too large: the command takes {size} bytes, and the cluster's largest entry is {max} \
+             bytes; nothing was written"
+        ),
+        ClientError::Timeout {
+            attempts, cause, ..
+        } => format!(
+            "outcome unknown after {attempts} attempts ({cause}): the write may have been \
+             applied (never twice)"
+        ),
         other => other.to_string(),
     }
 }
@@ -369,8 +378,14 @@ async fn run(cli: Cli) -> Result<(), String> {
             )
             .await?;
             match answer {
-                KvResult::Value(Some(v)) => println!("{}", text(&v)),
-                KvResult::Value(None) => println!("(absent)"),
+                KvResult::Ok {
+                    answer: Answer::Value(Some(v)),
+                    ..
+                } => println!("{}", text(&v)),
+                KvResult::Ok {
+                    answer: Answer::Value(None),
+                    ..
+                } => println!("(absent)"),
                 other => return Err(format!("unexpected answer {other:?}")),
             }
         }
@@ -381,7 +396,10 @@ async fn run(cli: Cli) -> Result<(), String> {
                 limit: 1000,
             };
             match explained(&endpoint, read(&endpoint, op, deadline)).await? {
-                KvResult::Entries(entries) => {
+                KvResult::Ok {
+                    answer: Answer::Entries(entries),
+                    ..
+                } => {
                     for (k, v) in &entries {
                         println!("{} = {}", text(k), text(v));
                     }

@@ -532,10 +532,15 @@ fn a_register_flood_does_not_evict_an_idle_session() {
         for _ in 0..32 {
             let (sent, registered, refused) = (sent.clone(), registered.clone(), refused.clone());
             flooders.push(tokio::spawn(async move {
-                let register = ClientRequest::Propose(encode_command(&KvCommand::Register));
-                while sent.fetch_add(1, Ordering::Relaxed) < FLOOD
-                    && started.elapsed() < Duration::from_secs(25)
-                {
+                loop {
+                    // A fresh nonce each time: an attacker's registrations are all new.
+                    let n = sent.fetch_add(1, Ordering::Relaxed);
+                    if n >= FLOOD || started.elapsed() >= Duration::from_secs(25) {
+                        break;
+                    }
+                    let register = ClientRequest::Propose(encode_command(&KvCommand::Register {
+                        nonce: u128::from(n) + 1,
+                    }));
                     let Ok(mut s) = attack::client(addr).await else {
                         continue;
                     };

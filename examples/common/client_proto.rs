@@ -515,7 +515,7 @@ fn admit(
     };
     if !matches!(
         postcard::from_bytes::<KvCommand>(command),
-        Ok(KvCommand::Register)
+        Ok(KvCommand::Register { .. })
     ) {
         return None;
     }
