@@ -482,6 +482,32 @@ async fn print_status(endpoint: &TcpKvEndpoint) {
                     s.snapshot_index,
                     s.log_bytes,
                 );
+                let m = &s.metrics;
+                notes.push(format!(
+                    "node {id}: {} proposals ({} refused), {} committed, {} applied, {} reads; \
+                     {} fsyncs (p50 <= {} us, p99 <= {} us, max {} us), up to {} entries a batch; \
+                     {} leader changes; snapshots {} taken, {} installed; inbox {}",
+                    m.proposals,
+                    m.proposals_refused,
+                    m.committed,
+                    m.applied,
+                    m.reads_served,
+                    m.fsyncs,
+                    m.fsync_p50_us,
+                    m.fsync_p99_us,
+                    m.fsync_max_us,
+                    m.max_batch_entries,
+                    m.leader_changes,
+                    m.snapshots_taken,
+                    m.snapshots_installed,
+                    m.inbox_depth
+                ));
+                if let Some(after) = s.recovering_after {
+                    notes.push(format!(
+                        "node {id}: recovering: its log after index {after} was lost; it does not \
+                         vote until a leader has brought it back"
+                    ));
+                }
                 if let Some(f) = &s.fatal_error {
                     notes.push(format!("node {id}: fatal_error: {f}"));
                 }

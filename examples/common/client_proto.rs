@@ -191,6 +191,43 @@ pub struct NodeStatusView {
     pub disk_full: Option<String>,
     /// Set when the node stopped on a fatal error.
     pub fatal_error: Option<String>,
+    /// Set while the node recovers from a lost log tail: the last intact index.
+    pub recovering_after: Option<u64>,
+    /// What the node counted since it started.
+    pub metrics: MetricsView,
+}
+
+/// A node's metrics, as `kv status` shows them (a subset of `raftkv::node::NodeMetrics`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetricsView {
+    /// Proposals taken, and refused at once.
+    pub proposals: u64,
+    /// Proposals refused at once.
+    pub proposals_refused: u64,
+    /// Entries learned committed.
+    pub committed: u64,
+    /// Entries applied.
+    pub applied: u64,
+    /// Reads served.
+    pub reads_served: u64,
+    /// Storage syncs, and their latency (upper bounds of p50/p99, and the maximum, in µs).
+    pub fsyncs: u64,
+    /// See `fsyncs`.
+    pub fsync_p50_us: u64,
+    /// See `fsyncs`.
+    pub fsync_p99_us: u64,
+    /// See `fsyncs`.
+    pub fsync_max_us: u64,
+    /// Entries written per batch: the largest.
+    pub max_batch_entries: u64,
+    /// Leader changes seen.
+    pub leader_changes: u64,
+    /// Snapshots taken and installed.
+    pub snapshots_taken: u64,
+    /// See `snapshots_taken`.
+    pub snapshots_installed: u64,
+    /// Commands waiting in the node's inbox.
+    pub inbox_depth: u64,
 }
 
 impl From<&NodeStatus> for NodeStatusView {
@@ -212,6 +249,26 @@ impl From<&NodeStatus> for NodeStatusView {
             snapshot_bytes: s.persisted.snapshot_bytes,
             disk_full: s.disk_full.clone(),
             fatal_error: s.fatal_error.clone(),
+            recovering_after: s.recovering.map(|l| l.intact_through),
+            metrics: {
+                let (m, c) = (&s.metrics, &s.metrics.counters);
+                MetricsView {
+                    proposals: c.proposals,
+                    proposals_refused: c.proposals_refused,
+                    committed: c.committed,
+                    applied: c.applied,
+                    reads_served: c.reads_served,
+                    fsyncs: m.fsync.count,
+                    fsync_p50_us: m.fsync.quantile_us(0.5),
+                    fsync_p99_us: m.fsync.quantile_us(0.99),
+                    fsync_max_us: m.fsync.max_us,
+                    max_batch_entries: c.max_batch_entries,
+                    leader_changes: c.leader_changes,
+                    snapshots_taken: c.snapshots_taken,
+                    snapshots_installed: c.snapshots_installed,
+                    inbox_depth: m.inbox_depth,
+                }
+            },
         }
     }
 }
@@ -221,8 +278,8 @@ impl From<&NodeStatus> for NodeStatusView {
 pub enum ClientResponse {
     /// The answer to `Propose` or `Read`.
     Result(Result<KvResult, ClientFailure>),
-    /// The answer to `Status`.
-    Status(NodeStatusView),
+    /// The answer to `Status` (boxed: it is much larger than a result).
+    Status(Box<NodeStatusView>),
 }
 
 /// Why a frame could not be read or written, or a connection not made.
@@ -571,7 +628,9 @@ async fn serve_connection(
             ClientRequest::Read(query) => {
                 ClientResponse::Result(node.read(query).await.map_err(ClientFailure::from))
             }
-            ClientRequest::Status => ClientResponse::Status(NodeStatusView::from(&node.status())),
+            ClientRequest::Status => {
+                ClientResponse::Status(Box::new(NodeStatusView::from(&node.status())))
+            }
         };
         match write_message(&mut stream, &response).await {
             Err(ProtoError::TooLarge(n, max)) => {
@@ -688,7 +747,7 @@ pub async fn status_with(
     deadline: Duration,
 ) -> Result<NodeStatusView, CallError> {
     match call(addr, secret, &ClientRequest::Status, deadline, deadline).await? {
-        ClientResponse::Status(s) => Ok(s),
+        ClientResponse::Status(s) => Ok(*s),
         ClientResponse::Result(_) => Err(CallError::Lost(ProtoError::Io(std::io::Error::other(
             "a result where a status was expected",
         )))),

@@ -21,6 +21,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
+use super::events::{self, EngineCounters, Watched};
 use super::snapshot::{restore_machine, snapshot_messages, SnapshotPolicy};
 use super::write::{write_ready, WriteProgress};
 use crate::error::{NodeError, ProposeError, StorageError};
@@ -169,6 +170,8 @@ pub struct Engine<S, M: StateMachine, P = (), R = ()> {
     /// Confirmed reads waiting for the apply index: (index, ctx).
     confirmed_reads: BTreeMap<(Index, u64), ()>,
     next_read: u64,
+    counters: EngineCounters,
+    watched: Watched,
 }
 
 impl<S: Storage, M: StateMachine, P, R> Engine<S, M, P, R> {
@@ -194,6 +197,7 @@ impl<S: Storage, M: StateMachine, P, R> Engine<S, M, P, R> {
         core.set_applied(applied);
         // Room for the log to grow while a snapshot taken at the threshold is written.
         core.set_log_limit(max_log_bytes.map(|max| max.saturating_mul(2)));
+        let watched = Watched::new(&core);
         Ok(Engine {
             core,
             storage,
@@ -210,7 +214,31 @@ impl<S: Storage, M: StateMachine, P, R> Engine<S, M, P, R> {
             reads: HashMap::new(),
             confirmed_reads: BTreeMap::new(),
             next_read: 0,
+            counters: EngineCounters::default(),
+            watched,
         })
+    }
+
+    /// What the engine counted since it started.
+    pub fn counters(&self) -> &EngineCounters {
+        &self.counters
+    }
+
+    /// Reports (as events and counters) what changed in the core's visible state.
+    fn watch(&mut self) {
+        let disk_full = self.disk_full.is_some();
+        self.watched
+            .update(&self.core, disk_full, &mut self.counters);
+    }
+
+    fn send<H>(&mut self, host: &mut H, messages: Vec<Message>)
+    where
+        H: Host<S, M::Output, Proposal = P, Read = R>,
+    {
+        if !messages.is_empty() {
+            self.counters.messages_sent += messages.len() as u64;
+            host.send(&self.core, &self.storage, messages);
+        }
     }
 
     // ----- access ----------------------------------------------------------------------------
@@ -272,14 +300,19 @@ impl<S: Storage, M: StateMachine, P, R> Engine<S, M, P, R> {
     /// is too large, or the disk is full.
     pub fn propose(&mut self, command: Payload, ticket: P) -> Result<Proposed, (ProposeError, P)> {
         if self.disk_full.is_some() {
+            self.counters.proposals_refused += 1;
             return Err((ProposeError::NoSpace, ticket));
         }
         match self.core.propose(command) {
             Ok(p) => {
+                self.counters.proposals += 1;
                 self.proposals.insert(p.index, (p.term, ticket));
                 Ok(p)
             }
-            Err(e) => Err((e.into(), ticket)),
+            Err(e) => {
+                self.counters.proposals_refused += 1;
+                Err((e.into(), ticket))
+            }
         }
     }
 
@@ -294,7 +327,10 @@ impl<S: Storage, M: StateMachine, P, R> Engine<S, M, P, R> {
                 self.reads.insert(ctx, (query, ticket));
                 Ok(())
             }
-            Err(e) => Err((e.into(), ticket)),
+            Err(e) => {
+                self.counters.reads_failed += 1;
+                Err((e.into(), ticket))
+            }
         }
     }
 
@@ -370,6 +406,15 @@ impl<S: Storage, M: StateMachine, P, R> Engine<S, M, P, R> {
     where
         H: Host<S, M::Output, Proposal = P, Read = R>,
     {
+        let result = self.advance_inner(host);
+        self.watch();
+        result
+    }
+
+    fn advance_inner<H>(&mut self, host: &mut H) -> Result<(), NodeError>
+    where
+        H: Host<S, M::Output, Proposal = P, Read = R>,
+    {
         if let Some(stalled) = self.stalled.take() {
             self.finish(host, stalled.ready, stalled.progress)?;
             if self.stalled.is_some() {
@@ -378,15 +423,18 @@ impl<S: Storage, M: StateMachine, P, R> Engine<S, M, P, R> {
         }
         while self.core.has_ready() {
             let mut ready = self.core.ready();
+            self.counters.batches += 1;
             let mut now = std::mem::take(&mut ready.messages);
             let requests = std::mem::take(&mut ready.snapshot_requests);
-            now.extend(snapshot_messages(&self.storage, self.core.id(), requests)?);
-            if !now.is_empty() {
-                host.send(&self.core, &self.storage, now);
+            for r in requests.iter().filter(|r| r.offset == 0) {
+                events::snapshot_sending(self.core.id(), r.to, r.meta, r.size);
             }
+            now.extend(snapshot_messages(&self.storage, self.core.id(), requests)?);
+            self.send(host, now);
             for ctx in std::mem::take(&mut ready.failed_reads) {
                 host.observe(Observed::ReadFailed(ctx));
                 if let Some((_, ticket)) = self.reads.remove(&ctx) {
+                    self.counters.reads_failed += 1;
                     let leader = self.core.leader();
                     host.read_done(ticket, Err(ProposeError::NotLeader { leader }));
                 }
@@ -424,7 +472,7 @@ impl<S: Storage, M: StateMachine, P, R> Engine<S, M, P, R> {
                 Ok(()) => {}
                 Err(e @ StorageError::NoSpace { .. }) => {
                     host.observe(Observed::DiskFull(&e));
-                    self.disk_full = Some(e.to_string());
+                    self.full_disk(&e);
                     self.stalled = Some(Stalled { ready, progress });
                     return Ok(());
                 }
@@ -434,12 +482,18 @@ impl<S: Storage, M: StateMachine, P, R> Engine<S, M, P, R> {
                 host.observe(Observed::SnapshotInstalled(meta));
             }
             if !ready.entries.is_empty() {
+                let n = ready.entries.len() as u64;
+                self.counters.entries_written += n;
+                self.counters.max_batch_entries = self.counters.max_batch_entries.max(n);
                 host.observe(Observed::LogWritten(&ready.entries));
             }
         }
         if let Some(meta) = ready.install_snapshot {
             let size = self.storage.initial_state()?.snapshot_size;
             restore_machine(&self.storage, &mut self.machine, size).map_err(NodeError::Restore)?;
+            self.counters.snapshots_installed += 1;
+            self.counters.snapshot_bytes_installed += size;
+            events::snapshot_installed(self.core.id(), meta, size);
             self.skip_through = 0;
             self.applied = meta.index;
             self.policy.installed += 1;
@@ -494,16 +548,26 @@ impl<S: Storage, M: StateMachine, P, R> Engine<S, M, P, R> {
             Ok(()) => {}
             Err(e @ StorageError::NoSpace { .. }) => {
                 host.observe(Observed::DiskFull(&e));
-                self.disk_full = Some(e.to_string());
+                self.full_disk(&e);
+                self.watch();
                 return Ok(false);
             }
             Err(e) => return Err(e.into()),
         }
+        self.counters.syncs += 1;
         if self.stalled.is_none() {
             self.disk_full = None;
         }
         self.complete(host, batches);
+        self.watch();
         Ok(true)
+    }
+
+    fn full_disk(&mut self, e: &StorageError) {
+        if self.disk_full.is_none() {
+            events::disk_full(self.core.id(), e);
+        }
+        self.disk_full = Some(e.to_string());
     }
 
     fn complete<H>(&mut self, host: &mut H, through: u64)
@@ -516,9 +580,7 @@ impl<S: Storage, M: StateMachine, P, R> Engine<S, M, P, R> {
             };
             self.completed += 1;
             self.core.on_persisted(batch.ack);
-            if !batch.messages.is_empty() {
-                host.send(&self.core, &self.storage, batch.messages);
-            }
+            self.send(host, batch.messages);
         }
     }
 
@@ -554,6 +616,7 @@ impl<S: Storage, M: StateMachine, P, R> Engine<S, M, P, R> {
             _ => None,
         };
         self.applied = entry.index;
+        self.counters.applied += 1;
         // Answer the proposal that waited for this slot; fail those whose slots were taken
         // by other entries.
         let mut output = output;
@@ -592,6 +655,7 @@ impl<S: Storage, M: StateMachine, P, R> Engine<S, M, P, R> {
                     .machine
                     .query(query.as_bytes())
                     .ok_or(ProposeError::Unsupported);
+                self.counters.reads_served += 1;
                 host.read_done(ticket, answer);
             }
         }
@@ -651,8 +715,13 @@ impl<S: Storage, M: StateMachine, P, R> Engine<S, M, P, R> {
             .policy
             .finish(&mut self.storage, &mut self.core, meta)?;
         if installed {
+            let bytes = self.core.snapshot_size();
+            self.counters.snapshots_taken += 1;
+            self.counters.snapshot_bytes_taken += bytes;
+            events::snapshot_taken(self.core.id(), meta, bytes);
             host.observe(Observed::SnapshotTaken(meta));
         }
+        self.watch();
         Ok(installed)
     }
 }

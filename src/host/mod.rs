@@ -15,9 +15,11 @@
 //! - [`SnapshotPolicy`]: when to take a local snapshot, and the one being written.
 
 mod engine;
+mod events;
 mod snapshot;
 mod write;
 
 pub use engine::{Engine, Host, Observed};
+pub use events::EngineCounters;
 pub use snapshot::{restore_machine, snapshot_messages, SnapshotPolicy};
 pub use write::{write_ready, WriteProgress};

@@ -35,8 +35,11 @@ use crate::state_machine::StateMachine;
 use crate::storage::{PersistedSize, Storage};
 use crate::transport::Transport;
 
+mod metrics;
 mod outbound;
 mod worker;
+
+pub use metrics::{Histogram, NodeMetrics};
 
 use outbound::drive_transport;
 use worker::Worker;
@@ -114,6 +117,11 @@ pub struct NodeStatus {
     pub snapshots_taken: u64,
     /// Snapshots received from a leader and installed since start.
     pub snapshots_installed: u64,
+    /// Set while the node recovers from a log tail its storage lost (it neither votes nor
+    /// campaigns until a leader has brought it back).
+    pub recovering: Option<crate::storage::TailLoss>,
+    /// Counters and gauges (see [`NodeMetrics`]).
+    pub metrics: NodeMetrics,
 }
 
 type Reply<O> = oneshot::Sender<Result<O, ProposeError>>;
@@ -139,6 +147,7 @@ enum Command<O> {
 struct Shared {
     status: Mutex<NodeStatus>,
     stopped: Mutex<Vec<oneshot::Sender<()>>>,
+    gauges: metrics::Gauges,
 }
 
 /// A running Raft node. See the [module docs](self).
@@ -181,6 +190,19 @@ struct Handle<O> {
     inbox: SyncSender<Command<O>>,
     shared: Arc<Shared>,
     id: NodeId,
+}
+
+impl<O> Handle<O> {
+    /// Queues a command for the node thread, counted in the inbox depth (counted first, so
+    /// the node thread never takes one it was not counted for).
+    fn send(&self, cmd: Command<O>) -> Result<(), TrySendError<Command<O>>> {
+        self.shared.gauges.queued();
+        let sent = self.inbox.try_send(cmd);
+        if sent.is_err() {
+            self.shared.gauges.taken();
+        }
+        sent
+    }
 }
 
 impl<O> Drop for Handle<O> {
@@ -247,8 +269,11 @@ impl<O: Send + 'static> Node<O> {
                 disk_full: None,
                 snapshots_taken: 0,
                 snapshots_installed: 0,
+                recovering: core.recovering(),
+                metrics: NodeMetrics::default(),
             }),
             stopped: Mutex::new(Vec::new()),
+            gauges: metrics::Gauges::default(),
         });
         let (inbox, commands) = mpsc::sync_channel(config.inbox_capacity);
         let (outbox, outgoing) = fmpsc::channel::<Vec<Message>>(config.peer_queue_capacity);
@@ -293,11 +318,7 @@ impl<O: Send + 'static> Node<O> {
     /// committed and applied on this node, or with a [`ProposeError`]. Never blocks.
     pub async fn propose(&self, command: impl Into<Payload>) -> Result<O, ProposeError> {
         let (tx, rx) = oneshot::channel();
-        match self
-            .handle
-            .inbox
-            .try_send(Command::Propose(command.into(), tx))
-        {
+        match self.handle.send(Command::Propose(command.into(), tx)) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => return Err(ProposeError::Busy),
             Err(TrySendError::Disconnected(_)) => return Err(ProposeError::Shutdown),
@@ -308,7 +329,7 @@ impl<O: Send + 'static> Node<O> {
     /// Hands the node a message received from a peer. Never blocks; drops the message when
     /// the node's inbox is full or the node is shut down (Raft recovers from lost messages).
     pub fn step(&self, message: Message) {
-        let _ = self.handle.inbox.try_send(Command::Step(message));
+        let _ = self.handle.send(Command::Step(message));
     }
 
     /// Answers `query` with [`StateMachine::query`] once it is linearizable: the leader
@@ -317,7 +338,7 @@ impl<O: Send + 'static> Node<O> {
     /// followers too (the leader is asked for the read index). Never blocks.
     pub async fn read(&self, query: impl Into<Payload>) -> Result<O, ProposeError> {
         let (tx, rx) = oneshot::channel();
-        match self.handle.inbox.try_send(Command::Read(query.into(), tx)) {
+        match self.handle.send(Command::Read(query.into(), tx)) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => return Err(ProposeError::Busy),
             Err(TrySendError::Disconnected(_)) => return Err(ProposeError::Shutdown),
@@ -331,7 +352,7 @@ impl<O: Send + 'static> Node<O> {
     /// timeout is abandoned). Proposals are refused with [`ProposeError::Busy`] meanwhile.
     pub async fn transfer_leadership(&self, to: NodeId) -> Result<(), ProposeError> {
         let (tx, rx) = oneshot::channel();
-        match self.handle.inbox.try_send(Command::Transfer(to, tx)) {
+        match self.handle.send(Command::Transfer(to, tx)) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => return Err(ProposeError::Busy),
             Err(TrySendError::Disconnected(_)) => return Err(ProposeError::Shutdown),
@@ -344,7 +365,7 @@ impl<O: Send + 'static> Node<O> {
     /// new to snapshot (or one was already being taken, or the node stopped).
     pub async fn snapshot(&self) -> Option<SnapshotMeta> {
         let (tx, rx) = oneshot::channel();
-        self.handle.inbox.try_send(Command::Snapshot(tx)).ok()?;
+        self.handle.send(Command::Snapshot(tx)).ok()?;
         rx.await.ok().flatten()
     }
 

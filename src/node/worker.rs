@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use futures::channel::{mpsc as fmpsc, oneshot};
 
+use super::metrics::{NodeMetrics, Timed};
 use super::{Answer, Command, NodeConfig, Reply, Shared};
 use crate::error::{NodeError, ProposeError};
 use crate::host::{Engine, Host};
@@ -23,6 +24,7 @@ type Waiting<O> = (Reply<O>, Instant);
 /// The node's side of the engine's callbacks.
 struct NodeHost<O> {
     outbox: fmpsc::Sender<Vec<Message>>,
+    shared: Arc<Shared>,
     /// Answers to send once the status is published.
     answers: Vec<Answer<O>>,
     /// Read answers (they leave as soon as the engine returns: a read does not change the
@@ -39,7 +41,12 @@ impl<S, O: Send + 'static> Host<S, O> for NodeHost<O> {
 
     fn send(&mut self, _core: &RaftCore, _storage: &S, messages: Vec<Message>) {
         // A full outbox means the driver future is not keeping up: drop, Raft resends.
-        let _ = self.outbox.try_send(messages);
+        if self.outbox.try_send(messages).is_err() {
+            self.shared
+                .gauges
+                .outbox_dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     fn proposal_done(
@@ -78,9 +85,13 @@ impl<S, O: Send + 'static> Host<S, O> for NodeHost<O> {
     }
 }
 
+/// The engine as the node thread runs it: storage with timed syncs, callers waiting.
+type NodeEngine<S, M> =
+    Engine<Timed<S>, M, Waiting<<M as StateMachine>::Output>, Waiting<<M as StateMachine>::Output>>;
+
 /// Everything the node thread owns.
 pub(super) struct Worker<S, M: StateMachine> {
-    engine: Engine<S, M, Waiting<M::Output>, Waiting<M::Output>>,
+    engine: NodeEngine<S, M>,
     host: NodeHost<M::Output>,
     commands: mpsc::Receiver<Command<M::Output>>,
     shared: Arc<Shared>,
@@ -110,11 +121,16 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
         shared: Arc<Shared>,
         config: NodeConfig,
     ) -> Result<Self, NodeError> {
+        let storage = Timed {
+            inner: storage,
+            fsync: Default::default(),
+        };
         let engine = Engine::new(core, storage, machine, config.max_log_bytes)?;
         Ok(Worker {
             engine,
             host: NodeHost {
                 outbox,
+                shared: shared.clone(),
                 answers: Vec::new(),
                 read_answers: Vec::new(),
                 self_inbox,
@@ -161,6 +177,14 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
                 break Some(e);
             }
         };
+        if let Some(e) = &fatal {
+            tracing::error!(
+                target: "raftkv::node",
+                node = self.engine.core().id(),
+                error = %e,
+                "node stopped on a fatal error"
+            );
+        }
         self.publish_status(fatal.map(|e| e.to_string()), false);
         let (proposals, reads) = self.engine.take_all_waiting();
         for (reply, _) in proposals.into_iter().chain(reads) {
@@ -200,6 +224,13 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
     }
 
     fn handle(&mut self, cmd: Command<M::Output>) -> Result<Flow, NodeError> {
+        // Counted when the handle queued it (snapshot threads' and shutdown commands are not).
+        if !matches!(
+            cmd,
+            Command::LocalChunk(..) | Command::LocalDone(..) | Command::Shutdown
+        ) {
+            self.shared.gauges.taken();
+        }
         match cmd {
             Command::Step(m) => self.engine.core_mut().step(m),
             Command::Propose(data, reply) => {
@@ -263,6 +294,16 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
         s.disk_full = self.engine.disk_full().map(str::to_owned);
         s.snapshots_taken = self.engine.policy().taken;
         s.snapshots_installed = self.engine.policy().installed;
+        s.recovering = self.engine.core().recovering();
+        let gauges = &self.shared.gauges;
+        s.metrics = NodeMetrics {
+            counters: *self.engine.counters(),
+            fsync: self.engine.storage().fsync.clone(),
+            inbox_depth: gauges.inbox.load(std::sync::atomic::Ordering::Relaxed),
+            outbox_dropped: gauges
+                .outbox_dropped
+                .load(std::sync::atomic::Ordering::Relaxed),
+        };
     }
 }
 
