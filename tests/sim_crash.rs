@@ -24,10 +24,75 @@
 //! - *Forget the vote on restart*: caught by `churn_unreliable` (seed 23: "two leaders in
 //!   term 9") and `core_scripted::a_restarted_node_keeps_its_term_vote_and_log`.
 
-use raftkv::raft::{MessageBody, NodeId, Rng};
-use raftkv::testing::{for_each_seed, Cluster, NetworkConfig, RecordingMachine, SimConfig};
+use std::io::Read;
 
-type Sim = Cluster<RecordingMachine>;
+use raftkv::raft::{Index, MessageBody, NodeId, Payload, Rng};
+use raftkv::testing::{for_each_seed, Cluster, NetworkConfig, RecordingMachine, SimConfig};
+use raftkv::{SnapshotSource, StateMachine};
+
+type Sim = Cluster<Salted>;
+
+/// A [`RecordingMachine`] whose snapshot bytes differ from replica to replica and from one
+/// snapshot to the next for the same state (a salt, and the image masked with it), as a
+/// state machine that serializes a hash map or compresses would. A snapshot spliced from two
+/// images no longer decodes, so the simulation notices.
+struct Salted {
+    inner: RecordingMachine,
+    salt: u64,
+}
+
+impl Salted {
+    fn new(id: NodeId) -> Self {
+        Salted {
+            inner: RecordingMachine::default(),
+            salt: id.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        }
+    }
+    fn commands(&self) -> &[(Index, Payload)] {
+        self.inner.commands()
+    }
+    fn mask(salt: u64, bytes: &mut [u8]) {
+        let mut rng = Rng::new(salt);
+        for b in bytes {
+            *b ^= rng.next_u64() as u8;
+        }
+    }
+}
+
+impl StateMachine for Salted {
+    type Output = Index;
+    fn apply(&mut self, index: Index, command: &[u8]) -> Index {
+        self.inner.apply(index, command)
+    }
+    fn snapshot(&mut self) -> Box<dyn SnapshotSource> {
+        self.salt = Rng::new(self.salt).next_u64();
+        let mut image = Vec::new();
+        self.inner
+            .snapshot()
+            .write_to(&mut image)
+            .expect("in memory");
+        Self::mask(self.salt, &mut image);
+        let mut out = self.salt.to_le_bytes().to_vec();
+        out.extend(image);
+        Box::new(out)
+    }
+    fn restore(&mut self, snapshot: &mut dyn Read) -> std::io::Result<()> {
+        let mut salt = [0u8; 8];
+        snapshot.read_exact(&mut salt)?;
+        let mut image = Vec::new();
+        snapshot.read_to_end(&mut image)?;
+        Self::mask(u64::from_le_bytes(salt), &mut image);
+        self.inner.restore(&mut image.as_slice())
+    }
+}
+
+/// The snapshot bound a seed's cluster runs with, if any.
+fn snapshot_bound(seed: u64) -> Option<u64> {
+    let mut rng = Rng::new(seed ^ 0xBA7C);
+    rng.range(0, 4);
+    rng.range(0, 4);
+    rng.chance(0.5).then_some(1_500)
+}
 
 fn cluster(nodes: usize, seed: u64, network: NetworkConfig) -> Sim {
     let mut cfg = SimConfig::new(nodes, seed);
@@ -44,7 +109,8 @@ fn cluster(nodes: usize, seed: u64, network: NetworkConfig) -> Sim {
         cfg.max_log_bytes = Some(1_500);
         cfg.raft.snapshot_chunk_bytes = 256;
     }
-    Cluster::new(cfg, |_| RecordingMachine::default())
+    debug_assert_eq!(cfg.max_log_bytes, snapshot_bound(seed));
+    Cluster::new(cfg, Salted::new)
 }
 
 fn commands(c: &Sim, id: NodeId) -> Vec<Vec<u8>> {
@@ -56,8 +122,11 @@ fn commands(c: &Sim, id: NodeId) -> Vec<Vec<u8>> {
 }
 
 /// Heals everything, restarts crashed nodes, commits one more command and checks that all
-/// nodes applied the same sequence and that every acknowledged command is in it.
-fn settle_and_check(c: &mut Sim) {
+/// nodes applied the same sequence and that every acknowledged command is in it. With
+/// snapshots on, also checks that snapshots still work on every node (none was left stuck,
+/// say, "receiving" a transfer that was abandoned): enough more commands to pass the bound
+/// twice, and every node must have compacted.
+fn settle_and_check(c: &mut Sim, snapshots: Option<u64>) {
     c.network.heal();
     c.network.clear_filter();
     c.network.config = NetworkConfig::reliable();
@@ -97,6 +166,44 @@ fn settle_and_check(c: &mut Sim) {
     {
         c.assert_acknowledged_committed();
     }
+    if let Some(max) = snapshots {
+        let before: Vec<u64> = c
+            .node_ids()
+            .iter()
+            .map(|&i| c.core(i).unwrap().log().snapshot().index)
+            .collect();
+        let mut last = index;
+        for i in 0..(4 * max / 30) {
+            for _ in 0..10 {
+                let Some(l) = c.run_until_leader(10_000) else {
+                    continue;
+                };
+                if let Some((at, _)) = c.propose_and_wait(l, format!("s{i}").as_str(), 3_000) {
+                    last = at;
+                    break;
+                }
+            }
+        }
+        assert!(
+            c.run_until(5_000, |c| c.node_ids().iter().all(|&i| c
+                .status(i)
+                .unwrap()
+                .applied_index
+                >= last)),
+            "not every node applied the last command"
+        );
+        for (id, before) in c.node_ids().into_iter().zip(before) {
+            let core = c.core(id).unwrap();
+            assert!(
+                core.log().snapshot().index > before && core.log().bytes() <= 2 * max + 64,
+                "node {id} stopped compacting: snapshot {} (was {before}), {} log bytes \
+                 (replay with RAFTKV_SEED={})",
+                core.log().snapshot().index,
+                core.log().bytes(),
+                c.seed()
+            );
+        }
+    }
 }
 
 #[test]
@@ -118,7 +225,7 @@ fn persistence_across_single_node_crashes() {
             c.run_for(rng.range(0, 800));
             c.restart(victim);
         }
-        settle_and_check(&mut c);
+        settle_and_check(&mut c, None);
         assert_eq!(c.acknowledged().len(), 7);
     });
 }
@@ -146,7 +253,7 @@ fn persistence_across_whole_cluster_crashes() {
                 c.restart(id);
             }
         }
-        settle_and_check(&mut c);
+        settle_and_check(&mut c, None);
         assert!(c.acknowledged().len() >= 26);
     });
 }
@@ -191,7 +298,7 @@ fn figure8(seed: u64, network: NetworkConfig, iterations: usize) {
             }
         }
     }
-    settle_and_check(&mut c);
+    settle_and_check(&mut c, snapshot_bound(seed));
 }
 
 /// Figure 8 with a targeted fault: appends that carry an entry of the sender's own term (a new
@@ -205,7 +312,7 @@ fn figure8_adversarial() {
         let mut cfg = SimConfig::new(nodes, seed);
         cfg.raft.max_append_entries = 1;
         cfg.raft.max_inflight = 1;
-        let mut c = Cluster::new(cfg, |_| RecordingMachine::default());
+        let mut c = Cluster::new(cfg, Salted::new);
         c.network.set_filter(|m, rng| match &m.body {
             MessageBody::Append { entries, .. } => {
                 entries.iter().any(|e| e.term == m.term) && rng.chance(0.7)
@@ -233,7 +340,7 @@ fn figure8_adversarial() {
                 up += 1;
             }
         }
-        settle_and_check(&mut c);
+        settle_and_check(&mut c, None);
     });
 }
 
@@ -283,7 +390,7 @@ fn churn(seed: u64, network: NetworkConfig, rounds: usize) {
         }
         c.run_for(rng.range(0, 200));
     }
-    settle_and_check(&mut c);
+    settle_and_check(&mut c, snapshot_bound(seed));
     assert!(
         !c.acknowledged().is_empty(),
         "churn made no progress at all"
