@@ -312,3 +312,42 @@ fn a_small_log_bound_holds_on_memory_and_on_files() {
         }
     });
 }
+
+/// The bound under bursts: many proposals stepped per round while snapshots take long to
+/// write, so the log would run far past the threshold before a snapshot lands; the node
+/// refuses what would take its log past twice the bound instead.
+#[test]
+fn a_small_log_bound_holds_under_bursts_and_slow_snapshots() {
+    for_each_seed("small_log_bound_bursts", 5, |seed| {
+        let max = 1_000;
+        let mut cfg = config(3, seed, max);
+        cfg.snapshot_ms = (30, 120);
+        let mut c = Cluster::new(cfg, |_| DigestMachine::default());
+        let mut refused = 0;
+        for round in 0..200 {
+            let Some(l) = c.run_until_leader(5_000) else {
+                continue;
+            };
+            for k in 0..30 {
+                if c.propose(l, format!("b{round}-{k}").as_str()).is_err() {
+                    refused += 1;
+                }
+            }
+            c.run_for(5);
+        }
+        converge(&mut c);
+        for id in c.node_ids() {
+            let peak = c.peak_persisted_bytes(id);
+            // Hard state and snapshot (48 bytes), twice the bound, at most one entry over.
+            assert!(
+                peak <= 2 * max + 48 + 40,
+                "node {id} peaked at {peak} bytes (seed {seed})"
+            );
+            assert!(c.snapshots_taken(id) >= 5, "node {id} took few snapshots");
+        }
+        assert!(
+            refused > 0,
+            "the bursts never reached the bound (seed {seed})"
+        );
+    });
+}

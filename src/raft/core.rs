@@ -814,38 +814,48 @@ impl RaftCore {
     }
 
     /// Bounds the bytes ([`Entry::size`]) of the log this node retains beyond its snapshot
-    /// (`None`: unbounded, the default). As leader it refuses proposals with
-    /// [`CoreProposeError::Busy`] that would take its log past the bound (an empty log always
-    /// takes one entry, whatever its size). As follower, past the bound, it leaves appends
-    /// that would grow its log unanswered (the leader sends them again) while more than half
-    /// the bound is committed — a snapshot is then due and will compact it; uncommitted
-    /// entries are always taken, since the leader may need them to commit anything. The
-    /// [`Node`](crate::Node) sets it to twice its snapshot threshold, so that a snapshot being
-    /// written never lets the log grow without bound.
+    /// (`None`: unbounded, the default). A leader keeps its uncommitted tail within half the
+    /// bound, refusing proposals with [`CoreProposeError::Busy`] beyond. At the bound the log
+    /// takes on nothing new — proposals are refused, appends that would grow it are taken
+    /// only in part or left unanswered (the leader sends them again) — until the snapshot
+    /// that is then due compacts it or a heartbeat brings the commit index; uncommitted
+    /// entries the leader needs are never refused for good. So no log exceeds the bound by
+    /// more than one entry (plus what a deposed leader left that a new one has not yet
+    /// overwritten). The [`Node`](crate::Node) sets it to twice its snapshot threshold.
     pub fn set_log_limit(&mut self, limit: Option<u64>) {
         self.log_limit = limit;
     }
 
-    /// Leader: true if `more` bytes of new proposals fit under the limit.
+    /// Leader: true if a new proposal of `more` bytes fits: its uncommitted tail stays within
+    /// half the limit (an empty tail always takes one entry, whatever its size), and the log
+    /// may grow (see [`RaftCore::log_takes`]).
     pub(super) fn log_has_room(&self, more: u64) -> bool {
-        let held = self.log.bytes();
+        let Some(limit) = self.log_limit else {
+            return true;
+        };
+        let uncommitted = self.log.bytes() - self.log.committed_bytes();
+        (uncommitted == 0 || uncommitted + more <= limit / 2) && self.log_takes(more)
+    }
+
+    /// True if the log may grow by `more` bytes: it stays within the limit; or it is not over
+    /// the limit yet and at most half the limit is committed (one entry may then cross it, so
+    /// uncommitted entries the leader needs are never refused for good). Otherwise growth
+    /// waits: for the snapshot that is due once more than half the limit is committed, or for
+    /// the commit index a heartbeat brings. So no log exceeds the limit by more than one entry.
+    pub(super) fn log_takes(&self, more: u64) -> bool {
         match self.log_limit {
-            Some(limit) => held == 0 || held + more <= limit,
+            Some(limit) => {
+                let held = self.log.bytes();
+                held + more <= limit || (held <= limit && self.log.committed_bytes() <= limit / 2)
+            }
             None => true,
         }
     }
 
-    /// Follower: true if entries of `more` bytes from the leader may be taken now. Over the
-    /// limit they wait only while at least half the limit is committed — compactable by the
-    /// snapshot that is then due — never for uncommitted entries alone, which the leader may
-    /// need to commit anything at all.
-    pub(super) fn log_takes(&self, more: u64) -> bool {
-        match self.log_limit {
-            Some(limit) => {
-                self.log.bytes() + more <= limit || self.log.committed_bytes() <= limit / 2
-            }
-            None => true,
-        }
+    /// True if `more` bytes keep the log within the limit.
+    pub(super) fn log_within_limit(&self, more: u64) -> bool {
+        self.log_limit
+            .map_or(true, |limit| self.log.bytes() + more <= limit)
     }
 
     /// The lost log tail this node is recovering from, if any.

@@ -21,13 +21,8 @@ impl RaftCore {
         entries: Vec<Entry>,
         commit: Index,
     ) {
-        let last = self.log.last_index();
-        let growth: u64 = entries
-            .iter()
-            .filter(|e| e.index > last)
-            .map(Entry::size)
-            .sum();
-        if growth > 0 && !self.log_takes(growth) {
+        let mut entries = entries;
+        if !self.fit_to_log_limit(&mut entries) {
             return; // at the log limit: as if lost, until the due snapshot compacts the log
         }
         let response = if prev_index < self.log.commit() {
@@ -75,6 +70,36 @@ impl RaftCore {
             MessageBody::AppendResponse(response),
             Dispatch::AfterPersist,
         );
+    }
+
+    /// Keeps of an append's entries what the log limit lets in (a prefix; the leader sends
+    /// the rest again). False if none of the new entries may be taken now.
+    fn fit_to_log_limit(&self, entries: &mut Vec<Entry>) -> bool {
+        let last = self.log.last_index();
+        let mut grown = 0;
+        let mut keep = 0;
+        for e in entries.iter() {
+            if e.index > last {
+                // The first new entry goes in whenever growth is allowed at all (so the
+                // leader is never refused for good); later ones only within the limit.
+                let takes = if grown == 0 {
+                    self.log_takes(e.size())
+                } else {
+                    self.log_within_limit(grown + e.size())
+                };
+                if !takes {
+                    break;
+                }
+                grown += e.size();
+            }
+            keep += 1;
+        }
+        if keep == entries.len() {
+            return true;
+        }
+        let new_at_all = entries.iter().any(|e| e.index > last);
+        entries.truncate(keep);
+        !(new_at_all && grown == 0)
     }
 
     pub(super) fn handle_heartbeat(&mut self, leader: NodeId, commit: Index, read_round: u64) {
