@@ -72,7 +72,11 @@ impl RaftCore {
         let Some(answered) = self.recovery.as_ref().and_then(|r| r.terms.as_ref()) else {
             return;
         };
-        let ask: Vec<NodeId> = self.peers().filter(|p| !answered.contains_key(p)).collect();
+        let ask: Vec<NodeId> = self
+            .peers()
+            .into_iter()
+            .filter(|p| !answered.contains_key(p))
+            .collect();
         for to in ask {
             self.send(to, MessageBody::TermQuery, Dispatch::Now);
         }
@@ -91,7 +95,7 @@ impl RaftCore {
 
     /// Step 1 ends once every other voter answered: adopt the largest term, voted.
     fn maybe_terms_known(&mut self) {
-        let voters: Vec<NodeId> = self.peers().collect();
+        let voters = self.peers();
         let Some(answers) = self.recovery.as_ref().and_then(|r| r.terms.as_ref()) else {
             return;
         };
