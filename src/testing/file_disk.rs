@@ -7,7 +7,9 @@ use super::sim::SimStorage;
 use crate::error::StorageError;
 use crate::raft::{Entry, HardState, Index, Rng, SnapshotMeta, Term};
 use crate::storage::file::sim::SimDisk;
-use crate::storage::{FileStorage, FileStorageOptions, InitialState, PersistedSize, Storage};
+use crate::storage::{
+    FileStorage, FileStorageOptions, InitialState, PersistedSize, Storage, TailLoss,
+};
 
 /// A [`FileStorage`] over its own simulated disk. A power loss crashes the disk (unsynced
 /// writes resolved at random from the simulation's seed) and reopens the storage, which must
@@ -103,5 +105,11 @@ impl Storage for SimFileStorage {
     }
     fn persisted_size(&self) -> PersistedSize {
         self.storage.persisted_size()
+    }
+    fn tail_loss(&self) -> Option<TailLoss> {
+        self.storage.tail_loss()
+    }
+    fn clear_tail_loss(&mut self) -> Result<(), StorageError> {
+        self.storage.clear_tail_loss()
     }
 }

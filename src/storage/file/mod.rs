@@ -59,11 +59,14 @@
 //! One `FileStorage` per directory: nothing else may write to it while it is open.
 
 mod header;
+mod lock;
 mod log_index;
 mod recovery;
 mod segment;
 mod snapshot;
+mod tail_loss;
 mod vfs;
+mod watermark;
 
 #[cfg(any(test, feature = "testing"))]
 pub mod sim;
@@ -75,21 +78,23 @@ pub mod inspect;
 mod options;
 
 pub use options::{
-    FileStorageOptions, RecoveryReport, TornTail, MAX_SEGMENT_SIZE, MIN_SEGMENT_SIZE,
+    DamagedTail, FileStorageOptions, RecoveryReport, TornTail, MAX_SEGMENT_SIZE, MIN_SEGMENT_SIZE,
 };
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use lock::DirLock;
 use log_index::{unpack, LogIndex, TailCache};
 use segment::{
-    create_segment, decode_record_at, encode_record, Record, RecordRef, Segment, SegmentHeader,
-    HEADER_LEN,
+    create_segment_fitting, decode_record_at, encode_record, Record, RecordRef, Segment,
+    SegmentHeader, RECORDS_START,
 };
 use snapshot::{IncomingSnapshot, SnapshotFile};
+use tail_loss::{remove_tail_loss, RecordedLoss};
 use vfs::{io_error, RealFs, Vfs};
 
-use super::{InitialState, PersistedSize, Storage};
+use super::{InitialState, PersistedSize, Storage, TailLoss};
 use crate::error::StorageError;
 use crate::raft::{Entry, HardState, Index, SnapshotMeta, Term};
 
@@ -133,14 +138,35 @@ pub struct FileStorage {
     scratch: Vec<u8>,
     poisoned: bool,
     report: RecoveryReport,
+    /// The directory's lock (real file system only), held for the life of the storage.
+    _lock: Option<DirLock>,
+    /// A watermark was written since the active segment's last fdatasync.
+    watermark_unsynced: bool,
+    /// Length to preallocate for the next segment: the configured size, halved after a
+    /// full disk refused it, doubled back after each success.
+    next_segment_len: u64,
+    /// The recorded tail loss (see `tail_loss.rs`), until its removal is synced.
+    tail_loss: Option<RecordedLoss>,
+    /// `clear_tail_loss` was called: remove the record at the next sync.
+    clear_tail_loss: bool,
 }
 
 impl FileStorage {
-    /// Opens (creating if needed) the storage in `dir`, recovering it (see `recovery.rs`).
-    /// Fails with [`StorageError::Corrupt`] or [`StorageError::WrongIdentity`] naming the file
-    /// and offset when the directory holds damage other than a torn tail write.
+    /// Opens (creating if needed, mode 0700) the storage in `dir`, takes its lock and
+    /// recovers it (see `recovery.rs`). Fails with [`StorageError::InUse`] at once when another
+    /// storage holds the directory, with [`StorageError::Corrupt`],
+    /// [`StorageError::WrongIdentity`] or [`StorageError::UnsupportedFormat`] naming the file
+    /// (and offset) when the directory holds damage other than a torn write of never-synced
+    /// bytes (see [`FileStorageOptions::recover_damaged_tail`] for the alternative).
     pub fn open(dir: impl AsRef<Path>, opts: FileStorageOptions) -> Result<Self, StorageError> {
-        Self::open_with(Arc::new(RealFs), dir.as_ref(), opts)
+        let dir = dir.as_ref();
+        let fs = RealFs;
+        fs.create_dir_all(dir)
+            .map_err(|e| io_error("create dir", dir, e))?;
+        let lock = lock::lock_dir(dir)?;
+        let mut storage = Self::open_with(Arc::new(fs), dir, opts)?;
+        storage._lock = Some(lock);
+        Ok(storage)
     }
 
     /// Opens the storage on a simulated disk (feature `testing`).
@@ -187,15 +213,23 @@ impl FileStorage {
             scratch: Vec::new(),
             poisoned: false,
             report: r.report,
+            _lock: None,
+            watermark_unsynced: false,
+            next_segment_len: opts.segment_size,
+            tail_loss: r.tail_loss,
+            clear_tail_loss: false,
         };
-        if !storage.active().has_hard_state {
-            // Every segment with records starts with the hard state (see `segment.rs`).
+        if !storage.active().has_hard_state || r.needs_hard_state_record {
+            // Every segment with records starts with the hard state (see `segment.rs`); a
+            // hard state newer than the log's (kept across a recovery cut) is logged too.
             let hs = storage.hard_state;
             storage.push_record(&RecordRef::HardState(hs))?;
             storage.active_mut().has_hard_state = true;
         }
         if r.needs_reset_marker {
             storage.push_record(&RecordRef::Truncate { from: 0 })?;
+        }
+        if r.needs_reset_marker || r.needs_hard_state_record {
             storage.sync_inner()?;
         }
         Ok(storage)
@@ -272,19 +306,21 @@ impl FileStorage {
         Ok(location)
     }
 
-    /// Syncs the active segment and starts the next one with enough room for a record of
-    /// `record_size` bytes.
+    /// Syncs the active segment (and its final watermark) and starts the next one with room
+    /// for a record of `record_size` bytes. On a full disk the new segment is tried smaller
+    /// (down to what the record needs) before failing with [`StorageError::NoSpace`]; a
+    /// failed attempt leaves no file behind.
     fn roll(&mut self, record_size: u64) -> Result<(), StorageError> {
         self.flush_pending()?;
+        self.seal_active()?;
         let seq = self.active().seq + 1;
         if seq >= 1 << 32 {
             return Err(StorageError::Invalid("segment numbers exhausted".into()));
         }
         let mut hs_record = Vec::new();
         encode_record(&RecordRef::HardState(self.hard_state), &mut hs_record)?;
-        let needed = HEADER_LEN + hs_record.len() as u64 + record_size;
-        let len = self.opts.segment_size.max(needed);
-        if len > u64::from(u32::MAX) {
+        let needed = RECORDS_START + hs_record.len() as u64 + record_size;
+        if needed > u64::from(u32::MAX) {
             return Err(StorageError::Invalid(format!(
                 "record of {record_size} bytes is too large"
             )));
@@ -293,17 +329,89 @@ impl FileStorage {
             cluster_id: self.opts.cluster_id,
             node_id: self.opts.node_id,
             seq,
-            allocated_len: len,
+            allocated_len: 0,
         };
-        let mut segment = create_segment(self.vfs.as_ref(), &self.dir, header)?;
+        let preferred = self.next_segment_len.max(needed);
+        let created = create_segment_fitting(
+            self.vfs.as_ref(),
+            &self.dir,
+            header,
+            self.hard_state,
+            preferred,
+            needed,
+        );
+        let mut segment = match created {
+            Ok(segment) => segment,
+            Err((e, tried)) => {
+                if matches!(e, StorageError::NoSpace { .. }) {
+                    self.next_segment_len = tried.max(MIN_SEGMENT_SIZE);
+                }
+                return Err(e);
+            }
+        };
+        self.next_segment_len = (segment.len.saturating_mul(2))
+            .min(self.opts.segment_size)
+            .max(MIN_SEGMENT_SIZE);
         segment.has_hard_state = true;
         self.segments.push(segment);
+        self.watermark_unsynced = false;
         self.pending.extend_from_slice(&hs_record);
         Ok(())
     }
 
-    /// Writes the pending buffer in one `write_at` and fdatasyncs it.
+    /// Writes the active segment's watermark if a full disk kept it from being written.
+    fn write_unwritten_watermark(&mut self) -> Result<(), StorageError> {
+        let active = self.active_mut();
+        if active.watermark_unwritten {
+            let w = active.watermark;
+            active
+                .file
+                .write_at(&w.encode(), w.offset())
+                .map_err(|e| io_error("write", &active.path, e))?;
+            active.watermark_unwritten = false;
+            self.watermark_unsynced = true;
+        }
+        Ok(())
+    }
+
+    /// Makes the active segment's watermark say, durably, that all its records are synced
+    /// (before the segment is left for a new one: recovery then requires its records to end
+    /// exactly there). Records above the watermark can exist only when recovery kept
+    /// surviving unsynced records; they are synced first.
+    fn seal_active(&mut self) -> Result<(), StorageError> {
+        self.write_unwritten_watermark()?;
+        let hard_state = self.hard_state;
+        let active = self.active_mut();
+        if active.watermark.synced_end < active.end {
+            active
+                .file
+                .sync_data()
+                .map_err(|e| io_error("fsync", &active.path, e))?;
+            active.watermark = active.watermark.next(active.end, hard_state);
+            let w = active.watermark;
+            active
+                .file
+                .write_at(&w.encode(), w.offset())
+                .map_err(|e| io_error("write", &active.path, e))?;
+            self.watermark_unsynced = true;
+        }
+        if self.watermark_unsynced {
+            let active = self.active();
+            active
+                .file
+                .sync_data()
+                .map_err(|e| io_error("fsync", &active.path, e))?;
+            self.watermark_unsynced = false;
+        }
+        Ok(())
+    }
+
+    /// Writes the pending buffer in one `write_at`, fdatasyncs it, then writes the next
+    /// watermark generation (durable at the next fdatasync; see `watermark.rs`).
     fn flush_pending(&mut self) -> Result<(), StorageError> {
+        // A watermark a full disk kept back goes first: the fdatasync below makes it durable
+        // before the next one claims more.
+        self.write_unwritten_watermark()?;
         if self.pending.is_empty() {
             return Ok(());
         }
@@ -314,16 +422,34 @@ impl FileStorage {
             .map_err(|e| io_error("write", &active.path, e))?;
         let written = self.pending.len() as u64;
         self.pending.clear();
+        let hard_state = self.hard_state;
         let active = self.active_mut();
         active.end += written;
         active
             .file
             .sync_data()
-            .map_err(|e| io_error("fsync", &active.path, e))
+            .map_err(|e| io_error("fsync", &active.path, e))?;
+        active.watermark = active.watermark.next(active.end, hard_state);
+        let w = active.watermark;
+        match active.file.write_at(&w.encode(), w.offset()) {
+            Ok(()) => self.watermark_unsynced = true,
+            Err(e) => match io_error("write", &active.path, e) {
+                // The records are durable; the watermark is written before the next batch.
+                StorageError::NoSpace { .. } => active.watermark_unwritten = true,
+                other => return Err(other),
+            },
+        }
+        Ok(())
     }
 
     fn sync_inner(&mut self) -> Result<(), StorageError> {
-        self.flush_pending()
+        self.flush_pending()?;
+        if self.clear_tail_loss && self.tail_loss.is_some() {
+            remove_tail_loss(self.vfs.as_ref(), &self.dir)?;
+            self.tail_loss = None;
+        }
+        self.clear_tail_loss = false;
+        Ok(())
     }
 
     fn segment(&self, seq: u64) -> Option<&Segment> {
@@ -632,6 +758,16 @@ impl Storage for FileStorage {
         self.check_poison()?;
         let r = self.compact_inner(through);
         self.guard(r)
+    }
+
+    fn tail_loss(&self) -> Option<TailLoss> {
+        self.tail_loss.map(|r| r.loss)
+    }
+
+    fn clear_tail_loss(&mut self) -> Result<(), StorageError> {
+        self.check_poison()?;
+        self.clear_tail_loss = self.tail_loss.is_some();
+        Ok(())
     }
 
     fn persisted_size(&self) -> PersistedSize {
