@@ -24,13 +24,12 @@
 //!    starting after `S + 1` leaves a gap: corruption (reported against the snapshot file that
 //!    should cover it when there is none). A discarded non-empty log must be followed by a
 //!    `Truncate` marker before new entries (the caller writes it).
-//! 7. Repair, each step listed in the [`RecoveryReport`]. For a cut in recovery mode, in this
-//!    order (each step durable before the next, so a crash anywhere leaves either the damage,
+//! 7. Repair, each step listed in the [`RecoveryReport`]: remove debris and stale snapshots
+//!    (and fsync the directory). For a cut in recovery mode, then, in this order (each step durable before the next, so a crash anywhere leaves either the damage,
 //!    which the next open in recovery mode cuts again, or a plain torn tail, and the loss
 //!    recorded in every case): write the tail-loss file; remove the segments after the
 //!    damaged one; lower the damaged segment's watermark to the cut; then, as for any torn
-//!    tail, zero the bytes after the end and fdatasync. Then remove debris and stale
-//!    snapshots, and fsync the directory.
+//!    tail, zero the bytes after the end and fdatasync.
 //!
 //! The hard state after a cut is the newest one recovery knows of: the last intact
 //! `HardState` record, the newest segment's watermark (written after every sync, so it
@@ -588,7 +587,10 @@ pub(crate) fn recover(
     }
     report.discarded_log = needs_reset_marker;
 
-    // Everything is validated: repair. A cut first records the loss, durably.
+    // Everything is validated: repair. Debris first (a cut below writes a tail-loss.tmp of
+    // its own), then a cut records the loss, durably, before it changes anything.
+    debris.extend(stale_snapshots);
+    remove_all(vfs, dir, &debris, &mut report)?;
     if let Some((d, hard_state_lost)) = cut {
         let loss = RecordedLoss {
             loss: TailLoss {
@@ -657,8 +659,6 @@ pub(crate) fn recover(
         }
     }
     report.torn_tail = torn;
-    debris.extend(stale_snapshots);
-    remove_all(vfs, dir, &debris, &mut report)?;
     if let Some(r) = &recorded {
         // Never below the hard state recorded with the loss (a crash may have come between
         // the cut and the rewrite of the hard state).
