@@ -821,3 +821,90 @@ fn file_storage_passes_the_conformance_suite_restarting_after_every_sync() {
         Reopening::new(disk.clone(), PathBuf::from(format!("/restart{n}")))
     });
 }
+
+/// A file system smaller than one segment: the default 64 MiB segment does not fit, so the
+/// first one is made smaller and the storage opens; it fills the disk, fails cleanly with
+/// `NoSpace`, and while it stays full no retry leaves a half-preallocated segment taking the
+/// last free space. Once space returns, writing resumes and everything synced is durable.
+#[test]
+fn a_disk_smaller_than_a_segment_starts_fills_and_resumes() {
+    let disk = SimDisk::new();
+    let capacity = 256u64 << 10;
+    disk.set_capacity(Some(capacity));
+    let o = FileStorageOptions {
+        cluster_id: 7,
+        node_id: 3,
+        ..Default::default()
+    };
+    assert_eq!(o.segment_size, 64 << 20, "the default does not fit");
+    let mut s = FileStorage::open_simulated(&disk, "/n", o).expect("starts on a small disk");
+    assert!(disk.used_bytes() <= capacity);
+    let no_tmp = |disk: &SimDisk| {
+        let names = disk.files();
+        assert!(
+            names.iter().all(|p| !p.to_string_lossy().ends_with(".tmp")),
+            "{names:?}"
+        );
+    };
+    let mut synced = Vec::new();
+    let mut next = 1;
+    let full = loop {
+        let entry = kib_entry(next, 1);
+        let r = s
+            .append(std::slice::from_ref(&entry))
+            .and_then(|_| s.sync());
+        match r {
+            Ok(()) => {
+                synced.push(entry);
+                next += 1;
+            }
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(full, StorageError::NoSpace { .. }), "{full}");
+    assert!(
+        synced.len() > 100,
+        "the disk was used ({} entries)",
+        synced.len()
+    );
+    no_tmp(&disk);
+    let used = disk.used_bytes();
+    // Paused on a full disk: every retry fails the same way and takes nothing.
+    for _ in 0..20 {
+        let r = s.append(&[kib_entry(next, 1)]).and_then(|_| s.sync());
+        assert!(matches!(r, Err(StorageError::NoSpace { .. })));
+        no_tmp(&disk);
+        assert_eq!(disk.used_bytes(), used, "a failed retry holds no space");
+    }
+    // Space returns.
+    disk.set_capacity(Some(4 * capacity));
+    let last = s.last_index();
+    let more: Vec<Entry> = (last + 1..last + 40).map(|i| kib_entry(i, 1)).collect();
+    s.append(&more).unwrap();
+    s.sync().unwrap();
+    let expect: Vec<Entry> = synced.iter().cloned().chain(more).collect();
+    assert_eq!(
+        all(&s),
+        expect,
+        "nothing of the failed retries, everything else"
+    );
+    drop(s);
+    disk.crash(11);
+    let s = FileStorage::open_simulated(&disk, "/n", o).unwrap();
+    assert_eq!(all(&s), expect, "everything synced is durable");
+}
+
+/// Opening on a disk with no room even for the smallest segment fails with `NoSpace` and
+/// leaves nothing behind.
+#[test]
+fn no_room_for_any_segment_is_no_space() {
+    let disk = SimDisk::new();
+    disk.set_capacity(Some(2048));
+    assert!(matches!(
+        FileStorage::open_simulated(&disk, "/n", opts()),
+        Err(StorageError::NoSpace { .. })
+    ));
+    assert!(disk.files().is_empty(), "{:?}", disk.files());
+    disk.set_capacity(None);
+    FileStorage::open_simulated(&disk, "/n", opts()).unwrap();
+}
