@@ -30,12 +30,18 @@ use tokio::net::TcpListener;
 
 const USAGE: &str =
     "usage: node --id ID --peers ID=HOST:PORT,... --client HOST:PORT --data DIR [--cluster N]
+            [--segment-size BYTES] [--recover]
 
   --id       this node's id (one of the ids in --peers)
   --peers    every node of the cluster (this one included) and its Raft address
   --client   the address this node serves clients on
   --data     the directory holding this node's log and snapshots (created if missing)
-  --cluster  the cluster id written into every file and frame (default 7)";
+  --cluster  the cluster id written into every file and frame (default 7)
+  --segment-size  bytes preallocated per log segment, with a K, M or G suffix for KiB, MiB,
+             GiB (default 64M; made smaller on a disk without room for it)
+  --recover  recovery mode: if synced log records are damaged, cut the log at the first
+             damaged one (keeping the snapshot and the intact prefix), record the loss, and
+             let the cluster repair this node, instead of refusing to start";
 
 struct Args {
     id: NodeId,
@@ -43,6 +49,19 @@ struct Args {
     client: SocketAddr,
     data: PathBuf,
     cluster: u64,
+    segment_size: Option<u64>,
+    recover: bool,
+}
+
+/// Parses a byte count with an optional K, M or G (binary) suffix.
+fn parse_bytes(v: &str) -> Option<u64> {
+    let (digits, shift) = match v.as_bytes().last()? {
+        b'K' | b'k' => (&v[..v.len() - 1], 10),
+        b'M' | b'm' => (&v[..v.len() - 1], 20),
+        b'G' | b'g' => (&v[..v.len() - 1], 30),
+        _ => (v, 0),
+    };
+    digits.parse::<u64>().ok()?.checked_mul(1 << shift)
 }
 
 fn parse_args(args: impl Iterator<Item = String>) -> Result<Args, String> {
@@ -51,6 +70,8 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut client = None;
     let mut data = None;
     let mut cluster = 7;
+    let mut segment_size = None;
+    let mut recover = false;
     let mut args = args.peekable();
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
@@ -77,6 +98,14 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Args, String> {
                     .parse()
                     .map_err(|_| format!("--cluster: `{v}` is not a number"))?;
             }
+            "--segment-size" => {
+                let v = value()?;
+                segment_size = Some(
+                    parse_bytes(&v)
+                        .ok_or_else(|| format!("--segment-size: `{v}` is not a byte count"))?,
+                );
+            }
+            "--recover" => recover = true,
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument `{other}`")),
         }
@@ -92,6 +121,8 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Args, String> {
         client: client.ok_or("--client is required")?,
         data: data.ok_or("--data is required")?,
         cluster,
+        segment_size,
+        recover,
     })
 }
 
@@ -128,13 +159,37 @@ fn main() -> ExitCode {
 
 async fn run(args: Args) -> Result<(), String> {
     let id = args.id;
+    let defaults = FileStorageOptions::default();
     let options = FileStorageOptions {
         cluster_id: args.cluster,
         node_id: id,
-        ..FileStorageOptions::default()
+        segment_size: args.segment_size.unwrap_or(defaults.segment_size),
+        recover_damaged_tail: args.recover,
+        ..defaults
     };
     let storage = FileStorage::open(&args.data, options)
         .map_err(|e| format!("node {id}: cannot open {}: {e}", args.data.display()))?;
+    if let Some(cut) = &storage.recovery_report().damaged_tail {
+        eprintln!(
+            "node {id}: recovery mode cut the log at damaged synced data in {} at offset {}: \
+             {}",
+            cut.path.display(),
+            cut.offset,
+            cut.reason
+        );
+    }
+    if let Some(loss) = raftkv::storage::Storage::tail_loss(&storage) {
+        eprintln!(
+            "node {id}: log entries after index {} were lost to damage{}; waiting for the \
+             cluster to repair them",
+            loss.intact_through,
+            if loss.hard_state_lost {
+                " (and possibly the newest term and vote)"
+            } else {
+                ""
+            }
+        );
+    }
     let raft_addr = args.peers[&id];
     // Bind both ports before starting, so a port in use fails fast and clearly.
     let raft_listener = TcpListener::bind(raft_addr)

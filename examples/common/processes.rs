@@ -94,6 +94,8 @@ struct NodeProcess {
     data: PathBuf,
     log: PathBuf,
     child: Option<Child>,
+    /// More arguments for its next starts (`--recover`, say).
+    extra_args: Vec<String>,
 }
 
 /// A cluster of node processes. See the [module docs](self).
@@ -124,6 +126,7 @@ impl ProcessCluster {
                     data: dir.path().join(format!("n{id}")),
                     log: dir.path().join(format!("n{id}.log")),
                     child: None,
+                    extra_args: Vec::new(),
                 },
             );
         }
@@ -137,6 +140,18 @@ impl ProcessCluster {
     /// The temporary directory holding the data directories and logs.
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// Node `id`'s data directory.
+    pub fn data_dir(&self, id: NodeId) -> Option<PathBuf> {
+        self.nodes.get(&id).map(|n| n.data.clone())
+    }
+
+    /// Arguments added to node `id`'s command line from its next start on.
+    pub fn set_extra_args(&mut self, id: NodeId, args: &[&str]) {
+        if let Some(node) = self.nodes.get_mut(&id) {
+            node.extra_args = args.iter().map(|a| a.to_string()).collect();
+        }
     }
 
     /// The node ids.
@@ -183,6 +198,7 @@ impl ProcessCluster {
             .arg(&node.data)
             .arg("--cluster")
             .arg(CLUSTER_ID.to_string())
+            .args(&node.extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
