@@ -1,30 +1,48 @@
 //! [`FileStorage`]: the durable, file-backed [`Storage`].
 //!
-//! # Directory layout
+//! # Directory layout (on-disk format version 2)
 //! ```text
+//! <dir>/LOCK                           the lock held by the open storage (see `lock.rs`)
 //! <dir>/seg-00000000000000000001.log   log segments (see `segment.rs` for the byte layout)
 //! <dir>/seg-00000000000000000002.log   ... contiguous sequence numbers, the last is active
 //! <dir>/snap-<index>.snap              the current snapshot (see `snapshot.rs`)
-//! <dir>/snap.tmp                      a snapshot being received (see `snapshot.rs`)
-//! <dir>/seg-*.tmp, <dir>/snap.tmp      debris of an interrupted write, removed at open
+//! <dir>/tail-loss                      a loss cut by recovery mode, until repaired
+//!                                      (see `tail_loss.rs`)
+//! <dir>/snap.tmp                       a snapshot being received (see `snapshot.rs`)
+//! <dir>/seg-*.tmp, snap.tmp, tail-loss.tmp
+//!                                      debris of an interrupted write, removed at open
 //! ```
+//! Files are created 0600, directories 0700. Version 1 directories are refused with
+//! [`StorageError::UnsupportedFormat`]; there is no migration.
+//!
+//! # Tear or damage
+//! The rule that decides, at open, whether a bad record is a torn write (cut) or damage to
+//! synced data (refused) is in `segment.rs`: each segment's *synced watermark* (two
+//! checksummed slots in its first page, see `watermark.rs`), written after every fdatasync,
+//! says how far its records were synced. Bytes below it are never cut. With
+//! [`FileStorageOptions::recover_damaged_tail`] damage is cut instead, after the loss is
+//! recorded durably ([`Storage::tail_loss`]; see `recovery.rs`).
 //!
 //! # How the contract is kept
 //! - Hard state, entries and truncations are all *records* of one log, in the order they were
 //!   made. Writes are encoded into an in-memory buffer (`pending`) and written with a single
-//!   `write_at` plus one fdatasync at [`Storage::sync`], so after a crash the log holds the
-//!   synced records and at most a prefix of the later ones (a torn prefix is cut at recovery).
-//!   `sync` with nothing pending returns at once. When the buffer exceeds
+//!   `write_at` plus one fdatasync at [`Storage::sync`], then the next watermark slot is
+//!   written (not synced: the next fdatasync carries it), so after a crash the log holds the
+//!   synced records and at most a prefix of the later ones (a torn write above the watermark
+//!   is cut at recovery). `sync` with nothing pending returns at once. When the buffer exceeds
 //!   [`FileStorageOptions::write_buffer_bytes`] it is synced early (earlier durability is
 //!   allowed by the contract).
 //! - Overwrite: an `Entry` record at an index at or below the last one replaces the suffix
 //!   from there; `truncate_suffix` writes a `Truncate { from }` record. Both take effect at
 //!   replay, in log order, so a truncation is durable exactly when its record is, and
 //!   recovery never resurrects a truncated entry once the truncation was synced.
-//! - A segment is full when the next record does not fit: the active one is fdatasynced, then
-//!   the next is created (preallocated, header synced, renamed, directory synced) and starts
-//!   with the current hard state. A record larger than `segment_size` gets a segment of its own
-//!   size.
+//! - A segment is full when the next record does not fit: the active one is fdatasynced and
+//!   *sealed* (its final watermark, equal to its end, fdatasynced), then the next is created
+//!   (preallocated with its header and watermark, synced, renamed, directory synced) and
+//!   starts with the current hard state. A record larger than `segment_size` gets a segment
+//!   of its own size. On a full disk the new segment is tried at half the size, down to what
+//!   the record needs; the next one is tried at twice the last size that fitted, up to
+//!   `segment_size` (so a storage on a file system smaller than a segment still works).
 //! - Snapshots are streamed: `write_snapshot_chunk` at offset 0 (re)creates `snap.tmp` with a
 //!   placeholder header, later chunks must continue at its current length, and a running
 //!   crc32 covers the content; nothing of it is held in memory, and it need not survive a
@@ -56,7 +74,9 @@
 //! stream written by one `write_at` per sync, a vote can never survive while an earlier append
 //! is lost, or the other way round; and a hard state costs no extra fsync.
 //!
-//! One `FileStorage` per directory: nothing else may write to it while it is open.
+//! One `FileStorage` per directory: [`FileStorage::open`] takes an exclusive lock on
+//! `<dir>/LOCK` for the life of the storage, and a second open (in any process) fails with
+//! [`StorageError::InUse`]. (The simulated disk is not locked.)
 
 mod header;
 mod lock;

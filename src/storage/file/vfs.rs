@@ -161,8 +161,9 @@ impl VfsFile for RealFile {
         if self.len()? == 0 {
             return Ok(None); // an empty file cannot be mapped; callers fall back to read_at
         }
-        // SAFETY: the map is read-only and FileStorage owns its directory (documented on
-        // `FileStorage`: one storage per directory, no other writer). FileStorage never shrinks a
+        // SAFETY: the map is read-only and FileStorage owns its directory (one storage per
+        // directory, enforced by the exclusive lock on `<dir>/LOCK` that `FileStorage::open`
+        // holds for the storage's life; no other writer). FileStorage never shrinks a
         // file it has mapped: segments are preallocated to their final length before they are
         // mapped, and they are only ever deleted whole (unlinking keeps the pages of a live
         // mapping valid on unix). So no access through the map can hit a truncated page
