@@ -277,10 +277,16 @@ fn damage_in_the_synced_tail_is_cut_at_the_damaged_record_and_reported_until_cle
             s.clear_tail_loss().unwrap();
             s.sync().unwrap();
             assert_eq!(s.tail_loss(), None);
+            // The repaired log takes new writes across segment rolls.
+            let more: Vec<Entry> = (next..next + 40).map(|i| e(i, 5)).collect();
+            s.append(&more).unwrap();
+            s.sync().unwrap();
+            let written = state(&s);
             drop(s);
             let s = FileStorage::open(dir.path(), opts()).unwrap();
             assert_eq!(s.tail_loss(), None, "{what}: the clear is durable");
             assert_eq!(s.initial_state().unwrap().hard_state, HS, "{what}");
+            assert_eq!(state(&s), written, "{what}: writes after the repair");
             cases += 1;
         }
     }
@@ -602,4 +608,98 @@ fn mem_storage_lose_tail_cuts_forgets_and_reports_until_cleared() {
     assert_eq!(s.tail_loss(), None);
     s.crash();
     assert_eq!(s.tail_loss(), None);
+}
+
+/// The tail-loss file as `tail_loss.rs` writes it (for a test that needs one a recovery would
+/// not produce by itself).
+fn tail_loss_file(cluster: u64, node: u64, through: Index, hs: HardState, lost: bool) -> Vec<u8> {
+    let mut h = vec![0u8; 64];
+    h[0..8].copy_from_slice(b"RKVLOSS\x01");
+    h[8..12].copy_from_slice(&2u32.to_le_bytes());
+    h[16..24].copy_from_slice(&cluster.to_le_bytes());
+    h[24..32].copy_from_slice(&node.to_le_bytes());
+    h[32..40].copy_from_slice(&through.to_le_bytes());
+    h[40..48].copy_from_slice(&hs.term.to_le_bytes());
+    h[48..56].copy_from_slice(&hs.vote.unwrap_or(0).to_le_bytes());
+    h[56] = u8::from(lost);
+    let crc = crc32fast::hash(&h[0..60]);
+    h[60..64].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+/// A recorded loss holds a newer hard state than the log (a crash came between a cut and the
+/// rewrite of the hard state), the newest segment has no room left for that record, and a
+/// power loss kept its last batch but not the watermark write after it: the open itself
+/// rolls to a new segment, sealing the full one. Its watermark must record the hard state
+/// its records replay to, not the newer one, or the next open finds them disagreeing.
+#[test]
+fn a_newer_recorded_hard_state_logged_at_open_into_a_full_segment() {
+    let dir = scratch();
+    let used = |dir: &Path| inspect(dir).unwrap().segments.last().unwrap().used_bytes;
+    let o = opts();
+    let last = {
+        let mut s = FileStorage::open(dir.path(), o).unwrap();
+        s.set_hard_state(HardState {
+            term: 1,
+            vote: Some(1),
+        })
+        .unwrap();
+        let mut next = 1;
+        let tiny = |i, n| Entry {
+            index: i,
+            term: 1,
+            payload: EntryPayload::Command(vec![7u8; n].into()),
+        };
+        // Measure one record's framing, then fill the segment to 3 bytes from its end.
+        let before = {
+            s.sync().unwrap();
+            used(dir.path())
+        };
+        s.append(&[tiny(next, 10)]).unwrap();
+        s.sync().unwrap();
+        next += 1;
+        let overhead = used(dir.path()) - before - 10;
+        loop {
+            let left = o.segment_size - used(dir.path());
+            if left < overhead + 3 + 128 {
+                let n = (left - overhead - 3) as usize;
+                let seg = segment_paths(dir.path()).pop().unwrap();
+                let slots_before = std::fs::read(&seg).unwrap()[512..RECORDS_START].to_vec();
+                s.append(&[tiny(next, n)]).unwrap();
+                s.sync().unwrap();
+                assert_eq!(o.segment_size - used(dir.path()), 3, "filled to the brim");
+                assert_eq!(s.segment_count(), 1);
+                // The power loss: the watermark written after this sync is lost.
+                drop(s);
+                let mut bytes = std::fs::read(&seg).unwrap();
+                bytes[512..RECORDS_START].copy_from_slice(&slots_before);
+                std::fs::write(&seg, &bytes).unwrap();
+                break;
+            }
+            s.append(&[tiny(next, 100)]).unwrap();
+            s.sync().unwrap();
+            next += 1;
+        }
+        next
+    };
+    let newer = HardState {
+        term: 7,
+        vote: Some(2),
+    };
+    std::fs::write(
+        dir.path().join("tail-loss"),
+        tail_loss_file(o.cluster_id, o.node_id, last, newer, false),
+    )
+    .unwrap();
+    let s = FileStorage::open(dir.path(), o).expect("opens with the recorded loss");
+    assert_eq!(s.initial_state().unwrap().hard_state, newer);
+    assert_eq!(
+        s.segment_count(),
+        2,
+        "the hard state went into a new segment"
+    );
+    drop(s);
+    let s = FileStorage::open(dir.path(), o).expect("the full segment's watermark agrees");
+    assert_eq!(s.initial_state().unwrap().hard_state, newer);
+    assert_eq!(s.last_index(), last);
 }

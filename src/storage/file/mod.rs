@@ -143,6 +143,10 @@ pub struct FileStorage {
     dir: PathBuf,
     opts: FileStorageOptions,
     hard_state: HardState,
+    /// The hard state the log's records replay to (those written and those pending): what a
+    /// watermark records. Equal to `hard_state` except at open, between recovery keeping a
+    /// newer one (from a watermark or the tail-loss record) and its record being logged.
+    logged_hard_state: HardState,
     /// The current snapshot's meta (`index == 0` when there is none).
     snapshot: SnapshotMeta,
     /// The current snapshot's file; `Some` exactly when `snapshot.index > 0`.
@@ -223,6 +227,7 @@ impl FileStorage {
             dir: dir.to_path_buf(),
             opts,
             hard_state: r.hard_state,
+            logged_hard_state: r.log_hard_state,
             snapshot: r.snapshot,
             snapshot_file,
             incoming: None,
@@ -323,6 +328,9 @@ impl FileStorage {
         let active = self.active();
         let location = log_index::pack(active.seq, active.end + self.pending.len() as u64);
         self.pending.extend_from_slice(&self.scratch);
+        if let RecordRef::HardState(hs) = record {
+            self.logged_hard_state = *hs;
+        }
         Ok(location)
     }
 
@@ -352,11 +360,12 @@ impl FileStorage {
             allocated_len: 0,
         };
         let preferred = self.next_segment_len.max(needed);
+        // The new segment's watermark: nothing synced in it yet, the log's hard state so far.
         let created = create_segment_fitting(
             self.vfs.as_ref(),
             &self.dir,
             header,
-            self.hard_state,
+            self.logged_hard_state,
             preferred,
             needed,
         );
@@ -376,6 +385,7 @@ impl FileStorage {
         self.segments.push(segment);
         self.watermark_unsynced = false;
         self.pending.extend_from_slice(&hs_record);
+        self.logged_hard_state = self.hard_state;
         Ok(())
     }
 
@@ -400,7 +410,7 @@ impl FileStorage {
     /// surviving unsynced records; they are synced first.
     fn seal_active(&mut self) -> Result<(), StorageError> {
         self.write_unwritten_watermark()?;
-        let hard_state = self.hard_state;
+        let hard_state = self.logged_hard_state;
         let active = self.active_mut();
         if active.watermark.synced_end < active.end {
             active
@@ -442,7 +452,8 @@ impl FileStorage {
             .map_err(|e| io_error("write", &active.path, e))?;
         let written = self.pending.len() as u64;
         self.pending.clear();
-        let hard_state = self.hard_state;
+        // Everything logged is written now: the watermark records what it replays to.
+        let hard_state = self.logged_hard_state;
         let active = self.active_mut();
         active.end += written;
         active

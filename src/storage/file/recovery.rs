@@ -63,7 +63,11 @@ use crate::storage::TailLoss;
 /// What recovery found.
 #[derive(Debug)]
 pub(crate) struct Recovered {
+    /// The hard state to resume from.
     pub hard_state: HardState,
+    /// The hard state the log's records replay to (older than `hard_state` only when
+    /// `needs_hard_state_record`).
+    pub log_hard_state: HardState,
     pub snapshot: SnapshotMeta,
     pub snapshot_path: Option<PathBuf>,
     pub snapshot_file_len: u64,
@@ -475,6 +479,7 @@ pub(crate) fn recover(
             .map_err(|e| io_error("fsync dir", parent, e))?;
         return Ok(Recovered {
             hard_state,
+            log_hard_state: HardState::default(),
             snapshot,
             snapshot_path,
             snapshot_file_len,
@@ -666,6 +671,7 @@ pub(crate) fn recover(
     }
     Ok(Recovered {
         hard_state,
+        log_hard_state: replayed_hard_state,
         snapshot,
         snapshot_path,
         snapshot_file_len,
