@@ -30,7 +30,7 @@ use tokio::net::TcpListener;
 
 const USAGE: &str =
     "usage: node --id ID --peers ID=HOST:PORT,... --client HOST:PORT --data DIR [--cluster N]
-            [--segment-size BYTES] [--recover]
+            [--segment-size BYTES] [--recover] [--restore FILE]
 
   --id       this node's id (one of the ids in --peers)
   --peers    every node of the cluster (this one included) and its Raft address
@@ -41,7 +41,9 @@ const USAGE: &str =
              GiB (default 64M; made smaller on a disk without room for it)
   --recover  recovery mode: if synced log records are damaged, cut the log at the first
              damaged one (keeping the snapshot and the intact prefix), record the loss, and
-             let the cluster repair this node, instead of refusing to start";
+             let the cluster repair this node, instead of refusing to start
+  --restore  bootstrap this node, whose data directory must be empty, from a backup taken
+             with `kv backup FILE` (verified first); start every node of the new cluster so";
 
 struct Args {
     id: NodeId,
@@ -51,6 +53,7 @@ struct Args {
     cluster: u64,
     segment_size: Option<u64>,
     recover: bool,
+    restore: Option<PathBuf>,
 }
 
 /// Parses a byte count with an optional K, M or G (binary) suffix.
@@ -72,6 +75,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut cluster = 7;
     let mut segment_size = None;
     let mut recover = false;
+    let mut restore = None;
     let mut args = args.peekable();
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
@@ -106,6 +110,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Args, String> {
                 );
             }
             "--recover" => recover = true,
+            "--restore" => restore = Some(PathBuf::from(value()?)),
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument `{other}`")),
         }
@@ -123,6 +128,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Args, String> {
         cluster,
         segment_size,
         recover,
+        restore,
     })
 }
 
@@ -167,8 +173,22 @@ async fn run(args: Args) -> Result<(), String> {
         recover_damaged_tail: args.recover,
         ..defaults
     };
-    let storage = FileStorage::open(&args.data, options)
+    let mut storage = FileStorage::open(&args.data, options)
         .map_err(|e| format!("node {id}: cannot open {}: {e}", args.data.display()))?;
+    if let Some(file) = &args.restore {
+        let backup = std::fs::File::open(file)
+            .map_err(|e| format!("node {id}: cannot open {}: {e}", file.display()))?;
+        let info = raftkv::storage::backup::restore(std::io::BufReader::new(backup), &mut storage)
+            .map_err(|e| format!("node {id}: cannot restore {}: {e}", file.display()))?;
+        eprintln!(
+            "node {id}: restored {} (taken from node {} at index {} term {}, {} bytes)",
+            file.display(),
+            info.node_id,
+            info.meta.index,
+            info.meta.term,
+            info.size
+        );
+    }
     if let Some(cut) = &storage.recovery_report().damaged_tail {
         eprintln!(
             "node {id}: recovery mode cut the log at damaged synced data in {} at offset {}: \

@@ -50,6 +50,9 @@ pub enum ClientRequest {
     Read(Vec<u8>),
     /// The node's status.
     Status,
+    /// A backup of the node's state (`Node::backup`): answered with `BackupChunk` frames
+    /// (the 64-byte header first, then the content) and one `BackupDone`.
+    Backup,
 }
 
 /// Why a node did not answer a request with a result: [`ProposeError`] in a stable, tagged
@@ -181,6 +184,11 @@ pub enum ClientResponse {
     Result(Result<KvResult, ClientFailure>),
     /// The answer to `Status`.
     Status(NodeStatusView),
+    /// The next bytes of a backup (at most 1 MiB).
+    BackupChunk(Vec<u8>),
+    /// The end of a backup: its index and term, or why it failed (the chunks sent before
+    /// a failure are not a backup).
+    BackupDone(Result<(u64, u64), ClientFailure>),
 }
 
 /// Why a frame could not be read or written.
@@ -308,8 +316,70 @@ async fn serve_connection(mut stream: TcpStream, node: Node<KvResult>) -> Result
                 ClientResponse::Result(node.read(query).await.map_err(ClientFailure::from))
             }
             ClientRequest::Status => ClientResponse::Status(NodeStatusView::from(&node.status())),
+            ClientRequest::Backup => {
+                let done = stream_backup(&mut stream, &node).await?;
+                ClientResponse::BackupDone(done)
+            }
         };
         write_message(&mut stream, &response).await?;
+    }
+}
+
+/// Streams a backup of `node` to the client as `BackupChunk` frames; returns what the final
+/// `BackupDone` says.
+async fn stream_backup(
+    stream: &mut TcpStream,
+    node: &Node<KvResult>,
+) -> Result<Result<(u64, u64), ClientFailure>, ProtoError> {
+    let fail =
+        |e: raftkv::storage::backup::BackupError| Ok(Err(ClientFailure::Other(e.to_string())));
+    let mut backup = match node.backup().await {
+        Ok(b) => b,
+        Err(e) => return fail(e),
+    };
+    loop {
+        match backup.next_chunk().await {
+            Ok(Some(chunk)) => write_message(stream, &ClientResponse::BackupChunk(chunk)).await?,
+            Ok(None) => {
+                let meta = backup.info().meta;
+                return Ok(Ok((meta.index, meta.term)));
+            }
+            Err(e) => return fail(e),
+        }
+    }
+}
+
+/// Asks the node at `addr` for a backup and writes its bytes to `out`; returns the backup's
+/// `(index, term)` and its length. `within` bounds each frame's wait.
+pub async fn backup(
+    addr: SocketAddr,
+    out: &mut impl std::io::Write,
+    within: Duration,
+) -> Result<((u64, u64), u64), String> {
+    let mut stream = match timeout(within, TcpStream::connect(addr)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return Err(format!("cannot connect to {addr}: {e}")),
+        Err(_) => return Err(format!("cannot connect to {addr}: timed out")),
+    };
+    write_message(&mut stream, &ClientRequest::Backup)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut bytes = 0u64;
+    loop {
+        let frame = timeout(within, read_message::<_, ClientResponse>(&mut stream))
+            .await
+            .map_err(|_| format!("no answer from {addr} within {within:?}"))?
+            .map_err(|e| e.to_string())?;
+        match frame {
+            Some(ClientResponse::BackupChunk(chunk)) => {
+                out.write_all(&chunk).map_err(|e| e.to_string())?;
+                bytes += chunk.len() as u64;
+            }
+            Some(ClientResponse::BackupDone(Ok(at))) => return Ok((at, bytes)),
+            Some(ClientResponse::BackupDone(Err(why))) => return Err(why.to_string()),
+            Some(other) => return Err(format!("unexpected answer {other:?}")),
+            None => return Err(format!("{addr} closed the connection mid-backup")),
+        }
     }
 }
 
@@ -342,8 +412,8 @@ pub async fn request(
 pub async fn status(addr: SocketAddr, deadline: Duration) -> Result<NodeStatusView, ProtoError> {
     match request(addr, &ClientRequest::Status, deadline, deadline).await? {
         ClientResponse::Status(s) => Ok(s),
-        ClientResponse::Result(_) => Err(ProtoError::Io(std::io::Error::other(
-            "a result where a status was expected",
+        _ => Err(ProtoError::Io(std::io::Error::other(
+            "another answer where a status was expected",
         ))),
     }
 }
@@ -394,11 +464,9 @@ impl TcpKvEndpoint {
         };
         match timeout(self.request_timeout, exchange).await {
             Ok(Ok(Some(ClientResponse::Result(r)))) => r.map_err(ProposeError::from),
-            // A status for a KV request, a lost connection, a bad frame, or no answer in time:
-            // the request's fate is unknown.
-            Ok(Ok(Some(ClientResponse::Status(_)))) | Ok(Ok(None)) | Ok(Err(_)) | Err(_) => {
-                Err(ProposeError::Timeout)
-            }
+            // Another answer (a status, a backup's frames) for a KV request, a lost connection,
+            // a bad frame, or no answer in time: the request's fate is unknown.
+            Ok(Ok(Some(_))) | Ok(Ok(None)) | Ok(Err(_)) | Err(_) => Err(ProposeError::Timeout),
         }
     }
 }

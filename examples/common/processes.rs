@@ -110,6 +110,12 @@ impl ProcessCluster {
     /// Starts `n` nodes (ids `1..=n`) of `binary` on free loopback ports, each with its own
     /// data directory under a new temporary directory.
     pub fn start(binary: PathBuf, n: u64) -> Result<Self, String> {
+        Self::start_with_args(binary, n, &[])
+    }
+
+    /// As [`ProcessCluster::start`], every node's first start given `args` too (see
+    /// [`ProcessCluster::set_extra_args`]).
+    pub fn start_with_args(binary: PathBuf, n: u64, args: &[&str]) -> Result<Self, String> {
         let dir = tempfile::Builder::new()
             .prefix("raftkv-cluster-")
             .tempdir()
@@ -132,6 +138,7 @@ impl ProcessCluster {
         }
         let mut cluster = ProcessCluster { binary, nodes, dir };
         for id in 1..=n {
+            cluster.set_extra_args(id, args);
             cluster.restart(id)?;
         }
         Ok(cluster)

@@ -35,9 +35,11 @@ use crate::state_machine::StateMachine;
 use crate::storage::{PersistedSize, Storage};
 use crate::transport::Transport;
 
+pub mod backup;
 mod outbound;
 mod worker;
 
+pub use backup::Backup;
 use outbound::drive_transport;
 use worker::Worker;
 
@@ -131,6 +133,8 @@ enum Command<O> {
     LocalChunk(SnapshotMeta, Vec<u8>),
     /// The local snapshot is fully serialized (or failed to serialize).
     LocalDone(SnapshotMeta, Result<(), String>),
+    /// A backup's request (see `backup.rs`).
+    Backup(backup::Request),
     Shutdown,
 }
 
