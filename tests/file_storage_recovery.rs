@@ -418,7 +418,8 @@ fn a_damaged_tail_loss_record_is_refused_or_made_conservative() {
 }
 
 /// Builds the story on a simulated disk and damages the newest segment's synced tail from
-/// `offset` on (zeroed). Returns the disk and the state recovery mode must reach.
+/// `offset_from_end` bytes before its end on (zeroed), or, with `offset_from_end == 0`, its
+/// header. Returns the disk and the state recovery mode must reach.
 fn damaged_sim(offset_from_end: usize) -> (SimDisk, State) {
     let disk = SimDisk::new();
     let mut s = FileStorage::open_simulated(&disk, "/d", opts()).unwrap();
@@ -433,6 +434,31 @@ fn damaged_sim(offset_from_end: usize) -> (SimDisk, State) {
         .unwrap();
     let mut bytes = disk.read(&newest).unwrap();
     let recs = records(&bytes);
+    if offset_from_end == 0 {
+        bytes[20] ^= 1;
+        disk.write_durable(&newest, &bytes);
+        let first_here = recs.iter().find_map(|r| r.entry).unwrap();
+        // The newest segment held the last hard state (`HS`): the older ones replay to the
+        // story's first, and the loss says the hard state may be lost.
+        let expected = State {
+            hard_state: HardState {
+                term: 1,
+                vote: Some(1),
+            },
+            log: p
+                .log
+                .iter()
+                .filter(|x| x.index < first_here)
+                .cloned()
+                .collect(),
+            tail_loss: Some(TailLoss {
+                intact_through: first_here - 1,
+                hard_state_lost: true,
+            }),
+            ..p
+        };
+        return (disk, expected);
+    }
     let used = recs.last().unwrap().end;
     let from = used - offset_from_end;
     bytes[from..used].fill(0);
@@ -445,18 +471,28 @@ fn damaged_sim(offset_from_end: usize) -> (SimDisk, State) {
 /// opens with the same cut log and the loss reported — never a shorter log without it.
 #[test]
 fn a_crash_anywhere_during_recovery_is_recovered_and_never_hides_the_loss() {
+    // The tail zeroed (the cut stays in the damaged segment), or the newest header damaged
+    // (the segment is replaced by a fresh one).
+    for damage in [700, 0] {
+        crash_anywhere_during_recovery(damage);
+    }
+}
+
+fn crash_anywhere_during_recovery(damage: usize) {
     let total = {
-        let (disk, _) = damaged_sim(700);
+        let (disk, _) = damaged_sim(damage);
         let before = disk.mutating_ops();
         drop(FileStorage::open_simulated(&disk, "/d", recover()).unwrap());
         disk.mutating_ops() - before
     };
-    assert!(total >= 8, "a recovery takes several steps ({total})");
+    assert!(total >= 6, "a recovery takes several steps ({total})");
     let (mut refused, mut opened) = (0, 0);
     for point in 0..=total {
         for seed in 0..4 {
-            let what = format!("crash after {point} of {total} recovery ops, seed {seed}");
-            let (disk, expected) = damaged_sim(700);
+            let what = format!(
+                "damage {damage}: crash after {point} of {total} recovery ops, seed {seed}"
+            );
+            let (disk, expected) = damaged_sim(damage);
             disk.crash_after(point);
             let _ = FileStorage::open_simulated(&disk, "/d", recover());
             disk.crash(seed * 31 + point);
@@ -610,96 +646,115 @@ fn mem_storage_lose_tail_cuts_forgets_and_reports_until_cleared() {
     assert_eq!(s.tail_loss(), None);
 }
 
-/// The tail-loss file as `tail_loss.rs` writes it (for a test that needs one a recovery would
-/// not produce by itself).
-fn tail_loss_file(cluster: u64, node: u64, through: Index, hs: HardState, lost: bool) -> Vec<u8> {
-    let mut h = vec![0u8; 64];
-    h[0..8].copy_from_slice(b"RKVLOSS\x01");
-    h[8..12].copy_from_slice(&2u32.to_le_bytes());
-    h[16..24].copy_from_slice(&cluster.to_le_bytes());
-    h[24..32].copy_from_slice(&node.to_le_bytes());
-    h[32..40].copy_from_slice(&through.to_le_bytes());
-    h[40..48].copy_from_slice(&hs.term.to_le_bytes());
-    h[48..56].copy_from_slice(&hs.vote.unwrap_or(0).to_le_bytes());
-    h[56] = u8::from(lost);
-    let crc = crc32fast::hash(&h[0..60]);
-    h[60..64].copy_from_slice(&crc.to_le_bytes());
-    h
-}
-
-/// A recorded loss holds a newer hard state than the log (a crash came between a cut and the
-/// rewrite of the hard state), the newest segment has no room left for that record, and a
-/// power loss kept its last batch but not the watermark write after it: the open itself
-/// rolls to a new segment, sealing the full one. Its watermark must record the hard state
-/// its records replay to, not the newer one, or the next open finds them disagreeing.
+/// The newest segment is full to the last byte and its last record, a small `Truncate`, is
+/// damaged: the kept hard state's record does not fit after the intact records, so the cut
+/// ends in a fresh segment that holds it, and the damaged one is lowered to its intact
+/// records. (The truncated entry is back: the log is what it held at the cut.)
 #[test]
-fn a_newer_recorded_hard_state_logged_at_open_into_a_full_segment() {
+fn a_cut_whose_hard_state_record_does_not_fit_ends_in_a_fresh_segment() {
     let dir = scratch();
-    let used = |dir: &Path| inspect(dir).unwrap().segments.last().unwrap().used_bytes;
     let o = opts();
+    let used = |dir: &Path| inspect(dir).unwrap().segments.last().unwrap().used_bytes;
+    let tiny = |i, n| Entry {
+        index: i,
+        term: 4,
+        payload: EntryPayload::Command(vec![7u8; n].into()),
+    };
     let last = {
         let mut s = FileStorage::open(dir.path(), o).unwrap();
-        s.set_hard_state(HardState {
-            term: 1,
-            vote: Some(1),
-        })
-        .unwrap();
-        let mut next = 1;
-        let tiny = |i, n| Entry {
-            index: i,
-            term: 1,
-            payload: EntryPayload::Command(vec![7u8; n].into()),
-        };
-        // Measure one record's framing, then fill the segment to 3 bytes from its end.
-        let before = {
-            s.sync().unwrap();
-            used(dir.path())
-        };
-        s.append(&[tiny(next, 10)]).unwrap();
+        s.set_hard_state(HS).unwrap();
+        s.append(&[tiny(1, 10)]).unwrap();
         s.sync().unwrap();
-        next += 1;
+        let before = used(dir.path());
+        s.append(&[tiny(2, 10)]).unwrap();
+        s.sync().unwrap();
         let overhead = used(dir.path()) - before - 10;
+        let truncate_record = 10; // 8 bytes of framing, variant and a one-byte index
+        let mut next = 3;
         loop {
             let left = o.segment_size - used(dir.path());
-            if left < overhead + 3 + 128 {
-                let n = (left - overhead - 3) as usize;
-                let seg = segment_paths(dir.path()).pop().unwrap();
-                let slots_before = std::fs::read(&seg).unwrap()[512..RECORDS_START].to_vec();
+            if left < overhead + truncate_record + 128 {
+                let n = (left - overhead - truncate_record) as usize;
                 s.append(&[tiny(next, n)]).unwrap();
                 s.sync().unwrap();
-                assert_eq!(o.segment_size - used(dir.path()), 3, "filled to the brim");
-                assert_eq!(s.segment_count(), 1);
-                // The power loss: the watermark written after this sync is lost.
-                drop(s);
-                let mut bytes = std::fs::read(&seg).unwrap();
-                bytes[512..RECORDS_START].copy_from_slice(&slots_before);
-                std::fs::write(&seg, &bytes).unwrap();
+                s.truncate_suffix(next).unwrap();
+                s.sync().unwrap();
                 break;
             }
             s.append(&[tiny(next, 100)]).unwrap();
             s.sync().unwrap();
             next += 1;
         }
+        assert_eq!(used(dir.path()), o.segment_size, "full to the last byte");
+        assert_eq!(s.segment_count(), 1);
+        assert_eq!(s.last_index(), next - 1);
         next
     };
-    let newer = HardState {
-        term: 7,
-        vote: Some(2),
-    };
-    std::fs::write(
-        dir.path().join("tail-loss"),
-        tail_loss_file(o.cluster_id, o.node_id, last, newer, false),
-    )
-    .unwrap();
-    let s = FileStorage::open(dir.path(), o).expect("opens with the recorded loss");
-    assert_eq!(s.initial_state().unwrap().hard_state, newer);
+    let seg = segment_paths(dir.path()).pop().unwrap();
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let at = o.segment_size as usize - 2; // inside the Truncate record
+    bytes[at] ^= 0x01;
+    std::fs::write(&seg, &bytes).unwrap();
+    let s = FileStorage::open(dir.path(), recover()).unwrap();
+    assert_eq!(
+        s.tail_loss(),
+        Some(TailLoss {
+            intact_through: last,
+            hard_state_lost: false
+        })
+    );
     assert_eq!(
         s.segment_count(),
         2,
-        "the hard state went into a new segment"
+        "the hard state went into a fresh segment"
     );
+    assert_eq!(s.initial_state().unwrap().hard_state, HS);
     drop(s);
-    let s = FileStorage::open(dir.path(), o).expect("the full segment's watermark agrees");
-    assert_eq!(s.initial_state().unwrap().hard_state, newer);
+    let s = FileStorage::open(dir.path(), opts()).expect("a clean log after the cut");
+    assert_eq!(s.initial_state().unwrap().hard_state, HS);
     assert_eq!(s.last_index(), last);
+}
+
+/// The newest segment's header is damaged: the whole segment goes, replaced by a fresh one
+/// with the same number; the hard state may have gone with its watermark.
+#[test]
+fn a_damaged_newest_header_drops_that_segment_in_recovery_mode() {
+    let dir = scratch();
+    let p = pristine(dir.path());
+    let segs = segment_paths(dir.path());
+    let newest = segs.last().unwrap().clone();
+    let older_last = records(&std::fs::read(&segs[segs.len() - 2]).unwrap())
+        .iter()
+        .filter_map(|r| r.entry)
+        .max()
+        .unwrap();
+    let mut bytes = std::fs::read(&newest).unwrap();
+    bytes[20] ^= 0x01; // the cluster id field: fails the header checksum
+    std::fs::write(&newest, &bytes).unwrap();
+    assert!(matches!(
+        FileStorage::open(dir.path(), opts()),
+        Err(StorageError::Corrupt { offset: 60, .. })
+    ));
+    let s = FileStorage::open(dir.path(), recover()).unwrap();
+    let got = state(&s);
+    assert_eq!(
+        got.tail_loss,
+        Some(TailLoss {
+            intact_through: older_last,
+            hard_state_lost: true
+        })
+    );
+    assert_eq!(got.log, p.log[..(older_last - 20) as usize].to_vec());
+    assert_eq!(
+        got.hard_state,
+        HardState {
+            term: 1,
+            vote: Some(1)
+        },
+        "what the older segments hold"
+    );
+    assert_eq!(s.segment_count(), segs.len(), "replaced, same number");
+    drop(s);
+    let s = FileStorage::open(dir.path(), opts()).unwrap();
+    assert_eq!(state(&s), got);
 }

@@ -144,8 +144,8 @@ pub struct FileStorage {
     opts: FileStorageOptions,
     hard_state: HardState,
     /// The hard state the log's records replay to (those written and those pending): what a
-    /// watermark records. Equal to `hard_state` except at open, between recovery keeping a
-    /// newer one (from a watermark or the tail-loss record) and its record being logged.
+    /// watermark records. Equal to `hard_state` except at open, between recovery taking it
+    /// from a watermark (no retained record held one) and its record being logged.
     logged_hard_state: HardState,
     /// The current snapshot's meta (`index == 0` when there is none).
     snapshot: SnapshotMeta,
@@ -366,6 +366,7 @@ impl FileStorage {
             &self.dir,
             header,
             self.logged_hard_state,
+            &[],
             preferred,
             needed,
         );

@@ -10,10 +10,12 @@
 //!    node, its sequence number and allocated length must match the file, and both watermark
 //!    slots must verify (see `watermark.rs`).
 //! 4. Replay every record in order by the tear-or-damage rule (see `segment.rs`): the last
-//!    `HardState` wins; entries and truncations rebuild the [`LogIndex`]. An entry that leaves
-//!    a gap after the log is damage. Records below a segment's synced watermark must be intact
-//!    and agree with the watermark's hard state; only above the newest segment's watermark may
-//!    a torn write be cut.
+//!    `HardState` wins (when no retained record holds one — the segments that did were
+//!    compacted away — the newest watermark's, which recorded it); entries and truncations
+//!    rebuild the [`LogIndex`]. An entry that leaves a gap after the log is damage. Records
+//!    below a segment's synced watermark must be intact and, once a `HardState` has been
+//!    replayed, agree with the watermark's hard state; only above the newest segment's
+//!    watermark may a torn write be cut.
 //! 5. Damage to synced records (or to a segment's header or watermark) is
 //!    [`StorageError::Corrupt`] naming the file and offset — unless recovery mode is on
 //!    ([`FileStorageOptions::recover_damaged_tail`]): then the log is cut at the first damaged
@@ -25,18 +27,21 @@
 //!    should cover it when there is none). A discarded non-empty log must be followed by a
 //!    `Truncate` marker before new entries (the caller writes it).
 //! 7. Repair, each step listed in the [`RecoveryReport`]: remove debris and stale snapshots
-//!    (and fsync the directory). For a cut in recovery mode, then, in this order (each step durable before the next, so a crash anywhere leaves either the damage,
-//!    which the next open in recovery mode cuts again, or a plain torn tail, and the loss
-//!    recorded in every case): write the tail-loss file; remove the segments after the
-//!    damaged one; lower the damaged segment's watermark to the cut; then, as for any torn
-//!    tail, zero the bytes after the end and fdatasync.
+//!    (and fsync the directory). For a cut in recovery mode, then, each step durable before
+//!    the next: write the tail-loss file; remove the segments after the damaged one; end the
+//!    log with the kept hard state — written as a record right after the intact records,
+//!    then the damaged segment's watermark lowered to just after it (or, when it does not fit
+//!    there or the damaged segment goes whole, in a fresh segment, before the damaged one's
+//!    watermark is lowered); then, as for any torn tail, zero the bytes after the end. Until
+//!    the new watermark is durable the old one still covers the damage, so a crash anywhere
+//!    leaves either the damage, which the next open in recovery mode cuts again (a plain
+//!    open refuses it), or the finished cut — never a cut log without its hard state, and the
+//!    loss recorded in every case.
 //!
-//! The hard state after a cut is the newest one recovery knows of: the last intact
-//! `HardState` record, the newest segment's watermark (written after every sync, so it
-//! usually holds the very last hard state even when the records that carried it are
-//! damaged) and the tail-loss file, whichever is newest. `hard_state_lost` is set when the
-//! newest segment's watermark cannot be read: the damage may then have taken a newer term or
-//! vote with it.
+//! The hard state kept by a cut is the newest segment's watermark's when both its slots read
+//! (written after every sync, it holds the hard state as of the last sync even when the
+//! records that carried it are damaged), else the last intact `HardState` record's, with
+//! `hard_state_lost` set: the damage may have taken a newer term or vote with it.
 //!
 //! A directory without segments is new: the first segment is created and the parent directory
 //! fsynced (it is an error if a snapshot exists, since the hard state would then be lost; in
@@ -46,12 +51,12 @@ use std::path::{Path, PathBuf};
 
 use super::log_index::{pack, unpack, LogIndex};
 use super::segment::{
-    create_segment_fitting, garbage_after, parse_segment_name, scan_records, segment_name, Record,
-    Segment, SegmentHeader, HEADER_LEN, RECORDS_START,
+    create_segment_fitting, encode_record, garbage_after, parse_segment_name, scan_records,
+    segment_name, Record, RecordRef, Segment, SegmentHeader, HEADER_LEN, RECORDS_START,
 };
 use super::snapshot::{parse_snapshot_name, snapshot_name, verify_snapshot, SNAPSHOT_TEMP_NAME};
 use super::tail_loss::{
-    newer, read_tail_loss, write_tail_loss, RecordedLoss, TAIL_LOSS_NAME, TAIL_LOSS_TEMP_NAME,
+    read_tail_loss, write_tail_loss, RecordedLoss, TAIL_LOSS_NAME, TAIL_LOSS_TEMP_NAME,
 };
 use super::vfs::{io_error, Vfs};
 use super::watermark::{read_watermark, Watermark, SLOT_OFFSETS};
@@ -65,8 +70,8 @@ use crate::storage::TailLoss;
 pub(crate) struct Recovered {
     /// The hard state to resume from.
     pub hard_state: HardState,
-    /// The hard state the log's records replay to (older than `hard_state` only when
-    /// `needs_hard_state_record`).
+    /// The hard state the log's records replay to (other than `hard_state` only when
+    /// `needs_hard_state_record`: no retained record holds one, the watermark did).
     pub log_hard_state: HardState,
     pub snapshot: SnapshotMeta,
     pub snapshot_path: Option<PathBuf>,
@@ -76,8 +81,8 @@ pub(crate) struct Recovered {
     pub index: LogIndex,
     /// The replayed log was discarded for the snapshot: a `Truncate` marker must be logged.
     pub needs_reset_marker: bool,
-    /// `hard_state` is newer than the last `HardState` record of the log (it came from a
-    /// watermark or the tail-loss file): it must be logged and synced.
+    /// `hard_state` is not what the log's records replay to (it came from the newest
+    /// watermark): it must be logged and synced.
     pub needs_hard_state_record: bool,
     /// The recorded tail loss, if any (reported until cleared).
     pub tail_loss: Option<RecordedLoss>,
@@ -88,6 +93,8 @@ pub(crate) struct Recovered {
 struct Replay {
     index: LogIndex,
     hard_state: HardState,
+    /// A `HardState` record was replayed (`hard_state` is the log's, not the default).
+    hard_state_seen: bool,
 }
 
 impl Replay {
@@ -104,6 +111,7 @@ impl Replay {
         match record {
             Record::HardState(hs) => {
                 self.hard_state = hs;
+                self.hard_state_seen = true;
                 seen.1 = true;
             }
             Record::Truncate { from } => self.index.truncate_from(from),
@@ -272,11 +280,14 @@ fn scan_segment(
         Err(e) => (RECORDS_START, Some(e), None),
     };
     let newest_rule = newest || damage.is_some();
-    let mut hs_at_watermark = replay.hard_state;
+    // The hard state the records below the watermark replay to, if they (or the retained
+    // segments before) hold one: a watermark written after the segments before it were
+    // compacted away may speak of hard states no retained record holds.
+    let mut hs_at_watermark = replay.hard_state_seen.then_some(replay.hard_state);
     let scan = scan_records(&image, &path, synced_end, newest_rule, |offset, record| {
         replay.apply(seq, &path, &mut seen, offset, record)?;
-        if offset < synced_end {
-            hs_at_watermark = replay.hard_state;
+        if offset < synced_end && replay.hard_state_seen {
+            hs_at_watermark = Some(replay.hard_state);
         }
         Ok(())
     });
@@ -295,16 +306,19 @@ fn scan_segment(
         Ok(end) => {
             seg.end = end.end;
             torn = end.torn;
-            if damage.is_none() && hs_at_watermark != seg.watermark.hard_state {
-                damage = Some(corrupt(
-                    &path,
-                    seg.watermark.offset(),
-                    format!(
-                        "the synced watermark records hard state {:?} but the records before \
-                         it replay to {:?}",
-                        seg.watermark.hard_state, hs_at_watermark
-                    ),
-                ));
+            match hs_at_watermark {
+                Some(hs) if damage.is_none() && hs != seg.watermark.hard_state => {
+                    damage = Some(corrupt(
+                        &path,
+                        seg.watermark.offset(),
+                        format!(
+                            "the synced watermark records hard state {:?} but the records \
+                             before it replay to {hs:?}",
+                            seg.watermark.hard_state
+                        ),
+                    ));
+                }
+                _ => {}
             }
         }
         Err(e) => {
@@ -439,6 +453,7 @@ pub(crate) fn recover(
     let mut report = RecoveryReport::default();
     if seqs.is_empty() {
         let mut hard_state = HardState::default();
+        let mut initial = Vec::new();
         if let Some(path) = &snapshot_path {
             if !opts.recover_damaged_tail {
                 return Err(corrupt(
@@ -457,9 +472,16 @@ pub(crate) fn recover(
                 },
                 hard_state: HardState::default(),
             };
-            let merged = recorded.map_or(loss, |r| r.merge(loss));
+            // The only hard state left is the one an earlier recovery recorded, if any.
+            let merged = recorded.map_or(loss, |r| {
+                r.merge_keeping(RecordedLoss {
+                    hard_state: r.hard_state,
+                    ..loss
+                })
+            });
             write_tail_loss(vfs, dir, &merged, opts.cluster_id, opts.node_id)?;
             hard_state = merged.hard_state;
+            encode_record(&RecordRef::HardState(hard_state), &mut initial)?;
             recorded = Some(merged);
             report.damaged_tail = Some(DamagedTail {
                 path: dir.to_path_buf(),
@@ -469,7 +491,7 @@ pub(crate) fn recover(
             });
         }
         remove_all(vfs, dir, &debris, &mut report)?;
-        let segment = new_segment(vfs, dir, opts, 1)?;
+        let segment = new_segment(vfs, dir, opts, 1, hard_state, &initial)?;
         // The directory itself may be new: make its name durable in its parent too.
         let parent = match dir.parent() {
             Some(p) if !p.as_os_str().is_empty() => p,
@@ -479,14 +501,14 @@ pub(crate) fn recover(
             .map_err(|e| io_error("fsync dir", parent, e))?;
         return Ok(Recovered {
             hard_state,
-            log_hard_state: HardState::default(),
+            log_hard_state: hard_state,
             snapshot,
             snapshot_path,
             snapshot_file_len,
             segments: vec![segment],
             index: LogIndex::new(snapshot.index + 1),
             needs_reset_marker: false,
-            needs_hard_state_record: hard_state != HardState::default(),
+            needs_hard_state_record: false,
             tail_loss: recorded,
             report,
         });
@@ -504,6 +526,7 @@ pub(crate) fn recover(
     let mut replay = Replay {
         index: LogIndex::new(0),
         hard_state: HardState::default(),
+        hard_state_seen: false,
     };
     let mut segments = Vec::with_capacity(seqs.len());
     let mut torn = None;
@@ -527,10 +550,15 @@ pub(crate) fn recover(
         }
     }
 
-    // Damage to synced data: an error, or in recovery mode a cut.
-    let mut hard_state = replay.hard_state;
+    // Damage to synced data: an error, or in recovery mode a cut. The hard state is the last
+    // one the records replay to; when no retained record holds one (the segments that did
+    // were compacted away), the newest watermark's, which recorded it.
     let replayed_hard_state = replay.hard_state;
-    let mut cut = None;
+    let mut hard_state = match (replay.hard_state_seen, segments.last()) {
+        (false, Some(seg)) if damage.is_none() => seg.watermark.hard_state,
+        _ => replay.hard_state,
+    };
+    let mut cut: Option<(Damage, bool)> = None;
     // Bytes after the end of the log to zero: a torn write, or what a cut leaves.
     let mut zero: Option<(u64, u64)> = None;
     if let Some(d) = damage {
@@ -538,9 +566,15 @@ pub(crate) fn recover(
             return Err(d.into_error());
         }
         torn = None; // the cut below zeroes everything after the intact records
+                     // The newest watermark holds the hard state as of the last sync it records; without
+                     // it, the newest intact record's (the damage may have taken a newer one).
         let newest = seqs[seqs.len() - 1];
         let (newest_hs, readable) = newest_watermark_hard_state(vfs, dir, opts, newest);
-        hard_state = newer(hard_state, newest_hs.unwrap_or_default());
+        hard_state = match (readable, newest_hs) {
+            (true, Some(hs)) => hs,
+            (_, best) if !replay.hard_state_seen => best.unwrap_or_default(),
+            _ => replay.hard_state,
+        };
         cut = Some((d, !readable));
     }
 
@@ -596,6 +630,7 @@ pub(crate) fn recover(
     // its own), then a cut records the loss, durably, before it changes anything.
     debris.extend(stale_snapshots);
     remove_all(vfs, dir, &debris, &mut report)?;
+    let was_cut = cut.is_some();
     if let Some((d, hard_state_lost)) = cut {
         let loss = RecordedLoss {
             loss: TailLoss {
@@ -604,10 +639,11 @@ pub(crate) fn recover(
             },
             hard_state,
         };
-        let merged = recorded.map_or(loss, |r| r.merge(loss));
+        let merged = recorded.map_or(loss, |r| r.merge_keeping(loss));
         write_tail_loss(vfs, dir, &merged, opts.cluster_id, opts.node_id)?;
         recorded = Some(merged);
         rewrite_loss = false;
+        // Later segments go first, so that a crash leaves the damaged segment the newest.
         let keep = if d.keep_through.is_some() {
             d.at + 1
         } else {
@@ -625,17 +661,43 @@ pub(crate) fn recover(
             vfs.sync_dir(dir)
                 .map_err(|e| io_error("fsync dir", dir, e))?;
         }
+        // The kept hard state is logged as part of the cut: no crash can leave a cut log
+        // without it.
+        let mut hs_record = Vec::new();
+        encode_record(&RecordRef::HardState(hard_state), &mut hs_record)?;
+        let fits = segments
+            .last()
+            .is_some_and(|g| g.end + hs_record.len() as u64 <= g.len);
         match segments.last_mut() {
-            Some(seg) if d.keep_through.is_some() => {
-                lower_watermark(seg, replayed_hard_state)?;
+            Some(seg) if d.keep_through.is_some() && fits => {
+                cut_at_end(seg, &hs_record, replayed_hard_state, hard_state)?;
                 let garbage = garbage_after(&seg.image()?, seg.end);
                 zero = Some((seg.end, garbage));
             }
-            Some(_) => {}
-            None => {
-                // Nothing of the log is left: start it afresh (same sequence number).
-                segments.push(new_segment(vfs, dir, opts, seqs[d.at])?);
+            last => {
+                // The damaged segment goes whole, or the record does not fit after its intact
+                // records: the cut ends in a fresh segment holding the hard state. (Anything
+                // the damaged segment keeps becomes an older segment: its watermark is lowered
+                // to its intact records after the fresh one is durable.)
+                let seq = match last {
+                    Some(seg) if d.keep_through.is_some() => seg.seq + 1,
+                    _ => seqs[d.at],
+                };
+                let fresh = new_segment(vfs, dir, opts, seq, hard_state, &hs_record)?;
+                if let Some(seg) = segments.last_mut().filter(|_| d.keep_through.is_some()) {
+                    // Zeroed first (still below the old watermark: still damage if a crash
+                    // comes now), then the watermark lowered to the intact records.
+                    let garbage = garbage_after(&seg.image()?, seg.end);
+                    if garbage > 0 {
+                        zero_durably(seg, seg.end, garbage)?;
+                    }
+                    cut_at_end(seg, &[], replayed_hard_state, replayed_hard_state)?;
+                }
+                segments.push(fresh);
             }
+        }
+        if let Some(seg) = segments.last_mut() {
+            seg.has_hard_state = true;
         }
         report.damaged_tail = Some(DamagedTail {
             path: d.path,
@@ -653,43 +715,58 @@ pub(crate) fn recover(
         zero = Some((tail.offset, tail.bytes));
     }
     if let (Some((offset, bytes)), Some(seg)) = (zero.filter(|z| z.1 > 0), segments.last()) {
-        {
-            let zeroes = vec![0u8; bytes as usize];
-            seg.file
-                .write_at(&zeroes, offset)
-                .map_err(|e| io_error("write", &seg.path, e))?;
-            seg.file
-                .sync_data()
-                .map_err(|e| io_error("fsync", &seg.path, e))?;
-        }
+        zero_durably(seg, offset, bytes)?;
     }
     report.torn_tail = torn;
-    if let Some(r) = &recorded {
-        // Never below the hard state recorded with the loss (a crash may have come between
-        // the cut and the rewrite of the hard state).
-        hard_state = newer(hard_state, r.hard_state);
-    }
+    // After a cut the log's records end with the kept hard state.
+    let log_hard_state = if was_cut {
+        hard_state
+    } else {
+        replayed_hard_state
+    };
     Ok(Recovered {
         hard_state,
-        log_hard_state: replayed_hard_state,
+        log_hard_state,
         snapshot,
         snapshot_path,
         snapshot_file_len,
         segments,
         index,
         needs_reset_marker,
-        needs_hard_state_record: hard_state != replayed_hard_state,
+        needs_hard_state_record: hard_state != log_hard_state,
         tail_loss: recorded,
         report,
     })
 }
 
-/// Makes the segment's watermark say "synced through `seg.end`" (its intact records, with
-/// `hard_state`, the hard state they replay to), durably. A watermark slot that is damaged is
-/// rewritten too; the newest slot is written last, so a crash leaves either the old slots or
-/// the new watermark.
-fn lower_watermark(seg: &mut Segment, hard_state: HardState) -> Result<(), StorageError> {
-    let base = {
+/// Ends the damaged segment's log at `seg.end` (its intact records) followed by `record`
+/// (the kept hard state's, or nothing), durably: writes the record there, fdatasyncs, then
+/// the watermark "synced through" its end with `hard_state` (what the records then replay
+/// to; `before` is what they replay to without `record`), and fdatasyncs again. Until that
+/// watermark is durable the old one still covers the damage, so a crash in between leaves
+/// the damage for the next recovery, never a cut log without the record. A damaged
+/// watermark slot is rewritten too (the newest slot last).
+fn cut_at_end(
+    seg: &mut Segment,
+    record: &[u8],
+    before: HardState,
+    hard_state: HardState,
+) -> Result<(), StorageError> {
+    if !record.is_empty() {
+        seg.file
+            .write_at(record, seg.end)
+            .map_err(|e| io_error("write", &seg.path, e))?;
+        seg.file
+            .sync_data()
+            .map_err(|e| io_error("fsync", &seg.path, e))?;
+        seg.end += record.len() as u64;
+    }
+    let hard_state = if record.is_empty() {
+        before
+    } else {
+        hard_state
+    };
+    let valid = {
         let image = seg.image()?;
         (0..2)
             .filter_map(|slot| {
@@ -699,7 +776,7 @@ fn lower_watermark(seg: &mut Segment, hard_state: HardState) -> Result<(), Stora
             .map(|w| w.generation)
             .collect::<Vec<_>>()
     };
-    let newest = base.iter().copied().max().unwrap_or(0);
+    let newest = valid.iter().copied().max().unwrap_or(0);
     let fresh = Watermark {
         generation: newest + 1,
         seq: seg.seq,
@@ -710,7 +787,7 @@ fn lower_watermark(seg: &mut Segment, hard_state: HardState) -> Result<(), Stora
     // slot of the older (or damaged) one; if both were damaged, the other is rewritten
     // first, as the generation before it.
     let mut writes = Vec::new();
-    if base.is_empty() {
+    if valid.is_empty() {
         writes.push(Watermark {
             generation: newest,
             ..fresh
@@ -729,12 +806,27 @@ fn lower_watermark(seg: &mut Segment, hard_state: HardState) -> Result<(), Stora
     Ok(())
 }
 
-/// A first, empty segment `seq` (of the configured size, or smaller on a small disk).
+/// Zeroes `bytes` bytes at `offset` of the segment and fdatasyncs them.
+fn zero_durably(seg: &Segment, offset: u64, bytes: u64) -> Result<(), StorageError> {
+    let zeroes = vec![0u8; bytes as usize];
+    seg.file
+        .write_at(&zeroes, offset)
+        .map_err(|e| io_error("write", &seg.path, e))?;
+    seg.file
+        .sync_data()
+        .map_err(|e| io_error("fsync", &seg.path, e))
+}
+
+/// A fresh segment `seq` (of the configured size, or smaller on a small disk) holding the
+/// framed records `initial`, its watermark "synced through" them with `hard_state` (what the
+/// log replays to there).
 fn new_segment(
     vfs: &dyn Vfs,
     dir: &Path,
     opts: &FileStorageOptions,
     seq: u64,
+    hard_state: HardState,
+    initial: &[u8],
 ) -> Result<Segment, StorageError> {
     let header = SegmentHeader {
         cluster_id: opts.cluster_id,
@@ -742,16 +834,19 @@ fn new_segment(
         seq,
         allocated_len: 0,
     };
-    let needed = RECORDS_START + 64;
-    create_segment_fitting(
+    let needed = RECORDS_START + initial.len() as u64 + 64;
+    let mut seg = create_segment_fitting(
         vfs,
         dir,
         header,
-        HardState::default(),
+        hard_state,
+        initial,
         opts.segment_size,
         needed,
     )
-    .map_err(|(e, _)| e)
+    .map_err(|(e, _)| e)?;
+    seg.has_hard_state = !initial.is_empty();
+    Ok(seg)
 }
 
 fn remove_all(

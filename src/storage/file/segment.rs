@@ -490,27 +490,37 @@ impl std::ops::Deref for ImageRef<'_> {
     }
 }
 
-/// Creates segment `header.seq` of `header.allocated_len` bytes: writes the header, the two
-/// watermark slots ("synced through [`RECORDS_START`]", with `hard_state`, the hard state the
-/// log holds before this segment) and zeroes under the temporary name, fdatasyncs it,
-/// renames it into place and fsyncs the directory. On failure (a full disk, say) the
-/// temporary file is closed and removed at once, so a half-preallocated segment never keeps
-/// the space it took, and nothing named `seg-<seq>.log` exists.
+/// Creates segment `header.seq` of `header.allocated_len` bytes: writes the header, the
+/// framed records `initial` (usually none), the two watermark slots ("synced through" the
+/// end of `initial`, with `hard_state`, the hard state the log replays to there) and zeroes
+/// under the temporary name, fdatasyncs it, renames it into place and fsyncs the directory.
+/// On failure (a full disk, say) the temporary file is closed and removed at once, so a
+/// half-preallocated segment never keeps the space it took, and nothing named
+/// `seg-<seq>.log` exists.
 pub(crate) fn create_segment(
     vfs: &dyn Vfs,
     dir: &Path,
     header: SegmentHeader,
     hard_state: HardState,
+    initial: &[u8],
 ) -> Result<Segment, StorageError> {
     let temp = dir.join(segment_temp_name(header.seq));
     let path = dir.join(segment_name(header.seq));
+    let end = RECORDS_START + initial.len() as u64;
+    if end > header.allocated_len {
+        return Err(StorageError::Invalid(format!(
+            "{} bytes of records do not fit a segment of {}",
+            initial.len(),
+            header.allocated_len
+        )));
+    }
     let first = Watermark {
         generation: 0,
         seq: header.seq,
-        synced_end: RECORDS_START,
+        synced_end: end,
         hard_state,
     };
-    let second = first.next(RECORDS_START, hard_state);
+    let second = first.next(end, hard_state);
     let result = (|| {
         let file = vfs
             .create(&temp)
@@ -536,6 +546,10 @@ pub(crate) fn create_segment(
                 }
                 off += n as u64;
             }
+            if !initial.is_empty() {
+                file.write_at(initial, RECORDS_START)
+                    .map_err(|e| io_error("write", &temp, e))?;
+            }
             file.sync_data().map_err(|e| io_error("fsync", &temp, e))
         })();
         if let Err(e) = written {
@@ -553,7 +567,7 @@ pub(crate) fn create_segment(
             file,
             map,
             len: header.allocated_len,
-            end: RECORDS_START,
+            end,
             max_index: 0,
             has_hard_state: false,
             watermark: second,
@@ -577,6 +591,7 @@ pub(crate) fn create_segment_fitting(
     dir: &Path,
     header: SegmentHeader,
     hard_state: HardState,
+    initial: &[u8],
     preferred: u64,
     needed: u64,
 ) -> Result<Segment, (StorageError, u64)> {
@@ -587,7 +602,7 @@ pub(crate) fn create_segment_fitting(
             allocated_len: len,
             ..header
         };
-        match create_segment(vfs, dir, h, hard_state) {
+        match create_segment(vfs, dir, h, hard_state, initial) {
             Ok(segment) => return Ok(segment),
             Err(StorageError::NoSpace { .. }) if len > floor => len = (len / 2).max(floor),
             Err(e) => return Err((e, len)),

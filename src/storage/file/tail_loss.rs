@@ -16,11 +16,12 @@
 //! - It is written as `tail-loss.tmp`, fdatasynced, renamed and the directory fsynced
 //!   *before* recovery changes anything, so a crash in the middle of a recovery cannot hide
 //!   the loss: the next open reads it back (and, if the damage is still there, merges the
-//!   new loss into it: the smaller `intact_through`, either `hard_state_lost`, the newer hard
-//!   state).
-//! - While it exists the storage reports it ([`Storage::tail_loss`]) and never lets its hard
-//!   state fall below the recorded one (a crash between the cut and the rewrite of the hard
-//!   state would otherwise forget a vote).
+//!   new loss into it: the smaller `intact_through`, either `hard_state_lost`, the hard state
+//!   kept this time).
+//! - While it exists the storage reports it ([`Storage::tail_loss`]). The hard state it
+//!   records is what that recovery kept, for operators (`inspect`) and for a directory left
+//!   with no segment at all; the log itself carries the kept hard state (the cut writes it
+//!   as a record before the cut becomes visible).
 //! - [`Storage::clear_tail_loss`] removes it at the next sync (remove, fsync the directory).
 //! - A damaged tail-loss file is refused ([`StorageError::Corrupt`]); in recovery mode it is
 //!   replaced by the most conservative loss (everything after the snapshot, and the hard
@@ -52,26 +53,17 @@ pub(crate) struct RecordedLoss {
     pub hard_state: HardState,
 }
 
-/// The newer of two hard states: the higher term; in one term, a vote over none (a vote,
-/// once cast in a term, never changes).
-pub(crate) fn newer(a: HardState, b: HardState) -> HardState {
-    if (b.term, b.vote.is_some()) > (a.term, a.vote.is_some()) {
-        b
-    } else {
-        a
-    }
-}
-
 impl RecordedLoss {
-    /// Both losses at once: the smaller intact prefix, either hard state loss, the newer
-    /// hard state.
-    pub(crate) fn merge(self, other: RecordedLoss) -> RecordedLoss {
+    /// Both losses at once: the smaller intact prefix, either hard state loss, and `later`'s
+    /// hard state (the one recovery kept this time; a storage's hard state is whatever was
+    /// last written, so an older one never wins).
+    pub(crate) fn merge_keeping(self, later: RecordedLoss) -> RecordedLoss {
         RecordedLoss {
             loss: TailLoss {
-                intact_through: self.loss.intact_through.min(other.loss.intact_through),
-                hard_state_lost: self.loss.hard_state_lost || other.loss.hard_state_lost,
+                intact_through: self.loss.intact_through.min(later.loss.intact_through),
+                hard_state_lost: self.loss.hard_state_lost || later.loss.hard_state_lost,
             },
-            hard_state: newer(self.hard_state, other.hard_state),
+            hard_state: later.hard_state,
         }
     }
 
@@ -209,20 +201,9 @@ mod tests {
                 vote: None,
             },
         };
-        let merged = loss.merge(other);
+        let merged = loss.merge_keeping(other);
         assert_eq!(merged.loss.intact_through, 9);
         assert!(merged.loss.hard_state_lost);
-        assert_eq!(merged.hard_state, loss.hard_state, "a vote beats none");
-        assert_eq!(
-            newer(
-                loss.hard_state,
-                HardState {
-                    term: 5,
-                    vote: None
-                }
-            )
-            .term,
-            5
-        );
+        assert_eq!(merged.hard_state, other.hard_state, "the later recovery's");
     }
 }
