@@ -19,7 +19,7 @@
 //! The node goes on serving throughout: the backup costs a snapshot (if none is recent
 //! enough) and reads of it interleaved with the node's other work. Memory is one chunk.
 //!
-//! The node thread's part is one [`Command`] variant, [`Request`], handled in `worker.rs`.
+//! The node thread's part is one `Command` variant, `backup::Request`, handled in `worker.rs`.
 
 use futures::channel::oneshot;
 
