@@ -108,7 +108,7 @@ use lock::DirLock;
 use log_index::{unpack, LogIndex, TailCache};
 use segment::{
     create_segment_fitting, decode_record_at, encode_record, Record, RecordRef, Segment,
-    SegmentHeader, RECORDS_START,
+    SegmentHeader, HEADER_LEN, RECORDS_START,
 };
 use snapshot::{IncomingSnapshot, SnapshotFile};
 use tail_loss::{remove_tail_loss, RecordedLoss};
@@ -804,7 +804,13 @@ impl Storage for FileStorage {
 
     fn persisted_size(&self) -> PersistedSize {
         PersistedSize {
-            log_bytes: self.segments.iter().map(|s| s.end).sum(),
+            // Each segment's records and its 64-byte header; not the rest of the first page
+            // (the watermark's fixed sectors), which a log bound should not count.
+            log_bytes: self
+                .segments
+                .iter()
+                .map(|s| s.end - RECORDS_START + HEADER_LEN)
+                .sum(),
             snapshot_bytes: self
                 .snapshot_file
                 .as_ref()
