@@ -55,6 +55,25 @@ pub enum StorageError {
     /// dropped the dirty pages, so a retry that "succeeds" would prove nothing).
     #[error("storage is poisoned by an earlier fsync failure")]
     Poisoned,
+    /// Another storage (in this or another process) holds the data directory's lock.
+    #[error("{path} is in use by {}", match .pid { Some(pid) => format!("process {pid}"), None => "another process".to_string() })]
+    InUse {
+        /// The lock file.
+        path: PathBuf,
+        /// The process that holds it, as it recorded itself in the lock file.
+        pid: Option<u32>,
+    },
+    /// A file of an on-disk format this version does not read (its header is intact). There
+    /// is no migration: restore the node from a backup or from the cluster.
+    #[error("{path} has on-disk format version {version}; this raftkv reads only version {supported} (no migration: restore from a backup or from the cluster)")]
+    UnsupportedFormat {
+        /// The refused file.
+        path: PathBuf,
+        /// The version in its header.
+        version: u32,
+        /// The version this build reads.
+        supported: u32,
+    },
 }
 
 /// Why [`Node::propose`](crate::Node::propose) or [`Node::read`](crate::Node::read) failed.

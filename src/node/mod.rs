@@ -35,12 +35,13 @@ use crate::state_machine::StateMachine;
 use crate::storage::{PersistedSize, Storage};
 use crate::transport::Transport;
 
+pub mod backup;
 mod metrics;
 mod outbound;
 mod worker;
 
+pub use backup::Backup;
 pub use metrics::{Histogram, NodeMetrics};
-
 use outbound::drive_transport;
 use worker::Worker;
 
@@ -141,6 +142,8 @@ enum Command<O> {
     LocalChunk(SnapshotMeta, Vec<u8>),
     /// The local snapshot is fully serialized (or failed to serialize).
     LocalDone(SnapshotMeta, Result<(), String>),
+    /// A backup's request (see `backup.rs`).
+    Backup(backup::Request),
     Shutdown,
 }
 

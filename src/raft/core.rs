@@ -913,7 +913,7 @@ impl RaftCore {
     /// True if `more` bytes keep the log within the limit.
     pub(super) fn log_within_limit(&self, more: u64) -> bool {
         self.log_limit
-            .map_or(true, |limit| self.log.bytes() + more <= limit)
+            .is_none_or(|limit| self.log.bytes() + more <= limit)
     }
 
     /// The lost log tail this node is recovering from, if any.

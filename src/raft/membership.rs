@@ -233,7 +233,7 @@ impl Configs {
 
     pub(super) fn appended(&mut self, e: &Entry) {
         if let EntryPayload::Membership(m) = &e.payload {
-            debug_assert!(self.entries.last().map_or(true, |(i, _)| *i < e.index));
+            debug_assert!(self.entries.last().is_none_or(|(i, _)| *i < e.index));
             self.entries.push((e.index, m.clone()));
         }
     }

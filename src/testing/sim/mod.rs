@@ -718,7 +718,7 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
     pub fn run_until(&mut self, max_ms: u64, mut done: impl FnMut(&Self) -> bool) -> bool {
         let end = self.now + max_ms;
         while !done(self) {
-            if !self.queue.peek().is_some_and(|Reverse(e)| e.at <= end) {
+            if self.queue.peek().is_none_or(|Reverse(e)| e.at > end) {
                 self.now = end;
                 return done(self);
             }
