@@ -835,6 +835,7 @@ impl RaftCore {
                 self.election_elapsed = 0;
                 self.leader = Some(m.from);
                 self.handle_heartbeat(m.from, commit, read_round);
+                self.ask_commit_for_recovery(m.from);
             }
             MessageBody::ReadIndexResponse { ctx, index } => {
                 self.handle_read_response(m.from, ctx, index)

@@ -170,6 +170,13 @@ impl RaftCore {
         let RoleState::Follower(f) = &mut self.state else {
             return;
         };
+        if f.recovery_read == Some(wire) {
+            f.recovery_read = None;
+            if let Some(index) = index {
+                self.leader_commit_learned(index);
+            }
+            return;
+        }
         let Some(ctx) = f.forwarded_reads.remove(&wire) else {
             return; // not ours: another incarnation's, a duplicate, or a stale term's
         };
