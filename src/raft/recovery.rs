@@ -118,7 +118,7 @@ impl RaftCore {
     /// Step 2, on a heartbeat from the current leader: ask it for its commit index (one read
     /// at a time), in case no append comes to end the recovery.
     pub(super) fn ask_commit_for_recovery(&mut self, leader: NodeId) {
-        if !self.recovery.as_ref().is_some_and(|r| !r.term_unknown()) {
+        if self.recovery.as_ref().is_none_or(Recovery::term_unknown) {
             return;
         }
         let wire = self.next_read_id;
