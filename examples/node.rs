@@ -55,6 +55,11 @@ options:
                           the first damaged one (keeping the snapshot and the intact prefix),
                           record the loss, and let the cluster repair this node, instead of
                           refusing to start
+  --new-cluster           DIR is new and so is the cluster: start an empty DIR as a member
+                          at once. Without it an empty DIR may be a lost disk: the node asks
+                          every peer first and takes part once all have answered (a new
+                          cluster forms once every member has started). Never use it for a
+                          node whose disk was lost: it could vote twice in a term
   --restore FILE          bootstrap this node, whose data directory must be empty, from a
                           backup taken with `kv backup FILE` (verified first); start every
                           node of the new cluster so
@@ -73,6 +78,7 @@ struct Args {
     client_secret: Option<PathBuf>,
     segment_size: Option<u64>,
     recover: bool,
+    new_cluster: bool,
     restore: Option<PathBuf>,
 }
 
@@ -120,6 +126,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Args, ArgsError> {
     let mut client_secret = None;
     let mut segment_size = None;
     let mut recover = false;
+    let mut new_cluster = false;
     let mut restore = None;
     let mut args = args.peekable();
     while let Some(flag) = args.next() {
@@ -128,6 +135,10 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Args, ArgsError> {
         }
         if flag == "--recover" {
             recover = true;
+            continue;
+        }
+        if flag == "--new-cluster" {
+            new_cluster = true;
             continue;
         }
         let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
@@ -186,6 +197,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Args, ArgsError> {
         client_secret,
         segment_size,
         recover,
+        new_cluster,
         restore,
     })
 }
@@ -384,7 +396,8 @@ async fn run(args: Args) -> Result<(), String> {
     // and a Raft frame holds any message the core sends (the largest entry alone in its
     // append, or a full batch, or a snapshot chunk).
     let voters: Vec<NodeId> = args.peers.keys().copied().collect();
-    let config = NodeConfig::new(id, voters.clone());
+    let mut config = NodeConfig::new(id, voters.clone());
+    config.trust_empty_storage = args.new_cluster;
     let max_entry = config.raft.max_entry_bytes as usize;
     if max_entry + client_proto::CLIENT_FRAME_OVERHEAD > client_proto::MAX_CLIENT_FRAME {
         return Err(format!(

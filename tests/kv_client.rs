@@ -26,6 +26,9 @@ type KvNode = Node<KvResult>;
 fn start(net: &LocalNetwork, id: NodeId, storage: MemStorage) -> KvNode {
     let mut c = NodeConfig::new(id, vec![1, 2, 3]);
     c.tick_interval = Duration::from_millis(5);
+    // These storages are never lost (a restart gets the same one back), and some tests start
+    // a new cluster with a member missing: an empty storage here is really new.
+    c.trust_empty_storage = true;
     let (node, driver) = Node::start(c, storage, KvStateMachine::new(), net.transport(id)).unwrap();
     std::thread::spawn(move || futures::executor::block_on(driver));
     let inbox = node.clone();

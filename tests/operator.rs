@@ -115,6 +115,8 @@ fn secrets_on_both_ports_let_the_right_ones_in_and_refuse_the_rest() {
         for id in 1..=3 {
             // Node 3 has the wrong peer secret: it must not join.
             let peer_file = if id == 3 { &wrong_peer } else { &peer };
+            // A new cluster that must form without one member: nodes 1 and 2 may not wait
+            // for node 3's answer, so they are told their empty directories are new.
             cluster.set_extra_args(
                 id,
                 vec![
@@ -122,6 +124,7 @@ fn secrets_on_both_ports_let_the_right_ones_in_and_refuse_the_rest() {
                     peer_file.clone(),
                     "--client-secret-file".into(),
                     client.clone(),
+                    "--new-cluster".into(),
                 ],
             );
             cluster.restart(id).expect("start");

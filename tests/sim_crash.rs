@@ -96,6 +96,8 @@ fn snapshot_bound(seed: u64) -> Option<u64> {
 
 fn cluster(nodes: usize, seed: u64, network: NetworkConfig) -> Sim {
     let mut cfg = SimConfig::new(nodes, seed);
+    // Half the seeds start as hosts do by default: every empty storage a lost disk.
+    cfg.distrust_initial_storage = seed.is_multiple_of(2);
     cfg.network = network;
     // Small batches and windows (on some seeds one entry per message, as in the paper) so
     // that a new leader's no-op does not always travel with the older entries before it:
@@ -310,6 +312,8 @@ fn figure8_adversarial() {
     for_each_seed("figure8_adversarial", 10, |seed| {
         let nodes = 5;
         let mut cfg = SimConfig::new(nodes, seed);
+        // Half the seeds start as hosts do by default: every empty storage a lost disk.
+        cfg.distrust_initial_storage = seed.is_multiple_of(2);
         cfg.raft.max_append_entries = 1;
         cfg.raft.max_inflight = 1;
         let mut c = Cluster::new(cfg, Salted::new);

@@ -13,6 +13,8 @@ type Sim = Cluster<DigestMachine, SimFileStorage>;
 
 fn cluster(seed: u64, network: NetworkConfig, snapshots: bool) -> Sim {
     let mut cfg = SimConfig::new(3, seed);
+    // Half the seeds start as hosts do by default: every empty storage a lost disk.
+    cfg.distrust_initial_storage = seed.is_multiple_of(2);
     cfg.network = network;
     if snapshots {
         cfg.max_log_bytes = Some(600);

@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 
 use raftkv::error::MembershipError;
 use raftkv::raft::{Membership, NodeId, Rng, Role};
-use raftkv::storage::{MemStorage, Storage, TailLoss};
+use raftkv::storage::MemStorage;
 use raftkv::testing::{for_each_seed, Cluster, NetworkConfig, RecordingMachine, SimConfig};
 
 type Sim = Cluster<RecordingMachine>;
@@ -22,6 +22,8 @@ fn cluster(seed: u64, network: NetworkConfig) -> Sim {
 
 fn cluster_of(nodes: usize, seed: u64, network: NetworkConfig) -> Sim {
     let mut cfg = SimConfig::new(nodes, seed);
+    // Half the seeds start as hosts do by default: every empty storage a lost disk.
+    cfg.distrust_initial_storage = seed.is_multiple_of(2);
     cfg.network = network;
     if seed.is_multiple_of(2) {
         // Half the seeds snapshot, so learners catch up by snapshot too.
@@ -123,7 +125,25 @@ fn settle(c: &mut Sim) {
     c.network.heal();
     c.network.config = NetworkConfig::reliable();
     let members: Vec<NodeId> = {
-        let l = c.run_until_leader(10_000).expect("a leader");
+        let l = c.run_until_leader(10_000).unwrap_or_else(|| {
+            let nodes: Vec<String> = c
+                .node_ids()
+                .into_iter()
+                .map(|i| match c.core(i) {
+                    Some(r) => format!(
+                        "{i}: {:?} term {} vote {:?} last {} commit {} recovering {:?}",
+                        r.role(),
+                        r.term(),
+                        r.vote(),
+                        r.log().last_index(),
+                        r.commit_index(),
+                        r.recovering()
+                    ),
+                    None => format!("{i}: down"),
+                })
+                .collect();
+            panic!("no leader (seed {}): {nodes:#?}", c.seed())
+        });
         c.core(l)
             .unwrap()
             .membership()
@@ -305,9 +325,9 @@ fn a_learner_that_never_catches_up_is_never_promoted() {
     change(&mut c, &[1, 2, 3, 4], &[], 30_000);
 }
 
-/// A voter's disk is wiped; it restarts empty, knowing it may have lost everything (as a
-/// node started with `NodeConfig::joining` does): it must not vote or count until it has
-/// learned every voter's term and caught up. One node of three, then two of five at once
+/// A voter's disk is wiped; it restarts empty under its old id, as a `Node` would, and
+/// treats its empty storage as a lost disk: it must not vote or count until it has learned
+/// every voter's term and caught up. One node of three, then two of five at once
 /// (two of three would leave one copy: the cluster would rightly stall rather than guess).
 #[test]
 fn wiped_disks_are_brought_back_without_losing_acknowledged_writes() {
@@ -317,19 +337,23 @@ fn wiped_disks_are_brought_back_without_losing_acknowledged_writes() {
             let mut rng = Rng::new(seed ^ 0x3D1);
             c.run_until_leader(5_000).expect("leader");
             load(&mut c, &mut rng, "a", 30);
+            // One loss at a time: a member that crashed before it held anything also starts
+            // as a lost disk, and must be back before the wipe (else two of three are
+            // lost, and the cluster rightly stalls).
+            let back = c.run_until(20_000, |c| {
+                c.node_ids()
+                    .iter()
+                    .all(|&i| c.core(i).is_some_and(|r| r.recovering().is_none()))
+            });
+            assert!(back, "a member stayed in recovery (seed {seed})");
             let victims: Vec<NodeId> = c.node_ids().into_iter().take(wiped).collect();
             for &v in &victims {
                 if c.is_up(v) {
                     c.crash(v);
                 }
-                let mut fresh = MemStorage::new();
-                fresh
-                    .record_tail_loss(TailLoss {
-                        intact_through: 0,
-                        hard_state_lost: true,
-                    })
-                    .unwrap();
-                c.replace_storage(v, fresh);
+                // Nothing marks the new disk: the host's rule (an empty storage is a lost
+                // disk until every voter says otherwise) must be enough.
+                c.replace_storage(v, MemStorage::new());
                 c.restart(v);
             }
             load(&mut c, &mut rng, "b", 30);

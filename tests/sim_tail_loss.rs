@@ -26,6 +26,8 @@ fn commands(c: &Sim, id: NodeId) -> Vec<Vec<u8>> {
 /// and at random moments damages one node's tail.
 fn run(seed: u64, nodes: usize, network: NetworkConfig, snapshots: bool) {
     let mut cfg = SimConfig::new(nodes, seed);
+    // Half the seeds start as hosts do by default: every empty storage a lost disk.
+    cfg.distrust_initial_storage = seed.is_multiple_of(2);
     cfg.network = network;
     if snapshots {
         cfg.max_log_bytes = Some(1_200);
@@ -73,6 +75,20 @@ fn run(seed: u64, nodes: usize, network: NetworkConfig, snapshots: bool) {
         let down: Vec<_> = c.node_ids().into_iter().filter(|&i| !c.is_up(i)).collect();
         if down.len() > nodes / 2 {
             c.restart(down[0]);
+        }
+        // A node that lost its term and vote (or starts empty, which may be a lost disk)
+        // needs every voter's answer: bring the others back, or it stays out (and no other
+        // node may be damaged) for good.
+        let lost_term = c
+            .node_ids()
+            .into_iter()
+            .any(|i| c.storage(i).tail_loss().is_some_and(|l| l.hard_state_lost));
+        if lost_term {
+            for id in c.node_ids() {
+                if !c.is_up(id) {
+                    c.restart(id);
+                }
+            }
         }
         c.run_for(rng.range(0, 300));
     }

@@ -30,7 +30,7 @@ use futures::channel::{mpsc as fmpsc, oneshot};
 use parking_lot::Mutex;
 
 use crate::error::{MembershipError, NodeError, ProposeError};
-use crate::raft::{Config, Membership, Message, NodeId, Payload, RaftCore, SnapshotMeta, Status};
+use crate::raft::{Config, Membership, Message, NodeId, Payload, SnapshotMeta, Status};
 use crate::state_machine::StateMachine;
 use crate::storage::{PersistedSize, Storage};
 use crate::transport::Transport;
@@ -69,16 +69,20 @@ pub struct NodeConfig {
     /// [`ProposeError::Busy`]) until the snapshot compacts it. The file storage frees whole
     /// segments, so it may keep up to one segment more.
     pub max_log_bytes: Option<u64>,
-    /// The node joins an existing cluster, or rejoins it after losing its disk (default
-    /// false: an empty storage is a new member of a new cluster of `raft.voters`). With an
-    /// empty storage the node then records that it may have lost everything
-    /// ([`Storage::record_tail_loss`]): it may be a member the cluster knows whose votes and
-    /// acknowledgements it no longer remembers, so it first asks every voter of
-    /// `raft.voters` (give the cluster's current voters; empty for a node the cluster never
-    /// had) for its term, and neither votes nor campaigns until a leader has brought it up to
-    /// date. It becomes a member only through a configuration change
-    /// ([`Node::add_learner`], [`Node::promote`]).
-    pub joining: bool,
+    /// Take an empty storage for a member of a new cluster without asking (default false).
+    ///
+    /// By default an empty storage is treated as a lost disk
+    /// ([`host::distrust_empty_storage`](crate::host::distrust_empty_storage)): the node asks
+    /// every voter of `raft.voters` for its term before it takes part, goes on at once if
+    /// none holds anything (a new cluster), and otherwise neither votes nor campaigns until
+    /// a leader has caught it up. So a node restarted on a wiped disk under its old id can
+    /// never vote twice in a term, and a new cluster elects its first leader once every
+    /// bootstrap voter has started. To join an existing cluster, give its current voters as
+    /// `raft.voters` (or none), and add the node with [`Node::add_learner`].
+    ///
+    /// Set this only for a storage known never to have held state under this id, for a new
+    /// cluster that must form while some bootstrap voter is not yet up.
+    pub trust_empty_storage: bool,
 }
 
 impl NodeConfig {
@@ -91,7 +95,7 @@ impl NodeConfig {
             inbox_capacity: 1 << 16,
             peer_queue_capacity: 256,
             max_log_bytes: Some(64 << 20),
-            joining: false,
+            trust_empty_storage: false,
         }
     }
 
@@ -279,15 +283,11 @@ impl<O: Send + 'static> Node<O> {
         // the ids of forwarded reads never repeat an earlier incarnation's.
         config.raft.seed ^= start_nonce();
         let mut storage = storage;
-        let init = storage.initial_state()?;
-        let empty = init.last_index == 0 && init.snapshot.index == 0 && init.hard_state.term == 0;
-        if config.joining && empty && storage.tail_loss().is_none() {
-            storage.record_tail_loss(crate::storage::TailLoss {
-                intact_through: 0,
-                hard_state_lost: true,
-            })?;
-        }
-        let core = RaftCore::from_storage(config.raft.clone(), &storage)?;
+        let core = crate::host::start_core(
+            config.raft.clone(),
+            &mut storage,
+            config.trust_empty_storage,
+        )?;
         let bootstrap = Membership::voters(config.raft.voters.iter().copied());
         if core.membership_is_stored()
             && !config.raft.voters.is_empty()

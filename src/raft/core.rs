@@ -511,7 +511,7 @@ impl RaftCore {
             MessageBody::Vote { .. } | MessageBody::VoteResponse { .. } => {
                 membership.is_voter(m.from)
             }
-            MessageBody::TermQuery | MessageBody::TermAnswer => true,
+            MessageBody::TermQuery | MessageBody::TermAnswer { .. } => true,
             _ => from_a_leader || membership.contains(m.from),
         };
         if !heard {
@@ -520,12 +520,14 @@ impl RaftCore {
         // Questions about terms are answered whatever the terms (see `recovery.rs`).
         match m.body {
             MessageBody::TermQuery => {
-                let body = MessageBody::TermAnswer;
+                let body = MessageBody::TermAnswer {
+                    empty: self.log.last_index() == 0 && self.log.snapshot().index == 0,
+                };
                 self.send(m.from, body, Dispatch::AfterPersist);
                 return;
             }
-            MessageBody::TermAnswer => {
-                self.term_answered(m.from, m.term);
+            MessageBody::TermAnswer { empty } => {
+                self.term_answered(m.from, m.term, empty);
                 return;
             }
             _ => {}
@@ -882,9 +884,17 @@ impl RaftCore {
         ));
     }
 
-    /// Starts recovering from a lost log tail (see `recovery.rs`). Call it at start-up,
-    /// before the first input, when the storage reports a [`TailLoss`]
-    /// ([`RaftCore::from_storage`] does).
+    /// Starts recovering from a lost log tail. Call it at start-up, before the first input,
+    /// when the storage reports a [`TailLoss`] ([`RaftCore::from_storage`] does).
+    ///
+    /// If the hard state was lost, the node first asks every other voter for its term
+    /// ([`MessageBody::TermQuery`]), taking no part until all have answered; then it adopts
+    /// the largest term with its vote spent (it never votes again in a term its lost vote
+    /// may count in). Then, unless no voter holds any entry (a new cluster: nothing was ever
+    /// committed), it follows leaders but neither votes nor campaigns until the leader of
+    /// its term has brought it up to that leader's commit index
+    /// ([`Ready::tail_loss_repaired`] marks the end). A single voter has no one to ask and
+    /// ends recovery at once.
     pub fn recover_from(&mut self, loss: TailLoss) {
         if self.single_voter() {
             // No other copy to learn from: there is nothing to wait for.
@@ -892,6 +902,9 @@ impl RaftCore {
             return;
         }
         self.recovery = Some(Recovery::new(loss));
+        // Ask at once rather than an election timeout later: a new cluster, whose nodes all
+        // start this way, then elects its first leader as soon as it otherwise would.
+        self.ask_terms();
     }
 
     /// Bounds the bytes ([`Entry::size`]) of the log this node retains beyond its snapshot

@@ -281,7 +281,11 @@ pub enum MessageBody {
     TermQuery,
     /// Answer to [`MessageBody::TermQuery`]: the message's `term` is the answerer's durable
     /// current term.
-    TermAnswer,
+    TermAnswer {
+        /// The answerer holds no entry and no snapshot (it never has: committed entries are
+        /// never dropped, only compacted into a snapshot).
+        empty: bool,
+    },
     /// Answer to [`MessageBody::InstallSnapshot`].
     SnapshotResponse {
         /// The snapshot's last included index.

@@ -30,6 +30,23 @@
 //!    to clear the storage's record, written after the batch's entries, so it is durable only
 //!    once they are.
 //!
+//! Step 2 is skipped when every other voter answered step 1 saying it holds no entry and
+//! no snapshot and this node holds none either: committed entries are never dropped (only
+//! compacted into a snapshot), and a commit needs a majority, so nothing was ever committed
+//! that this node must get back. (The vote set to itself in step 1 still stands.)
+//!
+//! **An empty storage is a lost disk until shown otherwise.** A node that lost its disk and
+//! restarts under its old id looks exactly like a member of a new cluster. If it took part at
+//! once, it could vote a second time in a term it voted in before (two leaders in one term,
+//! both with empty logs, write different entries at index 1) or help elect a leader without
+//! the entries it had acknowledged. So a host starts every empty storage as a total tail
+//! loss ([`TailLoss`] `{ intact_through: 0, hard_state_lost: true }`; the `Node` does unless
+//! told its storage is new): in a new cluster every voter answers "term 0, nothing held" (or
+//! the term of a first campaign, nothing held), and the node goes on at once, having cost
+//! one round trip; a lost disk learns the cluster's term and is caught up before it votes.
+//! The price: a member of a new cluster takes part only once every other bootstrap voter has
+//! answered, so a new cluster elects its first leader once all its members have started.
+//!
 //! A crash before the record is cleared starts recovery again; that is always safe.
 
 use super::core::{Dispatch, RaftCore};
@@ -41,8 +58,9 @@ use std::collections::BTreeMap;
 #[derive(Clone, Debug)]
 pub(super) struct Recovery {
     loss: TailLoss,
-    /// Step 1: answers to the term queries so far (`None` once the terms are known).
-    terms: Option<BTreeMap<NodeId, Term>>,
+    /// Step 1: answers to the term queries so far, each with whether the answerer held
+    /// nothing (`None` once the terms are known).
+    terms: Option<BTreeMap<NodeId, (Term, bool)>>,
 }
 
 impl Recovery {
@@ -64,13 +82,24 @@ impl Recovery {
 }
 
 impl RaftCore {
-    /// A recovering node's election timer fired: it does not campaign; in step 1 it asks
-    /// again every voter that has not answered.
+    /// A recovering node's tick: it never campaigns. In step 1 it asks again, every
+    /// heartbeat interval, every voter that has not answered: it takes no part meanwhile,
+    /// so a lost question or answer should cost about a round trip, not an election
+    /// timeout.
     pub(super) fn tick_recovery(&mut self) {
-        if self.election_elapsed < self.randomized_election_timeout {
-            return;
+        if self
+            .election_elapsed
+            .is_multiple_of(self.cfg.heartbeat_ticks.max(1))
+        {
+            self.ask_terms();
         }
-        self.reset_election_timer();
+        if self.election_elapsed >= self.randomized_election_timeout {
+            self.reset_election_timer();
+        }
+    }
+
+    /// Step 1: asks every voter that has not answered yet for its term.
+    pub(super) fn ask_terms(&mut self) {
         let Some(answered) = self.recovery.as_ref().and_then(|r| r.terms.as_ref()) else {
             return;
         };
@@ -86,12 +115,14 @@ impl RaftCore {
     }
 
     /// A voter told us its current term.
-    pub(super) fn term_answered(&mut self, from: NodeId, term: Term) {
+    pub(super) fn term_answered(&mut self, from: NodeId, term: Term, empty: bool) {
         let Some(answers) = self.recovery.as_mut().and_then(|r| r.terms.as_mut()) else {
             return;
         };
-        let slot = answers.entry(from).or_insert(term);
-        *slot = (*slot).max(term);
+        let slot = answers.entry(from).or_insert((term, empty));
+        // Answers may arrive out of order: the larger term, and "empty" only if every
+        // answer said so.
+        *slot = (slot.0.max(term), slot.1 && empty);
         self.maybe_terms_known();
     }
 
@@ -104,15 +135,34 @@ impl RaftCore {
         if !voters.iter().all(|v| answers.contains_key(v)) {
             return;
         }
-        let top = answers.values().copied().fold(self.term, Term::max);
+        let top = answers.values().map(|a| a.0).fold(self.term, Term::max);
+        // (With no other voter to ask, nothing is known: a node joining with no voters
+        // given waits for a leader.)
+        let nothing_committed = !answers.is_empty() && answers.values().all(|a| a.1);
         if top > self.term {
             self.become_follower(top, None);
         }
         // Our lost vote may count in this term: never vote in it again.
         self.vote = Some(self.cfg.id);
-        if let Some(r) = self.recovery.as_mut() {
+        if nothing_committed && self.holds_nothing() {
+            // No other voter holds an entry, and committed entries are never dropped: none
+            // was ever committed (a commit needs a majority, and this node is one at most),
+            // so there is nothing this node may have helped commit and must get back before
+            // it votes. This is how the members of a new cluster start: each is an empty
+            // storage that might be a lost disk, until every other voter says it holds
+            // nothing either. (Without this, members that learned of a first campaign's
+            // term would all wait for a leader that none of them would vote for.)
+            self.recovery = None;
+            self.recovery_done = true;
+        } else if let Some(r) = self.recovery.as_mut() {
             r.terms = None;
         }
+    }
+
+    /// True for a node that holds no entry and no snapshot: a member of a cluster being
+    /// bootstrapped, or one that lost its disk.
+    fn holds_nothing(&self) -> bool {
+        self.log.last_index() == 0 && self.log.snapshot().index == 0
     }
 
     /// Step 2, on a heartbeat from the current leader: ask it for its commit index (one read

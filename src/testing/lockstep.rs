@@ -186,14 +186,36 @@ impl Lockstep {
         self.boot(id, engine_config(&self.configs, id), MemStorage::new());
     }
 
-    fn boot(&mut self, id: NodeId, mut cfg: Config, storage: MemStorage) {
+    /// Node `id` lost its disk and restarts as a `Node` would: from an empty storage that its
+    /// host treats as a lost disk ([`distrust_empty_storage`]), so it first asks every voter
+    /// for its term and takes no part until all have answered. Collect the questions with
+    /// [`Lockstep::stabilize`].
+    ///
+    /// [`distrust_empty_storage`]: crate::host::distrust_empty_storage
+    pub fn lose_disk(&mut self, id: NodeId) {
+        self.engines.remove(&id).expect("known node");
+        self.start(
+            id,
+            engine_config(&self.configs, id),
+            MemStorage::new(),
+            false,
+        );
+    }
+
+    fn boot(&mut self, id: NodeId, cfg: Config, storage: MemStorage) {
+        self.start(id, cfg, storage, true);
+    }
+
+    /// Starts node `id` as a host does ([`start_core`](crate::host::start_core)); with
+    /// `trust_empty`, an empty storage is taken as new.
+    fn start(&mut self, id: NodeId, mut cfg: Config, mut storage: MemStorage, trust_empty: bool) {
         // Every start draws new randomness, as a real host does.
         let starts = self.starts.entry(id).or_insert(0);
         *starts += 1;
         cfg.seed = cfg
             .seed
             .wrapping_add(starts.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        let core = RaftCore::from_storage(cfg, &storage).expect("restartable");
+        let core = crate::host::start_core(cfg, &mut storage, trust_empty).expect("restartable");
         let engine = Engine::new(core, storage, NullMachine, None).expect("memory storage");
         self.engines.insert(id, engine);
         self.held.remove(&id);

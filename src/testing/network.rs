@@ -64,7 +64,7 @@ pub fn kind_of(m: &Message) -> &'static str {
         MessageBody::ReadIndex { .. } => "ReadIndex",
         MessageBody::TimeoutNow | MessageBody::TimeoutNowAt { .. } => "TimeoutNow",
         MessageBody::TermQuery => "TermQuery",
-        MessageBody::TermAnswer => "TermAnswer",
+        MessageBody::TermAnswer { .. } => "TermAnswer",
         MessageBody::ReadIndexResponse { .. } => "ReadIndexResponse",
         MessageBody::InstallSnapshot { .. } => "InstallSnapshot",
         MessageBody::SnapshotResponse { .. } => "SnapshotResponse",

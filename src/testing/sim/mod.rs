@@ -34,8 +34,7 @@ use super::network::{Network, NetworkConfig};
 use crate::error::{CoreProposeError, ProposeError};
 use crate::host::Engine;
 use crate::raft::{
-    Config, HardState, Index, Message, NodeId, Payload, Proposed, RaftCore, Rng, Role,
-    SnapshotMeta, Term,
+    Config, HardState, Index, Message, NodeId, Payload, Proposed, Rng, Role, SnapshotMeta, Term,
 };
 use crate::state_machine::StateMachine;
 use crate::storage::{MemStorage, Storage};
@@ -63,6 +62,11 @@ pub struct SimConfig {
     pub snapshot_ms: (u64, u64),
     /// How each node's host batches inputs and waits for fsyncs.
     pub host: HostModel,
+    /// Whether the first nodes treat their empty storages as lost disks
+    /// ([`distrust_empty_storage`](crate::host::distrust_empty_storage)), as a `Node` does
+    /// unless told its storage is new. Replaced storages and added nodes always do. Off by
+    /// default: the cluster then elects without waiting for every member's answer.
+    pub distrust_initial_storage: bool,
 }
 
 impl SimConfig {
@@ -79,6 +83,7 @@ impl SimConfig {
             max_log_bytes: None,
             snapshot_ms: (0, 20),
             host: HostModel::default(),
+            distrust_initial_storage: false,
         }
     }
 }
@@ -285,6 +290,9 @@ struct SimNode<M: StateMachine, S> {
     snapshots_installed: u64,
     /// Largest persisted size seen, summed over log and snapshot.
     peak_persisted: u64,
+    /// The storage is known never to have held another node's state (a first node's own,
+    /// with [`SimConfig::distrust_initial_storage`] off): its host trusts it even empty.
+    trusted: bool,
 }
 
 impl<M: StateMachine, S> SimNode<M, S> {
@@ -382,6 +390,7 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
                     snapshots_taken: 0,
                     snapshots_installed: 0,
                     peak_persisted: 0,
+                    trusted: !c.config.distrust_initial_storage,
                 },
             );
             c.boot(id, None);
@@ -406,7 +415,7 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
     }
 
     /// Starts node `id` from its storage, with `machine` (or the one it kept) as its state
-    /// machine.
+    /// machine. Unless the storage is trusted, an empty one starts as a lost disk.
     fn boot(&mut self, id: NodeId, machine: Option<M>) {
         let incarnation = self.nodes[&id].incarnation;
         let cfg = self.raft_config(id, incarnation);
@@ -425,7 +434,8 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
             panic!("node {id} is running");
         };
         let machine = machine.unwrap_or(old);
-        let core = RaftCore::from_storage(cfg, &storage)
+        let mut storage = storage;
+        let core = crate::host::start_core(cfg, &mut storage, node.trusted)
             .unwrap_or_else(|e| panic!("node {id} cannot restart from its storage: {e}"));
         node.mirror =
             self.checker
@@ -938,7 +948,9 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
 
     /// Replaces crashed node `id`'s storage (a new disk, say). Restart it afterwards.
     pub fn replace_storage(&mut self, id: NodeId, storage: S) {
-        match &mut self.nodes.get_mut(&id).expect("known node").life {
+        let node = self.nodes.get_mut(&id).expect("known node");
+        node.trusted = false;
+        match &mut node.life {
             Life::Down { storage: old, .. } => *old = storage,
             _ => panic!("node {id} must be down to get a new storage"),
         }
@@ -965,6 +977,7 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
                 snapshots_taken: 0,
                 snapshots_installed: 0,
                 peak_persisted: 0,
+                trusted: false,
             },
         );
         self.boot(id, None);
