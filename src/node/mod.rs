@@ -270,7 +270,14 @@ impl<O: Send + 'static> Node<O> {
         let (node, worker, driver) = Self::prepare(config, storage, machine, transport)?;
         std::thread::Builder::new()
             .name(format!("raftkv-node-{}", node.id()))
-            .spawn(move || worker.run_blocking(SPIN_BEFORE_PARK))
+            .spawn(move || {
+                worker.run_blocking(
+                    std::env::var("RAFTKV_SPIN_US")
+                        .ok()
+                        .and_then(|s| s.parse().ok())
+                        .map_or(SPIN_BEFORE_PARK, Duration::from_micros),
+                )
+            })
             .map_err(NodeError::Spawn)?;
         Ok((node, driver))
     }
