@@ -94,59 +94,109 @@ fn start_cluster(server: &tokio::runtime::Runtime, in_task: bool) -> (Vec<Node<(
     (nodes, leader)
 }
 
-fn run_once(clients: usize, ops: usize, workers: usize, in_task: bool) -> Run {
+/// Latencies: 1 µs buckets below 1 ms, 64 µs buckets up to 132 ms (beyond: the last
+/// bucket); small (12 KiB), so a thousand clients' histograms stay in cache.
+struct Histogram(Vec<u32>);
+
+impl Histogram {
+    const FINE: usize = 1024;
+    const BUCKETS: usize = Self::FINE + 2048;
+    fn new() -> Self {
+        Histogram(vec![0; Self::BUCKETS])
+    }
+    fn bucket(us: usize) -> usize {
+        if us < Self::FINE {
+            us
+        } else {
+            (Self::FINE + ((us - Self::FINE) >> 6)).min(Self::BUCKETS - 1)
+        }
+    }
+    fn top_us(bucket: usize) -> u64 {
+        if bucket < Self::FINE {
+            bucket as u64
+        } else {
+            (Self::FINE + ((bucket - Self::FINE) << 6)) as u64
+        }
+    }
+    fn record(&mut self, d: Duration) {
+        self.0[Self::bucket(d.as_micros() as usize)] += 1;
+    }
+    fn merge(&mut self, other: &Histogram) {
+        for (a, b) in self.0.iter_mut().zip(&other.0) {
+            *a += b;
+        }
+    }
+    fn count(&self) -> u64 {
+        self.0.iter().map(|&n| n as u64).sum()
+    }
+    fn quantile(&self, q: f64) -> Duration {
+        let want = ((self.count() as f64) * q).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (b, &n) in self.0.iter().enumerate() {
+            seen += n as u64;
+            if seen >= want {
+                return Duration::from_micros(Self::top_us(b));
+            }
+        }
+        Duration::from_micros(Self::top_us(Self::BUCKETS - 1))
+    }
+}
+
+fn run_once(clients: usize, ops: usize, workers: usize, in_task: bool, shared: bool) -> Run {
     let server = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .enable_all()
         .build()
         .expect("server runtime");
-    let client_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("client runtime");
+    let client_rt = (!shared).then(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("client runtime")
+    });
     let (nodes, leader) = start_cluster(&server, in_task);
     let per = ops / clients;
-    let empty = Payload::default();
     let start = Instant::now();
-    let mut lat: Vec<Duration> = client_rt.block_on(async {
+    let work = async {
         let tasks: Vec<_> = (0..clients)
             .map(|_| {
                 let leader = leader.clone();
-                let empty = empty.clone();
                 tokio::spawn(async move {
-                    let mut lat = Vec::with_capacity(per);
+                    let mut lat = Histogram::new();
                     for _ in 0..per {
                         let t = Instant::now();
                         loop {
-                            match leader.propose(empty.clone()).await {
+                            match leader.propose(Payload::empty()).await {
                                 Ok(()) => break,
                                 Err(ProposeError::Busy) => tokio::task::yield_now().await,
                                 Err(e) => panic!("proposal failed: {e}"),
                             }
                         }
-                        lat.push(t.elapsed());
+                        lat.record(t.elapsed());
                     }
                     lat
                 })
             })
             .collect();
-        let mut all = Vec::with_capacity(per * clients);
+        let mut all = Histogram::new();
         for t in tasks {
-            all.extend(t.await.expect("client task"));
+            all.merge(&t.await.expect("client task"));
         }
         all
-    });
+    };
+    let lat = match &client_rt {
+        Some(rt) => rt.block_on(work),
+        None => server.block_on(work),
+    };
     let elapsed = start.elapsed();
-    lat.sort_unstable();
     for n in &nodes {
         server.block_on(n.shutdown());
     }
-    let pick = |p: f64| lat[((lat.len() as f64 - 1.0) * p) as usize];
     Run {
-        rate: lat.len() as f64 / elapsed.as_secs_f64(),
-        p50: pick(0.5),
-        p99: pick(0.99),
+        rate: lat.count() as f64 / elapsed.as_secs_f64(),
+        p50: lat.quantile(0.5),
+        p99: lat.quantile(0.99),
     }
 }
 
@@ -191,6 +241,7 @@ fn main() {
     let reps = env_usize("PEER_REPS", 1);
     let workers = env_usize("PEER_WORKERS", 2);
     let in_task = std::env::var("PEER_MODE").map_or(true, |m| m != "thread");
+    let shared = std::env::var("PEER_SHARED").is_ok_and(|v| v == "1");
     println!(
         "raftkv peer shape: nodes {}, {workers} server workers, 1 client worker",
         if in_task {
@@ -208,7 +259,7 @@ fn main() {
         let n = if n == 0 { 1_000_000 } else { n };
         let mut runs = Vec::new();
         for r in 1..=reps {
-            let run = run_once(c, n, workers, in_task);
+            let run = run_once(c, n, workers, in_task, shared);
             println!(
                 "clients {c} run {r}: {:.0} put/s, p50 {:?} p99 {:?} ({n} writes)",
                 run.rate, run.p50, run.p99

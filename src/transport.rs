@@ -149,3 +149,52 @@ impl Transport for LocalTransport {
         }
     }
 }
+
+/// A transport filled in after the node started: for a host whose network needs the nodes
+/// first (an in-process network of function calls into each [`Node`](crate::Node), say).
+/// Start the node with a clone of the slot, build the network, then [`TransportSlot::set`]
+/// it. Messages sent before that are dropped (Raft sends again what matters).
+///
+/// ```
+/// use raftkv::transport::{LocalNetwork, TransportSlot};
+///
+/// let slot = TransportSlot::new();
+/// let for_node = slot.clone(); // hand this to Node::start
+/// let net = LocalNetwork::new(); // ... built once the nodes exist
+/// assert!(slot.set(net.transport(1)));
+/// assert!(!slot.set(net.transport(1))); // only once
+/// # drop(for_node);
+/// ```
+#[derive(Clone, Default)]
+pub struct TransportSlot {
+    inner: Arc<std::sync::OnceLock<Box<dyn Transport>>>,
+}
+
+impl TransportSlot {
+    /// An empty slot.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Fills the slot; false (and `transport` dropped) if it was filled already.
+    pub fn set(&self, transport: impl Transport) -> bool {
+        self.inner.set(Box::new(transport)).is_ok()
+    }
+}
+
+#[async_trait]
+impl Transport for TransportSlot {
+    async fn send(&self, to: NodeId, messages: Vec<Message>) -> Result<(), TransportError> {
+        match self.inner.get() {
+            Some(t) => t.send(to, messages).await,
+            None => Ok(()), // not wired yet: as if lost
+        }
+    }
+
+    fn send_now(&self, to: NodeId, messages: Vec<Message>) -> SendNow {
+        match self.inner.get() {
+            Some(t) => t.send_now(to, messages),
+            None => SendNow::Sent, // not wired yet: as if lost
+        }
+    }
+}
