@@ -18,7 +18,9 @@
 //! - `PEER_MODE=task|thread`: the nodes as tasks on the benchmark's executor (the default;
 //!   `MemStorage` never blocks) or each on its own node thread;
 //! - `PEER_WORKERS=2` server runtime worker threads (the client tasks run on a separate
-//!   one-worker runtime, as openraft's do).
+//!   one-worker runtime, as openraft's do);
+//! - `PEER_SHARED=1`: the client tasks on the server runtime instead (a host whose clients
+//!   live on the same executor as its nodes: every hand-off is then a task wake-up there).
 //!
 //! The last line reads `raftkv put/s median: c1 N c64 N ...`.
 

@@ -230,7 +230,13 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
         let now = self.now;
         if now >= self.next_tick {
             self.engine.core_mut().tick();
-            self.next_tick = now + self.config.tick_interval;
+            // Keep the phase (a task's ticks come from a timer thread that is not in step
+            // with it: `now + interval` would let every other notification pass and double
+            // the tick), but never run behind by more than one tick.
+            self.next_tick += self.config.tick_interval;
+            if self.next_tick <= now {
+                self.next_tick = now + self.config.tick_interval;
+            }
             self.expire(now);
         }
         // A batch that hit a full disk is retried here first, at every round (so at least
@@ -393,6 +399,14 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
                 let _ = w.send(());
             }
         }
+    }
+}
+
+impl<S, M: StateMachine> Drop for Worker<S, M> {
+    /// A node task whose driver future the host dropped unfinished still closes its inbox:
+    /// the ticker thread stops, and later commands fail with [`ProposeError::Shutdown`].
+    fn drop(&mut self) {
+        self.inbox.close();
     }
 }
 
