@@ -12,6 +12,15 @@
 //!   entries of 100 B; the peak memory of one open is measured in a child process (VmHWM,
 //!   RssAnon, RssFile from /proc/self/status) and printed.
 //!
+//! - `watermark_cost` (printed, not a criterion group): what format 2's synced watermark adds
+//!   to the append+sync path, measured *paired* so that a noisy shared disk cancels out: the
+//!   old IO pattern (one `pwrite` of the batch + fdatasync) and the new one (the same, then a
+//!   64-byte `pwrite` of the watermark slot in the file's first page, which the next
+//!   fdatasync carries) alternate iteration by iteration on two preallocated files of the
+//!   same directory; then `FileStorage` itself alternates with the raw floor. Medians and
+//!   their ratio are printed. Iterations: `RAFTKV_BENCH_PAIRED` (default 2000);
+//!   `RAFTKV_BENCH_PAIRED_ONLY=1` runs only this.
+//!
 //! The directory is `RAFTKV_BENCH_DIR` if set, else the system temp directory (it must be a
 //! real disk, not tmpfs, for the fdatasync figures to mean anything).
 
@@ -245,6 +254,90 @@ fn open_child(dir: &Path) {
     );
 }
 
+/// Median of `v` (sorted in place), in microseconds.
+fn median_us(v: &mut [Duration]) -> f64 {
+    v.sort_unstable();
+    v[v.len() / 2].as_secs_f64() * 1e6
+}
+
+/// The paired measurement described in the module docs.
+fn watermark_cost() {
+    use std::os::unix::fs::FileExt;
+    let iterations: usize = std::env::var("RAFTKV_BENCH_PAIRED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000);
+    let dir = tempfile::tempdir_in(bench_root()).expect("bench dir");
+    let len = 64u64 << 20;
+    let files: Vec<std::fs::File> = ["old", "new"]
+        .iter()
+        .map(|name| {
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(dir.path().join(name))
+                .expect("file");
+            write_zeroes(&f, len);
+            f
+        })
+        .collect();
+    let batch = vec![7u8; 108]; // one 100 B entry, framed
+    let slot = [9u8; 64];
+    let (mut old, mut new) = (Vec::new(), Vec::new());
+    let mut offset = 1536u64;
+    for i in 0..iterations {
+        // Alternate which pattern goes first, so neither always follows the other.
+        for k in 0..2 {
+            let which = (i + k) % 2;
+            let f = &files[which];
+            let t = Instant::now();
+            f.write_all_at(&batch, offset).expect("write");
+            f.sync_data().expect("fdatasync");
+            if which == 1 {
+                f.write_all_at(&slot, 512 + 512 * (i as u64 % 2))
+                    .expect("slot");
+            }
+            let d = t.elapsed();
+            if which == 0 {
+                old.push(d)
+            } else {
+                new.push(d)
+            }
+        }
+        offset += batch.len() as u64;
+    }
+    let (o, n) = (median_us(&mut old), median_us(&mut new));
+    println!(
+        "watermark_cost: {iterations} alternating iterations, median write+fdatasync {o:.1} µs \
+         (format 1's pattern) vs write+fdatasync+watermark write {n:.1} µs (format 2's): \
+         {:+.1}%",
+        (n / o - 1.0) * 100.0
+    );
+    // FileStorage itself beside the raw floor, alternating.
+    let mut s = FileStorage::open(dir.path().join("storage"), opts()).expect("open");
+    let (mut raw, mut fs) = (Vec::new(), Vec::new());
+    let mut offset = 1536u64;
+    for i in 0..iterations as u64 {
+        let t = Instant::now();
+        files[0].write_all_at(&batch, offset).expect("write");
+        files[0].sync_data().expect("fdatasync");
+        raw.push(t.elapsed());
+        offset += batch.len() as u64;
+        let t = Instant::now();
+        s.append(&[entry(i + 1, 100)]).expect("append");
+        s.sync().expect("sync");
+        fs.push(t.elapsed());
+    }
+    let (r, f) = (median_us(&mut raw), median_us(&mut fs));
+    println!(
+        "watermark_cost: FileStorage append+sync of 100 B, median {f:.1} µs beside the raw \
+         write+fdatasync floor {r:.1} µs in the same loop ({:+.1}%)",
+        (f / r - 1.0) * 100.0
+    );
+}
+
 criterion_group!(
     benches,
     append_sync_1_writer,
@@ -257,8 +350,13 @@ fn main() {
         open_child(Path::new(&dir));
         return;
     }
-    benches();
-    criterion::Criterion::default()
-        .configure_from_args()
-        .final_summary();
+    if std::env::var_os("RAFTKV_BENCH_PAIRED_ONLY").is_none() {
+        benches();
+        criterion::Criterion::default()
+            .configure_from_args()
+            .final_summary();
+    }
+    if std::env::args().all(|a| a != "--list" && a != "--test") {
+        watermark_cost();
+    }
 }

@@ -1,5 +1,7 @@
 //! Prints what a FileStorage directory holds: the snapshot, each segment with its record
-//! counts and index range, and any damage, without changing anything.
+//! counts, index range and synced watermark, any recorded tail loss, and what `open` would
+//! make of it — *damage* (synced bytes that no longer verify: refused) or a *torn tail*
+//! (never-synced bytes: cut) — without changing anything. Exits non-zero on damage.
 //!
 //! ```text
 //! cargo run --example inspect -- <dir>
@@ -47,8 +49,19 @@ fn main() -> ExitCode {
                     .iter()
                     .filter(|s| s.damage.is_some())
                     .count();
+            let torn = report
+                .segments
+                .iter()
+                .filter(|s| s.torn_tail.is_some())
+                .count();
+            if torn > 0 {
+                println!("torn tail: {torn} segment(s) (never-synced bytes; open cuts them)");
+            }
             if damaged > 0 {
-                println!("damage: {damaged} file(s)");
+                println!(
+                    "damage: {damaged} file(s) (synced data: open refuses them; \
+                     `node --recover` cuts a damaged log there)"
+                );
                 return ExitCode::FAILURE;
             }
             println!("damage: none");

@@ -49,6 +49,15 @@ options:
   --peer-secret-file F    a shared secret (at least 16 bytes) every node of the cluster
                           proves on the Raft port; peers without it are refused
   --client-secret-file F  a secret clients must prove on the client port (kv --secret-file)
+  --segment-size BYTES    bytes preallocated per log segment, with a K, M or G suffix for
+                          KiB, MiB, GiB (default 64M; made smaller on a disk without room)
+  --recover               recovery mode: if synced log records are damaged, cut the log at
+                          the first damaged one (keeping the snapshot and the intact prefix),
+                          record the loss, and let the cluster repair this node, instead of
+                          refusing to start
+  --restore FILE          bootstrap this node, whose data directory must be empty, from a
+                          backup taken with `kv backup FILE` (verified first); start every
+                          node of the new cluster so
   -h, --help              this help
 
 Logs go to stderr; RUST_LOG sets the level (error, warn, info, debug, trace; default info).";
@@ -62,6 +71,20 @@ struct Args {
     cluster_id: Option<u64>,
     peer_secret: Option<PathBuf>,
     client_secret: Option<PathBuf>,
+    segment_size: Option<u64>,
+    recover: bool,
+    restore: Option<PathBuf>,
+}
+
+/// Parses a byte count with an optional K, M or G (binary) suffix.
+fn parse_bytes(v: &str) -> Option<u64> {
+    let (digits, shift) = match v.as_bytes().last()? {
+        b'K' | b'k' => (&v[..v.len() - 1], 10),
+        b'M' | b'm' => (&v[..v.len() - 1], 20),
+        b'G' | b'g' => (&v[..v.len() - 1], 30),
+        _ => (v, 0),
+    };
+    digits.parse::<u64>().ok()?.checked_mul(1 << shift)
 }
 
 /// Why parsing stopped: a mistake, or a request for help.
@@ -95,10 +118,17 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Args, ArgsError> {
     let mut cluster_id = None;
     let mut peer_secret = None;
     let mut client_secret = None;
+    let mut segment_size = None;
+    let mut recover = false;
+    let mut restore = None;
     let mut args = args.peekable();
     while let Some(flag) = args.next() {
         if flag == "-h" || flag == "--help" {
             return Err(ArgsError::Help);
+        }
+        if flag == "--recover" {
+            recover = true;
+            continue;
         }
         let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
@@ -116,6 +146,13 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Args, ArgsError> {
             "--cluster-id" | "--cluster" => cluster_id = Some(parse_number(&flag, &value)?),
             "--peer-secret-file" => peer_secret = Some(PathBuf::from(value)),
             "--client-secret-file" => client_secret = Some(PathBuf::from(value)),
+            "--segment-size" => {
+                segment_size = Some(
+                    parse_bytes(&value)
+                        .ok_or_else(|| format!("--segment-size: `{value}` is not a byte count"))?,
+                )
+            }
+            "--restore" => restore = Some(PathBuf::from(value)),
             other => return Err(format!("unknown argument `{other}`").into()),
         }
     }
@@ -147,6 +184,9 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Args, ArgsError> {
         cluster_id,
         peer_secret,
         client_secret,
+        segment_size,
+        recover,
+        restore,
     })
 }
 
@@ -354,13 +394,51 @@ async fn run(args: Args) -> Result<(), String> {
     }
     let raft_frame = tcp::frame_limit(&config.raft);
 
+    let defaults = FileStorageOptions::default();
     let options = FileStorageOptions {
         cluster_id,
         node_id: id,
-        ..FileStorageOptions::default()
+        segment_size: args.segment_size.unwrap_or(defaults.segment_size),
+        recover_damaged_tail: args.recover,
+        ..defaults
     };
-    let storage = FileStorage::open(&args.data, options)
+    let mut storage = FileStorage::open(&args.data, options)
         .map_err(|e| format!("node {id}: cannot open {}: {e}", args.data.display()))?;
+    if let Some(file) = &args.restore {
+        let backup = std::fs::File::open(file)
+            .map_err(|e| format!("node {id}: cannot open {}: {e}", file.display()))?;
+        let info = raftkv::storage::backup::restore(std::io::BufReader::new(backup), &mut storage)
+            .map_err(|e| format!("node {id}: cannot restore {}: {e}", file.display()))?;
+        info!(
+            "node {id}: restored {} (taken from node {} at index {} term {}, {} bytes)",
+            file.display(),
+            info.node_id,
+            info.meta.index,
+            info.meta.term,
+            info.size
+        );
+    }
+    if let Some(cut) = &storage.recovery_report().damaged_tail {
+        warn!(
+            "node {id}: recovery mode cut the log at damaged synced data in {} at offset {}: \
+             {}",
+            cut.path.display(),
+            cut.offset,
+            cut.reason
+        );
+    }
+    if let Some(loss) = raftkv::storage::Storage::tail_loss(&storage) {
+        warn!(
+            "node {id}: log entries after index {} were lost to damage{}; waiting for the \
+             cluster to repair them",
+            loss.intact_through,
+            if loss.hard_state_lost {
+                " (and possibly the newest term and vote)"
+            } else {
+                ""
+            }
+        );
+    }
     let recovery = storage.recovery_report().clone();
     let raft_addr = args.peers[&id];
     // Bind both ports before starting, so a port in use fails fast and clearly.

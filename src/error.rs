@@ -55,6 +55,25 @@ pub enum StorageError {
     /// dropped the dirty pages, so a retry that "succeeds" would prove nothing).
     #[error("storage is poisoned by an earlier fsync failure")]
     Poisoned,
+    /// Another storage (in this or another process) holds the data directory's lock.
+    #[error("{path} is in use by {}", match .pid { Some(pid) => format!("process {pid}"), None => "another process".to_string() })]
+    InUse {
+        /// The lock file.
+        path: PathBuf,
+        /// The process that holds it, as it recorded itself in the lock file.
+        pid: Option<u32>,
+    },
+    /// A file of an on-disk format this version does not read (its header is intact). There
+    /// is no migration: restore the node from a backup or from the cluster.
+    #[error("{path} has on-disk format version {version}; this raftkv reads only version {supported} (no migration: restore from a backup or from the cluster)")]
+    UnsupportedFormat {
+        /// The refused file.
+        path: PathBuf,
+        /// The version in its header.
+        version: u32,
+        /// The version this build reads.
+        supported: u32,
+    },
 }
 
 /// Why [`Node::propose`](crate::Node::propose) or [`Node::read`](crate::Node::read) failed.
@@ -128,6 +147,48 @@ impl From<CoreProposeError> for ProposeError {
             CoreProposeError::TooLarge { size, max } => ProposeError::TooLarge { size, max },
         }
     }
+}
+
+/// Why a configuration change was refused (see
+/// [`RaftCore::change_membership`](crate::raft::RaftCore::change_membership)).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MembershipError {
+    /// Only the leader changes the configuration.
+    #[error("not the leader (leader: {leader:?})")]
+    NotLeader {
+        /// The leader this node knows of.
+        leader: Option<NodeId>,
+    },
+    /// A change is already under way (joint, or not yet committed).
+    #[error("a configuration change is in progress")]
+    InProgress,
+    /// A leadership transfer is under way.
+    #[error("a leadership transfer is in progress")]
+    Busy,
+    /// Only a learner can become a voter (add it as a learner first).
+    #[error("node {0} is not a learner of the cluster")]
+    NotALearner(NodeId),
+    /// The node is not a member at all.
+    #[error("node {0} is not a member of the cluster")]
+    UnknownNode(NodeId),
+    /// The learner has not caught up with the leader (its match index is below the commit
+    /// index, or it has not answered within an election timeout).
+    #[error("learner {0} has not caught up yet")]
+    NotCaughtUp(NodeId),
+    /// The new voters do not include a quorum of nodes the leader hears from: the change
+    /// could never complete.
+    #[error("the new voters have no reachable quorum")]
+    NoQuorum,
+    /// The change was taken but its log slot was taken by another leader's entry: not in
+    /// effect.
+    #[error("dropped by a leader change; not in effect")]
+    Dropped,
+    /// The node stopped or the change did not complete in time (it may still complete).
+    #[error("timed out; the change may still complete")]
+    Timeout,
+    /// The change makes no sense (no voters, id 0, the current configuration).
+    #[error("invalid change: {0}")]
+    Invalid(String),
 }
 
 /// Errors of a [`Transport`](crate::transport::Transport).

@@ -315,10 +315,10 @@ fn fast_backup_skips_whole_terms_per_round_trip() {
     // Node 1 (leader-to-be) has 50 entries of term 4; node 2 has 25 of term 2 and 25 of
     // term 3 after a common first entry. Plain back-up would need ~50 rejections.
     let mut leader_log = vec![1u64];
-    leader_log.extend(std::iter::repeat(4).take(50));
+    leader_log.extend(std::iter::repeat_n(4, 50));
     let mut follower_log = vec![1u64];
-    follower_log.extend(std::iter::repeat(2).take(25));
-    follower_log.extend(std::iter::repeat(3).take(25));
+    follower_log.extend(std::iter::repeat_n(2, 25));
+    follower_log.extend(std::iter::repeat_n(3, 25));
     let mut net = Lockstep::with_logs(&[&leader_log, &follower_log, &leader_log], plain);
     net.campaign(1);
     assert_eq!(net.core(1).role(), Role::Leader);

@@ -303,18 +303,28 @@ fn a_torn_tail_is_cut_reported_and_zeroed() {
         s.sync().unwrap();
     }
     let seg = segment_files(dir.path()).pop().unwrap();
-    let used = inspect(dir.path()).unwrap().segments[0].used_bytes;
+    let info = inspect(dir.path()).unwrap().segments[0].clone();
+    let used = info.used_bytes as usize;
+    assert_eq!(info.synced_through, Some(used as u64), "{info:?}");
+    // A crash in the middle of the next batch's write: the first 20 bytes of a 108-byte
+    // record after the synced end (length, checksum, part of the payload), the rest never
+    // written.
     let mut bytes = std::fs::read(&seg).unwrap();
-    bytes[used as usize - 2] ^= 0x40; // damage the last record, as a torn write would
+    bytes[used..used + 4].copy_from_slice(&100u32.to_le_bytes());
+    bytes[used + 4..used + 20].copy_from_slice(&[0x5a; 16]);
     std::fs::write(&seg, &bytes).unwrap();
+    let report = inspect(dir.path()).unwrap();
+    assert_eq!(report.segments[0].damage, None, "{report}");
+    assert_eq!(report.segments[0].torn_tail, Some((used as u64, 20)));
+    assert!(report.to_string().contains("torn tail"), "{report}");
     let s = FileStorage::open(dir.path(), opts()).unwrap();
     let torn = s
         .recovery_report()
         .torn_tail
         .clone()
         .expect("torn tail reported");
-    assert_eq!(torn.path, seg);
-    assert_eq!(s.last_index(), 2);
+    assert_eq!((torn.path, torn.offset, torn.bytes), (seg, used as u64, 20));
+    assert_eq!(all(&s), entries(1, 3, 1), "everything synced is kept");
     drop(s);
     let s = FileStorage::open(dir.path(), opts()).unwrap();
     assert_eq!(
@@ -322,7 +332,56 @@ fn a_torn_tail_is_cut_reported_and_zeroed() {
         None,
         "the torn bytes were zeroed"
     );
-    assert_eq!(all(&s), entries(1, 2, 1));
+    assert_eq!(all(&s), entries(1, 3, 1));
+}
+
+/// The attack of issue 11, on one storage: the synced tail of the log damaged the way a disk
+/// damages it. None of it may be taken for a torn write.
+#[test]
+fn damage_to_the_synced_tail_is_refused_not_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut s = FileStorage::open(dir.path(), opts()).unwrap();
+        s.append(&entries(1, 3, 1)).unwrap();
+        s.sync().unwrap();
+    }
+    let seg = segment_files(dir.path()).pop().unwrap();
+    let used = inspect(dir.path()).unwrap().segments[0].used_bytes as usize;
+    let pristine = std::fs::read(&seg).unwrap();
+    let flip_last_byte = |b: &mut Vec<u8>| b[used - 2] ^= 0x40;
+    let zero_tail = |b: &mut Vec<u8>| b[used - 100..used].fill(0);
+    let zero_record_start = |b: &mut Vec<u8>| b[1536..used].fill(0);
+    for (what, damage) in [
+        (
+            "a bit flip in the last record",
+            &flip_last_byte as &dyn Fn(&mut Vec<u8>),
+        ),
+        ("the last 100 bytes zeroed", &zero_tail),
+        ("every record zeroed", &zero_record_start),
+    ] {
+        let mut bytes = pristine.clone();
+        damage(&mut bytes);
+        std::fs::write(&seg, &bytes).unwrap();
+        match FileStorage::open(dir.path(), opts()) {
+            Err(StorageError::Corrupt {
+                path,
+                offset,
+                reason,
+            }) => {
+                assert_eq!(path, seg, "{what}");
+                assert!(
+                    (1536..used as u64).contains(&offset),
+                    "{what}: offset {offset}"
+                );
+                assert!(reason.contains("recover_damaged_tail"), "{what}: {reason}");
+            }
+            Err(other) => panic!("{what}: {other}"),
+            Ok(s) => panic!("{what}: opened with log ..={}", s.last_index()),
+        }
+        let report = inspect(dir.path()).unwrap();
+        assert!(report.segments[0].damage.is_some(), "{what}: {report}");
+        assert!(report.to_string().contains("DAMAGE"), "{what}: {report}");
+    }
 }
 
 #[test]
@@ -385,14 +444,14 @@ fn a_full_disk_fails_cleanly_and_writing_resumes_when_space_returns() {
     let disk = SimDisk::new();
     let mut s = FileStorage::open_simulated(&disk, "/n", opts()).unwrap();
     let log: Vec<Entry> = (1..=12).map(|i| kib_entry(i, 1)).collect();
-    s.append(&log[..2]).unwrap();
+    s.append(&log[..1]).unwrap();
     s.sync().unwrap();
     disk.set_no_space(true);
-    s.append(&log[2..3]).unwrap();
+    s.append(&log[1..2]).unwrap();
     assert!(matches!(s.sync(), Err(StorageError::NoSpace { .. })));
     // Rolling to a new segment needs space too.
     assert!(matches!(
-        s.append(&log[3..8]),
+        s.append(&log[2..8]),
         Err(StorageError::NoSpace { .. })
     ));
     let names = disk.files();
@@ -476,7 +535,7 @@ fn inspect_describes_every_file_and_its_damage() {
 
     let seg = segment_files(dir.path())[0].clone();
     let mut bytes = std::fs::read(&seg).unwrap();
-    bytes[200] ^= 1;
+    bytes[1536 + 200] ^= 1;
     std::fs::write(&seg, &bytes).unwrap();
     let report = inspect(dir.path()).unwrap();
     let damage = report.segments[0].damage.as_deref().unwrap_or("");
@@ -500,8 +559,8 @@ fn sync_with_nothing_written_touches_no_file() {
     s.sync().unwrap();
     assert_eq!(
         disk.mutating_ops(),
-        ops + 2,
-        "one write and one fdatasync per sync"
+        ops + 3,
+        "one write and one fdatasync per sync, then the watermark's write"
     );
 }
 
@@ -761,4 +820,91 @@ fn file_storage_passes_the_conformance_suite_restarting_after_every_sync() {
         n += 1;
         Reopening::new(disk.clone(), PathBuf::from(format!("/restart{n}")))
     });
+}
+
+/// A file system smaller than one segment: the default 64 MiB segment does not fit, so the
+/// first one is made smaller and the storage opens; it fills the disk, fails cleanly with
+/// `NoSpace`, and while it stays full no retry leaves a half-preallocated segment taking the
+/// last free space. Once space returns, writing resumes and everything synced is durable.
+#[test]
+fn a_disk_smaller_than_a_segment_starts_fills_and_resumes() {
+    let disk = SimDisk::new();
+    let capacity = 256u64 << 10;
+    disk.set_capacity(Some(capacity));
+    let o = FileStorageOptions {
+        cluster_id: 7,
+        node_id: 3,
+        ..Default::default()
+    };
+    assert_eq!(o.segment_size, 64 << 20, "the default does not fit");
+    let mut s = FileStorage::open_simulated(&disk, "/n", o).expect("starts on a small disk");
+    assert!(disk.used_bytes() <= capacity);
+    let no_tmp = |disk: &SimDisk| {
+        let names = disk.files();
+        assert!(
+            names.iter().all(|p| !p.to_string_lossy().ends_with(".tmp")),
+            "{names:?}"
+        );
+    };
+    let mut synced = Vec::new();
+    let mut next = 1;
+    let full = loop {
+        let entry = kib_entry(next, 1);
+        let r = s
+            .append(std::slice::from_ref(&entry))
+            .and_then(|_| s.sync());
+        match r {
+            Ok(()) => {
+                synced.push(entry);
+                next += 1;
+            }
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(full, StorageError::NoSpace { .. }), "{full}");
+    assert!(
+        synced.len() > 100,
+        "the disk was used ({} entries)",
+        synced.len()
+    );
+    no_tmp(&disk);
+    let used = disk.used_bytes();
+    // Paused on a full disk: every retry fails the same way and takes nothing.
+    for _ in 0..20 {
+        let r = s.append(&[kib_entry(next, 1)]).and_then(|_| s.sync());
+        assert!(matches!(r, Err(StorageError::NoSpace { .. })));
+        no_tmp(&disk);
+        assert_eq!(disk.used_bytes(), used, "a failed retry holds no space");
+    }
+    // Space returns.
+    disk.set_capacity(Some(4 * capacity));
+    let last = s.last_index();
+    let more: Vec<Entry> = (last + 1..last + 40).map(|i| kib_entry(i, 1)).collect();
+    s.append(&more).unwrap();
+    s.sync().unwrap();
+    let expect: Vec<Entry> = synced.iter().cloned().chain(more).collect();
+    assert_eq!(
+        all(&s),
+        expect,
+        "nothing of the failed retries, everything else"
+    );
+    drop(s);
+    disk.crash(11);
+    let s = FileStorage::open_simulated(&disk, "/n", o).unwrap();
+    assert_eq!(all(&s), expect, "everything synced is durable");
+}
+
+/// Opening on a disk with no room even for the smallest segment fails with `NoSpace` and
+/// leaves nothing behind.
+#[test]
+fn no_room_for_any_segment_is_no_space() {
+    let disk = SimDisk::new();
+    disk.set_capacity(Some(2048));
+    assert!(matches!(
+        FileStorage::open_simulated(&disk, "/n", opts()),
+        Err(StorageError::NoSpace { .. })
+    ));
+    assert!(disk.files().is_empty(), "{:?}", disk.files());
+    disk.set_capacity(None);
+    FileStorage::open_simulated(&disk, "/n", opts()).unwrap();
 }

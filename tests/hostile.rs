@@ -314,7 +314,7 @@ fn flood_peer_ports(
                 held[port].retain(alive);
                 while held[port].len() < per_port && !stop.load(Ordering::Relaxed) {
                     let n = opened.fetch_add(1, Ordering::Relaxed);
-                    let attempt = if n % 2 == 0 {
+                    let attempt = if n.is_multiple_of(2) {
                         timeout(
                             Duration::from_millis(300),
                             attack::peer_hello(*addr, attack::claimed_id(n)),

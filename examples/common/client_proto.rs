@@ -92,6 +92,9 @@ pub enum ClientRequest {
     Read(Vec<u8>),
     /// The node's status.
     Status,
+    /// A backup of the node's state (`Node::backup`): answered with `BackupChunk` frames
+    /// (the 64-byte header first, then the content) and one `BackupDone`.
+    Backup,
 }
 
 /// Why a node did not answer a request with a result: [`ProposeError`] in a stable, tagged
@@ -280,6 +283,11 @@ pub enum ClientResponse {
     Result(Result<KvResult, ClientFailure>),
     /// The answer to `Status` (boxed: it is much larger than a result).
     Status(Box<NodeStatusView>),
+    /// The next bytes of a backup (at most 1 MiB).
+    BackupChunk(Vec<u8>),
+    /// The end of a backup: its index and term, or why it failed (the chunks sent before
+    /// a failure are not a backup).
+    BackupDone(Result<(u64, u64), ClientFailure>),
 }
 
 /// Why a frame could not be read or written, or a connection not made.
@@ -631,6 +639,10 @@ async fn serve_connection(
             ClientRequest::Status => {
                 ClientResponse::Status(Box::new(NodeStatusView::from(&node.status())))
             }
+            ClientRequest::Backup => {
+                let done = stream_backup(&mut stream, &node).await?;
+                ClientResponse::BackupDone(done)
+            }
         };
         match write_message(&mut stream, &response).await {
             Err(ProtoError::TooLarge(n, max)) => {
@@ -669,6 +681,70 @@ impl fmt::Display for CallError {
                 )
             }
             CallError::Lost(e) => write!(f, "no answer: {e}"),
+        }
+    }
+}
+
+/// Streams a backup of `node` to the client as `BackupChunk` frames; returns what the final
+/// `BackupDone` says.
+async fn stream_backup(
+    stream: &mut TcpStream,
+    node: &Node<KvResult>,
+) -> Result<Result<(u64, u64), ClientFailure>, ProtoError> {
+    let fail =
+        |e: raftkv::storage::backup::BackupError| Ok(Err(ClientFailure::Other(e.to_string())));
+    let mut backup = match node.backup().await {
+        Ok(b) => b,
+        Err(e) => return fail(e),
+    };
+    loop {
+        match backup.next_chunk().await {
+            Ok(Some(chunk)) => write_message(stream, &ClientResponse::BackupChunk(chunk)).await?,
+            Ok(None) => {
+                let meta = backup.info().meta;
+                return Ok(Ok((meta.index, meta.term)));
+            }
+            Err(e) => return fail(e),
+        }
+    }
+}
+
+/// Asks the node at `addr` for a backup and writes its bytes to `out`; returns the backup's
+/// `(index, term)` and its length. `within` bounds each frame's wait.
+pub async fn backup(
+    addr: SocketAddr,
+    secret: &Secret,
+    out: &mut impl std::io::Write,
+    within: Duration,
+) -> Result<((u64, u64), u64), String> {
+    let mut stream = match timeout(within, TcpStream::connect(addr)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return Err(format!("cannot connect to {addr}: {e}")),
+        Err(_) => return Err(format!("cannot connect to {addr}: timed out")),
+    };
+    match timeout(within, client_handshake(&mut stream, secret)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(format!("{addr}: {e}")),
+        Err(_) => return Err(format!("{addr}: the handshake timed out")),
+    }
+    write_message(&mut stream, &ClientRequest::Backup)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut bytes = 0u64;
+    loop {
+        let frame = timeout(within, read_message::<_, ClientResponse>(&mut stream))
+            .await
+            .map_err(|_| format!("no answer from {addr} within {within:?}"))?
+            .map_err(|e| e.to_string())?;
+        match frame {
+            Some(ClientResponse::BackupChunk(chunk)) => {
+                out.write_all(&chunk).map_err(|e| e.to_string())?;
+                bytes += chunk.len() as u64;
+            }
+            Some(ClientResponse::BackupDone(Ok(at))) => return Ok((at, bytes)),
+            Some(ClientResponse::BackupDone(Err(why))) => return Err(why.to_string()),
+            Some(other) => return Err(format!("unexpected answer {other:?}")),
+            None => return Err(format!("{addr} closed the connection mid-backup")),
         }
     }
 }
@@ -750,6 +826,9 @@ pub async fn status_with(
         ClientResponse::Status(s) => Ok(*s),
         ClientResponse::Result(_) => Err(CallError::Lost(ProtoError::Io(std::io::Error::other(
             "a result where a status was expected",
+        )))),
+        _ => Err(CallError::Lost(ProtoError::Io(std::io::Error::other(
+            "another answer where a status was expected",
         )))),
     }
 }
@@ -844,8 +923,12 @@ impl TcpKvEndpoint {
                 );
                 r.map_err(ProposeError::from)
             }
-            Ok(ClientResponse::Status(_)) => {
-                self.saw(node, Seen::NoAnswer("a status for a KV request".into()));
+            Ok(ClientResponse::Status(_) | ClientResponse::BackupChunk(_))
+            | Ok(ClientResponse::BackupDone(_)) => {
+                self.saw(
+                    node,
+                    Seen::NoAnswer("another answer for a KV request".into()),
+                );
                 Err(ProposeError::Timeout)
             }
             Err(CallError::Connect(e)) => {

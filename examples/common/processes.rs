@@ -115,8 +115,15 @@ impl ProcessCluster {
     /// Starts `n` nodes (ids `1..=n`) of `binary` on free loopback ports, each with its own
     /// data directory under a new temporary directory.
     pub fn start(binary: PathBuf, n: u64) -> Result<Self, String> {
+        Self::start_with_args(binary, n, &[])
+    }
+
+    /// As [`ProcessCluster::start`], every node started with `args` too (see
+    /// [`ProcessCluster::set_extra_args`]).
+    pub fn start_with_args(binary: PathBuf, n: u64, args: &[&str]) -> Result<Self, String> {
         let mut cluster = Self::new(binary, n)?;
         for id in 1..=n {
+            cluster.set_extra_args(id, args.iter().copied());
             cluster.restart(id)?;
         }
         Ok(cluster)
@@ -160,6 +167,11 @@ impl ProcessCluster {
         self.dir.path()
     }
 
+    /// Node `id`'s data directory.
+    pub fn data_dir(&self, id: NodeId) -> Option<PathBuf> {
+        self.nodes.get(&id).map(|n| n.data.clone())
+    }
+
     /// The node ids.
     pub fn ids(&self) -> Vec<NodeId> {
         self.nodes.keys().copied().collect()
@@ -197,10 +209,15 @@ impl ProcessCluster {
         self.log_tail(id, usize::MAX)
     }
 
-    /// Arguments added to node `id`'s command line from its next (re)start on.
-    pub fn set_extra_args(&mut self, id: NodeId, args: Vec<String>) {
+    /// Arguments added to node `id`'s command line from its next (re)start on (`--recover`,
+    /// say), replacing earlier ones.
+    pub fn set_extra_args<A: Into<String>>(
+        &mut self,
+        id: NodeId,
+        args: impl IntoIterator<Item = A>,
+    ) {
         if let Some(n) = self.nodes.get_mut(&id) {
-            n.extra_args = args;
+            n.extra_args = args.into_iter().map(Into::into).collect();
         }
     }
 

@@ -22,12 +22,12 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use super::events::{self, EngineCounters, Watched};
-use super::snapshot::{restore_machine, snapshot_messages, SnapshotPolicy};
+use super::snapshot::{read_header, restore_machine, snapshot_messages, SnapshotPolicy};
 use super::write::{write_ready, WriteProgress};
 use crate::error::{NodeError, ProposeError, StorageError};
 use crate::raft::{
     Entry, EntryPayload, Index, Message, Payload, PersistAck, Proposed, RaftCore, ReadState, Ready,
-    SnapshotMeta, Term,
+    SnapshotHeader, SnapshotMeta, Term,
 };
 use crate::state_machine::{SnapshotSource, StateMachine};
 use crate::storage::Storage;
@@ -512,6 +512,9 @@ impl<S: Storage, M: StateMachine, P, R> Engine<S, M, P, R> {
         if let Some(meta) = ready.install_snapshot {
             let size = self.storage.initial_state()?.snapshot_size;
             restore_machine(&self.storage, &mut self.machine, size).map_err(NodeError::Restore)?;
+            if let (Some(m), _) = read_header(&self.storage)? {
+                self.core.set_snapshot_membership(meta, m);
+            }
             self.counters.snapshots_installed += 1;
             self.counters.snapshot_bytes_installed += size;
             events::snapshot_installed(self.core.id(), meta, size);
@@ -701,6 +704,15 @@ impl<S: Storage, M: StateMachine, P, R> Engine<S, M, P, R> {
         let meta = self.policy.due(&self.core, force)?;
         let source = self.machine.snapshot();
         self.policy.started(meta);
+        // The configuration in effect at the snapshot's index leads its bytes.
+        let header = SnapshotHeader::encode(self.core.log().configs().at(meta.index));
+        if let Err(e) = self.policy.write(&mut self.storage, meta, &header) {
+            self.policy.abandon();
+            if let StorageError::NoSpace { .. } = e {
+                self.full_disk(&e);
+            }
+            return None;
+        }
         if host.serialize_snapshot(meta, source) {
             Some(meta)
         } else {

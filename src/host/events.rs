@@ -89,6 +89,10 @@ impl Watched {
         let (role, term, leader) = (core.role(), core.term(), core.leader());
         if role != self.role {
             match (self.role, role) {
+                (Role::Leader, _) if !core.is_voter() => tracing::info!(
+                    target: "raftkv::raft", node = id, term,
+                    "stepped down: removed from the voters"
+                ),
                 (Role::Leader, _) if term == self.term => tracing::warn!(
                     target: "raftkv::raft", node = id, term,
                     "stepped down: not heard from a quorum within an election timeout"

@@ -21,5 +21,5 @@ mod write;
 
 pub use engine::{Engine, Host, Observed};
 pub use events::EngineCounters;
-pub use snapshot::{restore_machine, snapshot_messages, SnapshotPolicy};
+pub use snapshot::{read_header, restore_machine, snapshot_messages, SnapshotPolicy};
 pub use write::{write_ready, WriteProgress};

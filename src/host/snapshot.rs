@@ -5,7 +5,10 @@
 use std::io::{self, Read};
 
 use crate::error::StorageError;
-use crate::raft::{Message, NodeId, Payload, RaftCore, SnapshotChunkRequest, SnapshotMeta};
+use crate::raft::{
+    Membership, Message, NodeId, Payload, RaftCore, SnapshotChunkRequest, SnapshotHeader,
+    SnapshotMeta,
+};
 use crate::state_machine::StateMachine;
 use crate::storage::Storage;
 
@@ -37,20 +40,41 @@ pub fn snapshot_messages<S: Storage>(
     Ok(out)
 }
 
-/// Streams the stored snapshot into `machine` (replacing its state).
+/// Streams the stored snapshot into `machine` (replacing its state), after the
+/// configuration header it begins with, if any ([`SnapshotHeader`]).
 pub fn restore_machine<S: Storage, M: StateMachine>(
     storage: &S,
     machine: &mut M,
     size: u64,
 ) -> io::Result<()> {
+    let (_, image_at) = read_header(storage).map_err(io::Error::other)?;
     let mut reader = SnapshotReader {
         storage,
-        offset: 0,
+        offset: image_at,
         size,
         buf: Vec::new(),
         pos: 0,
     };
     machine.restore(&mut reader)
+}
+
+/// The configuration the stored snapshot carries (if it begins with a header), and where the
+/// state machine's image starts in it.
+pub fn read_header<S: Storage>(storage: &S) -> Result<(Option<Membership>, u64), StorageError> {
+    if storage.initial_state()?.snapshot.index == 0 {
+        return Ok((None, 0));
+    }
+    let prefix = storage.read_snapshot(0, SnapshotHeader::PREFIX)?;
+    let Some(len) = SnapshotHeader::payload_len(&prefix) else {
+        return Ok((None, 0));
+    };
+    let payload = storage.read_snapshot(SnapshotHeader::PREFIX as u64, len)?;
+    match SnapshotHeader::decode(&payload) {
+        Some(m) if payload.len() == len => Ok((Some(m), (SnapshotHeader::PREFIX + len) as u64)),
+        _ => Err(StorageError::Invalid(
+            "the stored snapshot's configuration header does not decode".into(),
+        )),
+    }
 }
 
 /// `Read` over the stored snapshot, a bounded buffer at a time.

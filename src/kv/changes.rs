@@ -91,7 +91,7 @@ impl History {
         debug_assert!(self
             .changes
             .back()
-            .map_or(true, |last| last.revision <= change.revision));
+            .is_none_or(|last| last.revision <= change.revision));
         self.bytes += change.cost();
         self.changes.push_back(change);
         self.trim(limits);
@@ -179,7 +179,7 @@ impl History {
         let above = image
             .changes
             .first()
-            .map_or(true, |c| c.revision > image.compacted_through);
+            .is_none_or(|c| c.revision > image.compacted_through);
         if !sorted || !above {
             return Err("change history out of order".into());
         }

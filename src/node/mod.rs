@@ -34,12 +34,14 @@ use crate::state_machine::StateMachine;
 use crate::storage::{NonBlockingStorage, PersistedSize, Storage};
 use crate::transport::Transport;
 
+pub mod backup;
 mod inbox;
 mod metrics;
 mod outbound;
 mod reply;
 mod worker;
 
+pub use backup::Backup;
 pub use metrics::{Histogram, NodeMetrics};
 
 use inbox::{Inbox, PushError};
@@ -148,6 +150,8 @@ enum Command<O> {
     LocalChunk(SnapshotMeta, Vec<u8>),
     /// The local snapshot is fully serialized (or failed to serialize).
     LocalDone(SnapshotMeta, Result<(), String>),
+    /// A backup's request (see `backup.rs`).
+    Backup(backup::Request),
     Shutdown,
     /// A handled command's place in the node's batch.
     Nothing,

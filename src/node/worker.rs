@@ -353,6 +353,24 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
                     let _ = w.send(answer);
                 }
             }
+            Command::Backup(super::backup::Request::Snapshot { at_least, reply }) => {
+                let stored = self.engine.core().log().snapshot();
+                if stored.index >= at_least {
+                    let _ = reply.send(Some(stored));
+                } else if self.engine.policy().in_progress().is_some()
+                    || self.engine.maybe_snapshot(&mut self.host, true).is_some()
+                {
+                    self.snapshot_waiters.push(reply); // answered when it is installed
+                } else {
+                    let _ = reply.send(None);
+                }
+            }
+            Command::Backup(super::backup::Request::Read {
+                meta,
+                offset,
+                len,
+                reply,
+            }) => super::backup::serve_read(self.engine.storage(), meta, offset, len, reply),
             Command::Shutdown => return Ok(Flow::Stop),
             Command::Nothing => {}
         }

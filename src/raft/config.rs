@@ -10,7 +10,11 @@ use super::NodeId;
 pub struct Config {
     /// This node's id (non-zero).
     pub id: NodeId,
-    /// Every voter of the cluster, this node included.
+    /// The voters of a new cluster, this node included: the bootstrap configuration, used
+    /// only while the node's storage holds no configuration of its own (once it does, that
+    /// one is in effect and this is ignored). Empty for a node that joins an existing
+    /// cluster: it learns the configuration from the leader and votes only once a
+    /// configuration names it as a voter.
     pub voters: Vec<NodeId>,
     /// Minimum election timeout in ticks; each timeout is drawn from
     /// `election_ticks..2*election_ticks`. Also the check-quorum period and the leader lease.
@@ -95,7 +99,9 @@ impl Config {
         if self.id == 0 {
             return Err("node id 0 is reserved".into());
         }
-        if !self.voters.contains(&self.id) {
+        // An empty list is a node joining an existing cluster: it learns the configuration
+        // from the leader and votes only once a configuration names it.
+        if !self.voters.is_empty() && !self.voters.contains(&self.id) {
             return Err(format!(
                 "node {} is not among the voters {:?}",
                 self.id, self.voters

@@ -36,8 +36,8 @@ use super::recovery::Recovery;
 use super::rng::Rng;
 use super::role::{Election, Follower, Leader, RoleState};
 use super::{
-    Entry, EntryPayload, HardState, Index, Message, MessageBody, NodeId, Payload, SnapshotMeta,
-    Term,
+    Entry, EntryPayload, HardState, Index, Membership, Message, MessageBody, NodeId, Payload,
+    SnapshotMeta, Term,
 };
 use crate::error::CoreProposeError;
 use crate::storage::TailLoss;
@@ -172,6 +172,8 @@ impl RaftCore {
         }
         // Drawn from its own generator so that the election timeouts do not depend on it.
         let next_read_id = Rng::new(cfg.seed ^ 0x5EAD_1D5E_ED00_0000).next_u64();
+        let mut log = RaftLog::restore(snapshot, entries);
+        log.set_base_membership(Membership::voters(cfg.voters.iter().copied()));
         let mut core = RaftCore {
             rng: Rng::new(cfg.seed),
             cfg,
@@ -179,7 +181,7 @@ impl RaftCore {
             vote: hard_state.vote,
             state: RoleState::Follower(Follower::default()),
             leader: None,
-            log: RaftLog::restore(snapshot, entries),
+            log,
             election_elapsed: 0,
             randomized_election_timeout: 0,
             msgs: Vec::new(),
@@ -216,6 +218,9 @@ impl RaftCore {
             entries,
         )
         .map_err(crate::error::StorageError::Invalid)?;
+        if let (Some(m), _) = crate::host::read_header(storage)? {
+            core.set_snapshot_membership(init.snapshot, m);
+        }
         if let Some(loss) = storage.tail_loss() {
             core.recover_from(loss);
         }
@@ -287,13 +292,44 @@ impl RaftCore {
         }
     }
 
-    pub(super) fn quorum(&self) -> usize {
-        self.cfg.voters.len() / 2 + 1
+    /// The configuration in effect (the latest in the log).
+    pub fn membership(&self) -> &Membership {
+        self.log.membership()
     }
 
-    pub(super) fn peers(&self) -> impl Iterator<Item = NodeId> + '_ {
+    /// True if this node votes in the configuration in effect.
+    pub fn is_voter(&self) -> bool {
+        self.membership().is_voter(self.cfg.id)
+    }
+
+    /// True if this node is the only voter (it commits and confirms reads alone).
+    pub(super) fn single_voter(&self) -> bool {
+        let m = self.membership();
+        m.has_quorum(|id| id == self.cfg.id)
+    }
+
+    /// The other voters (of both sides of a joint configuration).
+    pub(super) fn peers(&self) -> Vec<NodeId> {
         let me = self.cfg.id;
-        self.cfg.voters.iter().copied().filter(move |&v| v != me)
+        let m = self.membership();
+        m.voters
+            .iter()
+            .chain(&m.outgoing)
+            .copied()
+            .filter(|&v| v != me)
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect()
+    }
+
+    /// Every other member, learners included (a leader replicates to all of them).
+    pub(super) fn other_members(&self) -> Vec<NodeId> {
+        let me = self.cfg.id;
+        self.membership()
+            .members()
+            .into_iter()
+            .filter(|&v| v != me)
+            .collect()
     }
 
     pub(super) fn leader_state(&self) -> Option<&Leader> {
@@ -402,8 +438,12 @@ impl RaftCore {
             index: entry.index,
             term: entry.term,
         };
+        let changes_membership = matches!(entry.payload, EntryPayload::Membership(_));
         self.log.append(entry);
-        if self.cfg.voters.len() == 1 {
+        if changes_membership {
+            self.membership_changed();
+        }
+        if self.single_voter() {
             self.maybe_commit();
         }
         proposed
@@ -441,11 +481,28 @@ impl RaftCore {
     /// Handles a message from a peer. Messages from unknown nodes or for another node are
     /// ignored (the network may misdeliver; that must not break anything).
     pub fn step(&mut self, m: Message) {
-        if m.to != self.cfg.id
-            || m.from == self.cfg.id
-            || !self.cfg.voters.contains(&m.from)
-            || !well_formed(&m)
-        {
+        if m.to != self.cfg.id || m.from == self.cfg.id || !well_formed(&m) {
+            return;
+        }
+        // Only members are heard, and in elections only voters: a removed node, or one never
+        // admitted, cannot disrupt the cluster. A leader's own messages are the exception
+        // (terms decide about them): a node that has not learned a new configuration yet
+        // must still follow the leader that configuration elected.
+        let from_a_leader = matches!(
+            m.body,
+            MessageBody::Append { .. }
+                | MessageBody::Heartbeat { .. }
+                | MessageBody::InstallSnapshot { .. }
+        );
+        let membership = self.membership();
+        let heard = match m.body {
+            MessageBody::Vote { .. } | MessageBody::VoteResponse { .. } => {
+                membership.is_voter(m.from)
+            }
+            MessageBody::TermQuery | MessageBody::TermAnswer => true,
+            _ => from_a_leader || membership.contains(m.from),
+        };
+        if !heard {
             return;
         }
         // Questions about terms are answered whatever the terms (see `recovery.rs`).
@@ -720,7 +777,8 @@ impl RaftCore {
         let next = self.log.last_index() + 1;
         let max_inflight = self.cfg.max_inflight;
         let progress = self
-            .peers()
+            .other_members()
+            .into_iter()
             .map(|p| (p, Progress::new(next, max_inflight)))
             .collect();
         self.set_role(RoleState::Leader(Box::new(Leader {
@@ -777,6 +835,7 @@ impl RaftCore {
                 self.election_elapsed = 0;
                 self.leader = Some(m.from);
                 self.handle_heartbeat(m.from, commit, read_round);
+                self.ask_commit_for_recovery(m.from);
             }
             MessageBody::ReadIndexResponse { ctx, index } => {
                 self.handle_read_response(m.from, ctx, index)
@@ -805,7 +864,7 @@ impl RaftCore {
     /// before the first input, when the storage reports a [`TailLoss`]
     /// ([`RaftCore::from_storage`] does).
     pub fn recover_from(&mut self, loss: TailLoss) {
-        if self.cfg.voters.len() == 1 {
+        if self.single_voter() {
             // No other copy to learn from: there is nothing to wait for.
             self.recovery_done = true;
             return;
@@ -855,7 +914,7 @@ impl RaftCore {
     /// True if `more` bytes keep the log within the limit.
     pub(super) fn log_within_limit(&self, more: u64) -> bool {
         self.log_limit
-            .map_or(true, |limit| self.log.bytes() + more <= limit)
+            .is_none_or(|limit| self.log.bytes() + more <= limit)
     }
 
     /// The lost log tail this node is recovering from, if any.

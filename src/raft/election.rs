@@ -9,13 +9,14 @@
 
 use super::core::{Dispatch, RaftCore};
 use super::role::RoleState;
-use super::{Index, Message, MessageBody, NodeId, Term};
+use super::{Index, Message, MessageBody, NodeId, Term, VoteResult};
 
 impl RaftCore {
     /// Starts an election now (a pre-vote round first when pre-vote is on). Does nothing on a
     /// leader, or on a node recovering from a lost log tail.
     pub fn campaign(&mut self) {
-        if matches!(self.state, RoleState::Leader(_)) || self.recovery.is_some() {
+        if matches!(self.state, RoleState::Leader(_)) || self.recovery.is_some() || !self.is_voter()
+        {
             return;
         }
         if self.cfg.pre_vote {
@@ -44,8 +45,7 @@ impl RaftCore {
         } else {
             Dispatch::AfterPersist
         };
-        let peers: Vec<NodeId> = self.peers().collect();
-        for to in peers {
+        for to in self.peers() {
             let body = MessageBody::Vote {
                 pre_vote,
                 last_index,
@@ -66,7 +66,7 @@ impl RaftCore {
 
     /// Records an answer to this round's vote requests and acts on a decided round.
     pub(super) fn vote_answered(&mut self, from: NodeId, pre_vote: bool, granted: bool) {
-        let quorum = self.quorum();
+        let membership = self.log.membership().clone();
         let (is_pre, votes) = match &mut self.state {
             RoleState::PreCandidate(e) => (true, &mut e.votes),
             RoleState::Candidate(e) => (false, &mut e.votes),
@@ -76,16 +76,11 @@ impl RaftCore {
             return; // an answer from an earlier phase
         }
         votes.entry(from).or_insert(granted);
-        let yes = votes.values().filter(|g| **g).count();
-        let no = votes.len() - yes;
-        if yes >= quorum {
-            if is_pre {
-                self.become_candidate(false);
-            } else {
-                self.become_leader();
-            }
-        } else if no >= quorum {
-            self.become_follower(self.term, None);
+        match membership.vote_result(votes) {
+            VoteResult::Won if is_pre => self.become_candidate(false),
+            VoteResult::Won => self.become_leader(),
+            VoteResult::Lost => self.become_follower(self.term, None),
+            VoteResult::Pending => {}
         }
     }
 
@@ -109,8 +104,10 @@ impl RaftCore {
         let can_vote = self.vote == Some(from)
             || (self.vote.is_none() && self.leader.is_none())
             || (pre_vote && term > self.term);
-        let granted =
-            can_vote && self.recovery.is_none() && self.log.is_up_to_date(last_index, last_term);
+        let granted = can_vote
+            && self.recovery.is_none()
+            && self.is_voter()
+            && self.log.is_up_to_date(last_index, last_term);
         if granted && !pre_vote {
             self.vote = Some(from);
             self.election_elapsed = 0;

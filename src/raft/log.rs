@@ -13,6 +13,7 @@
 //! snapshots and compaction are what bound it. Compaction is amortized O(entries removed):
 //! the dropped prefix is only cut out of the vector once it outweighs what is kept.
 
+use super::membership::{Configs, Membership};
 use super::unstable::Unstable;
 use super::{Entry, Index, SnapshotMeta, Term};
 
@@ -32,6 +33,8 @@ pub struct RaftLog {
     commit: Index,
     applied: Index,
     unstable: Unstable,
+    /// The configurations of the retained log.
+    configs: Configs,
 }
 
 impl RaftLog {
@@ -43,6 +46,7 @@ impl RaftLog {
             .all(|(i, e)| e.index == snapshot.index + 1 + i as u64));
         let last = snapshot.index + entries.len() as u64;
         let bytes = entries.iter().map(Entry::size).sum();
+        let configs = Configs::new(Membership::default(), &entries);
         RaftLog {
             snapshot,
             entries,
@@ -52,7 +56,25 @@ impl RaftLog {
             commit: snapshot.index,
             applied: snapshot.index,
             unstable: Unstable::restored(last),
+            configs,
         }
+    }
+
+    /// The configuration in effect: the latest in the log (committed or not), else the one
+    /// at the snapshot boundary.
+    pub fn membership(&self) -> &Membership {
+        self.configs.current()
+    }
+
+    /// The configurations of the retained log.
+    pub fn configs(&self) -> &Configs {
+        &self.configs
+    }
+
+    /// Sets the configuration at the snapshot boundary (from the snapshot, or the bootstrap
+    /// configuration of a new node).
+    pub fn set_base_membership(&mut self, m: Membership) {
+        self.configs.set_base(m);
     }
 
     fn live(&self) -> &[Entry] {
@@ -199,6 +221,7 @@ impl RaftLog {
         debug_assert!(entry.term >= self.last_term());
         let index = entry.index;
         self.bytes += entry.size();
+        self.configs.appended(&entry);
         self.entries.push(entry);
         self.unstable.appended(index, index);
     }
@@ -247,6 +270,7 @@ impl RaftLog {
         let removed: u64 = self.entries[keep..].iter().map(Entry::size).sum();
         self.bytes -= removed;
         self.entries.truncate(keep);
+        self.configs.truncated(index);
         self.unstable.truncated(index, self.last_index());
     }
 
@@ -315,6 +339,7 @@ impl RaftLog {
         }
         let drop = (meta.index - self.snapshot.index) as usize;
         self.drop_front(drop);
+        self.configs.compacted(meta.index);
         self.snapshot = meta;
         true
     }
@@ -324,6 +349,9 @@ impl RaftLog {
     /// applied. Of the old log only the committed prefix stays known durable (see
     /// [`Unstable::replaced_by_snapshot`]); the snapshot's own durability is reported with
     /// the batch that installs it.
+    ///
+    /// The configuration at the boundary stays what was in effect until the host reports the
+    /// snapshot's own ([`RaftLog::set_base_membership`]).
     pub fn replace_with_snapshot(&mut self, meta: SnapshotMeta) {
         debug_assert!(
             meta.index > self.commit,
@@ -334,6 +362,8 @@ impl RaftLog {
             "a log holding the snapshot's entry keeps its entries"
         );
         let old_commit = self.commit;
+        let current = self.configs.current().clone();
+        self.configs.replaced(current);
         self.entries.clear();
         self.start = 0;
         self.bytes = 0;

@@ -161,6 +161,9 @@ pub enum EntryPayload {
     Noop,
     /// A command proposed by a client, applied to the state machine once committed.
     Command(Payload),
+    /// A new cluster configuration (see [`Membership`](super::Membership)). It takes effect
+    /// as soon as it is in a node's log; it never reaches the state machine.
+    Membership(super::Membership),
 }
 
 /// One log entry.
@@ -184,13 +187,16 @@ impl Entry {
             + match &self.payload {
                 EntryPayload::Noop => 0,
                 EntryPayload::Command(p) => p.len() as u64,
+                EntryPayload::Membership(m) => {
+                    8 * (m.voters.len() + m.outgoing.len() + m.learners.len()) as u64
+                }
             }
     }
     /// The command bytes, if this is a user command.
     pub fn command(&self) -> Option<&Payload> {
         match &self.payload {
             EntryPayload::Command(p) => Some(p),
-            EntryPayload::Noop => None,
+            EntryPayload::Noop | EntryPayload::Membership(_) => None,
         }
     }
 }

@@ -73,7 +73,7 @@ impl RaftCore {
     pub(super) fn handle_read_request(&mut self, from: NodeId, ctx: u64) {
         let commit = self.log.commit();
         let own_term_committed = self.log.term(commit) == Some(self.term);
-        let single = self.cfg.voters.len() == 1;
+        let single = self.single_voter();
         let Some(l) = self.leader_mut() else { return };
         if !own_term_committed {
             l.reads_before_commit.push((from, ctx));
@@ -121,22 +121,24 @@ impl RaftCore {
     /// Leader: a follower answered a heartbeat of `round`; confirms every read whose round a
     /// majority (this node included) has now answered.
     pub(super) fn read_round_acknowledged(&mut self, from: NodeId, round: u64) {
-        let quorum = self.quorum();
+        let membership = self.log.membership().clone();
+        let me = self.cfg.id;
         let Some(l) = self.leader_mut() else { return };
         if let Some(p) = l.progress.get_mut(&from) {
             p.acked_read_round = p.acked_read_round.max(round);
         }
-        let mut acked: Vec<u64> = l.progress.values().map(|p| p.acked_read_round).collect();
-        acked.sort_unstable_by(|a, b| b.cmp(a));
-        let Some(&confirmed) = acked.get(quorum.saturating_sub(2)) else {
-            return;
-        };
         let mut done = Vec::new();
-        while l
-            .pending_reads
-            .front()
-            .is_some_and(|r| r.round != 0 && r.round <= confirmed)
-        {
+        while let Some(r) = l.pending_reads.front().copied() {
+            let confirmed = r.round != 0
+                && membership.has_quorum(|id| {
+                    id == me
+                        || l.progress
+                            .get(&id)
+                            .is_some_and(|p| p.acked_read_round >= r.round)
+                });
+            if !confirmed {
+                break;
+            }
             done.extend(l.pending_reads.pop_front());
         }
         for read in done {
@@ -168,6 +170,13 @@ impl RaftCore {
         let RoleState::Follower(f) = &mut self.state else {
             return;
         };
+        if f.recovery_read == Some(wire) {
+            f.recovery_read = None;
+            if let Some(index) = index {
+                self.leader_commit_learned(index);
+            }
+            return;
+        }
         let Some(ctx) = f.forwarded_reads.remove(&wire) else {
             return; // not ours: another incarnation's, a duplicate, or a stale term's
         };

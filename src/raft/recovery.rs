@@ -20,11 +20,13 @@
 //!    are true, and in a term no lower than any it promised, so they may count), but it
 //!    neither campaigns nor grants votes or pre-votes until an AppendEntries from the leader
 //!    of its current term leaves it holding that leader's log through the leader's commit
-//!    index, at an entry of the leader's term. Every entry committed with the node's lost
-//!    acknowledgements was then in that leader's log before that point (leader completeness:
-//!    the leader was elected without this node's vote, or is the very leader the node
-//!    acknowledged), so the node's log again holds all it ever helped commit. Then recovery
-//!    ends: [`Ready::tail_loss_repaired`](super::Ready::tail_loss_repaired) tells the host
+//!    index, at an entry of the leader's term. (An idle leader sends no appends: the node
+//!    then asks for the leader's commit index with a read of its own — ReadIndex answers the
+//!    commit index of a leader a quorum confirmed, once it has committed an entry of its
+//!    term.) Every entry committed with the node's lost acknowledgements was then in that
+//!    leader's log before that point (leader completeness: the leader was elected without
+//!    this node's vote, or is the very leader the node acknowledged), so the node's log again
+//!    holds all it ever helped commit. Then recovery ends: [`Ready::tail_loss_repaired`](super::Ready::tail_loss_repaired) tells the host
 //!    to clear the storage's record, written after the batch's entries, so it is durable only
 //!    once they are.
 //!
@@ -72,7 +74,11 @@ impl RaftCore {
         let Some(answered) = self.recovery.as_ref().and_then(|r| r.terms.as_ref()) else {
             return;
         };
-        let ask: Vec<NodeId> = self.peers().filter(|p| !answered.contains_key(p)).collect();
+        let ask: Vec<NodeId> = self
+            .peers()
+            .into_iter()
+            .filter(|p| !answered.contains_key(p))
+            .collect();
         for to in ask {
             self.send(to, MessageBody::TermQuery, Dispatch::Now);
         }
@@ -91,7 +97,7 @@ impl RaftCore {
 
     /// Step 1 ends once every other voter answered: adopt the largest term, voted.
     fn maybe_terms_known(&mut self) {
-        let voters: Vec<NodeId> = self.peers().collect();
+        let voters = self.peers();
         let Some(answers) = self.recovery.as_ref().and_then(|r| r.terms.as_ref()) else {
             return;
         };
@@ -106,6 +112,34 @@ impl RaftCore {
         self.vote = Some(self.cfg.id);
         if let Some(r) = self.recovery.as_mut() {
             r.terms = None;
+        }
+    }
+
+    /// Step 2, on a heartbeat from the current leader: ask it for its commit index (one read
+    /// at a time), in case no append comes to end the recovery.
+    pub(super) fn ask_commit_for_recovery(&mut self, leader: NodeId) {
+        if self.recovery.as_ref().is_none_or(Recovery::term_unknown) {
+            return;
+        }
+        let wire = self.next_read_id;
+        let Some(f) = self.follower_mut() else { return };
+        if f.recovery_read.is_some() {
+            return;
+        }
+        f.recovery_read = Some(wire);
+        self.next_read_id = self.next_read_id.wrapping_add(1);
+        self.send(
+            leader,
+            MessageBody::ReadIndex { ctx: wire },
+            Dispatch::AfterPersist,
+        );
+    }
+
+    /// Step 2: the leader answered the recovery read with its commit index.
+    pub(super) fn leader_commit_learned(&mut self, commit: u64) {
+        let last = self.log.last_index();
+        if commit <= last {
+            self.maybe_recovered(commit, last);
         }
     }
 

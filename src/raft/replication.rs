@@ -220,22 +220,28 @@ impl RaftCore {
     }
 
     pub(super) fn quorum_recently_active(&self) -> bool {
-        let active = self.leader_state().map_or(0, |l| {
-            l.progress.values().filter(|p| p.recent_active).count()
-        });
-        1 + active >= self.quorum()
+        let me = self.cfg.id;
+        let Some(l) = self.leader_state() else {
+            return false;
+        };
+        self.membership()
+            .has_quorum(|id| id == me || l.progress.get(&id).is_some_and(|p| p.recent_active))
     }
 
-    /// Commits the highest index stored by a majority, if it is of the current term. This
-    /// node counts only through what its storage reported durable.
+    /// Commits the highest index stored by a quorum (of both sides of a joint
+    /// configuration), if it is of the current term. This node counts only through what its
+    /// storage reported durable; learners never count.
     pub(super) fn maybe_commit(&mut self) {
         let persisted = self.log.persisted();
-        let quorum = self.quorum();
+        let me = self.cfg.id;
         let Some(l) = self.leader_state() else { return };
-        let mut matched: Vec<Index> = l.progress.values().map(|p| p.match_index).collect();
-        matched.push(persisted);
-        matched.sort_unstable_by(|a, b| b.cmp(a));
-        let candidate = matched[quorum - 1];
+        let candidate = self.membership().committed_index(|id| {
+            if id == me {
+                persisted
+            } else {
+                l.progress.get(&id).map_or(0, |p| p.match_index)
+            }
+        });
         if candidate > self.log.commit() && self.log.term(candidate) == Some(self.term) {
             let released = self.log.bytes_between(self.log.commit() + 1, candidate + 1);
             if let Some(l) = self.leader_mut() {
@@ -243,6 +249,7 @@ impl RaftCore {
             }
             self.log.commit_to(candidate);
             self.release_reads_waiting_for_commit();
+            self.membership_committed();
         }
     }
 

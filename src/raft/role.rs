@@ -56,6 +56,9 @@ pub(super) struct Follower {
     pub(super) incoming: Option<Incoming>,
     /// Reads forwarded to the leader and not answered yet: wire id -> the host's id.
     pub(super) forwarded_reads: BTreeMap<u64, u64>,
+    /// A recovering node's own read, asking the leader for its commit index (see
+    /// `recovery.rs`).
+    pub(super) recovery_read: Option<u64>,
 }
 
 /// A node's role with the state only that role has.

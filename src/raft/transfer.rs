@@ -22,10 +22,11 @@ impl RaftCore {
     pub fn transfer_leadership(&mut self, to: NodeId) -> Result<(), CoreProposeError> {
         let leader = self.leader;
         let me = self.cfg.id;
+        let voter = self.membership().is_voter(to);
         let Some(l) = self.leader_mut() else {
             return Err(CoreProposeError::NotLeader { leader });
         };
-        if to == me || !l.progress.contains_key(&to) {
+        if to == me || !voter || !l.progress.contains_key(&to) {
             return Ok(());
         }
         l.transfer = Some(Transfer { to, elapsed: 0 });
@@ -60,7 +61,7 @@ impl RaftCore {
     /// (every TimeoutNow this crate sends) only if it is not stale; a bare
     /// [`MessageBody::TimeoutNow`] from another implementation is taken as it comes.
     pub(super) fn handle_timeout_now(&mut self, from: NodeId, last_index: Option<Index>) {
-        if self.role() == Role::Leader || self.recovery.is_some() {
+        if self.role() == Role::Leader || self.recovery.is_some() || !self.is_voter() {
             return;
         }
         if let Some(last_index) = last_index {

@@ -4,14 +4,16 @@
 //! the last `sync`). Writes are recorded as operations and replayed onto `durable` at `sync`,
 //! so a sync costs what was written since the last one, not the size of the log.
 //! [`MemStorage::crash`] throws away what was not synced, which is what the simulation uses to
-//! model a power loss. Clones share the same state (a handle for tests to look inside).
+//! model a power loss; [`MemStorage::lose_tail`] models a disk that damaged the log's synced
+//! tail and a recovery mode that cut it (a [`TailLoss`]). Clones share the same state (a
+//! handle for tests to look inside).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::{InitialState, PersistedSize, Storage};
+use super::{InitialState, PersistedSize, Storage, TailLoss};
 use crate::error::StorageError;
 use crate::raft::{Entry, HardState, Index, SnapshotMeta, Term};
 
@@ -27,6 +29,8 @@ struct State {
     entries: VecDeque<Entry>,
     /// Sum of `Entry::size` over `entries`.
     log_bytes: u64,
+    /// A tail loss not yet cleared.
+    tail_loss: Option<TailLoss>,
 }
 
 #[derive(Clone, Debug)]
@@ -34,6 +38,7 @@ enum Op {
     HardState(HardState),
     Append(Vec<Entry>),
     Truncate(Index),
+    ClearTailLoss,
 }
 
 impl State {
@@ -55,6 +60,7 @@ impl State {
         match op {
             Op::HardState(hs) => self.hard_state = *hs,
             Op::Truncate(from) => self.truncate(*from),
+            Op::ClearTailLoss => self.tail_loss = None,
             Op::Append(entries) => {
                 if let Some(first) = entries.first() {
                     self.truncate(first.index);
@@ -196,7 +202,7 @@ impl MemStorage {
             .filter_map(|op| match op {
                 Op::Append(entries) => entries.first().map(|e| e.index),
                 Op::Truncate(from) => Some(*from),
-                Op::HardState(_) => None,
+                Op::HardState(_) | Op::ClearTailLoss => None,
             })
             .min()
     }
@@ -204,6 +210,62 @@ impl MemStorage {
     /// How many times `sync` has been called.
     pub fn sync_count(&self) -> u64 {
         self.inner.lock().syncs
+    }
+
+    /// Simulates a disk that damaged the synced tail of the log and a recovery mode that cut
+    /// it (see [`TailLoss`]): as after a crash, unsynced writes are gone; then the log keeps
+    /// the entries through `intact_through` (never below the snapshot, which stays) and loses
+    /// the rest. With `forget_hard_state`, the hard state reverts to the most adversarial one
+    /// the remaining log allows — the term of the last intact entry (or of the snapshot) and
+    /// no vote — as if the newest term and vote were in the damaged region. The loss is
+    /// reported by [`Storage::tail_loss`] (merged with one not yet cleared: the smaller
+    /// intact prefix, either hard state loss) until [`Storage::clear_tail_loss`] is synced.
+    ///
+    /// ```
+    /// use raftkv::storage::{MemStorage, Storage, TailLoss};
+    /// use raftkv::raft::{Entry, EntryPayload, HardState};
+    ///
+    /// let mut s = MemStorage::new();
+    /// s.set_hard_state(HardState { term: 3, vote: Some(2) }).unwrap();
+    /// let e = |index, term| Entry { index, term, payload: EntryPayload::Noop };
+    /// s.append(&[e(1, 1), e(2, 2), e(3, 3)]).unwrap();
+    /// s.sync().unwrap();
+    /// s.lose_tail(2, true);
+    /// assert_eq!(s.last_index(), 2);
+    /// assert_eq!(s.initial_state().unwrap().hard_state, HardState { term: 2, vote: None });
+    /// assert_eq!(s.tail_loss(), Some(TailLoss { intact_through: 2, hard_state_lost: true }));
+    /// s.clear_tail_loss().unwrap();
+    /// assert!(s.tail_loss().is_some(), "until the clear is synced");
+    /// s.sync().unwrap();
+    /// assert_eq!(s.tail_loss(), None);
+    /// ```
+    pub fn lose_tail(&self, intact_through: Index, forget_hard_state: bool) {
+        let mut inner = self.inner.lock();
+        inner.pending.clear();
+        inner.incoming = None;
+        let d = &mut inner.durable;
+        let through = intact_through.max(d.snapshot.index).min(d.last_index());
+        d.truncate(through + 1);
+        if forget_hard_state {
+            let term = if through > d.snapshot.index {
+                d.entries[(through - d.first_index()) as usize].term
+            } else {
+                d.snapshot.term
+            };
+            d.hard_state = HardState { term, vote: None };
+        }
+        let loss = TailLoss {
+            intact_through: through,
+            hard_state_lost: forget_hard_state,
+        };
+        d.tail_loss = Some(match d.tail_loss {
+            Some(old) => TailLoss {
+                intact_through: old.intact_through.min(loss.intact_through),
+                hard_state_lost: old.hard_state_lost || loss.hard_state_lost,
+            },
+            None => loss,
+        });
+        inner.current = inner.durable.clone();
     }
 
     fn check_range(state: &State, index: Index) -> Result<(), StorageError> {
@@ -391,6 +453,19 @@ impl Storage for MemStorage {
         }
         inner.current.compact(through);
         inner.durable.compact(through);
+        Ok(())
+    }
+
+    fn tail_loss(&self) -> Option<TailLoss> {
+        // Reported until the clear is durable.
+        self.inner.lock().durable.tail_loss
+    }
+
+    fn clear_tail_loss(&mut self) -> Result<(), StorageError> {
+        let mut inner = self.inner.lock();
+        let op = Op::ClearTailLoss;
+        inner.current.apply(&op);
+        inner.pending.push(op);
         Ok(())
     }
 

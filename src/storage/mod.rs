@@ -23,6 +23,7 @@
 //! `read_snapshot`) must not need memory proportional to the log or the snapshot; the
 //! convenience calls `save_snapshot` and `snapshot` hold a whole snapshot by design.
 
+pub mod backup;
 pub mod file;
 pub mod mem;
 

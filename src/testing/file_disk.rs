@@ -14,7 +14,7 @@ use crate::error::StorageError;
 use crate::raft::{Entry, HardState, Index, Rng, SnapshotMeta, Term};
 use crate::storage::file::sim::SimDisk;
 use crate::storage::{
-    FileStorage, FileStorageOptions, InitialState, MemStorage, PersistedSize, Storage,
+    FileStorage, FileStorageOptions, InitialState, MemStorage, PersistedSize, Storage, TailLoss,
 };
 
 /// A [`FileStorage`] over its own simulated disk. A power loss crashes the disk (unsynced
@@ -186,5 +186,11 @@ impl Storage for SimFileStorage {
     }
     fn persisted_size(&self) -> PersistedSize {
         self.storage.persisted_size()
+    }
+    fn tail_loss(&self) -> Option<TailLoss> {
+        self.storage.tail_loss()
+    }
+    fn clear_tail_loss(&mut self) -> Result<(), StorageError> {
+        self.storage.clear_tail_loss()
     }
 }

@@ -28,6 +28,10 @@ fn chain(prev: u64, entry: &Entry) -> u64 {
             1u8.hash(&mut h);
             p.as_bytes().hash(&mut h);
         }
+        EntryPayload::Membership(m) => {
+            2u8.hash(&mut h);
+            m.hash(&mut h);
+        }
     }
     h.finish()
 }

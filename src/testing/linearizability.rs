@@ -645,7 +645,7 @@ fn search(ops: &[Operation], max_steps: u64) -> SearchResult {
                 let mut next = state.clone();
                 (apply(&mut next, &op.input), Some(next))
             };
-            if op.output.as_ref().map_or(true, |seen| *seen == output) {
+            if op.output.as_ref().is_none_or(|seen| *seen == output) {
                 linearized.set(op_index);
                 let key = (linearized.clone(), changed.unwrap_or_else(|| state.clone()));
                 if !cache.contains(&key) {

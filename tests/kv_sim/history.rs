@@ -137,7 +137,7 @@ fn model_op(state: &mut State, op: &KvOp, changes: &mut Changes) -> Answer {
             state
                 .iter()
                 .filter(|(k, _)| k.as_slice() >= start.as_slice())
-                .filter(|(k, _)| end.as_ref().map_or(true, |e| k.as_slice() < e.as_slice()))
+                .filter(|(k, _)| end.as_ref().is_none_or(|e| k.as_slice() < e.as_slice()))
                 .take(*limit as usize)
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),

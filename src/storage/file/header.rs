@@ -12,7 +12,9 @@
 //!
 //! Invariant: a header that passes [`check`] has the expected magic, this format version and
 //! an intact checksum; identity (cluster and node) is compared by the caller, which knows what
-//! to expect.
+//! to expect. Another version with an intact checksum is a file of another format
+//! ([`StorageError::UnsupportedFormat`]); another version with a failing checksum is a damaged
+//! version field ([`StorageError::Corrupt`] at offset 8).
 
 use std::path::Path;
 
@@ -59,13 +61,24 @@ pub(crate) fn check<'a>(
         return Err(corrupt(0, format!("bad {kind} magic")));
     }
     let version = read_u32(h, 8).unwrap_or(0);
+    let sealed = read_u32(h, 60) == Some(crc32fast::hash(&h[0..60]));
     if version != FORMAT_VERSION {
-        return Err(StorageError::WrongIdentity {
+        if !sealed {
+            return Err(corrupt(
+                8,
+                format!(
+                    "{kind} header reads format version {version} (expected {FORMAT_VERSION}) \
+                     and fails its checksum: the version field is damaged"
+                ),
+            ));
+        }
+        return Err(StorageError::UnsupportedFormat {
             path: path.to_path_buf(),
-            reason: format!("format version {version}, expected {FORMAT_VERSION}"),
+            version,
+            supported: FORMAT_VERSION,
         });
     }
-    if read_u32(h, 60) != Some(crc32fast::hash(&h[0..60])) {
+    if !sealed {
         return Err(corrupt(60, format!("{kind} header checksum mismatch")));
     }
     Ok(h)

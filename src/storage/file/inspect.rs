@@ -1,17 +1,21 @@
 //! Read-only inspection of a storage directory (used by `examples/inspect.rs`).
 //!
-//! Unlike `open`, [`inspect`] changes nothing, checks no identity, and does not stop at the
-//! first damage: it describes every snapshot and segment file it finds, with the damage (if
-//! any) that `open` would report or repair. Snapshots are checksummed a chunk at a time, never
-//! read whole.
+//! Unlike `open`, [`inspect`] changes nothing, checks no identity, takes no lock, and does not
+//! stop at the first damage: it describes every snapshot and segment file it finds, with what
+//! `open` would make of it by the tear-or-damage rule (see `segment.rs`): *damage* (synced
+//! bytes that no longer verify: `open` refuses them, recovery mode cuts the log there) or a
+//! *torn tail* (never-synced bytes above the newest segment's watermark: `open` cuts them).
+//! Snapshots are checksummed a chunk at a time, never read whole.
 
 use std::fmt;
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use super::segment::{parse_segment_name, scan_records, Record, SegmentHeader};
+use super::segment::{parse_segment_name, scan_records, Record, SegmentHeader, RECORDS_START};
 use super::snapshot::{parse_snapshot_name, SnapshotHeader, SNAPSHOT_HEADER_LEN};
+use super::tail_loss::TAIL_LOSS_NAME;
+use super::watermark::read_watermark;
 use crate::error::StorageError;
 use crate::raft::{HardState, Index, SnapshotMeta};
 
@@ -43,6 +47,8 @@ pub struct SegmentInfo {
     pub bytes: u64,
     /// Offset after the last valid record.
     pub used_bytes: u64,
+    /// What the newest watermark slot says was synced (`None` when the slots are damaged).
+    pub synced_through: Option<u64>,
     /// Entry records (including ones later overwritten or truncated).
     pub entries: u64,
     /// Hard state records.
@@ -53,8 +59,11 @@ pub struct SegmentInfo {
     pub index_range: Option<(Index, Index)>,
     /// The last hard state recorded.
     pub last_hard_state: Option<HardState>,
-    /// What is wrong with it, if anything (a torn tail is reported here too).
+    /// Damage to synced bytes, if any: `open` refuses it (recovery mode cuts the log there).
     pub damage: Option<String>,
+    /// A torn write above the newest segment's watermark `(offset, bytes)`: never synced,
+    /// `open` cuts it. Not damage.
+    pub torn_tail: Option<(u64, u64)>,
 }
 
 /// Everything found in a directory.
@@ -64,7 +73,10 @@ pub struct Inspection {
     pub snapshots: Vec<SnapshotInfo>,
     /// Segment files, by sequence number.
     pub segments: Vec<SegmentInfo>,
-    /// Other names (temporary files, foreign files).
+    /// The tail-loss file (recovery mode cut damaged records and the cluster has not yet
+    /// repaired the node), described.
+    pub tail_loss: Option<String>,
+    /// Other names (the lock, temporary files, foreign files).
     pub other_files: Vec<String>,
 }
 
@@ -93,6 +105,9 @@ pub fn inspect(dir: &Path) -> Result<Inspection, StorageError> {
         let path = dir.join(&name);
         if parse_snapshot_name(&name).is_some() {
             out.snapshots.push(inspect_snapshot(&path)?);
+        } else if name == TAIL_LOSS_NAME {
+            let bytes = read(&path)?;
+            out.tail_loss = Some(describe_tail_loss(&bytes, &path));
         } else if let Some(seq) = parse_segment_name(&name) {
             out.segments.push(inspect_segment(
                 &path,
@@ -158,6 +173,30 @@ fn inspect_snapshot(path: &Path) -> Result<SnapshotInfo, StorageError> {
     Ok(info)
 }
 
+fn describe_tail_loss(bytes: &[u8], path: &Path) -> String {
+    let h = match super::header::check(bytes, b"RKVLOSS\x01", "tail-loss", path) {
+        Ok(h) if bytes.len() == super::header::LEN => h,
+        Ok(_) => return format!("damage: {} bytes, not 64", bytes.len()),
+        Err(e) => return format!("damage: {e}"),
+    };
+    let u = |at| super::segment::read_u64(h, at).unwrap_or(0);
+    format!(
+        "entries after index {} lost{}, newest known hard state term {} vote {}; the node \
+         neither votes nor counts toward commits until a leader has repaired it",
+        u(32),
+        if h[56] == 1 {
+            ", hard state possibly lost"
+        } else {
+            ""
+        },
+        u(40),
+        match u(48) {
+            0 => "none".to_string(),
+            v => v.to_string(),
+        }
+    )
+}
+
 fn inspect_segment(path: &Path, seq: u64, newest: bool, bytes: &[u8]) -> SegmentInfo {
     let mut info = SegmentInfo {
         path: path.to_path_buf(),
@@ -180,7 +219,23 @@ fn inspect_segment(path: &Path, seq: u64, newest: bool, bytes: &[u8]) -> Segment
         ));
         return info;
     }
-    let scan = scan_records(bytes, path, newest, |_, record| {
+    if bytes.len() < RECORDS_START as usize {
+        info.damage = Some("file shorter than its header and watermark".into());
+        return info;
+    }
+    let (synced_end, newest_rule) =
+        match read_watermark(bytes, bytes.len() as u64, seq, RECORDS_START, path) {
+            Ok(w) => {
+                info.synced_through = Some(w.synced_end);
+                (w.synced_end, newest)
+            }
+            Err(e) => {
+                // Go on with the records anyway, trusting none of them as synced.
+                info.damage = Some(e.to_string());
+                (RECORDS_START, true)
+            }
+        };
+    let scan = scan_records(bytes, path, synced_end, newest_rule, |_, record| {
         match record {
             Record::HardState(hs) => {
                 info.hard_states += 1;
@@ -200,17 +255,15 @@ fn inspect_segment(path: &Path, seq: u64, newest: bool, bytes: &[u8]) -> Segment
     match scan {
         Ok(end) => {
             info.used_bytes = end.end;
-            if let Some((offset, len)) = end.torn {
-                info.damage = Some(format!(
-                    "torn record of {len} bytes at offset {offset} (open cuts it)"
-                ));
+            if info.damage.is_none() {
+                info.torn_tail = end.torn;
             }
         }
         Err(e) => {
             if let StorageError::Corrupt { offset, .. } = &e {
                 info.used_bytes = *offset; // valid records end where the damage starts
             }
-            info.damage = Some(e.to_string());
+            info.damage.get_or_insert(e.to_string());
         }
     }
     info
@@ -254,7 +307,25 @@ impl fmt::Display for Inspection {
             if let Some(hs) = s.last_hard_state {
                 write!(f, ", hard state term {} vote {:?}", hs.term, hs.vote)?;
             }
-            writeln!(f, ", {}", s.damage.as_deref().unwrap_or("ok"))?;
+            if let Some(w) = s.synced_through {
+                write!(f, ", synced through {w}")?;
+            }
+            match (&s.damage, s.torn_tail) {
+                (Some(d), _) => writeln!(
+                    f,
+                    ", DAMAGE: {d} (synced data: open refuses it; recovery mode cuts the log \
+                     there)"
+                )?,
+                (None, Some((offset, bytes))) => writeln!(
+                    f,
+                    ", torn tail: {bytes} bytes at offset {offset}, above the synced watermark \
+                     (never synced: open cuts them)"
+                )?,
+                (None, None) => writeln!(f, ", ok")?,
+            }
+        }
+        if let Some(t) = &self.tail_loss {
+            writeln!(f, "tail loss: {t}")?;
         }
         for name in &self.other_files {
             writeln!(f, "other file: {name}")?;

@@ -1,30 +1,48 @@
 //! [`FileStorage`]: the durable, file-backed [`Storage`].
 //!
-//! # Directory layout
+//! # Directory layout (on-disk format version 2)
 //! ```text
+//! <dir>/LOCK                           the lock held by the open storage (see `lock.rs`)
 //! <dir>/seg-00000000000000000001.log   log segments (see `segment.rs` for the byte layout)
 //! <dir>/seg-00000000000000000002.log   ... contiguous sequence numbers, the last is active
 //! <dir>/snap-<index>.snap              the current snapshot (see `snapshot.rs`)
-//! <dir>/snap.tmp                      a snapshot being received (see `snapshot.rs`)
-//! <dir>/seg-*.tmp, <dir>/snap.tmp      debris of an interrupted write, removed at open
+//! <dir>/tail-loss                      a loss cut by recovery mode, until repaired
+//!                                      (see `tail_loss.rs`)
+//! <dir>/snap.tmp                       a snapshot being received (see `snapshot.rs`)
+//! <dir>/seg-*.tmp, snap.tmp, tail-loss.tmp
+//!                                      debris of an interrupted write, removed at open
 //! ```
+//! Files are created 0600, directories 0700. Version 1 directories are refused with
+//! [`StorageError::UnsupportedFormat`]; there is no migration.
+//!
+//! # Tear or damage
+//! The rule that decides, at open, whether a bad record is a torn write (cut) or damage to
+//! synced data (refused) is in `segment.rs`: each segment's *synced watermark* (two
+//! checksummed slots in its first page, see `watermark.rs`), written after every fdatasync,
+//! says how far its records were synced. Bytes below it are never cut. With
+//! [`FileStorageOptions::recover_damaged_tail`] damage is cut instead, after the loss is
+//! recorded durably ([`Storage::tail_loss`]; see `recovery.rs`).
 //!
 //! # How the contract is kept
 //! - Hard state, entries and truncations are all *records* of one log, in the order they were
 //!   made. Writes are encoded into an in-memory buffer (`pending`) and written with a single
-//!   `write_at` plus one fdatasync at [`Storage::sync`], so after a crash the log holds the
-//!   synced records and at most a prefix of the later ones (a torn prefix is cut at recovery).
-//!   `sync` with nothing pending returns at once. When the buffer exceeds
+//!   `write_at` plus one fdatasync at [`Storage::sync`], then the next watermark slot is
+//!   written (not synced: the next fdatasync carries it), so after a crash the log holds the
+//!   synced records and at most a prefix of the later ones (a torn write above the watermark
+//!   is cut at recovery). `sync` with nothing pending returns at once. When the buffer exceeds
 //!   [`FileStorageOptions::write_buffer_bytes`] it is synced early (earlier durability is
 //!   allowed by the contract).
 //! - Overwrite: an `Entry` record at an index at or below the last one replaces the suffix
 //!   from there; `truncate_suffix` writes a `Truncate { from }` record. Both take effect at
 //!   replay, in log order, so a truncation is durable exactly when its record is, and
 //!   recovery never resurrects a truncated entry once the truncation was synced.
-//! - A segment is full when the next record does not fit: the active one is fdatasynced, then
-//!   the next is created (preallocated, header synced, renamed, directory synced) and starts
-//!   with the current hard state. A record larger than `segment_size` gets a segment of its own
-//!   size.
+//! - A segment is full when the next record does not fit: the active one is fdatasynced and
+//!   *sealed* (its final watermark, equal to its end, fdatasynced), then the next is created
+//!   (preallocated with its header and watermark, synced, renamed, directory synced) and
+//!   starts with the current hard state. A record larger than `segment_size` gets a segment
+//!   of its own size. On a full disk the new segment is tried at half the size, down to what
+//!   the record needs; the next one is tried at twice the last size that fitted, up to
+//!   `segment_size` (so a storage on a file system smaller than a segment still works).
 //! - Snapshots are streamed: `write_snapshot_chunk` at offset 0 (re)creates `snap.tmp` with a
 //!   placeholder header, later chunks must continue at its current length, and a running
 //!   crc32 covers the content; nothing of it is held in memory, and it need not survive a
@@ -56,14 +74,19 @@
 //! stream written by one `write_at` per sync, a vote can never survive while an earlier append
 //! is lost, or the other way round; and a hard state costs no extra fsync.
 //!
-//! One `FileStorage` per directory: nothing else may write to it while it is open.
+//! One `FileStorage` per directory: [`FileStorage::open`] takes an exclusive lock on
+//! `<dir>/LOCK` for the life of the storage, and a second open (in any process) fails with
+//! [`StorageError::InUse`]. (The simulated disk is not locked.)
 
 mod header;
+mod lock;
 mod log_index;
 mod recovery;
 mod segment;
 mod snapshot;
+mod tail_loss;
 mod vfs;
+mod watermark;
 
 #[cfg(any(test, feature = "testing"))]
 pub mod sim;
@@ -75,21 +98,23 @@ pub mod inspect;
 mod options;
 
 pub use options::{
-    FileStorageOptions, RecoveryReport, TornTail, MAX_SEGMENT_SIZE, MIN_SEGMENT_SIZE,
+    DamagedTail, FileStorageOptions, RecoveryReport, TornTail, MAX_SEGMENT_SIZE, MIN_SEGMENT_SIZE,
 };
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use lock::DirLock;
 use log_index::{unpack, LogIndex, TailCache};
 use segment::{
-    create_segment, decode_record_at, encode_record, Record, RecordRef, Segment, SegmentHeader,
-    HEADER_LEN,
+    create_segment_fitting, decode_record_at, encode_record, Record, RecordRef, Segment,
+    SegmentHeader, HEADER_LEN, RECORDS_START,
 };
 use snapshot::{IncomingSnapshot, SnapshotFile};
+use tail_loss::{remove_tail_loss, RecordedLoss};
 use vfs::{io_error, RealFs, Vfs};
 
-use super::{InitialState, PersistedSize, Storage};
+use super::{InitialState, PersistedSize, Storage, TailLoss};
 use crate::error::StorageError;
 use crate::raft::{Entry, HardState, Index, SnapshotMeta, Term};
 
@@ -118,6 +143,10 @@ pub struct FileStorage {
     dir: PathBuf,
     opts: FileStorageOptions,
     hard_state: HardState,
+    /// The hard state the log's records replay to (those written and those pending): what a
+    /// watermark records. Equal to `hard_state` except at open, between recovery taking it
+    /// from a watermark (no retained record held one) and its record being logged.
+    logged_hard_state: HardState,
     /// The current snapshot's meta (`index == 0` when there is none).
     snapshot: SnapshotMeta,
     /// The current snapshot's file; `Some` exactly when `snapshot.index > 0`.
@@ -133,14 +162,35 @@ pub struct FileStorage {
     scratch: Vec<u8>,
     poisoned: bool,
     report: RecoveryReport,
+    /// The directory's lock (real file system only), held for the life of the storage.
+    _lock: Option<DirLock>,
+    /// A watermark was written since the active segment's last fdatasync.
+    watermark_unsynced: bool,
+    /// Length to preallocate for the next segment: the configured size, halved after a
+    /// full disk refused it, doubled back after each success.
+    next_segment_len: u64,
+    /// The recorded tail loss (see `tail_loss.rs`), until its removal is synced.
+    tail_loss: Option<RecordedLoss>,
+    /// `clear_tail_loss` was called: remove the record at the next sync.
+    clear_tail_loss: bool,
 }
 
 impl FileStorage {
-    /// Opens (creating if needed) the storage in `dir`, recovering it (see `recovery.rs`).
-    /// Fails with [`StorageError::Corrupt`] or [`StorageError::WrongIdentity`] naming the file
-    /// and offset when the directory holds damage other than a torn tail write.
+    /// Opens (creating if needed, mode 0700) the storage in `dir`, takes its lock and
+    /// recovers it (see `recovery.rs`). Fails with [`StorageError::InUse`] at once when another
+    /// storage holds the directory, with [`StorageError::Corrupt`],
+    /// [`StorageError::WrongIdentity`] or [`StorageError::UnsupportedFormat`] naming the file
+    /// (and offset) when the directory holds damage other than a torn write of never-synced
+    /// bytes (see [`FileStorageOptions::recover_damaged_tail`] for the alternative).
     pub fn open(dir: impl AsRef<Path>, opts: FileStorageOptions) -> Result<Self, StorageError> {
-        Self::open_with(Arc::new(RealFs), dir.as_ref(), opts)
+        let dir = dir.as_ref();
+        let fs = RealFs;
+        fs.create_dir_all(dir)
+            .map_err(|e| io_error("create dir", dir, e))?;
+        let lock = lock::lock_dir(dir)?;
+        let mut storage = Self::open_with(Arc::new(fs), dir, opts)?;
+        storage._lock = Some(lock);
+        Ok(storage)
     }
 
     /// Opens the storage on a simulated disk (feature `testing`).
@@ -177,6 +227,7 @@ impl FileStorage {
             dir: dir.to_path_buf(),
             opts,
             hard_state: r.hard_state,
+            logged_hard_state: r.log_hard_state,
             snapshot: r.snapshot,
             snapshot_file,
             incoming: None,
@@ -187,15 +238,23 @@ impl FileStorage {
             scratch: Vec::new(),
             poisoned: false,
             report: r.report,
+            _lock: None,
+            watermark_unsynced: false,
+            next_segment_len: opts.segment_size,
+            tail_loss: r.tail_loss,
+            clear_tail_loss: false,
         };
-        if !storage.active().has_hard_state {
-            // Every segment with records starts with the hard state (see `segment.rs`).
+        if !storage.active().has_hard_state || r.needs_hard_state_record {
+            // Every segment with records starts with the hard state (see `segment.rs`); a
+            // hard state newer than the log's (kept across a recovery cut) is logged too.
             let hs = storage.hard_state;
             storage.push_record(&RecordRef::HardState(hs))?;
             storage.active_mut().has_hard_state = true;
         }
         if r.needs_reset_marker {
             storage.push_record(&RecordRef::Truncate { from: 0 })?;
+        }
+        if r.needs_reset_marker || r.needs_hard_state_record {
             storage.sync_inner()?;
         }
         Ok(storage)
@@ -269,22 +328,27 @@ impl FileStorage {
         let active = self.active();
         let location = log_index::pack(active.seq, active.end + self.pending.len() as u64);
         self.pending.extend_from_slice(&self.scratch);
+        if let RecordRef::HardState(hs) = record {
+            self.logged_hard_state = *hs;
+        }
         Ok(location)
     }
 
-    /// Syncs the active segment and starts the next one with enough room for a record of
-    /// `record_size` bytes.
+    /// Syncs the active segment (and its final watermark) and starts the next one with room
+    /// for a record of `record_size` bytes. On a full disk the new segment is tried smaller
+    /// (down to what the record needs) before failing with [`StorageError::NoSpace`]; a
+    /// failed attempt leaves no file behind.
     fn roll(&mut self, record_size: u64) -> Result<(), StorageError> {
         self.flush_pending()?;
+        self.seal_active()?;
         let seq = self.active().seq + 1;
         if seq >= 1 << 32 {
             return Err(StorageError::Invalid("segment numbers exhausted".into()));
         }
         let mut hs_record = Vec::new();
         encode_record(&RecordRef::HardState(self.hard_state), &mut hs_record)?;
-        let needed = HEADER_LEN + hs_record.len() as u64 + record_size;
-        let len = self.opts.segment_size.max(needed);
-        if len > u64::from(u32::MAX) {
+        let needed = RECORDS_START + hs_record.len() as u64 + record_size;
+        if needed > u64::from(u32::MAX) {
             return Err(StorageError::Invalid(format!(
                 "record of {record_size} bytes is too large"
             )));
@@ -293,17 +357,92 @@ impl FileStorage {
             cluster_id: self.opts.cluster_id,
             node_id: self.opts.node_id,
             seq,
-            allocated_len: len,
+            allocated_len: 0,
         };
-        let mut segment = create_segment(self.vfs.as_ref(), &self.dir, header)?;
+        let preferred = self.next_segment_len.max(needed);
+        // The new segment's watermark: nothing synced in it yet, the log's hard state so far.
+        let created = create_segment_fitting(
+            self.vfs.as_ref(),
+            &self.dir,
+            header,
+            self.logged_hard_state,
+            &[],
+            preferred,
+            needed,
+        );
+        let mut segment = match created {
+            Ok(segment) => segment,
+            Err((e, tried)) => {
+                if matches!(e, StorageError::NoSpace { .. }) {
+                    self.next_segment_len = tried.max(MIN_SEGMENT_SIZE);
+                }
+                return Err(e);
+            }
+        };
+        self.next_segment_len = (segment.len.saturating_mul(2))
+            .min(self.opts.segment_size)
+            .max(MIN_SEGMENT_SIZE);
         segment.has_hard_state = true;
         self.segments.push(segment);
+        self.watermark_unsynced = false;
         self.pending.extend_from_slice(&hs_record);
+        self.logged_hard_state = self.hard_state;
         Ok(())
     }
 
-    /// Writes the pending buffer in one `write_at` and fdatasyncs it.
+    /// Writes the active segment's watermark if a full disk kept it from being written.
+    fn write_unwritten_watermark(&mut self) -> Result<(), StorageError> {
+        let active = self.active_mut();
+        if active.watermark_unwritten {
+            let w = active.watermark;
+            active
+                .file
+                .write_at(&w.encode(), w.offset())
+                .map_err(|e| io_error("write", &active.path, e))?;
+            active.watermark_unwritten = false;
+            self.watermark_unsynced = true;
+        }
+        Ok(())
+    }
+
+    /// Makes the active segment's watermark say, durably, that all its records are synced
+    /// (before the segment is left for a new one: recovery then requires its records to end
+    /// exactly there). Records above the watermark can exist only when recovery kept
+    /// surviving unsynced records; they are synced first.
+    fn seal_active(&mut self) -> Result<(), StorageError> {
+        self.write_unwritten_watermark()?;
+        let hard_state = self.logged_hard_state;
+        let active = self.active_mut();
+        if active.watermark.synced_end < active.end {
+            active
+                .file
+                .sync_data()
+                .map_err(|e| io_error("fsync", &active.path, e))?;
+            active.watermark = active.watermark.next(active.end, hard_state);
+            let w = active.watermark;
+            active
+                .file
+                .write_at(&w.encode(), w.offset())
+                .map_err(|e| io_error("write", &active.path, e))?;
+            self.watermark_unsynced = true;
+        }
+        if self.watermark_unsynced {
+            let active = self.active();
+            active
+                .file
+                .sync_data()
+                .map_err(|e| io_error("fsync", &active.path, e))?;
+            self.watermark_unsynced = false;
+        }
+        Ok(())
+    }
+
+    /// Writes the pending buffer in one `write_at`, fdatasyncs it, then writes the next
+    /// watermark generation (durable at the next fdatasync; see `watermark.rs`).
     fn flush_pending(&mut self) -> Result<(), StorageError> {
+        // A watermark a full disk kept back goes first: the fdatasync below makes it durable
+        // before the next one claims more.
+        self.write_unwritten_watermark()?;
         if self.pending.is_empty() {
             return Ok(());
         }
@@ -314,16 +453,35 @@ impl FileStorage {
             .map_err(|e| io_error("write", &active.path, e))?;
         let written = self.pending.len() as u64;
         self.pending.clear();
+        // Everything logged is written now: the watermark records what it replays to.
+        let hard_state = self.logged_hard_state;
         let active = self.active_mut();
         active.end += written;
         active
             .file
             .sync_data()
-            .map_err(|e| io_error("fsync", &active.path, e))
+            .map_err(|e| io_error("fsync", &active.path, e))?;
+        active.watermark = active.watermark.next(active.end, hard_state);
+        let w = active.watermark;
+        match active.file.write_at(&w.encode(), w.offset()) {
+            Ok(()) => self.watermark_unsynced = true,
+            Err(e) => match io_error("write", &active.path, e) {
+                // The records are durable; the watermark is written before the next batch.
+                StorageError::NoSpace { .. } => active.watermark_unwritten = true,
+                other => return Err(other),
+            },
+        }
+        Ok(())
     }
 
     fn sync_inner(&mut self) -> Result<(), StorageError> {
-        self.flush_pending()
+        self.flush_pending()?;
+        if self.clear_tail_loss && self.tail_loss.is_some() {
+            remove_tail_loss(self.vfs.as_ref(), &self.dir)?;
+            self.tail_loss = None;
+        }
+        self.clear_tail_loss = false;
+        Ok(())
     }
 
     fn segment(&self, seq: u64) -> Option<&Segment> {
@@ -634,9 +792,25 @@ impl Storage for FileStorage {
         self.guard(r)
     }
 
+    fn tail_loss(&self) -> Option<TailLoss> {
+        self.tail_loss.map(|r| r.loss)
+    }
+
+    fn clear_tail_loss(&mut self) -> Result<(), StorageError> {
+        self.check_poison()?;
+        self.clear_tail_loss = self.tail_loss.is_some();
+        Ok(())
+    }
+
     fn persisted_size(&self) -> PersistedSize {
         PersistedSize {
-            log_bytes: self.segments.iter().map(|s| s.end).sum(),
+            // Each segment's records and its 64-byte header; not the rest of the first page
+            // (the watermark's fixed sectors), which a log bound should not count.
+            log_bytes: self
+                .segments
+                .iter()
+                .map(|s| s.end - RECORDS_START + HEADER_LEN)
+                .sum(),
             snapshot_bytes: self
                 .snapshot_file
                 .as_ref()

@@ -1,7 +1,8 @@
 //! Settings of a [`FileStorage`](super::FileStorage) and the report of its recovery.
 //!
 //! No on-disk format here: the options that matter on disk (`cluster_id`, `node_id`, and each
-//! segment's actual length) are recorded in the file headers (see `segment.rs`).
+//! segment's actual length) are recorded in the file headers (see `segment.rs`);
+//! `recover_damaged_tail` leaves its trace in the tail-loss file (see `tail_loss.rs`).
 
 use std::path::PathBuf;
 
@@ -25,6 +26,16 @@ pub struct FileStorageOptions {
     pub cache_bytes: u64,
     /// Unsynced bytes buffered before an early sync. Default 8 MiB.
     pub write_buffer_bytes: u64,
+    /// Recovery mode (protocol-aware recovery). Off (the default): damage to synced log
+    /// records is refused at open with [`StorageError::Corrupt`](crate::error::StorageError::Corrupt).
+    /// On: the log is cut at the first damaged record instead (the snapshot and the intact
+    /// prefix are kept, later segments removed), after the loss has been recorded durably;
+    /// the storage then reports a [`TailLoss`](crate::storage::TailLoss) until
+    /// [`clear_tail_loss`](crate::storage::Storage::clear_tail_loss) is synced, so that the
+    /// node neither votes nor acknowledges beyond what it still holds until a leader has
+    /// repaired it. Damage to a snapshot, a missing segment or a file of another node is
+    /// refused either way.
+    pub recover_damaged_tail: bool,
 }
 
 impl Default for FileStorageOptions {
@@ -35,19 +46,35 @@ impl Default for FileStorageOptions {
             segment_size: 64 << 20,
             cache_bytes: 4 << 20,
             write_buffer_bytes: 8 << 20,
+            recover_damaged_tail: false,
         }
     }
 }
 
-/// A torn record cut off the end of the newest segment at open.
+/// A torn write cut off the end of the newest segment at open: bytes above its synced
+/// watermark (never synced) that do not form a valid record.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TornTail {
     /// The segment.
     pub path: PathBuf,
-    /// Offset of the torn record.
+    /// Offset of the first invalid record.
     pub offset: u64,
-    /// Bytes zeroed (the record's claimed length with its prefix).
+    /// Bytes zeroed (from `offset` to the last non-zero byte of the file).
     pub bytes: u64,
+}
+
+/// Damage to synced data that recovery mode cut off the log (see
+/// [`FileStorageOptions::recover_damaged_tail`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DamagedTail {
+    /// The file holding the first damaged byte found.
+    pub path: PathBuf,
+    /// Its offset.
+    pub offset: u64,
+    /// What was wrong there.
+    pub reason: String,
+    /// Segments removed whole (the damaged one, if its header was damaged, and all later).
+    pub removed_segments: Vec<PathBuf>,
 }
 
 /// What recovery did when the storage was opened.
@@ -60,4 +87,6 @@ pub struct RecoveryReport {
     /// The log did not continue the snapshot and was discarded (a crash inside
     /// `install_snapshot`, between the snapshot's rename and the log's reset marker).
     pub discarded_log: bool,
+    /// Recovery mode cut damaged synced records off the log at this open.
+    pub damaged_tail: Option<DamagedTail>,
 }

@@ -1,15 +1,15 @@
 //! Log segment files and record framing.
 //!
-//! # On-disk format (version 1)
+//! # On-disk format (version 2)
 //! A segment is named `seg-<seq, 20 digits>.log` and is preallocated (zero-filled) to its final
 //! length when created, under the temporary name `seg-<seq>.tmp` which is fsynced and then
-//! renamed into place (so a named segment always has a complete header). All integers are
-//! little-endian.
+//! renamed into place (so a named segment always has a complete header and watermark). All
+//! integers are little-endian.
 //!
 //! ```text
-//! header, 64 bytes:
+//! header, 64 bytes at offset 0:
 //!   0..8    magic  b"RKVLOG\0\x01"
-//!   8..12   format version (u32) = 1
+//!   8..12   format version (u32) = 2
 //!   12..16  zero
 //!   16..24  cluster id (u64)
 //!   24..32  node id (u64)
@@ -17,23 +17,49 @@
 //!   40..48  allocated length of the file (u64); the file must be exactly that long
 //!   48..60  zero
 //!   60..64  crc32 of bytes 0..60
-//! records, from offset 64, back to back:
+//!   64..512 zero (the rest of the header's sector)
+//! synced watermark, two 64-byte slots at offsets 512 and 1024 (see `watermark.rs`)
+//! records, from offset 1536 (RECORDS_START), back to back:
 //!   0..4    payload length n (u32, > 0)
 //!   4..8    crc32 of bytes 0..4 followed by the payload
 //!   8..8+n  payload: a postcard-encoded `Record` (HardState | Entry | Truncate { from })
 //! then zeroes up to the allocated length: a length field of 0 ends the log.
 //! ```
+//! Header, slots and records never share a 512-byte sector. Version 1 (no watermark, records
+//! from offset 64) is refused with [`StorageError::UnsupportedFormat`]; there is no migration.
+//!
+//! # Tear or damage: the rule
+//! A tear (a crash in the middle of a write) can only affect bytes written after the last
+//! completed fdatasync. The newest watermark slot `W` of a segment says how far its records
+//! were synced (it is written only after that fdatasync returned), so recovery decides by
+//! position, not by what the bytes look like:
+//! - **Below `W`** every byte was synced: records must be intact and end exactly at `W`. A
+//!   checksum failure, a zeroed record, a record running past `W` — anything — is damage:
+//!   [`StorageError::Corrupt`] naming the file and the record's offset. Never a cut.
+//! - **From `W` on, in the newest segment only**, the bytes were never synced (or were synced
+//!   by a fdatasync whose watermark write a power loss then lost; see below). Valid records
+//!   there are a surviving prefix of unsynced writes and are kept; the first record that is
+//!   not valid is a torn write: it and everything after it are cut (zeroed and synced at
+//!   open), even if later sectors happen to be intact (a disk may persist the sectors of one
+//!   write in any order).
+//! - **Older segments** were fdatasynced, and their final watermark synced, before the next
+//!   segment was created: their records must end exactly at `W`, with only zeroes after.
+//!
+//! Which fault does what: zeroing or flipping bits in the last ~200 bytes or the last ~9 KB of
+//! the used region is below `W` (the slot is in the first page, away from the tail): refused
+//! as damage. A torn write of the current batch is above `W`: cut. Damage of a watermark slot
+//! itself is refused (a slot never tears: see `watermark.rs`). What the rule cannot see: a
+//! power loss that also loses the newest slot write moves `W` back by one sync, and damage of
+//! *that* last synced batch at the same time would then be taken for a tear. That needs two
+//! faults at once (power loss and damage of exactly the newest bytes); closing it would cost a
+//! second fdatasync per sync.
 //!
 //! # Invariants
-//! - Records are only ever written after the current end, in one `write_at` per `sync`, and a
-//!   segment is fdatasynced before the next one is created, so only the newest segment can end
-//!   in a torn record, and a torn record is followed by zeroes only.
+//! - Records are only ever written after the current end, in one `write_at` per `sync`,
+//!   followed by one fdatasync, and only then the next watermark generation.
 //! - Every segment that holds records starts with a `HardState` record (the hard state as of its
-//!   creation), so deleting older segments never loses the hard state.
-//! - Known limit: the torn-tail rule assumes a crash leaves a *prefix* of the last write (as the
-//!   simulated disk does). A disk that persists the sectors of one write out of order can leave
-//!   a damaged record followed by an intact one; recovery then refuses to open (`Corrupt`, with
-//!   file and offset) rather than guess, and `examples/inspect.rs` shows where.
+//!   creation), so deleting older segments never loses the hard state; the watermark's hard
+//!   state equals the one replayed through `W`.
 //! - Replaying the records of all segments in order rebuilds the log: an `Entry` at index `i`
 //!   replaces the entries `i..` (overwrite semantics), `Truncate { from }` removes `from..`
 //!   (`from` at or below the first index empties the log).
@@ -45,15 +71,20 @@ use serde::{Deserialize, Serialize};
 
 use super::header;
 use super::vfs::{io_error, Vfs, VfsFile};
+use super::watermark::{Watermark, SLOT_LEN};
 use crate::error::StorageError;
 use crate::raft::{Entry, HardState, Index};
 
 /// Magic bytes at the start of every segment.
 pub(crate) const SEGMENT_MAGIC: [u8; 8] = *b"RKVLOG\0\x01";
 /// Current on-disk format version (segments and snapshots).
-pub(crate) const FORMAT_VERSION: u32 = 1;
+pub(crate) const FORMAT_VERSION: u32 = 2;
 /// Bytes of a segment header.
 pub(crate) const HEADER_LEN: u64 = header::LEN as u64;
+/// Offset of a segment's first record (after the header's and the watermark slots' sectors).
+pub(crate) const RECORDS_START: u64 = 1536;
+/// The sector size the layout is aligned to.
+pub(crate) const SECTOR: usize = 512;
 /// Bytes of a record's length + checksum prefix.
 pub(crate) const RECORD_PREFIX: u64 = 8;
 /// Chunk size used to zero-fill new segments.
@@ -158,9 +189,18 @@ impl SegmentHeader {
         h
     }
 
-    /// Parses and checks a header (magic, version, checksum); identity is checked by the caller.
+    /// Parses and checks a header (magic, version, checksum, and the rest of its sector
+    /// zero); identity is checked by the caller.
     pub(crate) fn decode(bytes: &[u8], path: &Path) -> Result<SegmentHeader, StorageError> {
         let h = header::check(bytes, &SEGMENT_MAGIC, "segment", path)?;
+        let sector = bytes.get(HEADER_LEN as usize..SECTOR).unwrap_or(&[]);
+        if let Some(at) = sector.iter().position(|&b| b != 0) {
+            return Err(StorageError::Corrupt {
+                path: path.to_path_buf(),
+                offset: HEADER_LEN + at as u64,
+                reason: "non-zero byte in the unused part of the header sector".into(),
+            });
+        }
         Ok(SegmentHeader {
             cluster_id: read_u64(h, 16).unwrap_or(0),
             node_id: read_u64(h, 24).unwrap_or(0),
@@ -194,71 +234,155 @@ impl SegmentHeader {
 pub(crate) struct ScanEnd {
     /// Offset just after the last valid record.
     pub end: u64,
-    /// A torn record at the end (offset, bytes up to its claimed end), when allowed.
+    /// Bytes of a torn write found above the synced watermark of the newest segment: the
+    /// range `offset..offset + bytes` (from the first invalid record to the last non-zero
+    /// byte of the file), which open zeroes.
     pub torn: Option<(u64, u64)>,
 }
 
-/// Walks the records of a segment image (`data` is the whole file), calling `on_record` with
-/// each record's offset. `torn_allowed` is true for the newest segment only: there, a record
-/// failing its checksum and followed by nothing but zeroes ends the scan as a torn tail.
-/// Anything else that is not a valid record or the zero tail is [`StorageError::Corrupt`].
+/// One record parsed at an offset.
+enum Parsed {
+    Record(Record, u64),
+    /// A length field of zero: the end of the log, if only zeroes follow.
+    End,
+    /// Not a valid record (why).
+    Invalid(&'static str),
+}
+
+fn parse_at(data: &[u8], off: u64) -> Parsed {
+    let rest = data.get(off as usize..).unwrap_or(&[]);
+    if rest.len() < RECORDS_PREFIX_USIZE {
+        return if all_zero(rest) {
+            Parsed::End
+        } else {
+            Parsed::Invalid("stray bytes after the last record")
+        };
+    }
+    let len = read_u32(rest, 0).unwrap_or(0);
+    let crc = read_u32(rest, 4).unwrap_or(0);
+    if len == 0 {
+        return Parsed::End;
+    }
+    let end = off + RECORD_PREFIX + u64::from(len);
+    if end > data.len() as u64 {
+        return Parsed::Invalid("record length runs past the end of the segment");
+    }
+    let payload = &data[(off + RECORD_PREFIX) as usize..end as usize];
+    if record_crc(len, payload) != crc {
+        return Parsed::Invalid("record checksum mismatch");
+    }
+    match postcard::from_bytes(payload) {
+        Ok(record) => Parsed::Record(record, end),
+        // A checksum that matches is no tear: the record was written like this.
+        Err(_) => Parsed::Invalid("undecodable record"),
+    }
+}
+
+const RECORDS_PREFIX_USIZE: usize = RECORD_PREFIX as usize;
+
+/// Offset just after the last non-zero byte of `data` at or after `from` (`from` if none).
+fn last_non_zero(data: &[u8], from: u64) -> u64 {
+    let tail = data.get(from as usize..).unwrap_or(&[]);
+    from + tail
+        .iter()
+        .rposition(|&b| b != 0)
+        .map_or(0, |p| p as u64 + 1)
+}
+
+/// Bytes from `from` to the last non-zero byte of `data` (0 when only zeroes follow).
+pub(crate) fn garbage_after(data: &[u8], from: u64) -> u64 {
+    last_non_zero(data, from) - from
+}
+
+/// Walks the records of a segment image (`data` is the whole file) whose newest watermark
+/// says `synced_end`, calling `on_record` with each record's offset, by the rule in the
+/// [module docs](self): below `synced_end` anything but an intact record ending at or before
+/// it is [`StorageError::Corrupt`]; after it, an older segment (`newest == false`) must hold
+/// only zeroes, and the newest one ends at its first invalid record (a torn write, reported
+/// in [`ScanEnd::torn`]).
 pub(crate) fn scan_records(
     data: &[u8],
     path: &Path,
-    torn_allowed: bool,
+    synced_end: u64,
+    newest: bool,
     mut on_record: impl FnMut(u64, Record) -> Result<(), StorageError>,
 ) -> Result<ScanEnd, StorageError> {
-    let corrupt = |offset: u64, reason: &str| StorageError::Corrupt {
+    let corrupt = |offset: u64, reason: String| StorageError::Corrupt {
         path: path.to_path_buf(),
         offset,
-        reason: reason.to_owned(),
+        reason,
     };
-    let file_len = data.len() as u64;
-    let mut off = HEADER_LEN;
+    let mut off = RECORDS_START;
     loop {
-        let at = off as usize;
-        let rest = data.get(at..).unwrap_or(&[]);
-        if rest.len() < RECORD_PREFIX as usize {
+        let parsed = parse_at(data, off);
+        if off < synced_end {
+            // Synced bytes: strict.
+            match parsed {
+                Parsed::Record(record, end) if end <= synced_end => {
+                    on_record(off, record)?;
+                    off = end;
+                }
+                Parsed::Record(..) => {
+                    return Err(corrupt(
+                        off,
+                        format!("record runs past the synced watermark {synced_end}"),
+                    ))
+                }
+                Parsed::End => {
+                    return Err(corrupt(
+                        off,
+                        format!("zeroed records below the synced watermark {synced_end}"),
+                    ))
+                }
+                Parsed::Invalid(why) => {
+                    return Err(corrupt(
+                        off,
+                        format!("{why} in synced records (synced through {synced_end})"),
+                    ))
+                }
+            }
+            continue;
+        }
+        if !newest {
+            // A full segment: nothing was ever written after its final watermark.
+            let rest = data.get(off as usize..).unwrap_or(&[]);
             if all_zero(rest) {
                 return Ok(ScanEnd {
                     end: off,
                     torn: None,
                 });
             }
-            return Err(corrupt(off, "stray bytes after the last record"));
-        }
-        let len = read_u32(rest, 0).unwrap_or(0);
-        let crc = read_u32(rest, 4).unwrap_or(0);
-        if len == 0 {
-            if all_zero(rest) {
-                return Ok(ScanEnd {
-                    end: off,
-                    torn: None,
-                });
-            }
-            return Err(corrupt(off, "non-zero bytes after the end of the log"));
-        }
-        let end = off + RECORD_PREFIX + u64::from(len);
-        if end > file_len {
             return Err(corrupt(
                 off,
-                "record length runs past the end of the segment",
+                format!("bytes after the final synced watermark {synced_end} of a full segment"),
             ));
         }
-        let payload = &data[at + RECORD_PREFIX as usize..end as usize];
-        if record_crc(len, payload) != crc {
-            if torn_allowed && all_zero(&data[end as usize..]) {
+        // The newest segment, above its watermark: never synced.
+        match parsed {
+            Parsed::Record(record, end) => {
+                on_record(off, record)?;
+                off = end;
+            }
+            Parsed::Invalid("undecodable record") => {
+                return Err(corrupt(
+                    off,
+                    "undecodable record with a valid checksum".into(),
+                ))
+            }
+            Parsed::End if all_zero(data.get(off as usize..).unwrap_or(&[])) => {
                 return Ok(ScanEnd {
                     end: off,
-                    torn: Some((off, end - off)),
+                    torn: None,
+                })
+            }
+            Parsed::End | Parsed::Invalid(_) => {
+                let garbage_end = last_non_zero(data, off);
+                return Ok(ScanEnd {
+                    end: off,
+                    torn: Some((off, garbage_end - off)),
                 });
             }
-            return Err(corrupt(off, "record checksum mismatch"));
         }
-        let record =
-            postcard::from_bytes(payload).map_err(|_| corrupt(off, "undecodable record"))?;
-        on_record(off, record)?;
-        off = end;
     }
 }
 
@@ -296,6 +420,12 @@ pub(crate) struct Segment {
     pub max_index: Index,
     /// Whether the segment holds a `HardState` record (written or pending).
     pub has_hard_state: bool,
+    /// The newest watermark generation written to the file (or to be written, while
+    /// `watermark_unwritten`).
+    pub watermark: Watermark,
+    /// `watermark` could not be written yet (a full disk after the fdatasync it reports); it
+    /// is written before the next batch.
+    pub watermark_unwritten: bool,
 }
 
 impl Segment {
@@ -360,37 +490,72 @@ impl std::ops::Deref for ImageRef<'_> {
     }
 }
 
-/// Creates segment `seq` of `len` bytes: writes header and zeroes under the temporary name,
-/// fdatasyncs it, renames it into place and fsyncs the directory. On failure the temporary
-/// file is removed (best effort) and nothing named `seg-<seq>.log` exists.
+/// Creates segment `header.seq` of `header.allocated_len` bytes: writes the header, the
+/// framed records `initial` (usually none), the two watermark slots ("synced through" the
+/// end of `initial`, with `hard_state`, the hard state the log replays to there) and zeroes
+/// under the temporary name, fdatasyncs it, renames it into place and fsyncs the directory.
+/// On failure (a full disk, say) the temporary file is closed and removed at once, so a
+/// half-preallocated segment never keeps the space it took, and nothing named
+/// `seg-<seq>.log` exists.
 pub(crate) fn create_segment(
     vfs: &dyn Vfs,
     dir: &Path,
     header: SegmentHeader,
+    hard_state: HardState,
+    initial: &[u8],
 ) -> Result<Segment, StorageError> {
     let temp = dir.join(segment_temp_name(header.seq));
     let path = dir.join(segment_name(header.seq));
+    let end = RECORDS_START + initial.len() as u64;
+    if end > header.allocated_len {
+        return Err(StorageError::Invalid(format!(
+            "{} bytes of records do not fit a segment of {}",
+            initial.len(),
+            header.allocated_len
+        )));
+    }
+    let first = Watermark {
+        generation: 0,
+        seq: header.seq,
+        synced_end: end,
+        hard_state,
+    };
+    let second = first.next(end, hard_state);
     let result = (|| {
         let file = vfs
             .create(&temp)
             .map_err(|e| io_error("create", &temp, e))?;
-        file.set_len(header.allocated_len)
-            .map_err(|e| io_error("set_len", &temp, e))?;
-        // Zero-fill so the blocks are really allocated: later appends then never hit ENOSPC
-        // and fdatasync need not update allocation metadata.
-        let mut chunk = vec![0u8; FILL_CHUNK.min(header.allocated_len as usize)];
-        chunk[..HEADER_LEN as usize].copy_from_slice(&header.encode());
-        let mut off = 0u64;
-        while off < header.allocated_len {
-            let n = (header.allocated_len - off).min(chunk.len() as u64) as usize;
-            file.write_at(&chunk[..n], off)
-                .map_err(|e| io_error("write", &temp, e))?;
-            if off == 0 {
-                chunk[..HEADER_LEN as usize].fill(0);
+        let written = (|| {
+            file.set_len(header.allocated_len)
+                .map_err(|e| io_error("set_len", &temp, e))?;
+            // Zero-fill so the blocks are really allocated: later appends then never hit
+            // ENOSPC and fdatasync need not update allocation metadata.
+            let mut chunk = vec![0u8; FILL_CHUNK.min(header.allocated_len as usize)];
+            chunk[..HEADER_LEN as usize].copy_from_slice(&header.encode());
+            for w in [first, second] {
+                let at = w.offset() as usize;
+                chunk[at..at + SLOT_LEN].copy_from_slice(&w.encode());
             }
-            off += n as u64;
+            let mut off = 0u64;
+            while off < header.allocated_len {
+                let n = (header.allocated_len - off).min(chunk.len() as u64) as usize;
+                file.write_at(&chunk[..n], off)
+                    .map_err(|e| io_error("write", &temp, e))?;
+                if off == 0 {
+                    chunk[..RECORDS_START as usize].fill(0);
+                }
+                off += n as u64;
+            }
+            if !initial.is_empty() {
+                file.write_at(initial, RECORDS_START)
+                    .map_err(|e| io_error("write", &temp, e))?;
+            }
+            file.sync_data().map_err(|e| io_error("fsync", &temp, e))
+        })();
+        if let Err(e) = written {
+            drop(file); // close before removing, so the blocks are freed at once
+            return Err(e);
         }
-        file.sync_data().map_err(|e| io_error("fsync", &temp, e))?;
         vfs.rename(&temp, &path)
             .map_err(|e| io_error("rename", &temp, e))?;
         vfs.sync_dir(dir)
@@ -402,9 +567,11 @@ pub(crate) fn create_segment(
             file,
             map,
             len: header.allocated_len,
-            end: HEADER_LEN,
+            end,
             max_index: 0,
             has_hard_state: false,
+            watermark: second,
+            watermark_unwritten: false,
         })
     })();
     if result.is_err() {
@@ -413,12 +580,44 @@ pub(crate) fn create_segment(
     result
 }
 
+/// Creates segment `header.seq` (its `allocated_len` is chosen here) of `preferred` bytes,
+/// or, while the disk is full, of half that, and so on down to `needed` bytes (at least
+/// [`MIN_SEGMENT_SIZE`](super::MIN_SEGMENT_SIZE)): a node on a file system smaller than a
+/// segment still starts, and a node on a full disk tries only small segments. Each failed
+/// attempt removes its file before the next. On failure returns the error and the last size
+/// tried.
+pub(crate) fn create_segment_fitting(
+    vfs: &dyn Vfs,
+    dir: &Path,
+    header: SegmentHeader,
+    hard_state: HardState,
+    initial: &[u8],
+    preferred: u64,
+    needed: u64,
+) -> Result<Segment, (StorageError, u64)> {
+    let floor = needed.max(super::MIN_SEGMENT_SIZE);
+    let mut len = preferred.max(floor);
+    loop {
+        let h = SegmentHeader {
+            allocated_len: len,
+            ..header
+        };
+        match create_segment(vfs, dir, h, hard_state, initial) {
+            Ok(segment) => return Ok(segment),
+            Err(StorageError::NoSpace { .. }) if len > floor => len = (len / 2).max(floor),
+            Err(e) => return Err((e, len)),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::raft::EntryPayload;
 
-    fn image_with(records: &[RecordRef<'_>]) -> Vec<u8> {
+    /// A segment image with `records` after RECORDS_START (slots are not filled in: the scan
+    /// takes the watermark as an argument).
+    fn image_with(records: &[RecordRef<'_>]) -> (Vec<u8>, u64) {
         let header = SegmentHeader {
             cluster_id: 1,
             node_id: 2,
@@ -426,16 +625,18 @@ mod tests {
             allocated_len: 4096,
         };
         let mut img = header.encode().to_vec();
+        img.resize(RECORDS_START as usize, 0);
         for r in records {
             encode_record(r, &mut img).unwrap();
         }
+        let end = img.len() as u64;
         img.resize(4096, 0);
-        img
+        (img, end)
     }
 
-    fn scan(img: &[u8], torn_allowed: bool) -> Result<(ScanEnd, usize), StorageError> {
+    fn scan(img: &[u8], synced: u64, newest: bool) -> Result<(ScanEnd, usize), StorageError> {
         let mut n = 0;
-        let end = scan_records(img, Path::new("s"), torn_allowed, |_, _| {
+        let end = scan_records(img, Path::new("s"), synced, newest, |_, _| {
             n += 1;
             Ok(())
         })?;
@@ -465,34 +666,63 @@ mod tests {
     }
 
     #[test]
-    fn torn_tail_only_in_newest_segment_and_only_before_zeroes() {
-        let e = Entry {
-            index: 1,
+    fn damage_below_the_watermark_is_refused_and_a_tear_above_it_is_cut() {
+        let e = |index| Entry {
+            index,
             term: 1,
             payload: EntryPayload::Command(b"hello".into()),
         };
-        let img = image_with(&[
+        let (e1, e2) = (e(1), e(2));
+        let (img, end) = image_with(&[
             RecordRef::HardState(HardState::default()),
-            RecordRef::Entry(&e),
+            RecordRef::Entry(&e1),
+            RecordRef::Entry(&e2),
         ]);
-        let (end, n) = scan(&img, false).unwrap();
-        assert_eq!(n, 2);
-        assert!(end.torn.is_none());
-        // Damage the last record's payload: torn in the newest segment, corrupt elsewhere.
-        let mut torn = img.clone();
-        torn[end.end as usize - 1] ^= 0xff;
-        let (t, n) = scan(&torn, true).unwrap();
-        assert_eq!(n, 1);
-        assert!(t.torn.is_some());
-        assert!(matches!(
-            scan(&torn, false),
-            Err(StorageError::Corrupt { .. })
-        ));
-        // Garbage after the end of the log is corruption.
+        let last = {
+            let (img1, _) = image_with(&[
+                RecordRef::HardState(HardState::default()),
+                RecordRef::Entry(&e1),
+            ]);
+            let mut at = RECORDS_START as usize;
+            while img1[at..at + 8] != [0; 8] {
+                at += 8 + read_u32(&img1, at).unwrap() as usize;
+            }
+            at as u64
+        };
+        for (synced, newest) in [(end, true), (end, false), (RECORDS_START, true)] {
+            let (got, n) = scan(&img, synced, newest).unwrap();
+            assert_eq!((got.end, got.torn, n), (end, None, 3));
+        }
+        // The last record damaged: below the watermark it is damage, in any segment; above
+        // it, in the newest segment, a torn write.
+        let mut flipped = img.clone();
+        flipped[end as usize - 1] ^= 0xff;
+        let mut zeroed = img.clone();
+        zeroed[last as usize + 3..end as usize].fill(0);
+        for damaged in [&flipped, &zeroed] {
+            for newest in [true, false] {
+                assert!(
+                    matches!(scan(damaged, end, newest), Err(StorageError::Corrupt { offset, .. }) if offset == last)
+                );
+            }
+            let (t, n) = scan(damaged, last, true).unwrap();
+            assert_eq!((t.end, n), (last, 2));
+            assert_eq!(t.torn.map(|t| t.0), Some(last));
+            assert!(scan(damaged, last, false).is_err());
+        }
+        // A record ending beyond the watermark, or zeroes before it.
+        assert!(scan(&img, last + 1, true).is_err());
+        assert!(scan(&img, end + 8, true).is_err());
+        // Garbage after the end of the log: a torn write in the newest segment (its earlier
+        // sectors lost), never in an older one; the torn range reaches the last non-zero byte.
         let mut stray = img;
         stray[3000] = 1;
+        assert_eq!(
+            scan(&stray, end, true).unwrap().0.torn,
+            Some((end, 3001 - end))
+        );
         assert!(
-            matches!(scan(&stray, true), Err(StorageError::Corrupt { offset, .. }) if offset == end.end)
+            matches!(scan(&stray, end, false), Err(StorageError::Corrupt { offset, .. }) if offset == end)
         );
     }
 

@@ -8,7 +8,10 @@
 //! [`SimDisk::crash`] models a power loss. Each unsynced write is kept fully, kept as a prefix
 //! of random length (a torn write; or, with [`SimDisk::set_tear_sectors`], a random subset of
 //! its 512-byte sectors) or lost, independently of the others (so later writes may survive
-//! earlier ones: they are reordered). Each unsynced `set_len` is kept or lost. The
+//! earlier ones: they are reordered). A write that lies inside one aligned 512-byte sector is
+//! never torn, only kept or lost (sector atomicity, which real disks give and the storage's
+//! watermark slots rely on); a longer write may tear anywhere, even inside a sector (harsher
+//! than a real disk). Each unsynced `set_len` is kept or lost. The
 //! directory keeps a random prefix of its journal (metadata journals commit in order). Inodes
 //! left without a name vanish. The randomness comes from a seeded [`SplitMix64`], so a failing
 //! case is reproduced by its seed.
@@ -16,7 +19,9 @@
 //! Faults: [`SimDisk::crash_after`] makes the n-th next mutating operation and everything after
 //! it fail (the process "dies" there); [`SimDisk::set_no_space`] makes writes and growing
 //! `set_len`s fail with `ENOSPC` (a write first lands half of its bytes, unsynced);
-//! [`SimDisk::fail_next_sync`] makes the next fsync fail with `EIO`.
+//! [`SimDisk::fail_next_sync`] makes the next fsync fail with `EIO`; [`SimDisk::set_capacity`]
+//! makes the disk small: a write or `set_len` that would grow the files (those with a name)
+//! beyond it fails with `ENOSPC` and changes nothing.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -123,6 +128,7 @@ struct State {
     no_space: bool,
     fail_next_sync: bool,
     tear_sectors: bool,
+    capacity: Option<u64>,
     mutating_ops: u64,
 }
 
@@ -157,6 +163,29 @@ impl State {
         self.inodes
             .get_mut(&ino)
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "stale simulated file"))
+    }
+    /// Fails with `ENOSPC` if growing inode `ino` to `new_len` bytes exceeds the capacity.
+    fn check_capacity(&self, ino: u64, new_len: u64) -> io::Result<()> {
+        let Some(capacity) = self.capacity else {
+            return Ok(());
+        };
+        let current = self.inodes.get(&ino).map_or(0, |i| i.current.len() as u64);
+        if new_len <= current {
+            return Ok(());
+        }
+        let mut live: Vec<u64> = self.names.values().copied().collect();
+        live.push(ino);
+        live.sort_unstable();
+        live.dedup();
+        let used: u64 = live
+            .iter()
+            .filter_map(|i| self.inodes.get(i))
+            .map(|i| i.current.len() as u64)
+            .sum();
+        if used - current + new_len > capacity {
+            return Err(io::Error::from_raw_os_error(ENOSPC));
+        }
+        Ok(())
     }
     fn lookup(&self, path: &Path) -> io::Result<u64> {
         self.names
@@ -213,6 +242,12 @@ impl SimDisk {
                             at = end;
                         }
                     }
+                    (2, FileOp::Write { offset, data })
+                        if data.is_empty()
+                            || *offset / 512 == (*offset + data.len() as u64 - 1) / 512 =>
+                    {
+                        op.apply(&mut image); // inside one sector: atomic
+                    }
                     (2, FileOp::Write { offset, data }) => {
                         let keep = rng.below(data.len() as u64 + 1) as usize;
                         write_into(&mut image, *offset, &data[..keep]);
@@ -243,6 +278,22 @@ impl SimDisk {
     /// (a harsher disk than the one recovery's torn-tail rule assumes; see `segment.rs`).
     pub fn set_tear_sectors(&self, on: bool) {
         self.state.lock().tear_sectors = on;
+    }
+
+    /// Limits the bytes of all named files (`None`: unlimited). Writes and `set_len`s that
+    /// would grow them beyond it fail with `ENOSPC`, changing nothing.
+    pub fn set_capacity(&self, bytes: Option<u64>) {
+        self.state.lock().capacity = bytes;
+    }
+
+    /// Bytes of all named files now (what counts against the capacity).
+    pub fn used_bytes(&self) -> u64 {
+        let s = self.state.lock();
+        s.names
+            .values()
+            .filter_map(|i| s.inodes.get(i))
+            .map(|i| i.current.len() as u64)
+            .sum()
     }
 
     /// While on, writes and growing `set_len`s fail with `ENOSPC`.
@@ -383,6 +434,7 @@ impl VfsFile for SimFile {
         let mut s = self.disk.state.lock();
         s.tick()?;
         let no_space = s.no_space;
+        s.check_capacity(self.ino, len)?;
         let inode = s.inode(self.ino)?;
         if no_space && len > inode.current.len() as u64 {
             return Err(io::Error::from_raw_os_error(ENOSPC));
@@ -410,6 +462,7 @@ impl VfsFile for SimFile {
         let mut s = self.disk.state.lock();
         s.tick()?;
         let no_space = s.no_space;
+        s.check_capacity(self.ino, offset + buf.len() as u64)?;
         let inode = s.inode(self.ino)?;
         let data = if no_space { &buf[..buf.len() / 2] } else { buf };
         let op = FileOp::Write {

@@ -12,9 +12,9 @@
 //! - Only `RealFs` files can be memory mapped; the simulated disk is read with `read_at`.
 
 use std::fmt::Debug;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::Path;
 
 use memmap2::Mmap;
@@ -77,13 +77,19 @@ pub(crate) fn io_error(op: &'static str, path: &Path, source: io::Error) -> Stor
     }
 }
 
-/// The operating system's file system.
+/// Mode of the files the storage creates (owner read and write only).
+pub(crate) const FILE_MODE: u32 = 0o600;
+/// Mode of the directories the storage creates (owner only).
+pub(crate) const DIR_MODE: u32 = 0o700;
+
+/// The operating system's file system. Files are created `0600` and directories `0700`
+/// (further restricted by the umask); existing directories keep their mode.
 #[derive(Debug, Default)]
 pub(crate) struct RealFs;
 
 impl Vfs for RealFs {
     fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
-        fs::create_dir_all(dir)
+        DirBuilder::new().recursive(true).mode(DIR_MODE).create(dir)
     }
 
     fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
@@ -102,6 +108,7 @@ impl Vfs for RealFs {
             .write(true)
             .create(true)
             .truncate(true)
+            .mode(FILE_MODE)
             .open(path)?;
         Ok(Box::new(RealFile { file }))
     }
@@ -154,8 +161,9 @@ impl VfsFile for RealFile {
         if self.len()? == 0 {
             return Ok(None); // an empty file cannot be mapped; callers fall back to read_at
         }
-        // SAFETY: the map is read-only and FileStorage owns its directory (documented on
-        // `FileStorage`: one storage per directory, no other writer). FileStorage never shrinks a
+        // SAFETY: the map is read-only and FileStorage owns its directory (one storage per
+        // directory, enforced by the exclusive lock on `<dir>/LOCK` that `FileStorage::open`
+        // holds for the storage's life; no other writer). FileStorage never shrinks a
         // file it has mapped: segments are preallocated to their final length before they are
         // mapped, and they are only ever deleted whole (unlinking keeps the pages of a live
         // mapping valid on unix). So no access through the map can hit a truncated page

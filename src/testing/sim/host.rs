@@ -7,8 +7,8 @@ use super::{Acknowledged, AppliedEntry, SimStorage};
 use crate::error::ProposeError;
 use crate::host::{Host, Observed};
 use crate::raft::{
-    AppendResponse, EntryPayload, Index, Message, MessageBody, NodeId, Payload, Proposed, RaftCore,
-    SnapshotMeta, SnapshotStatus,
+    AppendResponse, Index, Message, MessageBody, NodeId, Payload, Proposed, RaftCore, SnapshotMeta,
+    SnapshotStatus,
 };
 use crate::state_machine::SnapshotSource;
 use crate::testing::invariants::{Checker, LogMirror};
@@ -88,10 +88,7 @@ impl<S: SimStorage, O> Host<S, O> for SimHost<'_, O> {
                 self.applied.push(AppliedEntry {
                     index: entry.index,
                     term: entry.term,
-                    command: match &entry.payload {
-                        EntryPayload::Command(c) => Some(c.clone()),
-                        EntryPayload::Noop => None,
-                    },
+                    command: entry.command().cloned(),
                 });
             }
             Observed::DiskFull(_) | Observed::ReadConfirmed(_) | Observed::ReadFailed(_) => {}

@@ -225,6 +225,14 @@ pub trait SimStorage: Storage + Sized {
     fn durable_term(&self, _index: Index) -> Option<Term> {
         None
     }
+
+    /// Damage that recovery mode cuts (the storage is down): the log after `intact_through`
+    /// is lost, and with `forget_hard_state` the newest term and vote too; the storage then
+    /// reports the [`TailLoss`](crate::storage::TailLoss). False if this storage cannot be
+    /// damaged so.
+    fn lose_tail(&mut self, _intact_through: Index, _forget_hard_state: bool) -> bool {
+        false
+    }
 }
 
 impl SimStorage for MemStorage {
@@ -239,6 +247,10 @@ impl SimStorage for MemStorage {
     }
     fn durable_term(&self, index: Index) -> Option<Term> {
         MemStorage::durable_term(self, index)
+    }
+    fn lose_tail(&mut self, intact_through: Index, forget_hard_state: bool) -> bool {
+        MemStorage::lose_tail(self, intact_through, forget_hard_state);
+        true
     }
 }
 
@@ -718,7 +730,7 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
     pub fn run_until(&mut self, max_ms: u64, mut done: impl FnMut(&Self) -> bool) -> bool {
         let end = self.now + max_ms;
         while !done(self) {
-            if !self.queue.peek().is_some_and(|Reverse(e)| e.at <= end) {
+            if self.queue.peek().is_none_or(|Reverse(e)| e.at > end) {
                 self.now = end;
                 return done(self);
             }
@@ -907,6 +919,22 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
         node.sync_in_flight = false;
         node.wake_scheduled = false;
         node.last_sync_at = self.now;
+    }
+
+    /// Damages crashed node `id`'s storage as a disk can: its log after `intact_through` (and,
+    /// with `forget_hard_state`, its newest term and vote) is lost, and the storage reports
+    /// the loss, as a storage opened in recovery mode does ([`SimStorage::lose_tail`]).
+    /// Returns false if the node's storage cannot be damaged so. Restart it afterwards.
+    pub fn lose_tail(
+        &mut self,
+        id: NodeId,
+        intact_through: Index,
+        forget_hard_state: bool,
+    ) -> bool {
+        match &mut self.nodes.get_mut(&id).expect("known node").life {
+            Life::Down { storage, .. } => storage.lose_tail(intact_through, forget_hard_state),
+            _ => panic!("node {id} must be down to be damaged"),
+        }
     }
 
     /// Restarts a crashed node from its storage, with a fresh state machine from the factory.
