@@ -67,9 +67,7 @@ pub struct Progress {
     /// while `match_index` is still below it — a whole heartbeat interval later — appends were
     /// probably lost.
     pub sent_before_last_heartbeat: Index,
-    /// Last index sent when the latest heartbeat left. A heartbeat answer that comes back
-    /// while `match_index` is still below it makes the leader check with an empty append
-    /// whether appends or their answers were lost.
+    /// Last index sent when the latest heartbeat left.
     pub sent_at_heartbeat: Index,
     /// The snapshot transfer, in Snapshot mode.
     pub transfer: Option<SnapshotTransfer>,

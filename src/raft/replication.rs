@@ -183,16 +183,11 @@ impl RaftCore {
                 if p.state == ProgressState::Snapshot {
                     self.check_snapshot_progress(from);
                 } else if p.state == ProgressState::Replicate
-                    && p.match_index < p.sent_at_heartbeat.min(last)
+                    && p.match_index < p.sent_before_last_heartbeat.min(last)
                 {
-                    // Appends sent before the heartbeat this answers may have been lost (the
-                    // window may even be full of them), or their answers. An empty append at
-                    // `next_index` settles it one round trip later: accepted, it frees the
-                    // window; rejected, it sends the follower back to probing. Asked at the
-                    // first answer rather than a heartbeat later, a lost message costs about
-                    // one heartbeat plus round trips; when nothing was lost (the answer only
-                    // overtook an acknowledgement still waiting for the follower's sync) the
-                    // cost is one empty append per heartbeat.
+                    // Appends in flight may have been lost (the window may even be full of
+                    // them). An empty append at `next_index` settles it: accepted, it frees
+                    // the window; rejected, it sends the follower back to probing.
                     let prev_index = p.next_index - 1;
                     if let Some(prev_term) = self.log.term(prev_index) {
                         let body = MessageBody::Append {
