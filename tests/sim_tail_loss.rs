@@ -117,10 +117,11 @@ fn run(seed: u64, nodes: usize, network: NetworkConfig, snapshots: bool) {
     );
     // A recovering node finishes on its leader's next append or heartbeat round.
     assert!(
-        c.run_until(5_000, |c| c
-            .node_ids()
-            .iter()
-            .all(|&i| c.core(i).unwrap().recovering().is_none())),
+        c.run_until(5_000, |c| c.node_ids().iter().all(|&i| c
+            .core(i)
+            .unwrap()
+            .recovering()
+            .is_none())),
         "a node is still recovering after the cluster settled (seed {seed}): {:?}",
         c.node_ids()
             .iter()
