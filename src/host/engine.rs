@@ -488,6 +488,14 @@ impl<S: Storage, M: StateMachine, P, R> Engine<S, M, P, R> {
     where
         H: Host<S, M::Output, Proposal = P, Read = R>,
     {
+        // A batch that rewrites the stored log (a conflicting suffix replaced, a snapshot
+        // installed over it) must not become durable before the batches still waiting for a
+        // sync have sent what they hold back: their acknowledgements speak of the log as it
+        // was, and the sync that covers them would cover the rewrite too.
+        if !self.unsynced.is_empty() && self.rewrites_log(&ready) && !self.sync(host)? {
+            self.stalled = Some(Stalled { ready, progress });
+            return Ok(());
+        }
         if ready.must_persist() {
             match write_ready(&mut self.storage, &ready, &mut progress) {
                 Ok(()) => {}
@@ -547,6 +555,15 @@ impl<S: Storage, M: StateMachine, P, R> Engine<S, M, P, R> {
         }
         self.serve_reads(host);
         Ok(())
+    }
+
+    /// True if writing `ready` replaces part of the stored log.
+    fn rewrites_log(&self, ready: &Ready) -> bool {
+        ready.install_snapshot.is_some()
+            || ready
+                .entries
+                .first()
+                .is_some_and(|e| e.index <= self.storage.last_index())
     }
 
     /// Syncs the storage and completes every batch written so far. Returns false if the

@@ -153,6 +153,9 @@ impl<S: Storage> Storage for Timed<S> {
     fn clear_tail_loss(&mut self) -> Result<(), StorageError> {
         self.inner.clear_tail_loss()
     }
+    fn record_tail_loss(&mut self, loss: TailLoss) -> Result<(), StorageError> {
+        self.inner.record_tail_loss(loss)
+    }
 }
 
 #[cfg(test)]

@@ -28,20 +28,22 @@ use std::time::Duration;
 use futures::channel::{mpsc as fmpsc, oneshot};
 use parking_lot::Mutex;
 
-use crate::error::{NodeError, ProposeError};
-use crate::raft::{Config, Message, NodeId, Payload, RaftCore, SnapshotMeta, Status};
+use crate::error::{MembershipError, NodeError, ProposeError};
+use crate::raft::{Config, Membership, Message, NodeId, Payload, RaftCore, SnapshotMeta, Status};
 use crate::state_machine::StateMachine;
 use crate::storage::{NonBlockingStorage, PersistedSize, Storage};
 use crate::transport::Transport;
 
 pub mod backup;
 mod inbox;
+mod membership;
 mod metrics;
 mod outbound;
 mod reply;
 mod worker;
 
 pub use backup::Backup;
+pub use membership::Change;
 pub use metrics::{Histogram, NodeMetrics};
 
 use inbox::{Inbox, PushError};
@@ -77,6 +79,16 @@ pub struct NodeConfig {
     /// [`ProposeError::Busy`]) until the snapshot compacts it. The file storage frees whole
     /// segments, so it may keep up to one segment more.
     pub max_log_bytes: Option<u64>,
+    /// The node joins an existing cluster, or rejoins it after losing its disk (default
+    /// false: an empty storage is a new member of a new cluster of `raft.voters`). With an
+    /// empty storage the node then records that it may have lost everything
+    /// ([`Storage::record_tail_loss`]): it may be a member the cluster knows whose votes and
+    /// acknowledgements it no longer remembers, so it first asks every voter of
+    /// `raft.voters` (give the cluster's current voters; empty for a node the cluster never
+    /// had) for its term, and neither votes nor campaigns until a leader has brought it up to
+    /// date. It becomes a member only through a configuration change
+    /// ([`Node::add_learner`], [`Node::promote`]).
+    pub joining: bool,
 }
 
 impl NodeConfig {
@@ -89,6 +101,7 @@ impl NodeConfig {
             inbox_capacity: 1 << 16,
             peer_queue_capacity: 256,
             max_log_bytes: Some(64 << 20),
+            joining: false,
         }
     }
 
@@ -133,6 +146,8 @@ pub struct NodeStatus {
     pub recovering: Option<crate::storage::TailLoss>,
     /// Counters and gauges (see [`NodeMetrics`]).
     pub metrics: NodeMetrics,
+    /// The configuration in effect (the latest in the log, committed or not).
+    pub membership: Membership,
 }
 
 enum Command<O> {
@@ -144,6 +159,8 @@ enum Command<O> {
     Read(Payload, Reply<O>),
     /// Hand leadership to a follower.
     Transfer(NodeId, oneshot::Sender<Result<(), ProposeError>>),
+    /// Change the configuration.
+    ChangeMembership(Change, membership::ChangeReply),
     /// Take a snapshot now; answered with its meta once installed (`None`: nothing new).
     Snapshot(oneshot::Sender<Option<SnapshotMeta>>),
     /// Serialized bytes of a local snapshot, from its background thread.
@@ -342,7 +359,33 @@ impl<O: Send + 'static> Node<O> {
         // Each start draws fresh randomness: election timeouts differ between restarts, and
         // the ids of forwarded reads never repeat an earlier incarnation's.
         config.raft.seed ^= start_nonce();
+        let mut storage = storage;
+        let init = storage.initial_state()?;
+        let empty = init.last_index == 0 && init.snapshot.index == 0 && init.hard_state.term == 0;
+        if config.joining && empty && storage.tail_loss().is_none() {
+            storage.record_tail_loss(crate::storage::TailLoss {
+                intact_through: 0,
+                hard_state_lost: true,
+            })?;
+        }
         let core = RaftCore::from_storage(config.raft.clone(), &storage)?;
+        let bootstrap = Membership::voters(config.raft.voters.iter().copied());
+        if core.membership_is_stored()
+            && !config.raft.voters.is_empty()
+            && *core.membership() != bootstrap
+        {
+            // The stored configuration is the replicated truth: a restart with other voters
+            // must not change it (that is how one node became a cluster of its own).
+            // Refusing would stop every node restarted after a membership change until its
+            // flags were updated; so the stored one wins, and the operator is told.
+            tracing::warn!(
+                target: "raftkv::node",
+                node = config.raft.id,
+                stored = ?core.membership(),
+                given = ?config.raft.voters,
+                "the stored configuration is in effect; the bootstrap voters given are ignored"
+            );
+        }
         let id = config.raft.id;
         let shared = Arc::new(Shared {
             status: Mutex::new(NodeStatus {
@@ -355,6 +398,7 @@ impl<O: Send + 'static> Node<O> {
                 snapshots_installed: 0,
                 recovering: core.recovering(),
                 metrics: NodeMetrics::default(),
+                membership: core.membership().clone(),
             }),
             stopped: Mutex::new(Vec::new()),
             role_waiters: Mutex::new(Vec::new()),
@@ -473,6 +517,44 @@ impl<O: Send + 'static> Node<O> {
         let (tx, rx) = oneshot::channel();
         self.handle.send(Command::Transfer(to, tx))?;
         rx.await.unwrap_or(Err(ProposeError::Shutdown))
+    }
+
+    /// Adds `id` as a learner: it receives the log (a snapshot first when it is far behind)
+    /// but never votes and never counts toward a commit. Resolves with the configuration once
+    /// the change is committed. This node must lead.
+    pub async fn add_learner(&self, id: NodeId) -> Result<Membership, MembershipError> {
+        self.change_membership(Change::AddLearner(id)).await
+    }
+
+    /// Makes learner `id` a voter, through the joint configuration. Refused unless the
+    /// learner is caught up: its match index at least the leader's commit index and heard
+    /// from within an election timeout. Resolves once the final configuration is committed.
+    pub async fn promote(&self, id: NodeId) -> Result<Membership, MembershipError> {
+        self.change_membership(Change::Promote(id)).await
+    }
+
+    /// Removes voter or learner `id` (a voter through the joint configuration). Removing
+    /// the leader itself works — it leads the change to its end and then steps down — but
+    /// hand leadership over first ([`Node::transfer_leadership`]) to avoid an election.
+    pub async fn remove(&self, id: NodeId) -> Result<Membership, MembershipError> {
+        self.change_membership(Change::Remove(id)).await
+    }
+
+    /// Applies `change` (one at a time; see [`MembershipError`] for what is refused).
+    /// Resolves with the configuration in effect once the change is committed.
+    pub async fn change_membership(&self, change: Change) -> Result<Membership, MembershipError> {
+        let (tx, rx) = oneshot::channel();
+        match self.handle.send(Command::ChangeMembership(change, tx)) {
+            Ok(()) => {}
+            Err(ProposeError::Busy) => return Err(MembershipError::Busy),
+            Err(_) => return Err(MembershipError::Timeout),
+        }
+        rx.await.unwrap_or(Err(MembershipError::Timeout))
+    }
+
+    /// The configuration in effect on this node (the latest in its log).
+    pub fn membership(&self) -> Membership {
+        self.status().membership
     }
 
     /// Takes a snapshot of the state machine now and compacts the log behind it. Resolves

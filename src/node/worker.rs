@@ -101,6 +101,8 @@ pub(super) struct Worker<S, M: StateMachine> {
     now: Instant,
     shared: Arc<Shared>,
     snapshot_waiters: Vec<oneshot::Sender<Option<SnapshotMeta>>>,
+    /// Membership changes waiting to settle.
+    changes: Vec<super::membership::Pending>,
     config: NodeConfig,
 }
 
@@ -147,6 +149,7 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
             now,
             shared,
             snapshot_waiters: Vec::new(),
+            changes: Vec::new(),
             config,
         })
     }
@@ -243,6 +246,7 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
         // every tick), before anything newer.
         let processed = self.engine.run(&mut self.host);
         self.send_read_answers();
+        self.settle_changes(now);
         // The status is published before the answers leave, so that a caller who got an
         // answer sees a status at least as recent.
         self.publish_status(None, true);
@@ -278,6 +282,9 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
         }
         for w in self.snapshot_waiters.drain(..) {
             let _ = w.send(None);
+        }
+        for c in self.changes.drain(..) {
+            let _ = c.reply.send(Err(crate::error::MembershipError::Timeout));
         }
         self.host.outbound.close();
         for tx in self.shared.stopped.lock().drain(..) {
@@ -329,6 +336,22 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
                     w.to.send(Err(e));
                 }
             }
+            Command::ChangeMembership(change, reply) => {
+                let core = self.engine.core_mut();
+                let proposed = change
+                    .target(core.membership())
+                    .and_then(|(voters, learners)| core.change_membership(voters, learners));
+                match proposed {
+                    Ok(at) => self.changes.push(super::membership::Pending {
+                        at,
+                        reply,
+                        deadline: Instant::now() + self.config.propose_timeout,
+                    }),
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
             Command::Transfer(to, reply) => {
                 let result = self
                     .engine
@@ -377,6 +400,25 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
         Ok(Flow::Continue)
     }
 
+    /// Answers the membership changes that settled (or expired).
+    fn settle_changes(&mut self, now: Instant) {
+        let core = self.engine.core();
+        let mut i = 0;
+        while i < self.changes.len() {
+            let outcome = self.changes[i].settled(core).or_else(|| {
+                (self.changes[i].deadline <= now)
+                    .then_some(Err(crate::error::MembershipError::Timeout))
+            });
+            match outcome {
+                Some(result) => {
+                    let pending = self.changes.swap_remove(i);
+                    let _ = pending.reply.send(result);
+                }
+                None => i += 1,
+            }
+        }
+    }
+
     fn expire(&mut self, now: Instant) {
         let (proposals, reads) = self
             .engine
@@ -403,6 +445,7 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
         s.snapshots_taken = self.engine.policy().taken;
         s.snapshots_installed = self.engine.policy().installed;
         s.recovering = self.engine.core().recovering();
+        s.membership = self.engine.core().membership().clone();
         let gauges = &self.shared.gauges;
         s.metrics = NodeMetrics {
             counters: *self.engine.counters(),

@@ -111,6 +111,10 @@ pub struct RaftCore {
     pub(super) recovery_done: bool,
     /// Bound on the retained log's bytes (see [`RaftCore::set_log_limit`]).
     pub(super) log_limit: Option<u64>,
+    /// The configuration in effect is the bootstrap one from `Config::voters`, not stored
+    /// anywhere yet: the first leader writes it into the log (instead of its no-op), so that
+    /// a restart with other voters cannot change it.
+    pub(super) bootstrap_config: bool,
 }
 
 impl RaftCore {
@@ -197,7 +201,9 @@ impl RaftCore {
             recovery: None,
             recovery_done: false,
             log_limit: None,
+            bootstrap_config: false,
         };
+        core.bootstrap_config = core.log.configs().current_index() == 0;
         core.reset_election_timer();
         Ok(core)
     }
@@ -295,6 +301,12 @@ impl RaftCore {
     /// The configuration in effect (the latest in the log).
     pub fn membership(&self) -> &Membership {
         self.log.membership()
+    }
+
+    /// True if the configuration in effect is stored (in the log or the snapshot), false while
+    /// it is still the bootstrap one from [`Config::voters`].
+    pub fn membership_is_stored(&self) -> bool {
+        !self.bootstrap_config
     }
 
     /// True if this node votes in the configuration in effect.
@@ -415,7 +427,7 @@ impl RaftCore {
             }
             if let Some(l) = self.leader_mut() {
                 for p in l.progress.values_mut() {
-                    p.recent_active = false;
+                    p.new_round();
                 }
             }
         }
@@ -625,6 +637,9 @@ impl RaftCore {
         let hard_state = (hs != self.hard_state_handed).then_some(hs);
         self.hard_state_handed = hs;
         let entries = self.log.take_unstable();
+        if self.bootstrap_config && self.log.configs().current_index() > 0 {
+            self.bootstrap_config = false; // the configuration is in the log now
+        }
         let mut messages = Vec::new();
         let mut persisted_messages = Vec::new();
         for (when, m) in self.msgs.drain(..) {
@@ -792,8 +807,15 @@ impl RaftCore {
         })));
         self.leader = Some(self.cfg.id);
         self.reset_election_timer();
-        // The no-op lets entries of earlier terms commit (Figure 8 / §5.4.2).
-        self.append_own(EntryPayload::Noop);
+        // The no-op lets entries of earlier terms commit (Figure 8 / §5.4.2). The first leader
+        // of a new cluster makes it the bootstrap configuration instead, so that the
+        // configuration is stored in the log from then on.
+        if self.bootstrap_config && self.log.configs().current_index() == 0 {
+            let current = self.membership().clone();
+            self.append_own(EntryPayload::Membership(current));
+        } else {
+            self.append_own(EntryPayload::Noop);
+        }
     }
 
     // ----- per-role handling -----------------------------------------------------------------

@@ -63,6 +63,9 @@ pub struct Progress {
     max_inflight: usize,
     /// Heard from since the last check-quorum round.
     pub recent_active: bool,
+    /// Heard from in the check-quorum round before (with `recent_active`: heard from within
+    /// the last one to two election timeouts, whenever asked).
+    pub active_last_round: bool,
     /// Last index sent when the previous heartbeat left. If a heartbeat's answer comes back
     /// while `match_index` is still below it — a whole heartbeat interval later — appends were
     /// probably lost.
@@ -86,6 +89,7 @@ impl Progress {
             inflight: VecDeque::with_capacity(max_inflight.min(1024)),
             max_inflight,
             recent_active: true,
+            active_last_round: true,
             sent_before_last_heartbeat: 0,
             sent_at_heartbeat: 0,
             transfer: None,
@@ -158,6 +162,17 @@ impl Progress {
         self.match_index = self.match_index.min(proven);
         self.become_probe();
         self.next_index = (probe_hint + 1).max(self.match_index + 1);
+    }
+
+    /// Heard from within the last one to two election timeouts.
+    pub fn heard_lately(&self) -> bool {
+        self.recent_active || self.active_last_round
+    }
+
+    /// A check-quorum round ends: what was recent becomes last round's.
+    pub fn new_round(&mut self) {
+        self.active_last_round = self.recent_active;
+        self.recent_active = false;
     }
 
     /// Lets a new probe go out (a heartbeat response arrived).

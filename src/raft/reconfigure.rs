@@ -5,10 +5,10 @@
 //! Rules of a change ([`RaftCore::change_membership`]):
 //! - one at a time: refused while the configuration in effect is joint or not yet committed;
 //! - voters are only ever promoted from learners that are caught up — their match index is
-//!   at least the leader's commit index, and they answered within the last election timeout
-//!   (a learner that never catches up is never promoted);
-//! - the new voters must include a quorum of nodes the leader heard from within the last
-//!   election timeout (itself included), or the change could never complete;
+//!   at least the leader's commit index, and they answered within the last one to two
+//!   election timeouts (a learner that never catches up is never promoted);
+//! - the new voters must include a quorum of nodes the leader heard from that lately
+//!   (itself included), or the change could never complete;
 //! - a change of voters goes through the joint configuration and leaves it automatically
 //!   once that is committed; a change of learners only is one step.
 
@@ -56,7 +56,7 @@ impl RaftCore {
             let caught_up = l
                 .progress
                 .get(&v)
-                .is_some_and(|p| p.match_index >= commit && p.recent_active);
+                .is_some_and(|p| p.match_index >= commit && p.heard_lately());
             if !caught_up {
                 return Err(MembershipError::NotCaughtUp(v));
             }
@@ -67,7 +67,7 @@ impl RaftCore {
             learners: learners.difference(&voters).copied().collect(),
         };
         let live =
-            next.has_quorum(|id| id == me || l.progress.get(&id).is_some_and(|p| p.recent_active));
+            next.has_quorum(|id| id == me || l.progress.get(&id).is_some_and(|p| p.heard_lately()));
         if !live {
             return Err(MembershipError::NoQuorum);
         }
@@ -124,6 +124,7 @@ impl RaftCore {
     pub fn set_snapshot_membership(&mut self, meta: super::SnapshotMeta, membership: Membership) {
         if self.log.snapshot() == meta {
             self.log.set_base_membership(membership);
+            self.bootstrap_config = false;
         }
     }
 }

@@ -461,6 +461,13 @@ impl Storage for MemStorage {
         self.inner.lock().durable.tail_loss
     }
 
+    fn record_tail_loss(&mut self, loss: TailLoss) -> Result<(), StorageError> {
+        let mut inner = self.inner.lock();
+        inner.durable.tail_loss = Some(loss);
+        inner.current.tail_loss = Some(loss);
+        Ok(())
+    }
+
     fn clear_tail_loss(&mut self) -> Result<(), StorageError> {
         let mut inner = self.inner.lock();
         let op = Op::ClearTailLoss;

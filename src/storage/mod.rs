@@ -189,4 +189,17 @@ pub trait Storage: Send + 'static {
     fn clear_tail_loss(&mut self) -> Result<(), StorageError> {
         Ok(())
     }
+
+    /// Records `loss` durably before returning (so [`Storage::tail_loss`] reports it, across
+    /// restarts, until cleared). A node that joins a cluster — or rejoins it after losing its
+    /// disk — on an empty storage records `TailLoss { intact_through: 0, hard_state_lost:
+    /// true }`: it may be a member the cluster knows, whose votes and acknowledgements it no
+    /// longer remembers. Storages that cannot record one refuse with
+    /// [`StorageError::Invalid`].
+    fn record_tail_loss(&mut self, loss: TailLoss) -> Result<(), StorageError> {
+        let _ = loss;
+        Err(StorageError::Invalid(
+            "this storage cannot record a lost log tail".into(),
+        ))
+    }
 }

@@ -193,4 +193,7 @@ impl Storage for SimFileStorage {
     fn clear_tail_loss(&mut self) -> Result<(), StorageError> {
         self.storage.clear_tail_loss()
     }
+    fn record_tail_loss(&mut self, loss: TailLoss) -> Result<(), StorageError> {
+        self.storage.record_tail_loss(loss)
+    }
 }

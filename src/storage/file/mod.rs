@@ -796,6 +796,29 @@ impl Storage for FileStorage {
         self.tail_loss.map(|r| r.loss)
     }
 
+    fn record_tail_loss(&mut self, loss: TailLoss) -> Result<(), StorageError> {
+        self.check_poison()?;
+        let recorded = RecordedLoss {
+            loss,
+            hard_state: self.hard_state,
+        };
+        let recorded = match self.tail_loss {
+            Some(old) => old.merge_keeping(recorded),
+            None => recorded,
+        };
+        let r = tail_loss::write_tail_loss(
+            self.vfs.as_ref(),
+            &self.dir,
+            &recorded,
+            self.opts.cluster_id,
+            self.opts.node_id,
+        );
+        self.guard(r)?;
+        self.tail_loss = Some(recorded);
+        self.clear_tail_loss = false;
+        Ok(())
+    }
+
     fn clear_tail_loss(&mut self) -> Result<(), StorageError> {
         self.check_poison()?;
         self.clear_tail_loss = self.tail_loss.is_some();

@@ -20,7 +20,9 @@ pub(super) struct SimHost<'a, O> {
     pub(super) checker: &'a mut Checker,
     pub(super) mirror: &'a mut LogMirror,
     pub(super) applied: &'a mut Vec<AppliedEntry>,
-    pub(super) outbox: &'a mut Vec<Message>,
+    /// Messages sent, each with what an acceptance claimed the sender's storage made durable
+    /// at that moment (checked against the leader it goes to, see [`AckClaim`]).
+    pub(super) outbox: &'a mut Vec<(Message, Option<AckClaim>)>,
     pub(super) acknowledged: &'a mut Vec<Acknowledged<O>>,
     pub(super) dropped: &'a mut u64,
     pub(super) read_results: &'a mut BTreeMap<u64, Option<O>>,
@@ -49,7 +51,10 @@ impl<S: SimStorage, O> Host<S, O> for SimHost<'_, O> {
                 self.fail(what);
             }
         }
-        self.outbox.extend(messages);
+        self.outbox.extend(messages.into_iter().map(|m| {
+            let claim = ack_claim(storage, &m);
+            (m, claim)
+        }));
     }
 
     fn proposal_done(&mut self, command: Payload, at: Proposed, result: Result<O, ProposeError>) {
@@ -124,12 +129,54 @@ fn durably_holds<S: SimStorage>(core: &RaftCore, storage: &S, index: Index) -> O
     Some(want.is_some() && storage.durable_term(index) == want)
 }
 
+/// An acceptance of an append: the match index, and the term of the entry the sender's
+/// storage would keep there across a crash when the acceptance left (`None`: none kept).
+/// Checked against the log of the leader it goes to: they must be the same entry.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct AckClaim {
+    pub(super) match_index: Index,
+    pub(super) durable_term: Option<crate::raft::Term>,
+}
+
+fn ack_claim<S: SimStorage>(storage: &S, m: &Message) -> Option<AckClaim> {
+    let MessageBody::AppendResponse(AppendResponse::Accepted { match_index }) = m.body else {
+        return None;
+    };
+    let snapshot = storage.durable_snapshot()?;
+    if match_index <= snapshot.index {
+        return None; // inside the durable snapshot: committed, held
+    }
+    Some(AckClaim {
+        match_index,
+        durable_term: storage.durable_term(match_index),
+    })
+}
+
+/// An acceptance reaches the leader of its term: the sender held that leader's entry at the
+/// match index durably when it sent it.
+pub(super) fn check_ack(claim: &AckClaim, m: &Message, leader: &RaftCore) -> Result<(), String> {
+    if leader.term() != m.term || leader.role() != crate::raft::Role::Leader {
+        return Ok(()); // no longer that term's leader: its log may have moved on
+    }
+    let Some(want) = leader.log().term(claim.match_index) else {
+        return Ok(()); // compacted (committed) or beyond it
+    };
+    if claim.durable_term != Some(want) {
+        return Err(format!(
+            "node {} acknowledged a match at {} to leader {} but durably held {:?} there, \
+             not the leader's entry of term {want}",
+            m.from, claim.match_index, m.to, claim.durable_term
+        ));
+    }
+    Ok(())
+}
+
 /// What a message claims about its sender's durable state, checked against the storage:
 /// - every message but a pre-vote request and a granted pre-vote (which speak of a future
 ///   term) carries a term the sender has made durable;
 /// - a granted vote is durable with its term;
-/// - an accepted append is durable through its match index, with the entries the sender
-///   holds there;
+/// - an accepted append is durable through its match index (checked when it reaches the
+///   leader: [`check_ack`]);
 /// - an installed snapshot is durable (as a snapshot, or as the log entry it ends at).
 pub(super) fn check_claims<S: SimStorage>(
     core: &RaftCore,
@@ -161,16 +208,6 @@ pub(super) fn check_claims<S: SimStorage>(
             "granted its vote to {} in term {} but durably holds {hs:?}",
             m.to, m.term
         )),
-        MessageBody::AppendResponse(AppendResponse::Accepted { match_index })
-            if durably_holds(core, storage, *match_index) == Some(false) =>
-        {
-            Err(format!(
-                "acknowledged a match at {match_index} that its storage has not made durable \
-                 (durable term there {:?}, log term {:?})",
-                storage.durable_term(*match_index),
-                core.log().term(*match_index)
-            ))
-        }
         MessageBody::SnapshotResponse {
             index,
             status: SnapshotStatus::Installed,

@@ -394,7 +394,13 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
     fn raft_config(&mut self, id: NodeId, incarnation: u64) -> Config {
         let mut cfg = self.config.raft.clone();
         cfg.id = id;
-        cfg.voters = (1..=self.config.nodes as NodeId).collect();
+        // The first nodes bootstrap the cluster; nodes added later join it (they learn the
+        // configuration from the leader).
+        cfg.voters = if id <= self.config.nodes as NodeId {
+            (1..=self.config.nodes as NodeId).collect()
+        } else {
+            Vec::new()
+        };
         cfg.seed = self.config.seed ^ (id << 32) ^ incarnation.wrapping_mul(0x9E37_79B9);
         cfg
     }
@@ -569,7 +575,15 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
             .peak_persisted
             .max(size.log_bytes + size.snapshot_bytes);
         let incarnation = node.incarnation;
-        for m in outbox {
+        for (m, claim) in outbox {
+            if let Some(claim) = claim {
+                let leader = self.nodes.get(&m.to).and_then(|n| n.engine());
+                if let Some(leader) = leader {
+                    if let Err(what) = host::check_ack(&claim, &m, leader.core()) {
+                        panic!("safety violation (replay with RAFTKV_SEED={seed}): {what}");
+                    }
+                }
+            }
             self.transmit(m);
         }
         for (meta, bytes) in serialize {
@@ -753,14 +767,15 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
     /// A live leader whose term and leadership a majority of the cluster's nodes acknowledge.
     pub fn stable_leader(&self) -> Option<NodeId> {
         let leader = self.leader()?;
-        let term = self.core(leader)?.term();
-        let agree = self
-            .nodes
-            .values()
-            .filter_map(|n| n.engine())
-            .filter(|e| e.core().term() == term && e.core().leader() == Some(leader))
-            .count();
-        (agree > self.config.nodes / 2).then_some(leader)
+        let core = self.core(leader)?;
+        let term = core.term();
+        let agrees = |id: NodeId| {
+            self.nodes
+                .get(&id)
+                .and_then(|n| n.engine())
+                .is_some_and(|e| e.core().term() == term && e.core().leader() == Some(leader))
+        };
+        core.membership().has_quorum(agrees).then_some(leader)
     }
 
     /// The live node in the leader role with the highest term, if any.
@@ -919,6 +934,61 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
         node.sync_in_flight = false;
         node.wake_scheduled = false;
         node.last_sync_at = self.now;
+    }
+
+    /// Replaces crashed node `id`'s storage (a new disk, say). Restart it afterwards.
+    pub fn replace_storage(&mut self, id: NodeId, storage: S) {
+        match &mut self.nodes.get_mut(&id).expect("known node").life {
+            Life::Down { storage: old, .. } => *old = storage,
+            _ => panic!("node {id} must be down to get a new storage"),
+        }
+    }
+
+    /// Adds a node that is not a member yet (it joins: empty storage, no configuration of its
+    /// own), with the storage `storage` gives. Make it a member with
+    /// [`Cluster::change_membership`]. Panics if `id` exists.
+    pub fn add_node(&mut self, id: NodeId, storage: S) {
+        assert!(!self.nodes.contains_key(&id), "node {id} exists");
+        let machine = (self.factory)(id);
+        self.nodes.insert(
+            id,
+            SimNode {
+                life: Life::Down { storage, machine },
+                incarnation: 0,
+                mirror: LogMirror::default(),
+                applied: Vec::new(),
+                inbox: VecDeque::new(),
+                blocking: true,
+                sync_in_flight: false,
+                wake_scheduled: false,
+                last_sync_at: self.now,
+                snapshots_taken: 0,
+                snapshots_installed: 0,
+                peak_persisted: 0,
+            },
+        );
+        self.boot(id, None);
+        let phase = self.rng.range(0, self.config.tick_ms);
+        self.schedule(phase, EventKind::Tick(id));
+    }
+
+    /// Asks leader `id` to move to `voters` and `learners` (see
+    /// [`RaftCore::change_membership`]).
+    pub fn change_membership(
+        &mut self,
+        id: NodeId,
+        voters: impl IntoIterator<Item = NodeId>,
+        learners: impl IntoIterator<Item = NodeId>,
+    ) -> Result<Proposed, crate::error::MembershipError> {
+        let node = self.nodes.get_mut(&id).expect("known node");
+        let Some(engine) = node.engine_mut() else {
+            return Err(crate::error::MembershipError::NotLeader { leader: None });
+        };
+        let p = engine
+            .core_mut()
+            .change_membership(voters.into_iter().collect(), learners.into_iter().collect())?;
+        self.wake(id);
+        Ok(p)
     }
 
     /// Damages crashed node `id`'s storage as a disk can: its log after `intact_through` (and,
