@@ -165,7 +165,8 @@ pub struct Engine<S, M: StateMachine, P = (), R = ()> {
     applied: Index,
     /// Entries through here are already in the state machine's own durable state.
     skip_through: Index,
-    proposals: BTreeMap<Index, (Term, P)>,
+    /// Waiting proposals by index, ascending (appended at the back: a leader's indexes grow).
+    proposals: VecDeque<(Index, Term, P)>,
     reads: HashMap<u64, (Payload, R)>,
     /// Confirmed reads waiting for the apply index: (index, ctx).
     confirmed_reads: BTreeMap<(Index, u64), ()>,
@@ -210,7 +211,7 @@ impl<S: Storage, M: StateMachine, P, R> Engine<S, M, P, R> {
             disk_full: None,
             applied,
             skip_through: durable,
-            proposals: BTreeMap::new(),
+            proposals: VecDeque::new(),
             reads: HashMap::new(),
             confirmed_reads: BTreeMap::new(),
             next_read: 0,
@@ -306,13 +307,33 @@ impl<S: Storage, M: StateMachine, P, R> Engine<S, M, P, R> {
         match self.core.propose(command) {
             Ok(p) => {
                 self.counters.proposals += 1;
-                self.proposals.insert(p.index, (p.term, ticket));
+                self.insert_proposal(p, ticket);
                 Ok(p)
             }
             Err(e) => {
                 self.counters.proposals_refused += 1;
                 Err((e.into(), ticket))
             }
+        }
+    }
+
+    /// Keeps `ticket` for the proposal at `p`, in index order. A leader's indexes only grow,
+    /// so this appends; only a node that lost and regained leadership (its log cut back) can
+    /// propose below a waiting proposal, which then goes in its place (one at the same index
+    /// is replaced, as its slot was taken).
+    fn insert_proposal(&mut self, p: Proposed, ticket: P) {
+        match self.proposals.back() {
+            None => self.proposals.push_back((p.index, p.term, ticket)),
+            Some((last, _, _)) if *last < p.index => {
+                self.proposals.push_back((p.index, p.term, ticket))
+            }
+            Some(_) => match self
+                .proposals
+                .binary_search_by_key(&p.index, |(i, _, _)| *i)
+            {
+                Ok(at) => self.proposals[at] = (p.index, p.term, ticket),
+                Err(at) => self.proposals.insert(at, (p.index, p.term, ticket)),
+            },
         }
     }
 
@@ -342,16 +363,16 @@ impl<S: Storage, M: StateMachine, P, R> Engine<S, M, P, R> {
         mut proposal_expired: impl FnMut(&P) -> bool,
         mut read_expired: impl FnMut(&R) -> bool,
     ) -> (Vec<P>, Vec<R>) {
-        let gone: Vec<Index> = self
-            .proposals
-            .iter()
-            .filter(|(_, (_, p))| proposal_expired(p))
-            .map(|(i, _)| *i)
-            .collect();
-        let proposals = gone
-            .iter()
-            .filter_map(|i| self.proposals.remove(i).map(|(_, p)| p))
-            .collect();
+        let mut proposals = Vec::new();
+        let mut kept = VecDeque::with_capacity(self.proposals.len());
+        for (index, term, p) in self.proposals.drain(..) {
+            if proposal_expired(&p) {
+                proposals.push(p);
+            } else {
+                kept.push_back((index, term, p));
+            }
+        }
+        self.proposals = kept;
         let gone: Vec<u64> = self
             .reads
             .iter()
@@ -373,8 +394,8 @@ impl<S: Storage, M: StateMachine, P, R> Engine<S, M, P, R> {
         self.confirmed_reads.clear();
         (
             std::mem::take(&mut self.proposals)
-                .into_values()
-                .map(|(_, p)| p)
+                .into_iter()
+                .map(|(_, _, p)| p)
                 .collect(),
             self.reads.drain().map(|(_, (_, r))| r).collect(),
         )
@@ -509,12 +530,14 @@ impl<S: Storage, M: StateMachine, P, R> Engine<S, M, P, R> {
             self.applied = meta.index;
             self.policy.installed += 1;
             // Proposals below the snapshot will never be applied here.
-            while let Some(e) = self.proposals.first_entry() {
-                if *e.key() > meta.index {
+            while self
+                .proposals
+                .front()
+                .is_some_and(|(i, _, _)| *i <= meta.index)
+            {
+                let Some((index, term, ticket)) = self.proposals.pop_front() else {
                     break;
-                }
-                let index = *e.key();
-                let (term, ticket) = e.remove();
+                };
                 host.proposal_done(ticket, Proposed { index, term }, Err(ProposeError::Timeout));
             }
         }
@@ -640,12 +663,14 @@ impl<S: Storage, M: StateMachine, P, R> Engine<S, M, P, R> {
         // Answer the proposal that waited for this slot; fail those whose slots were taken
         // by other entries.
         let mut output = output;
-        while let Some(e) = self.proposals.first_entry() {
-            if *e.key() > entry.index {
+        while self
+            .proposals
+            .front()
+            .is_some_and(|(i, _, _)| *i <= entry.index)
+        {
+            let Some((index, term, ticket)) = self.proposals.pop_front() else {
                 break;
-            }
-            let index = *e.key();
-            let (term, ticket) = e.remove();
+            };
             let at = Proposed { index, term };
             if index == entry.index && term == entry.term {
                 match output.take() {

@@ -138,14 +138,8 @@ impl<O: Send + 'static> Node<O> {
     ) -> Result<T, BackupError> {
         let (tx, rx) = oneshot::channel();
         self.handle
-            .inbox
-            .try_send(Command::Backup(request(tx)))
-            .map_err(|e| match e {
-                std::sync::mpsc::TrySendError::Full(_) => BackupError::Node(ProposeError::Busy),
-                std::sync::mpsc::TrySendError::Disconnected(_) => {
-                    BackupError::Node(ProposeError::Shutdown)
-                }
-            })?;
+            .send(Command::Backup(request(tx)))
+            .map_err(BackupError::Node)?;
         rx.await
             .map_err(|_| BackupError::Node(ProposeError::Shutdown))
     }

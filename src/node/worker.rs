@@ -4,26 +4,30 @@
 //! the order its contract prescribes (see the [parent module](super)); what is the node's own
 //! is here: channels, wall-clock time, status, replies.
 
-use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
+use std::future::Future;
 use std::sync::Arc;
-use std::time::Instant;
+use std::task::Poll;
+use std::time::{Duration, Instant};
 
-use futures::channel::{mpsc as fmpsc, oneshot};
+use futures::channel::oneshot;
 
+use super::inbox::Inbox;
 use super::metrics::{NodeMetrics, Timed};
-use super::{Answer, Command, NodeConfig, Reply, Shared};
+use super::outbound::Outbound;
+use super::reply::{ReplyTo, Waiting};
+use super::{Command, NodeConfig, Shared};
 use crate::error::{NodeError, ProposeError};
 use crate::host::{Engine, Host};
 use crate::raft::{Message, Proposed, RaftCore, SnapshotMeta};
 use crate::state_machine::{SnapshotSource, StateMachine};
 use crate::storage::Storage;
 
-/// A waiting caller: its reply and its deadline.
-type Waiting<O> = (Reply<O>, Instant);
+/// An answer to deliver: where, and what.
+type Answer<O> = (ReplyTo<O>, Result<O, ProposeError>);
 
 /// The node's side of the engine's callbacks.
 struct NodeHost<O> {
-    outbox: fmpsc::Sender<Vec<Message>>,
+    outbound: Outbound,
     shared: Arc<Shared>,
     /// Answers to send once the status is published.
     answers: Vec<Answer<O>>,
@@ -31,7 +35,7 @@ struct NodeHost<O> {
     /// status).
     read_answers: Vec<Answer<O>>,
     /// Handed to snapshot threads so they can deliver their bytes.
-    self_inbox: SyncSender<Command<O>>,
+    self_inbox: Arc<Inbox<Command<O>>>,
     chunk_bytes: usize,
 }
 
@@ -41,7 +45,7 @@ impl<S, O: Send + 'static> Host<S, O> for NodeHost<O> {
 
     fn send(&mut self, _core: &RaftCore, _storage: &S, messages: Vec<Message>) {
         // A full outbox means the driver future is not keeping up: drop, Raft resends.
-        if self.outbox.try_send(messages).is_err() {
+        if !self.outbound.send(messages) {
             self.shared
                 .gauges
                 .outbox_dropped
@@ -49,17 +53,12 @@ impl<S, O: Send + 'static> Host<S, O> for NodeHost<O> {
         }
     }
 
-    fn proposal_done(
-        &mut self,
-        (reply, _): Waiting<O>,
-        _at: Proposed,
-        result: Result<O, ProposeError>,
-    ) {
-        self.answers.push((reply, result));
+    fn proposal_done(&mut self, w: Waiting<O>, _at: Proposed, result: Result<O, ProposeError>) {
+        self.answers.push((w.to, result));
     }
 
-    fn read_done(&mut self, (reply, _): Waiting<O>, result: Result<O, ProposeError>) {
-        self.read_answers.push((reply, result));
+    fn read_done(&mut self, w: Waiting<O>, result: Result<O, ProposeError>) {
+        self.read_answers.push((w.to, result));
     }
 
     /// Serializes on a background thread that feeds the bytes back through the inbox.
@@ -79,21 +78,27 @@ impl<S, O: Send + 'static> Host<S, O> for NodeHost<O> {
                     .write_to(&mut out)
                     .and_then(|_| out.flush_chunk())
                     .map_err(|e| e.to_string());
-                let _ = inbox.send(Command::LocalDone(meta, result));
+                let _ = inbox.push_unbounded(Command::LocalDone(meta, result));
             })
             .is_ok()
     }
 }
 
-/// The engine as the node thread runs it: storage with timed syncs, callers waiting.
+/// The engine as the node runs it: storage with timed syncs, callers waiting.
 type NodeEngine<S, M> =
     Engine<Timed<S>, M, Waiting<<M as StateMachine>::Output>, Waiting<<M as StateMachine>::Output>>;
 
-/// Everything the node thread owns.
+/// Everything the node thread (or task) owns.
 pub(super) struct Worker<S, M: StateMachine> {
     engine: NodeEngine<S, M>,
     host: NodeHost<M::Output>,
-    commands: mpsc::Receiver<Command<M::Output>>,
+    inbox: Arc<Inbox<Command<M::Output>>>,
+    /// Commands taken from the inbox; `commands[next..]` are still to handle.
+    commands: Vec<Command<M::Output>>,
+    next: usize,
+    next_tick: Instant,
+    /// The clock, read once per round (deadlines of the round's commands count from it).
+    now: Instant,
     shared: Arc<Shared>,
     snapshot_waiters: Vec<oneshot::Sender<Option<SnapshotMeta>>>,
     /// Membership changes waiting to settle.
@@ -101,7 +106,7 @@ pub(super) struct Worker<S, M: StateMachine> {
     config: NodeConfig,
 }
 
-/// At most this many commands are taken from the inbox per loop iteration (bounds the batch).
+/// At most this many commands are handled per round (bounds the batch).
 const MAX_COMMANDS_PER_ROUND: usize = 4096;
 
 enum Flow {
@@ -112,14 +117,12 @@ enum Flow {
 impl<S: Storage, M: StateMachine> Worker<S, M> {
     /// Restores the engine (state machine from the stored snapshot, replay after what it
     /// holds) around `core`.
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         core: RaftCore,
         storage: S,
         machine: M,
-        commands: mpsc::Receiver<Command<M::Output>>,
-        self_inbox: SyncSender<Command<M::Output>>,
-        outbox: fmpsc::Sender<Vec<Message>>,
+        inbox: Arc<Inbox<Command<M::Output>>>,
+        outbound: Outbound,
         shared: Arc<Shared>,
         config: NodeConfig,
     ) -> Result<Self, NodeError> {
@@ -128,17 +131,22 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
             fsync: Default::default(),
         };
         let engine = Engine::new(core, storage, machine, config.max_log_bytes)?;
+        let now = Instant::now();
         Ok(Worker {
             engine,
             host: NodeHost {
-                outbox,
+                outbound,
                 shared: shared.clone(),
                 answers: Vec::new(),
                 read_answers: Vec::new(),
-                self_inbox,
+                self_inbox: inbox.clone(),
                 chunk_bytes: config.raft.snapshot_chunk_bytes as usize,
             },
-            commands,
+            inbox,
+            commands: Vec::new(),
+            next: 0,
+            next_tick: now + config.tick_interval,
+            now,
             shared,
             snapshot_waiters: Vec::new(),
             changes: Vec::new(),
@@ -146,41 +154,109 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
         })
     }
 
-    pub(super) fn run(mut self) {
-        let mut next_tick = Instant::now() + self.config.tick_interval;
+    /// The node thread: waits for commands (spinning for `spin` first) or the next tick.
+    pub(super) fn run_blocking(mut self, spin: Duration) {
         let fatal = loop {
-            let wait = next_tick.saturating_duration_since(Instant::now());
-            let flow = match self.commands.recv_timeout(wait) {
-                Ok(cmd) => self.handle_batch(cmd),
-                Err(RecvTimeoutError::Timeout) => Ok(Flow::Continue),
-                Err(RecvTimeoutError::Disconnected) => Ok(Flow::Stop),
-            };
-            match flow {
+            if self.next >= self.commands.len() {
+                self.commands.clear();
+                self.next = 0;
+                self.inbox
+                    .wait_blocking(&mut self.commands, self.next_tick, spin);
+            }
+            match self.round() {
                 Ok(Flow::Continue) => {}
                 Ok(Flow::Stop) => break None,
                 Err(e) => break Some(e),
             }
-            let now = Instant::now();
-            if now >= next_tick {
-                self.engine.core_mut().tick();
-                next_tick = now + self.config.tick_interval;
-                self.expire(now);
-            }
-            // A batch that hit a full disk is retried here first, at every loop (so at least
-            // every tick), before anything newer.
-            let processed = self.engine.run(&mut self.host);
-            self.send_read_answers();
-            self.settle_changes(now);
-            // The status is published before the answers leave, so that a caller who got an
-            // answer sees a status at least as recent.
-            self.publish_status(None, true);
-            for (reply, answer) in self.host.answers.drain(..) {
-                let _ = reply.send(answer);
-            }
-            if let Err(e) = processed {
-                break Some(e);
-            }
         };
+        self.finish(fatal);
+    }
+
+    /// The node as a task: the same rounds, each started by a push to the inbox or a tick
+    /// (the ticker thread notifies the inbox every tick). After each round the task yields,
+    /// so clients on the same executor run (and queue more for the next round).
+    pub(super) fn run_task(self) -> impl Future<Output = ()> + Send
+    where
+        S: Send + 'static,
+    {
+        let mut this = Some(self);
+        futures::future::poll_fn(move |cx| {
+            let Some(w) = this.as_mut() else {
+                return Poll::Ready(());
+            };
+            if w.next >= w.commands.len() {
+                w.commands.clear();
+                w.next = 0;
+                let tick_due = Instant::now() >= w.next_tick;
+                if w.inbox.poll_take(cx, &mut w.commands).is_pending() && !tick_due {
+                    return Poll::Pending;
+                }
+            }
+            let fatal = match w.round() {
+                Ok(Flow::Continue) => {
+                    // Yield: the clients on this executor run (and queue more for the next
+                    // round) before we look again.
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                Ok(Flow::Stop) => None,
+                Err(e) => Some(e),
+            };
+            if let Some(w) = this.take() {
+                w.finish(fatal);
+            }
+            Poll::Ready(())
+        })
+    }
+
+    /// One round: up to [`MAX_COMMANDS_PER_ROUND`] taken commands, a tick if due, the engine
+    /// until quiet, the status, the answers.
+    fn round(&mut self) -> Result<Flow, NodeError> {
+        self.now = Instant::now();
+        let end = self.commands.len().min(self.next + MAX_COMMANDS_PER_ROUND);
+        let mut flow = Flow::Continue;
+        while self.next < end {
+            let cmd = std::mem::replace(&mut self.commands[self.next], Command::Nothing);
+            self.next += 1;
+            if let Flow::Stop = self.handle(cmd)? {
+                flow = Flow::Stop;
+                break;
+            }
+        }
+        if self.next >= self.commands.len() {
+            self.commands.clear();
+            self.next = 0;
+        }
+        if let Flow::Stop = flow {
+            return Ok(Flow::Stop);
+        }
+        let now = self.now;
+        if now >= self.next_tick {
+            self.engine.core_mut().tick();
+            // Keep the phase (a task's ticks come from a timer thread that is not in step
+            // with it: `now + interval` would let every other notification pass and double
+            // the tick), but never run behind by more than one tick.
+            self.next_tick += self.config.tick_interval;
+            if self.next_tick <= now {
+                self.next_tick = now + self.config.tick_interval;
+            }
+            self.expire(now);
+        }
+        // A batch that hit a full disk is retried here first, at every round (so at least
+        // every tick), before anything newer.
+        let processed = self.engine.run(&mut self.host);
+        self.send_read_answers();
+        self.settle_changes(now);
+        // The status is published before the answers leave, so that a caller who got an
+        // answer sees a status at least as recent.
+        self.publish_status(None, true);
+        for (reply, answer) in self.host.answers.drain(..) {
+            reply.send(answer);
+        }
+        processed.map(|()| Flow::Continue)
+    }
+
+    fn finish(mut self, fatal: Option<NodeError>) {
         if let Some(e) = &fatal {
             tracing::error!(
                 target: "raftkv::node",
@@ -189,10 +265,20 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
                 "node stopped on a fatal error"
             );
         }
+        self.inbox.close();
+        // Commands taken but not handled: their callers learn the node stopped.
+        for cmd in self.commands.drain(self.next..) {
+            if !matches!(
+                cmd,
+                Command::LocalChunk(..) | Command::LocalDone(..) | Command::Shutdown
+            ) {
+                self.shared.gauges.taken();
+            }
+        }
         self.publish_status(fatal.map(|e| e.to_string()), false);
         let (proposals, reads) = self.engine.take_all_waiting();
-        for (reply, _) in proposals.into_iter().chain(reads) {
-            let _ = reply.send(Err(ProposeError::Shutdown));
+        for w in proposals.into_iter().chain(reads) {
+            w.to.send(Err(ProposeError::Shutdown));
         }
         for w in self.snapshot_waiters.drain(..) {
             let _ = w.send(None);
@@ -200,7 +286,7 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
         for c in self.changes.drain(..) {
             let _ = c.reply.send(Err(crate::error::MembershipError::Timeout));
         }
-        self.host.outbox.close_channel();
+        self.host.outbound.close();
         for tx in self.shared.stopped.lock().drain(..) {
             let _ = tx.send(());
         }
@@ -208,48 +294,46 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
 
     fn send_read_answers(&mut self) {
         for (reply, answer) in self.host.read_answers.drain(..) {
-            let _ = reply.send(answer);
+            reply.send(answer);
         }
-    }
-
-    /// Handles `first` and every command already queued behind it (bounded).
-    fn handle_batch(&mut self, first: Command<M::Output>) -> Result<Flow, NodeError> {
-        if let Flow::Stop = self.handle(first)? {
-            return Ok(Flow::Stop);
-        }
-        for _ in 0..MAX_COMMANDS_PER_ROUND {
-            match self.commands.try_recv() {
-                Ok(cmd) => {
-                    if let Flow::Stop = self.handle(cmd)? {
-                        return Ok(Flow::Stop);
-                    }
-                }
-                Err(_) => break,
-            }
-        }
-        Ok(Flow::Continue)
     }
 
     fn handle(&mut self, cmd: Command<M::Output>) -> Result<Flow, NodeError> {
         // Counted when the handle queued it (snapshot threads' and shutdown commands are not).
         if !matches!(
             cmd,
-            Command::LocalChunk(..) | Command::LocalDone(..) | Command::Shutdown
+            Command::LocalChunk(..) | Command::LocalDone(..) | Command::Shutdown | Command::Nothing
         ) {
             self.shared.gauges.taken();
         }
+        let deadline = || self.now + self.config.propose_timeout;
         match cmd {
             Command::Step(m) => self.engine.core_mut().step(m),
             Command::Propose(data, reply) => {
-                let deadline = Instant::now() + self.config.propose_timeout;
-                if let Err((e, (reply, _))) = self.engine.propose(data, (reply, deadline)) {
-                    let _ = reply.send(Err(e));
+                let w = Waiting {
+                    to: ReplyTo::One(reply),
+                    deadline: deadline(),
+                };
+                if let Err((e, w)) = self.engine.propose(data, w) {
+                    w.to.send(Err(e));
+                }
+            }
+            Command::ProposeMany(commands, reply) => {
+                let deadline = deadline();
+                for (slot, data) in ReplyTo::batch(commands.len(), reply).zip(commands) {
+                    let w = Waiting { to: slot, deadline };
+                    if let Err((e, w)) = self.engine.propose(data, w) {
+                        w.to.send(Err(e));
+                    }
                 }
             }
             Command::Read(query, reply) => {
-                let deadline = Instant::now() + self.config.propose_timeout;
-                if let Err((e, (reply, _))) = self.engine.read(query, (reply, deadline)) {
-                    let _ = reply.send(Err(e));
+                let w = Waiting {
+                    to: ReplyTo::One(reply),
+                    deadline: deadline(),
+                };
+                if let Err((e, w)) = self.engine.read(query, w) {
+                    w.to.send(Err(e));
                 }
             }
             Command::ChangeMembership(change, reply) => {
@@ -311,6 +395,7 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
                 reply,
             }) => super::backup::serve_read(self.engine.storage(), meta, offset, len, reply),
             Command::Shutdown => return Ok(Flow::Stop),
+            Command::Nothing => {}
         }
         Ok(Flow::Continue)
     }
@@ -337,15 +422,20 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
     fn expire(&mut self, now: Instant) {
         let (proposals, reads) = self
             .engine
-            .take_expired(|(_, d)| *d <= now, |(_, d)| *d <= now);
-        for (reply, _) in proposals.into_iter().chain(reads) {
-            let _ = reply.send(Err(ProposeError::Timeout));
+            .take_expired(|w| w.deadline <= now, |w| w.deadline <= now);
+        for w in proposals.into_iter().chain(reads) {
+            w.to.send(Err(ProposeError::Timeout));
         }
     }
 
     pub(super) fn publish_status(&self, fatal: Option<String>, running: bool) {
         let mut s = self.shared.status.lock();
-        s.raft = self.engine.core().status();
+        let raft = self.engine.core().status();
+        let changed = raft.role != s.raft.role
+            || raft.term != s.raft.term
+            || raft.leader != s.raft.leader
+            || running != s.running;
+        s.raft = raft;
         s.persisted = self.engine.storage().persisted_size();
         if fatal.is_some() {
             s.fatal_error = fatal;
@@ -365,12 +455,25 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
                 .outbox_dropped
                 .load(std::sync::atomic::Ordering::Relaxed),
         };
+        if changed || s.fatal_error.is_some() {
+            for w in self.shared.role_waiters.lock().drain(..) {
+                let _ = w.send(());
+            }
+        }
+    }
+}
+
+impl<S, M: StateMachine> Drop for Worker<S, M> {
+    /// A node task whose driver future the host dropped unfinished still closes its inbox:
+    /// the ticker thread stops, and later commands fail with [`ProposeError::Shutdown`].
+    fn drop(&mut self) {
+        self.inbox.close();
     }
 }
 
 /// Cuts a state machine's serialized snapshot into chunks for the node thread.
 struct ChunkWriter<O> {
-    inbox: SyncSender<Command<O>>,
+    inbox: Arc<Inbox<Command<O>>>,
     meta: SnapshotMeta,
     chunk: usize,
     buf: Vec<u8>,
@@ -383,7 +486,7 @@ impl<O> ChunkWriter<O> {
         }
         let data = std::mem::take(&mut self.buf);
         self.inbox
-            .send(Command::LocalChunk(self.meta, data))
+            .push_waiting(Command::LocalChunk(self.meta, data))
             .map_err(|_| std::io::Error::other("node stopped"))
     }
 }

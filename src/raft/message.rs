@@ -17,66 +17,110 @@ pub type Term = u64;
 pub type Index = u64;
 
 /// An immutable, cheaply clonable byte string (a command, or a chunk of a snapshot).
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-pub struct Payload(Arc<[u8]>);
+///
+/// The empty payload holds no allocation at all ([`Payload::empty`], `Payload::default()`, or
+/// any conversion from no bytes): creating, cloning and dropping it touches no shared
+/// reference count, so an empty command costs nothing beyond its log slot.
+#[derive(Clone, Default)]
+pub struct Payload(Option<Arc<[u8]>>);
 
 impl Payload {
+    /// No bytes, without an allocation.
+    pub const fn empty() -> Self {
+        Payload(None)
+    }
     /// The bytes.
     pub fn as_bytes(&self) -> &[u8] {
-        &self.0
+        self.0.as_deref().unwrap_or(&[])
     }
     /// Number of bytes.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.as_bytes().len()
     }
     /// True when there are no bytes.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.as_bytes().is_empty()
+    }
+    fn shared(bytes: Arc<[u8]>) -> Self {
+        if bytes.is_empty() {
+            Payload(None)
+        } else {
+            Payload(Some(bytes))
+        }
+    }
+}
+
+impl PartialEq for Payload {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+impl Eq for Payload {}
+impl std::hash::Hash for Payload {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_bytes().hash(state)
+    }
+}
+impl PartialOrd for Payload {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Payload {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_bytes().cmp(other.as_bytes())
     }
 }
 
 impl From<Vec<u8>> for Payload {
     fn from(v: Vec<u8>) -> Self {
-        Payload(v.into())
+        if v.is_empty() {
+            return Payload(None);
+        }
+        Payload::shared(v.into())
     }
 }
 impl From<String> for Payload {
     fn from(v: String) -> Self {
-        Payload(v.into_bytes().into())
+        Payload::from(v.into_bytes())
     }
 }
 impl From<&[u8]> for Payload {
     fn from(v: &[u8]) -> Self {
-        Payload(v.into())
+        if v.is_empty() {
+            return Payload(None);
+        }
+        Payload::shared(v.into())
     }
 }
 impl<const N: usize> From<&[u8; N]> for Payload {
     fn from(v: &[u8; N]) -> Self {
-        Payload(v.as_slice().into())
+        Payload::from(v.as_slice())
     }
 }
 impl From<&str> for Payload {
     fn from(v: &str) -> Self {
-        Payload(v.as_bytes().into())
+        Payload::from(v.as_bytes())
     }
 }
 impl AsRef<[u8]> for Payload {
     fn as_ref(&self) -> &[u8] {
-        &self.0
+        self.as_bytes()
     }
 }
 impl fmt::Debug for Payload {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match std::str::from_utf8(&self.0) {
-            Ok(s) if self.0.len() <= 64 => write!(f, "{s:?}"),
-            _ => write!(f, "<{} bytes>", self.0.len()),
+        let bytes = self.as_bytes();
+        match std::str::from_utf8(bytes) {
+            Ok(s) if bytes.len() <= 64 => write!(f, "{s:?}"),
+            _ => write!(f, "<{} bytes>", bytes.len()),
         }
     }
 }
 
 impl Serialize for Payload {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(&self.0)
+        s.serialize_bytes(self.as_bytes())
     }
 }
 

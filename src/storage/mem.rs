@@ -8,6 +8,7 @@
 //! tail and a recovery mode that cut it (a [`TailLoss`]). Clones share the same state (a
 //! handle for tests to look inside).
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -24,8 +25,8 @@ struct State {
     hard_state: HardState,
     snapshot: SnapshotMeta,
     snapshot_data: Arc<[u8]>,
-    /// Entries `snapshot.index + 1 ..`.
-    entries: Vec<Entry>,
+    /// Entries `snapshot.index + 1 ..` (a deque: compaction drops a prefix in O(dropped)).
+    entries: VecDeque<Entry>,
     /// Sum of `Entry::size` over `entries`.
     log_bytes: u64,
     /// A tail loss not yet cleared.
@@ -50,7 +51,7 @@ impl State {
     fn truncate(&mut self, from: Index) {
         let keep = from.saturating_sub(self.first_index()) as usize;
         if keep < self.entries.len() {
-            let removed: u64 = self.entries[keep..].iter().map(Entry::size).sum();
+            let removed: u64 = self.entries.range(keep..).map(Entry::size).sum();
             self.log_bytes -= removed;
             self.entries.truncate(keep);
         }
@@ -64,17 +65,32 @@ impl State {
                 if let Some(first) = entries.first() {
                     self.truncate(first.index);
                     self.log_bytes += entries.iter().map(Entry::size).sum::<u64>();
-                    self.entries.extend_from_slice(entries);
+                    self.entries.extend(entries.iter().cloned());
                 }
             }
         }
     }
-    fn compact(&mut self, through: Index) {
-        let drop = through.saturating_sub(self.snapshot.index) as usize;
-        let drop = drop.min(self.entries.len());
-        let removed: u64 = self.entries[..drop].iter().map(Entry::size).sum();
+    /// [`State::apply`], moving the appended entries instead of copying them.
+    fn apply_owned(&mut self, op: Op) {
+        match op {
+            Op::Append(entries) => {
+                if let Some(first) = entries.first() {
+                    self.truncate(first.index);
+                    self.log_bytes += entries.iter().map(Entry::size).sum::<u64>();
+                    self.entries.extend(entries);
+                }
+            }
+            op => self.apply(&op),
+        }
+    }
+    /// Drops the first `n` entries: O(n), and the byte count follows what is dropped.
+    fn drop_front(&mut self, n: usize) {
+        let n = n.min(self.entries.len());
+        let removed: u64 = self.entries.drain(..n).map(|e| e.size()).sum();
         self.log_bytes -= removed;
-        self.entries.drain(..drop);
+    }
+    fn compact(&mut self, through: Index) {
+        self.drop_front(through.saturating_sub(self.snapshot.index) as usize);
     }
     fn install_snapshot(&mut self, meta: SnapshotMeta, data: Arc<[u8]>) {
         let matches = meta.index >= self.first_index()
@@ -82,12 +98,11 @@ impl State {
             && self.entries[(meta.index - self.first_index()) as usize].term == meta.term;
         if matches {
             // Keep the entries after the snapshot, drop the covered ones.
-            let keep_from = (meta.index + 1 - self.first_index()) as usize;
-            self.entries.drain(..keep_from);
+            self.drop_front((meta.index + 1 - self.first_index()) as usize);
         } else {
             self.entries.clear();
+            self.log_bytes = 0;
         }
-        self.log_bytes = self.entries.iter().map(Entry::size).sum();
         self.snapshot = meta;
         self.snapshot_data = data;
     }
@@ -150,7 +165,7 @@ impl MemStorage {
 
     /// The durable entries (what a crash would keep).
     pub fn durable_entries(&self) -> Vec<Entry> {
-        self.inner.lock().durable.entries.clone()
+        self.inner.lock().durable.entries.iter().cloned().collect()
     }
 
     /// The durable snapshot's last index (0 when there is none).
@@ -307,7 +322,7 @@ impl Storage for MemStorage {
         let to = (hi - s.first_index()) as usize;
         let mut out = Vec::new();
         let mut bytes = 0;
-        for e in &s.entries[from..to] {
+        for e in s.entries.range(from..to) {
             bytes += e.size();
             if !out.is_empty() && bytes > max_bytes {
                 break;
@@ -367,7 +382,7 @@ impl Storage for MemStorage {
             pending, durable, ..
         } = &mut *inner;
         for op in pending.drain(..) {
-            durable.apply(&op);
+            durable.apply_owned(op);
         }
         inner.syncs += 1;
         Ok(())

@@ -76,6 +76,15 @@ pub struct PersistedSize {
     pub snapshot_bytes: u64,
 }
 
+/// A [`Storage`] none of whose methods ever blocks on IO (it keeps everything in memory), so
+/// a node may run it on an async executor's own thread
+/// ([`Node::start_in_task`](crate::Node::start_in_task)). Implement it only for such a
+/// storage: [`MemStorage`] does; [`FileStorage`], whose writes and fsyncs block, does not, so
+/// a node on files always gets a thread of its own.
+pub trait NonBlockingStorage: Storage {}
+
+impl NonBlockingStorage for MemStorage {}
+
 /// Durable home of a node's Raft state. See the [module docs](self) for the contract.
 pub trait Storage: Send + 'static {
     /// What the storage holds now (after recovery, for a storage just opened).
