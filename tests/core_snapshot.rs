@@ -201,3 +201,40 @@ fn a_snapshot_must_name_an_applied_entry() {
         .is_ok());
     assert_eq!(core.log().first_index(), 3);
 }
+
+/// A follower whose log already holds a snapshot's last entry (appends got there first) ends
+/// the transfer at whatever chunk arrives, not only at the last: it had dropped its partial
+/// copy once its log reached the snapshot, so it refused every later chunk and the leader
+/// started over, for ever (found by `sim_snapshot`'s abandoned-transfers scenario).
+#[test]
+fn a_chunk_of_a_snapshot_the_log_already_reached_ends_the_transfer() {
+    let mut net = Lockstep::with_logs(&[&[1, 1, 1], &[1, 1, 1]], plain);
+    net.clear_delivered();
+    net.send(Message {
+        from: 1,
+        to: 2,
+        term: 1,
+        body: MessageBody::InstallSnapshot {
+            meta: SnapshotMeta { index: 3, term: 1 },
+            size: 40,
+            offset: 8,
+            data: vec![0u8; 8].into(),
+        },
+    });
+    let answer = net
+        .delivered()
+        .iter()
+        .find(|m| m.from == 2)
+        .map(|m| m.body.clone());
+    assert!(
+        matches!(
+            answer,
+            Some(MessageBody::SnapshotResponse {
+                index: 3,
+                status: SnapshotStatus::Installed,
+                ..
+            })
+        ),
+        "{answer:?}"
+    );
+}

@@ -51,7 +51,27 @@ fn converge(c: &mut Cluster<DigestMachine>) -> DigestMachine {
             .iter()
             .all(|&i| c.status(i).is_some_and(|s| s.applied_index >= target))
     });
-    assert!(ok, "nodes did not catch up (seed {})", c.seed());
+    if !ok {
+        for i in c.node_ids() {
+            eprintln!(
+                "DBG progress of {i} on {l}: {:?}",
+                c.core(l).map(|r| r.progress(i))
+            );
+            eprintln!(
+                "DBG core {i}: {:?}",
+                c.core(i).map(|r| (r.receiving_snapshot(), r.leader()))
+            );
+        }
+    }
+    assert!(
+        ok,
+        "nodes did not catch up to {target} (seed {}): {:#?}",
+        c.seed(),
+        c.node_ids()
+            .iter()
+            .map(|&i| (c.status(i), c.core(i).and_then(|r| r.recovering())))
+            .collect::<Vec<_>>()
+    );
     let reference = *c.machine(l);
     for id in c.node_ids() {
         assert_eq!(
@@ -361,6 +381,194 @@ fn a_small_log_bound_holds_under_bursts_and_slow_snapshots() {
         assert!(
             refused > 0,
             "the bursts never reached the bound (seed {seed})"
+        );
+    });
+}
+
+/// Snapshot transfers abandoned half-way, again and again: small chunks, leadership moving
+/// every few tens of milliseconds, a follower cut off and back, some messages arriving long
+/// after they were sent. A follower left "receiving" a transfer nobody finishes must not stop
+/// taking snapshots: afterwards every node still snapshots, and no log outgrows the bound.
+#[test]
+fn abandoned_transfers_never_stop_snapshots() {
+    for_each_seed("abandoned_transfers", 10, |seed| {
+        let max = 1_000;
+        let mut cfg = config(5, seed, max);
+        cfg.network = NetworkConfig::unreliable();
+        cfg.raft.snapshot_chunk_bytes = 8; // DigestMachine snapshots are 24 bytes: 3 chunks
+        cfg.raft.max_snapshot_chunks_inflight = 1;
+        let mut c = Cluster::new(cfg, |_| DigestMachine::default());
+        c.network.set_stragglers(0.05, 300);
+        let mut rng = Rng::new(seed ^ 0xAB4D);
+        for round in 0..60 {
+            if let Some(l) = c.leader() {
+                for k in 0..rng.range(5, 20) {
+                    let _ = c.propose(l, format!("a{round}-{k}").as_str());
+                }
+                match rng.range(0, 4) {
+                    0 => {
+                        let others: Vec<NodeId> =
+                            c.node_ids().into_iter().filter(|&i| i != l).collect();
+                        let to = others[rng.range(0, others.len() as u64) as usize];
+                        let _ = c.transfer_leadership(l, to);
+                    }
+                    1 => {
+                        let ids = c.node_ids();
+                        let v = ids[rng.range(0, ids.len() as u64) as usize];
+                        c.isolate(v);
+                        c.run_for(rng.range(50, 300));
+                        c.reconnect(v);
+                    }
+                    _ => {}
+                }
+            }
+            c.run_for(rng.range(5, 60));
+        }
+        c.network.set_stragglers(0.0, 0);
+        let before: Vec<u64> = c.node_ids().iter().map(|&i| c.snapshots_taken(i)).collect();
+        write(&mut c, "after", 200);
+        converge(&mut c);
+        for (k, id) in c.node_ids().into_iter().enumerate() {
+            assert!(
+                c.snapshots_taken(id) > before[k],
+                "node {id} stopped taking snapshots (seed {seed})"
+            );
+            // Twice the bound plus one entry (of at most ~35 bytes here), 24 bytes of hard
+            // state and the 24-byte snapshot.
+            let peak = c.peak_persisted_bytes(id);
+            assert!(
+                peak <= 2 * max + 40 + 48,
+                "node {id} peaked at {peak} bytes (seed {seed})"
+            );
+        }
+    });
+}
+
+/// A state machine whose snapshots of one state differ in their bytes from node to node (as a
+/// `HashMap` with per-process hashing serializes): the set of applied `(index, command)`
+/// hashes, written in an order only this node uses, with a checksum over the set. A snapshot
+/// spliced from two nodes' images restores a different set, or fails its checksum.
+#[derive(Clone, Debug, Default)]
+struct ShuffledMachine {
+    order: u64,
+    items: Vec<u64>,
+}
+
+impl ShuffledMachine {
+    fn new(order: u64) -> Self {
+        ShuffledMachine {
+            order,
+            items: Vec::new(),
+        }
+    }
+    fn set(&self) -> Vec<u64> {
+        let mut s = self.items.clone();
+        s.sort_unstable();
+        s
+    }
+}
+
+fn hash_of(v: impl std::hash::Hash) -> u64 {
+    use std::hash::Hasher;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    v.hash(&mut h);
+    h.finish()
+}
+
+impl StateMachine for ShuffledMachine {
+    type Output = u64;
+    fn apply(&mut self, index: u64, command: &[u8]) -> u64 {
+        self.items.push(hash_of((index, command)));
+        self.items.len() as u64
+    }
+    fn snapshot(&mut self) -> Box<dyn raftkv::SnapshotSource> {
+        let mut items = self.set();
+        // This node's order: sorted by a keyed hash.
+        items.sort_by_key(|&v| hash_of((self.order, v)));
+        let mut b = Vec::with_capacity(16 + 8 * items.len());
+        b.extend_from_slice(&(items.len() as u64).to_le_bytes());
+        b.extend_from_slice(&hash_of(self.set()).to_le_bytes());
+        for v in items {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        Box::new(b)
+    }
+    fn restore(&mut self, snapshot: &mut dyn std::io::Read) -> std::io::Result<()> {
+        let mut b = Vec::new();
+        snapshot.read_to_end(&mut b)?;
+        let word = |i: usize| u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().expect("8"));
+        let n = word(0) as usize;
+        let items: Vec<u64> = (0..n).map(|i| word(2 + i)).collect();
+        let restored = ShuffledMachine {
+            order: self.order,
+            items,
+        };
+        if hash_of(restored.set()) != word(1) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "spliced snapshot: the set does not match its checksum",
+            ));
+        }
+        *self = restored;
+        Ok(())
+    }
+}
+
+/// A transfer interrupted by a leader change, when the new leader holds a snapshot of the same
+/// index and size whose bytes differ: the follower must start over from offset 0, never
+/// splice the two images.
+#[test]
+fn a_transfer_resumed_by_another_leader_never_splices_two_images() {
+    for_each_seed("snapshot_no_splice", 10, |seed| {
+        let mut cfg = SimConfig::new(3, seed);
+        cfg.raft.snapshot_chunk_bytes = 16;
+        cfg.raft.max_snapshot_chunks_inflight = 1;
+        let mut c: Cluster<ShuffledMachine> = Cluster::new(cfg, ShuffledMachine::new);
+        let mut rng = Rng::new(seed ^ 0x5B1C);
+        let l1 = c.run_until_leader(5_000).expect("leader");
+        let f = c.node_ids().into_iter().find(|&i| i != l1).unwrap();
+        let l2 = c
+            .node_ids()
+            .into_iter()
+            .find(|&i| i != l1 && i != f)
+            .unwrap();
+        c.isolate(f);
+        for i in 0..40 {
+            c.propose_and_wait(l1, format!("x{i}").as_str(), 2_000)
+                .expect("commit");
+        }
+        let target = c.core(l1).unwrap().commit_index();
+        assert!(c.run_until(5_000, |c| [l1, l2]
+            .iter()
+            .all(|&i| c.status(i).is_some_and(|s| s.applied_index >= target))));
+        // Both hold an image of the same index, in their own byte orders.
+        assert!(c.snapshot(l1) && c.snapshot(l2));
+        c.run_for(200);
+        let meta = |c: &Cluster<ShuffledMachine>, i| c.core(i).unwrap().log().snapshot();
+        assert_eq!(meta(&c, l1), meta(&c, l2));
+        // The follower gets part of node l1's image, then l1 hands over to l2 (at once, so
+        // that the follower's partial copy is still fresh), and l2 takes over the transfer.
+        c.reconnect(f);
+        c.run_for(rng.range(3, 40));
+        c.transfer_leadership(l1, l2).expect("transfer");
+        c.run_until(2_000, |c| c.leader() == Some(l2));
+        if rng.chance(0.5) {
+            c.crash(l1);
+        }
+        let leader = c.run_until_leader(10_000).expect("a new leader");
+        assert_eq!(leader, l2);
+        c.propose_and_wait(leader, b"after".as_slice(), 5_000)
+            .expect("commit");
+        let target = c.core(leader).unwrap().commit_index();
+        let caught_up = c.run_until(10_000, |c| {
+            c.status(f).is_some_and(|s| s.applied_index >= target)
+        });
+        assert!(caught_up, "node {f} did not catch up (seed {seed})");
+        assert!(c.snapshots_installed(f) >= 1, "no snapshot was sent");
+        assert_eq!(
+            c.machine(f).set(),
+            c.machine(leader).set(),
+            "node {f} restored another state (seed {seed})"
         );
     });
 }

@@ -241,6 +241,22 @@ impl RaftCore {
             // leader sends it again.
             return;
         }
+        if holds_last_entry {
+            // The log already reached the snapshot (appends got there first): it matches the
+            // leader's through there, so the rest of the transfer is moot. Only the commit
+            // index moves, and the leader learns it can go on with appends. (Answering only
+            // the last chunk so would loop: the partial copy is dropped once the log holds
+            // its last entry, every later chunk is refused, and the leader starts over.)
+            f.incoming = None;
+            self.log.commit_to(meta.index);
+            let body = MessageBody::SnapshotResponse {
+                index: meta.index,
+                next_offset: size,
+                status: SnapshotStatus::Installed,
+            };
+            self.send(leader, body, Dispatch::AfterPersist);
+            return;
+        }
         let expected = match f.incoming {
             Some(i) if i.meta == meta && i.size == size => i.next_offset,
             _ => 0,
@@ -269,12 +285,6 @@ impl RaftCore {
                 data,
             });
             SnapshotStatus::Accepted
-        } else if holds_last_entry {
-            // The log already reached the snapshot (appends stepped meanwhile): it matches
-            // the leader's through there, so only the commit index moves.
-            f.incoming = None;
-            self.log.commit_to(meta.index);
-            SnapshotStatus::Installed
         } else {
             f.incoming = None;
             self.snapshot_chunks.push(SnapshotChunk {

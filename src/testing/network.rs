@@ -87,6 +87,8 @@ pub struct Network {
     cut: BTreeSet<(NodeId, NodeId)>,
     traffic: BTreeMap<&'static str, Traffic>,
     filter: Option<Filter>,
+    /// `(rate, max_delay_ms)`: see [`Network::set_stragglers`].
+    stragglers: Option<(f64, u64)>,
 }
 
 /// A targeted fault: returns true for a message that must be lost. It gets the cluster's
@@ -111,6 +113,7 @@ impl Network {
             cut: BTreeSet::new(),
             traffic: BTreeMap::new(),
             filter: None,
+            stragglers: None,
         }
     }
 
@@ -127,6 +130,15 @@ impl Network {
     /// Loses every message `filter` picks (a targeted fault), until cleared.
     pub fn set_filter(&mut self, filter: impl FnMut(&Message, &mut Rng) -> bool + 'static) {
         self.filter = Some(Box::new(filter));
+    }
+
+    /// Holds a fraction `rate` of the messages (each copy drawn alone) for up to
+    /// `max_delay_ms` instead of the configured delay: a stalled connection or sender, so that
+    /// a message arrives long after the state it speaks of has moved on (a TimeoutNow after its
+    /// transfer was abandoned, a snapshot chunk after its leader was deposed). A rate of 0
+    /// turns it off. Runs without stragglers draw exactly as before.
+    pub fn set_stragglers(&mut self, rate: f64, max_delay_ms: u64) {
+        self.stragglers = (rate > 0.0).then_some((rate, max_delay_ms));
     }
 
     /// Removes the targeted fault.
@@ -180,8 +192,13 @@ impl Network {
         } else {
             1
         };
+        let (min, max) = (self.config.min_delay_ms, self.config.max_delay_ms);
+        let stragglers = self.stragglers;
         (0..copies)
-            .map(|_| rng.range(self.config.min_delay_ms, self.config.max_delay_ms + 1))
+            .map(|_| match stragglers {
+                Some((rate, long)) if rng.chance(rate) => rng.range(max, long.max(max) + 1),
+                _ => rng.range(min, max + 1),
+            })
             .collect()
     }
 }
