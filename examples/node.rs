@@ -477,7 +477,7 @@ async fn run(args: Args) -> Result<(), String> {
     let inbox = node.clone();
     let serve_options = tcp::ServeOptions {
         peer: peer_options.clone(),
-        members: voters.iter().copied().collect(),
+        members: tcp::MemberSet::new(voters.iter().copied()),
     };
     tokio::spawn(tcp::serve(raft_listener, serve_options, move |m| {
         inbox.step(m)
