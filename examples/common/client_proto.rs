@@ -36,6 +36,8 @@
 #[allow(clippy::duplicate_mod)]
 #[path = "guard.rs"]
 pub mod guard;
+#[path = "members.rs"]
+pub mod members;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -95,6 +97,25 @@ pub enum ClientRequest {
     /// A backup of the node's state (`Node::backup`): answered with `BackupChunk` frames
     /// (the 64-byte header first, then the content) and one `BackupDone`.
     Backup,
+    /// The configuration and the members' addresses (answered by the leader, like the
+    /// requests below, with `Members`; see [`members`]).
+    Members,
+    /// Add node `id` as a learner: its addresses are written to the replicated address
+    /// book first, so every member learns them.
+    AddLearner {
+        /// The new node.
+        id: NodeId,
+        /// Its Raft address.
+        raft: SocketAddr,
+        /// Its client address.
+        client: SocketAddr,
+    },
+    /// Make a caught-up learner a voter.
+    Promote(NodeId),
+    /// Remove a voter or a learner (not the leader itself: transfer leadership first).
+    Remove(NodeId),
+    /// Hand leadership to this voter.
+    TransferLeadership(NodeId),
 }
 
 /// Why a node did not answer a request with a result: [`ProposeError`] in a stable, tagged
@@ -288,6 +309,9 @@ pub enum ClientResponse {
     /// The end of a backup: its index and term, or why it failed (the chunks sent before
     /// a failure are not a backup).
     BackupDone(Result<(u64, u64), ClientFailure>),
+    /// The answer to a member request: the configuration once the change is in effect and
+    /// committed, or why not.
+    Members(Result<members::MembersView, members::MemberFailure>),
 }
 
 /// Why a frame could not be read or written, or a connection not made.
@@ -419,6 +443,8 @@ pub struct ClientServeOptions {
     pub max_frame: usize,
     /// Bytes of partly received frames held at most beyond [`SMALL_FRAME`] per connection.
     pub buffer_budget: usize,
+    /// Answers member requests; without it they get `Other`.
+    pub members: Option<Arc<members::MemberService>>,
 }
 
 impl Default for ClientServeOptions {
@@ -428,6 +454,7 @@ impl Default for ClientServeOptions {
             secret: Secret::none(),
             max_frame: MAX_CLIENT_FRAME,
             buffer_budget: CLIENT_BUFFER_BUDGET,
+            members: None,
         }
     }
 }
@@ -643,6 +670,15 @@ async fn serve_connection(
                 let done = stream_backup(&mut stream, &node).await?;
                 ClientResponse::BackupDone(done)
             }
+            member_request => ClientResponse::Members(match &port.options.members {
+                Some(service) => match service.answer(&node, &member_request).await {
+                    Some(answer) => answer,
+                    None => Err(members::MemberFailure::Other("not a member request".into())),
+                },
+                None => Err(members::MemberFailure::Other(
+                    "this node does not serve member requests".into(),
+                )),
+            }),
         };
         match write_message(&mut stream, &response).await {
             Err(ProtoError::TooLarge(n, max)) => {
@@ -857,9 +893,15 @@ pub enum Seen {
 /// `TooLarge`; a connection lost after the request left, or a request that got no answer in
 /// time, is `Timeout` (it may or may not have been applied, and the client retries it under
 /// the same number). What it saw of each node is kept ([`TcpKvEndpoint::seen`]).
+///
+/// It follows membership changes: the leader's answer to a member request
+/// ([`TcpKvEndpoint::member_request`]) replaces its nodes with the members, at the client
+/// addresses the answer gives (and the ones it had for the others). It asks for the members
+/// when a node cannot be reached, when a node names a leader it does not know, and at most
+/// every [`MEMBERS_REFRESH`] otherwise (in the background). Clones share the nodes.
 #[derive(Clone, Debug)]
 pub struct TcpKvEndpoint {
-    nodes: BTreeMap<NodeId, SocketAddr>,
+    nodes: Arc<Mutex<BTreeMap<NodeId, SocketAddr>>>,
     /// How long connecting (and the handshake) may take.
     pub connect_timeout: Duration,
     /// How long a request may wait for its answer once sent.
@@ -867,6 +909,32 @@ pub struct TcpKvEndpoint {
     /// The client secret proven in the handshake.
     pub secret: Secret,
     seen: Arc<Mutex<BTreeMap<NodeId, (Instant, Seen)>>>,
+    /// When the members were last asked for.
+    refreshed: Arc<Mutex<Option<Instant>>>,
+}
+
+/// A [`TcpKvEndpoint`] asks for the members at most this often when nothing fails.
+pub const MEMBERS_REFRESH: Duration = Duration::from_secs(5);
+/// ... and at most this often when a node is unreachable or unknown.
+pub const MEMBERS_RETRY: Duration = Duration::from_millis(500);
+
+/// Why a member request got no answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MemberCallError {
+    /// The leader refused it.
+    Refused(members::MemberFailure),
+    /// No leader answered before the deadline (the last thing seen). For a change, it may
+    /// have been made.
+    Unanswered(String),
+}
+
+impl fmt::Display for MemberCallError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MemberCallError::Refused(why) => write!(f, "{why}"),
+            MemberCallError::Unanswered(why) => write!(f, "no answer from a leader: {why}"),
+        }
+    }
 }
 
 impl TcpKvEndpoint {
@@ -874,11 +942,12 @@ impl TcpKvEndpoint {
     /// and a 7 s request timeout, and no secret.
     pub fn new(nodes: impl IntoIterator<Item = (NodeId, SocketAddr)>) -> Self {
         TcpKvEndpoint {
-            nodes: nodes.into_iter().collect(),
+            nodes: Arc::new(Mutex::new(nodes.into_iter().collect())),
             connect_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(7),
             secret: Secret::none(),
             seen: Arc::default(),
+            refreshed: Arc::default(),
         }
     }
 
@@ -890,7 +959,12 @@ impl TcpKvEndpoint {
 
     /// The client address of `node`.
     pub fn addr(&self, node: NodeId) -> Option<SocketAddr> {
-        self.nodes.get(&node).copied()
+        self.nodes.lock().get(&node).copied()
+    }
+
+    /// The nodes and their client addresses.
+    pub fn addrs(&self) -> BTreeMap<NodeId, SocketAddr> {
+        self.nodes.lock().clone()
     }
 
     /// What this endpoint (and its clones) last saw of each node, and when.
@@ -902,7 +976,146 @@ impl TcpKvEndpoint {
         self.seen.lock().insert(node, (Instant::now(), what));
     }
 
+    /// Takes the members of `view` as its nodes: those with a client address are added (or
+    /// moved), those that are not members are dropped (unless none would be left).
+    pub fn learn(&self, view: &members::MembersView) {
+        let members = view.members();
+        let mut nodes = self.nodes.lock();
+        for (id, addrs) in &view.addrs {
+            if let Some(client) = addrs.client {
+                nodes.insert(*id, client);
+            }
+        }
+        if nodes.keys().any(|id| members.contains(id)) {
+            nodes.retain(|id, _| members.contains(id));
+        }
+    }
+
+    /// Sends a member request ([`ClientRequest::Members`], `AddLearner`, `Promote`,
+    /// `Remove`, `TransferLeadership`) to the leader, following redirects and retrying
+    /// transient refusals (a learner catching up, a change under way, no leader yet) until
+    /// `deadline`, and learns the members from the answer. A change whose answer was lost is
+    /// not sent again (it may have been made): that is `Unanswered`.
+    pub async fn member_request(
+        &self,
+        request: &ClientRequest,
+        deadline: Duration,
+    ) -> Result<members::MembersView, MemberCallError> {
+        let until = Instant::now() + deadline;
+        let read_only = matches!(request, ClientRequest::Members);
+        *self.refreshed.lock() = Some(Instant::now());
+        let mut next: Option<NodeId> = None;
+        let mut cursor = 0usize;
+        let mut last = "no node tried".to_string();
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            let nodes: Vec<NodeId> = self.nodes.lock().keys().copied().collect();
+            let node = next.take().unwrap_or_else(|| {
+                cursor = (cursor + 1) % nodes.len().max(1);
+                nodes.get(cursor).copied().unwrap_or(0)
+            });
+            let mut redirected = false;
+            if let Some(addr) = self.addr(node) {
+                let left = until.saturating_duration_since(Instant::now());
+                let answer = call(
+                    addr,
+                    &self.secret,
+                    request,
+                    self.connect_timeout.min(left),
+                    self.request_timeout.min(left.max(Duration::from_millis(1))),
+                )
+                .await;
+                match answer {
+                    Ok(ClientResponse::Members(Ok(view))) => {
+                        self.learn(&view);
+                        return Ok(view);
+                    }
+                    Ok(ClientResponse::Members(Err(members::MemberFailure::LeaderAt(
+                        l,
+                        client,
+                    )))) if l != node => {
+                        self.nodes.lock().insert(l, client);
+                        last = format!("node {node} is not the leader (node {l} at {client} is)");
+                        next = Some(l);
+                        redirected = true;
+                    }
+                    Ok(ClientResponse::Members(Err(members::MemberFailure::NotLeader(Some(
+                        l,
+                    )))))
+                        if l != node && self.addr(l).is_some() =>
+                    {
+                        last = format!("node {node} is not the leader (node {l} is)");
+                        next = Some(l);
+                        redirected = true;
+                    }
+                    Ok(ClientResponse::Members(Err(f))) if f.is_transient() => {
+                        last = format!("node {node}: {f}");
+                    }
+                    Ok(ClientResponse::Members(Err(
+                        f @ (members::MemberFailure::NotLeader(_)
+                        | members::MemberFailure::LeaderAt(..)),
+                    ))) => last = format!("node {node}: {f}"),
+                    Ok(ClientResponse::Members(Err(f))) => return Err(MemberCallError::Refused(f)),
+                    Ok(other) => last = format!("node {node}: unexpected answer {other:?}"),
+                    Err(e @ (CallError::Connect(_) | CallError::Handshake(_))) => {
+                        last = format!("node {node}: {e}");
+                    }
+                    Err(e) if read_only => last = format!("node {node}: {e}"),
+                    Err(e) => {
+                        return Err(MemberCallError::Unanswered(format!(
+                            "node {node}: {e}; the change may have been made (see `kv members`)"
+                        )))
+                    }
+                }
+            }
+            if Instant::now() >= until {
+                return Err(MemberCallError::Unanswered(last));
+            }
+            if !redirected {
+                tokio::time::sleep(backoff.min(until.saturating_duration_since(Instant::now())))
+                    .await;
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+            }
+        }
+    }
+
+    /// Asks for the members if it has not for `at_least`; `background` does it in a task.
+    async fn refresh(&self, at_least: Duration, background: bool) {
+        {
+            let mut refreshed = self.refreshed.lock();
+            if refreshed.is_some_and(|at| at.elapsed() < at_least) {
+                return;
+            }
+            *refreshed = Some(Instant::now());
+        }
+        let me = self.clone();
+        let ask = async move {
+            let _ = me
+                .member_request(&ClientRequest::Members, Duration::from_secs(2))
+                .await;
+        };
+        if background {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(ask);
+            }
+        } else {
+            ask.await;
+        }
+    }
+
     async fn call(&self, node: NodeId, req: ClientRequest) -> Result<KvResult, ProposeError> {
+        let result = self.call_once(node, req).await;
+        match &result {
+            Err(ProposeError::Shutdown) => self.refresh(MEMBERS_RETRY, false).await,
+            Err(ProposeError::NotLeader { leader: Some(l) }) if self.addr(*l).is_none() => {
+                self.refresh(MEMBERS_RETRY, false).await
+            }
+            _ => self.refresh(MEMBERS_REFRESH, true).await,
+        }
+        result
+    }
+
+    async fn call_once(&self, node: NodeId, req: ClientRequest) -> Result<KvResult, ProposeError> {
         let Some(addr) = self.addr(node) else {
             self.saw(node, Seen::Unreachable("not a known node".into()));
             return Err(ProposeError::Shutdown);
@@ -924,7 +1137,7 @@ impl TcpKvEndpoint {
                 r.map_err(ProposeError::from)
             }
             Ok(ClientResponse::Status(_) | ClientResponse::BackupChunk(_))
-            | Ok(ClientResponse::BackupDone(_)) => {
+            | Ok(ClientResponse::BackupDone(_) | ClientResponse::Members(_)) => {
                 self.saw(
                     node,
                     Seen::NoAnswer("another answer for a KV request".into()),
@@ -962,7 +1175,7 @@ impl TcpKvEndpoint {
 #[async_trait]
 impl KvEndpoint for TcpKvEndpoint {
     fn nodes(&self) -> Vec<NodeId> {
-        self.nodes.keys().copied().collect()
+        self.nodes.lock().keys().copied().collect()
     }
     async fn propose(&self, node: NodeId, command: Bytes) -> Result<KvResult, ProposeError> {
         self.call(node, ClientRequest::Propose(command)).await

@@ -395,6 +395,25 @@ pub async fn dial(
     }
 }
 
+/// The cluster id and node id the Raft listener at `addr` names in its challenge (the
+/// handshake's first bytes; nothing is proven, so trust it as far as the address). A joining
+/// node learns its cluster's id so.
+pub async fn cluster_of(addr: SocketAddr) -> Result<(u64, NodeId), String> {
+    let ask = async {
+        let mut stream = TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+        let c = guard::read_challenge(&mut stream, Port::Peer)
+            .await
+            .map_err(|e| format!("{addr}: {e}"))?;
+        Ok((c.cluster, c.node))
+    };
+    match timeout(HANDSHAKE_TIMEOUT, ask).await {
+        Ok(answer) => answer,
+        Err(_) => Err(format!("{addr}: no challenge within {HANDSHAKE_TIMEOUT:?}")),
+    }
+}
+
 /// Everything one peer's connection task needs.
 struct Link {
     options: Arc<PeerOptions>,
