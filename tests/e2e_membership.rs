@@ -5,6 +5,9 @@
 //! (`kv remove`) and stopped; the writes go on throughout. At the end every acknowledged
 //! write is readable, `kv members` (given only the original nodes) shows the new
 //! configuration, and the client followed it (it learned node 4, dropped the removed one).
+//! Then an original node restarts with its original `--peers` (which never named node 4)
+//! and, with the third voter down, commits writes with node 4: its address book came back
+//! from its stored state.
 //!
 //! Every process is killed when the test ends (the cluster's drop), pass or fail.
 
@@ -107,6 +110,7 @@ async fn scenario() {
         .expect("a first leader");
     // Everything the client and the CLI are told: the original three nodes.
     let original = cluster.endpoint();
+    let original_peers = cluster.peers_arg();
     let nodes_arg = original
         .addrs()
         .iter()
@@ -217,6 +221,36 @@ async fn scenario() {
         out.lines()
             .any(|l| l.contains(&raft4) && l.contains(&client4) && l.contains("voter")),
         "{out}"
+    );
+
+    // A restarted original node, whose --peers never named node 4, rebuilds its book from
+    // what it stored: with the other original voter down, writes need it and node 4 (the
+    // leader) to reach each other.
+    let (restarted, other) = match expected.as_slice() {
+        [a, b, 4] => (*a, *b),
+        other => panic!("unexpected voters {other:?}"),
+    };
+    cluster.set_peers_arg(original_peers);
+    cluster.kill(restarted);
+    cluster
+        .restart(restarted)
+        .expect("restarting an original node");
+    let commit = cluster.status(4).await.expect("node 4 answers").commit;
+    cluster
+        .wait_applied(restarted, commit, Duration::from_secs(15))
+        .await
+        .expect("the restarted node catches up from node 4");
+    cluster.kill(other);
+    let mut client = KvClient::connect(original.clone(), ClientOptions::default())
+        .await
+        .unwrap_or_else(|e| panic!("a session with nodes {restarted} and 4: {e}"));
+    client
+        .put(b"after-restart".to_vec(), b"yes".to_vec())
+        .await
+        .expect("a write committed by the restarted node and node 4");
+    assert_eq!(
+        client.get(b"after-restart".to_vec()).await.expect("a read"),
+        Some(b"yes".to_vec())
     );
 }
 
