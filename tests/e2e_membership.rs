@@ -7,7 +7,8 @@
 //! configuration, and the client followed it (it learned node 4, dropped the removed one).
 //! Then an original node restarts with its original `--peers` (which never named node 4)
 //! and, with the third voter down, commits writes with node 4: its address book came back
-//! from its stored state.
+//! from its stored state. Last, node 4 restarts (still with `--join` on its command line) and
+//! commits with it again.
 //!
 //! Every process is killed when the test ends (the cluster's drop), pass or fail.
 
@@ -230,7 +231,7 @@ async fn scenario() {
         [a, b, 4] => (*a, *b),
         other => panic!("unexpected voters {other:?}"),
     };
-    cluster.set_peers_arg(original_peers);
+    cluster.set_peers_arg(original_peers.clone());
     cluster.kill(restarted);
     cluster
         .restart(restarted)
@@ -251,6 +252,27 @@ async fn scenario() {
     assert_eq!(
         client.get(b"after-restart".to_vec()).await.expect("a read"),
         Some(b"yes".to_vec())
+    );
+
+    // Node 4 restarts too (its command line still says --join, which a non-empty data
+    // directory ignores): it comes back as a voter with its stored configuration, and the
+    // two of them elect a leader and commit again.
+    cluster.kill(4);
+    cluster.set_peers_arg(format!("{original_peers},4={raft4}"));
+    cluster.restart(4).expect("restarting node 4");
+    client
+        .put(b"after-restart".to_vec(), b"again".to_vec())
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "a write after node 4 restarted: {e}\nnode 4:\n{}\nnode {restarted}:\n{}",
+                cluster.log_tail(4, 3000),
+                cluster.log_tail(restarted, 3000)
+            )
+        });
+    assert_eq!(
+        client.get(b"after-restart".to_vec()).await.expect("a read"),
+        Some(b"again".to_vec())
     );
 }
 

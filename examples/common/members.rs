@@ -53,6 +53,9 @@ pub const MEMBER_PREFIX: &str = "__raftkv/members/";
 const MEMBER_PREFIX_END: &str = "__raftkv/members0";
 /// The cache of known records, in the node's data directory.
 pub const CACHE_FILE: &str = "members";
+/// How long a transfer's answer waits for the leadership to move (the core abandons a
+/// transfer after an election timeout, 0.5-1 s by default).
+pub const TRANSFER_WAIT: Duration = Duration::from_secs(3);
 /// Records a book holds at most (a limit on what a node reads and caches).
 pub const MAX_RECORDS: usize = 1024;
 
@@ -595,6 +598,17 @@ impl MemberService {
                 node.transfer_leadership(to)
                     .await
                     .map_err(|e: ProposeError| MemberFailure::Transfer(e.into()))?;
+                // The node takes the request at once; the answer waits for the outcome.
+                let moved =
+                    node.wait_for(|s| s.raft.leader == Some(to) && s.raft.role != Role::Leader);
+                if tokio::time::timeout(TRANSFER_WAIT, moved).await.is_err() {
+                    let leader = node.status().raft.leader;
+                    return Err(MemberFailure::Other(format!(
+                        "leadership did not move to node {to} within {TRANSFER_WAIT:?} (the \
+                         leader is {}); is it a caught-up voter?",
+                        leader.map_or("unknown".to_string(), |l| format!("node {l}"))
+                    )));
+                }
                 let mut view = self.view(node);
                 view.leader = to;
                 return Ok(view);
