@@ -148,6 +148,12 @@ async fn scenario() {
     );
     assert!(!ok && err.contains("already a member"), "{err}");
 
+    // Promoting or removing a node that is no member is refused, saying so.
+    let (ok, _, err) = kv(&kv_binary, &nodes_arg, &["promote", "9"]);
+    assert!(!ok && err.contains("node 9 is not a learner"), "{err}");
+    let (ok, _, err) = kv(&kv_binary, &nodes_arg, &["remove", "9"]);
+    assert!(!ok && err.contains("node 9 is not a member"), "{err}");
+
     let (ok, out, err) = kv(&kv_binary, &nodes_arg, &["promote", "4"]);
     assert!(ok, "promote failed: {out}{err}");
     assert_eq!(ids_of(&out, "voters"), vec![1, 2, 3, 4], "{out}");
