@@ -13,6 +13,12 @@
 //! `backup FILE` writes a consistent backup of the cluster's state (every write acknowledged
 //! before it) to FILE (mode 0600) and verifies it; `node --restore FILE` starts a node of a
 //! new cluster from it.
+//!
+//! Membership: `members` shows the configuration and every member's addresses;
+//! `add-learner ID RAFT_ADDR CLIENT_ADDR` adds a node started with `node --join`,
+//! `promote ID` makes a caught-up learner a voter, `remove ID` removes a member (not the
+//! leader: `transfer ID` hands leadership to another voter first). The leader answers them;
+//! the others redirect, as for writes.
 
 #[allow(dead_code)]
 #[path = "common/client_proto.rs"]
@@ -24,7 +30,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use client_proto::guard::Secret;
-use client_proto::{ClientFailure, Seen, TcpKvEndpoint};
+use client_proto::{ClientFailure, ClientRequest, Seen, TcpKvEndpoint};
 use raftkv::error::ProposeError;
 use raftkv::kv::{
     encode_query, Answer, ClientError, ClientOptions, KvClient, KvEndpoint, KvOp, KvResult,
@@ -42,6 +48,13 @@ commands:
   scan START [END]             (at most 1000 entries)
   status                       (every node's role, term, leader, indexes, log size, disk)
   backup FILE                  (a verified backup of the state; `node --restore FILE`)
+  members                      (the configuration: voters, learners, their addresses)
+  add-learner ID RAFT CLIENT   (add node ID, started with `node --join`, as a learner; RAFT
+                               and CLIENT are its HOST:PORT addresses)
+  promote ID                   (make learner ID a voter once it has caught up; retried
+                               until it has or --timeout)
+  remove ID                    (remove voter or learner ID; not the leader: transfer first)
+  transfer ID                  (hand leadership to voter ID)
   help
 
 options:
@@ -50,7 +63,9 @@ options:
   --timeout SECS        give up after this long (default 10)
   -h, --help            this help
 
-Writes open a session; reads and status do not. Exit status: 0 done, 1 failed, 2 bad usage.";
+Writes open a session; reads, status and membership requests do not. --nodes need not list
+members added later: the client learns them from the leader. Exit status: 0 done, 1 failed,
+2 bad usage.";
 
 enum Command {
     Get(String),
@@ -60,6 +75,8 @@ enum Command {
     Scan(String, Option<String>),
     Status,
     Backup(std::path::PathBuf),
+    /// A member request (`members`, `add-learner`, `promote`, `remove`, `transfer`).
+    Member(client_proto::ClientRequest),
 }
 
 struct Cli {
@@ -79,6 +96,13 @@ impl From<String> for Usage {
     }
 }
 
+fn parse_id(word: &str) -> Result<NodeId, String> {
+    match word.parse::<NodeId>() {
+        Ok(id) if id > 0 => Ok(id),
+        _ => Err(format!("`{word}` is not a node id (1 or more)")),
+    }
+}
+
 fn parse_command(words: &[String]) -> Result<Command, String> {
     let absent = |s: &String| (s != "-").then(|| s.clone());
     Ok(match words {
@@ -94,6 +118,21 @@ fn parse_command(words: &[String]) -> Result<Command, String> {
         [c, s, e] if c == "scan" => Command::Scan(s.clone(), Some(e.clone())),
         [c] if c == "status" => Command::Status,
         [c, f] if c == "backup" => Command::Backup(f.into()),
+        [c] if c == "members" => Command::Member(ClientRequest::Members),
+        [c, id, raft, client] if c == "add-learner" => Command::Member(ClientRequest::AddLearner {
+            id: parse_id(id)?,
+            raft: raft
+                .parse()
+                .map_err(|_| format!("add-learner: `{raft}` is not a HOST:PORT Raft address"))?,
+            client: client.parse().map_err(|_| {
+                format!("add-learner: `{client}` is not a HOST:PORT client address")
+            })?,
+        }),
+        [c, id] if c == "promote" => Command::Member(ClientRequest::Promote(parse_id(id)?)),
+        [c, id] if c == "remove" => Command::Member(ClientRequest::Remove(parse_id(id)?)),
+        [c, id] if c == "transfer" => {
+            Command::Member(ClientRequest::TransferLeadership(parse_id(id)?))
+        }
         [] => return Err("no command given".into()),
         other => return Err(format!("cannot parse command `{}`", other.join(" "))),
     })
@@ -370,7 +409,14 @@ async fn run(cli: Cli) -> Result<(), String> {
             .map_err(|e| format!("cannot open a session: {}", client_error(e)))
     };
     match command {
-        Command::Status => print_status(&endpoint).await,
+        Command::Status => {
+            // Members added since --nodes was written are shown too.
+            let _ = endpoint
+                .member_request(&ClientRequest::Members, Duration::from_secs(2))
+                .await;
+            print_status(&endpoint).await
+        }
+        Command::Member(request) => member(&endpoint, &request, deadline).await?,
         Command::Backup(file) => backup(&endpoint, &file).await?,
         Command::Get(k) => {
             let answer = explained(
@@ -569,4 +615,54 @@ async fn backup(endpoint: &TcpKvEndpoint, file: &std::path::Path) -> Result<(), 
     }
     let _ = std::fs::remove_file(file);
     Err(format!("no backup: {}", failures.join("; ")))
+}
+
+/// Sends a member request to the leader and prints the configuration it answers.
+async fn member(
+    endpoint: &TcpKvEndpoint,
+    request: &ClientRequest,
+    deadline: Duration,
+) -> Result<(), String> {
+    let what = match request {
+        ClientRequest::Members => "members".to_string(),
+        ClientRequest::AddLearner { id, .. } => format!("add-learner {id}"),
+        ClientRequest::Promote(id) => format!("promote {id}"),
+        ClientRequest::Remove(id) => format!("remove {id}"),
+        ClientRequest::TransferLeadership(id) => format!("transfer {id}"),
+        other => format!("{other:?}"),
+    };
+    let view = endpoint
+        .member_request(request, deadline)
+        .await
+        .map_err(|e| format!("{what}: {e}"))?;
+    let list = |ids: &[NodeId]| {
+        if ids.is_empty() {
+            "-".to_string()
+        } else {
+            ids.iter().map(u64::to_string).collect::<Vec<_>>().join(" ")
+        }
+    };
+    println!("leader: {}", view.leader);
+    println!("voters: {}", list(&view.voters));
+    if !view.outgoing.is_empty() {
+        println!("outgoing voters (joint): {}", list(&view.outgoing));
+    }
+    println!("learners: {}", list(&view.learners));
+    println!("{:>4} {:<8} {:<22} client", "node", "role", "raft");
+    for id in view.members() {
+        let role = if view.voters.contains(&id) || view.outgoing.contains(&id) {
+            "voter"
+        } else {
+            "learner"
+        };
+        let (raft, client) = match view.addrs.get(&id) {
+            Some(a) => (
+                a.raft.to_string(),
+                a.client.map_or("-".to_string(), |c| c.to_string()),
+            ),
+            None => ("-".to_string(), "-".to_string()),
+        };
+        println!("{id:>4} {role:<8} {raft:<22} {client}");
+    }
+    Ok(())
 }

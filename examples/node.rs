@@ -9,6 +9,11 @@
 //!     [--cluster-id N] [--peer-secret-file F] [--client-secret-file F]
 //! ```
 //!
+//! To add a node to a running cluster, start it on an empty data directory with `--join`
+//! (its `--peers` naming itself and the cluster's voters), then `kv add-learner` and
+//! `kv promote` it. The address book follows membership changes: see
+//! `examples/common/members.rs`.
+//!
 //! It runs until killed; everything it acknowledged is on disk (kill -9 is a fair test).
 //! Events go to stderr through `tracing` (`RUST_LOG=debug`, `RUST_LOG=warn`, or per target:
 //! `RUST_LOG=info,raftkv=debug`; default `info`).
@@ -20,10 +25,13 @@ mod client_proto;
 #[path = "common/tcp.rs"]
 mod tcp;
 
+use client_proto::members;
+
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use raftkv::kv::KvStateMachine;
 use raftkv::storage::{FileStorage, FileStorageOptions};
@@ -36,7 +44,8 @@ const USAGE: &str =
     "usage: node --id ID --peers ID=HOST:PORT,... --client HOST:PORT --data DIR [options]
 
   --id ID                 this node's id (one of the ids in --peers)
-  --peers LIST            every node of the cluster (this one included) and its Raft address
+  --peers LIST            every node of the cluster (this one included) and its Raft address;
+                          members added later are learned from the replicated address book
   --client HOST:PORT      the address this node serves clients on (not a Raft address)
   --data DIR              the directory holding this node's log and snapshots (created if
                           missing)
@@ -60,6 +69,12 @@ options:
                           every peer first and takes part once all have answered (a new
                           cluster forms once every member has started). Never use it for a
                           node whose disk was lost: it could vote twice in a term
+  --join                  join a running cluster: start an empty DIR as a member-to-be that
+                          never forms a cluster of its own and waits to be added with
+                          `kv add-learner ID RAFT CLIENT` (then `kv promote ID`). --peers
+                          names this node and the cluster's voters (at least the one that
+                          leads when it is added); the cluster id is read from their
+                          handshake unless --cluster-id gives it
   --restore FILE          bootstrap this node, whose data directory must be empty, from a
                           backup taken with `kv backup FILE` (verified first); start every
                           node of the new cluster so
@@ -79,6 +94,7 @@ struct Args {
     segment_size: Option<u64>,
     recover: bool,
     new_cluster: bool,
+    join: bool,
     restore: Option<PathBuf>,
 }
 
@@ -127,6 +143,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Args, ArgsError> {
     let mut segment_size = None;
     let mut recover = false;
     let mut new_cluster = false;
+    let mut join = false;
     let mut restore = None;
     let mut args = args.peekable();
     while let Some(flag) = args.next() {
@@ -139,6 +156,10 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Args, ArgsError> {
         }
         if flag == "--new-cluster" {
             new_cluster = true;
+            continue;
+        }
+        if flag == "--join" {
+            join = true;
             continue;
         }
         let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
@@ -187,6 +208,16 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Args, ArgsError> {
     if cluster_id == Some(0) {
         return Err("--cluster-id 0 is reserved".into());
     }
+    if join && (new_cluster || restore.is_some()) {
+        return Err(
+            "--join starts a member of a running cluster: not with --new-cluster or \
+                    --restore"
+                .into(),
+        );
+    }
+    if join && peers.len() < 2 {
+        return Err("--join needs --peers to name at least one member of the cluster".into());
+    }
     Ok(Args {
         id,
         peers,
@@ -198,6 +229,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Args, ArgsError> {
         segment_size,
         recover,
         new_cluster,
+        join,
         restore,
     })
 }
@@ -222,7 +254,7 @@ fn derived_cluster_id(peers: &BTreeMap<NodeId, SocketAddr>) -> u64 {
 /// `--cluster-id` must match), else the one its existing files carry, else `--cluster-id` or
 /// one derived from `peers`; stored in the directory for the next start. Returns it with how
 /// it was found.
-fn resolve_cluster_id(args: &Args) -> Result<(u64, &'static str), String> {
+fn resolve_cluster_id(args: &Args, learned: Option<u64>) -> Result<(u64, &'static str), String> {
     let path = args.data.join(CLUSTER_ID_FILE);
     let stored = match std::fs::read_to_string(&path) {
         Ok(text) => Some(text.trim().parse::<u64>().map_err(|_| {
@@ -250,7 +282,10 @@ fn resolve_cluster_id(args: &Args) -> Result<(u64, &'static str), String> {
         }
         (Some(found), _) => found,
         (None, Some(given)) => (given, "given by --cluster-id"),
-        (None, None) => (derived_cluster_id(&args.peers), "derived from --peers"),
+        (None, None) => match learned {
+            Some(id) => (id, "read from the cluster's handshake"),
+            None => (derived_cluster_id(&args.peers), "derived from --peers"),
+        },
     };
     if stored.is_none() {
         std::fs::create_dir_all(&args.data)
@@ -259,6 +294,23 @@ fn resolve_cluster_id(args: &Args) -> Result<(u64, &'static str), String> {
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     }
     Ok((id, how))
+}
+
+/// The cluster id the other nodes of `--peers` name in their handshakes (the first that
+/// answers; they must agree).
+async fn learn_cluster_id(args: &Args) -> Result<u64, String> {
+    let mut failures = Vec::new();
+    for (peer, addr) in args.peers.iter().filter(|(p, _)| **p != args.id) {
+        match tcp::cluster_of(*addr).await {
+            Ok((cluster, node)) if node == *peer => return Ok(cluster),
+            Ok((_, node)) => failures.push(format!("{addr} is node {node}, not node {peer}")),
+            Err(e) => failures.push(e),
+        }
+    }
+    Err(format!(
+        "--join: no member of --peers told its cluster id ({}); give --cluster-id",
+        failures.join("; ")
+    ))
 }
 
 /// The cluster id in the headers of the log's files in `dir`, if there are any.
@@ -377,8 +429,21 @@ fn main() -> ExitCode {
 
 async fn run(args: Args) -> Result<(), String> {
     let id = args.id;
+    let learned = if args.join
+        && args.cluster_id.is_none()
+        && !args.data.join(CLUSTER_ID_FILE).exists()
+        && existing_files_cluster(&args.data).is_none()
+    {
+        Some(
+            learn_cluster_id(&args)
+                .await
+                .map_err(|e| format!("node {id}: {e}"))?,
+        )
+    } else {
+        None
+    };
     let (cluster_id, cluster_how) =
-        resolve_cluster_id(&args).map_err(|e| format!("node {id}: {e}"))?;
+        resolve_cluster_id(&args, learned).map_err(|e| format!("node {id}: {e}"))?;
     let peer_secret = load_secret(
         args.peer_secret.as_ref(),
         tcp::guard::Secret::from_file,
@@ -395,8 +460,14 @@ async fn run(args: Args) -> Result<(), String> {
     // The limits, consistent end to end: a client frame holds any command that fits an entry,
     // and a Raft frame holds any message the core sends (the largest entry alone in its
     // append, or a full batch, or a snapshot chunk).
-    let voters: Vec<NodeId> = args.peers.keys().copied().collect();
-    let mut config = NodeConfig::new(id, voters.clone());
+    // A joining node starts with no voters: it never campaigns, and learns the configuration
+    // from the leader once added.
+    let voters: Vec<NodeId> = if args.join {
+        Vec::new()
+    } else {
+        args.peers.keys().copied().collect()
+    };
+    let mut config = NodeConfig::new(id, voters);
     config.trust_empty_storage = args.new_cluster;
     let max_entry = config.raft.max_entry_bytes as usize;
     if max_entry + client_proto::CLIENT_FRAME_OVERHEAD > client_proto::MAX_CLIENT_FRAME {
@@ -462,7 +533,23 @@ async fn run(args: Args) -> Result<(), String> {
         .await
         .map_err(|e| format!("node {id}: cannot listen on {}: {e}", args.client))?;
 
-    let peers: HashMap<NodeId, SocketAddr> = args.peers.clone().into_iter().collect();
+    // The address book: --peers, the cached records, then the replicated ones as they apply.
+    let (machine, records) = members::BookMachine::new(KvStateMachine::default());
+    let service = Arc::new(
+        members::MemberService::new(
+            id,
+            members::Addrs {
+                raft: raft_addr,
+                client: Some(args.client),
+            },
+            args.peers.clone(),
+            records,
+            Some(args.data.join(members::CACHE_FILE)),
+        )
+        .map_err(|e| format!("node {id}: {e}"))?,
+    );
+    let book = service.book();
+    let peers: HashMap<NodeId, SocketAddr> = book.iter().map(|(p, a)| (*p, a.raft)).collect();
     let peer_options = tcp::PeerOptions {
         cluster_id,
         my_id: id,
@@ -470,15 +557,22 @@ async fn run(args: Args) -> Result<(), String> {
         max_frame: raft_frame,
     };
     let transport = tcp::TcpTransport::with_options(peer_options.clone(), peers);
-    let (node, driver) = Node::start(config, storage, KvStateMachine::default(), transport)
+    let peer_book = transport.book();
+    let (node, driver) = Node::start(config, storage, machine, transport)
         .map_err(|e| format!("node {id}: cannot start: {e}"))?;
     tokio::spawn(driver);
 
     let inbox = node.clone();
     let serve_options = tcp::ServeOptions {
         peer: peer_options.clone(),
-        members: voters.iter().copied().collect(),
+        members: tcp::MemberSet::new(book.keys().copied()),
     };
+    tokio::spawn(follow_book(
+        id,
+        service.clone(),
+        peer_book,
+        serve_options.members.clone(),
+    ));
     tokio::spawn(tcp::serve(raft_listener, serve_options, move |m| {
         inbox.step(m)
     }));
@@ -538,6 +632,7 @@ async fn run(args: Args) -> Result<(), String> {
     let client_options = client_proto::ClientServeOptions {
         cluster_id,
         secret: client_secret,
+        members: Some(service.clone()),
         ..client_proto::ClientServeOptions::default()
     };
     let clients = tokio::spawn(client_proto::serve_clients_with(
@@ -548,8 +643,16 @@ async fn run(args: Args) -> Result<(), String> {
 
     // Run until killed, or until the node stops on a fatal error (a failed fsync, say).
     let mut disk_full = None;
+    let mut rounds = 0u64;
     loop {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        rounds += 1;
+        if rounds.is_multiple_of(5) {
+            // A leader makes sure its own record (with its client address) is stored.
+            if let Err(e) = service.register_self(&node).await {
+                warn!("node {id}: cannot store its own address record: {e}");
+            }
+        }
         let status = node.status();
         if status.disk_full != disk_full {
             match &status.disk_full {
@@ -564,6 +667,39 @@ async fn run(args: Args) -> Result<(), String> {
                 "node {id}: stopped: {}",
                 status.fatal_error.as_deref().unwrap_or("no reason given")
             ));
+        }
+    }
+}
+
+/// Keeps the transport's peers and the listener's members equal to the address book, as
+/// replicated records arrive (and the cache with them).
+async fn follow_book(
+    id: NodeId,
+    service: Arc<members::MemberService>,
+    peers: tcp::PeerBook,
+    listener: tcp::MemberSet,
+) {
+    let mut changes = service.subscribe();
+    loop {
+        if let Err(e) = service.sync() {
+            warn!("node {id}: {e}");
+        }
+        let book = service.book();
+        for (peer, addrs) in &book {
+            if *peer != id && peers.set(*peer, addrs.raft) {
+                info!("node {id}: member {peer} at {} (raft)", addrs.raft);
+            }
+            listener.insert(*peer);
+        }
+        for peer in peers.peers().keys().filter(|p| !book.contains_key(p)) {
+            peers.remove(*peer);
+            info!("node {id}: member {peer} removed from the address book");
+        }
+        for peer in listener.ids().into_iter().filter(|p| !book.contains_key(p)) {
+            listener.remove(peer);
+        }
+        if changes.changed().await.is_err() {
+            return; // the node stopped
         }
     }
 }

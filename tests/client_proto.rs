@@ -208,3 +208,83 @@ async fn bad_frames_cost_only_their_connection() {
         n.shutdown().await;
     }
 }
+
+#[test]
+fn address_records_round_trip_and_reject_what_they_did_not_write() {
+    use client_proto::members::{Addrs, Record};
+    let raft: SocketAddr = "127.0.0.1:7004".parse().unwrap();
+    let client: SocketAddr = "127.0.0.1:8004".parse().unwrap();
+    for record in [
+        Record::Member(Addrs {
+            raft,
+            client: Some(client),
+        }),
+        Record::Member(Addrs { raft, client: None }),
+        Record::Removed,
+    ] {
+        assert_eq!(Record::decode(&record.encode()), Some(record), "{record:?}");
+    }
+    assert_eq!(
+        Record::Member(Addrs {
+            raft,
+            client: Some(client)
+        })
+        .encode(),
+        "raft=127.0.0.1:7004 client=127.0.0.1:8004"
+    );
+    for bad in [
+        "",
+        "raft=127.0.0.1:7004",
+        "raft=nowhere client=-",
+        "port=1 client=-",
+    ] {
+        assert_eq!(Record::decode(bad), None, "`{bad}`");
+    }
+}
+
+#[test]
+fn member_failures_read_as_the_library_s_membership_errors() {
+    use client_proto::members::MemberFailure;
+    use raftkv::error::MembershipError;
+    for e in [
+        MembershipError::NotCaughtUp(4),
+        MembershipError::NotALearner(4),
+        MembershipError::InProgress,
+        MembershipError::Invalid("node 4 is already a member".into()),
+    ] {
+        let f = MemberFailure::from(e.clone());
+        assert_eq!(f.as_membership_error(), Some(e.clone()));
+        assert_eq!(f.to_string(), e.to_string());
+    }
+    let redirect = MemberFailure::LeaderAt(4, "127.0.0.1:8004".parse().unwrap());
+    assert_eq!(
+        redirect.as_membership_error(),
+        Some(MembershipError::NotLeader { leader: Some(4) })
+    );
+    assert!(MemberFailure::NotCaughtUp(4).is_transient());
+    assert!(!MemberFailure::UnknownNode(4).is_transient());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_without_the_member_service_refuses_member_requests_and_kv_goes_on() {
+    let (nodes, endpoint) = cluster().await;
+    leader(&nodes).await;
+    let answer = endpoint
+        .member_request(&ClientRequest::Members, Duration::from_secs(2))
+        .await;
+    assert!(
+        matches!(
+            answer,
+            Err(client_proto::MemberCallError::Refused(
+                client_proto::members::MemberFailure::Other(_)
+            ))
+        ),
+        "{answer:?}"
+    );
+    // The endpoint keeps its nodes, and KV requests still work.
+    assert_eq!(endpoint.nodes(), vec![1, 2, 3]);
+    let mut client = KvClient::connect(endpoint, ClientOptions::default())
+        .await
+        .unwrap();
+    client.put(b"k".to_vec(), b"v".to_vec()).await.unwrap();
+}

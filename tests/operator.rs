@@ -4,7 +4,8 @@
 //! - shared secrets on both ports: the right ones work; a wrong or missing client secret is
 //!   refused at once with a message that says so; a node with a wrong peer secret cannot join
 //!   (and both sides log why);
-//! - `kv --help` prints help; `node` refuses a `--client` address that is its Raft address;
+//! - `kv --help` prints help (the membership commands too); `node` refuses a `--client`
+//!   address that is its Raft address, and a `--join` whose `--peers` names no member;
 //! - with 1 of 3 nodes up, a put says no quorum is reachable, within seconds;
 //! - `kv status` shows `last`, and health (`disk_full`, `fatal_error`);
 //! - a restarted node's start line says what it recovered; `RUST_LOG` sets the level.
@@ -203,8 +204,24 @@ fn the_cli_helps_and_the_node_refuses_a_client_port_on_its_raft_port() {
         ok && out.contains("usage: kv") && out.contains("status"),
         "{out}"
     );
+    for command in [
+        "members",
+        "add-learner ID RAFT CLIENT",
+        "promote ID",
+        "remove ID",
+        "transfer ID",
+    ] {
+        assert!(
+            out.contains(command),
+            "kv --help does not list `{command}`: {out}"
+        );
+    }
     let (ok, out, _, _) = kv(&["help"]);
     assert!(ok && out.contains("usage: kv"), "{out}");
+    let (ok, _, err, _) = kv(&["--nodes", "1=127.0.0.1:1", "promote", "zero"]);
+    assert!(!ok && err.contains("`zero` is not a node id"), "{err}");
+    let (ok, _, err, _) = kv(&["--nodes", "1=127.0.0.1:1", "add-learner", "4", "x", "y"]);
+    assert!(!ok && err.contains("not a HOST:PORT Raft address"), "{err}");
     let (ok, _, err, _) = kv(&["get"]);
     assert!(!ok && err.contains("--nodes is required"), "{err}");
 
@@ -230,7 +247,22 @@ fn the_cli_helps_and_the_node_refuses_a_client_port_on_its_raft_port() {
     );
     let help = Command::new(binary()).arg("--help").output().expect("node");
     assert!(help.status.success());
-    assert!(String::from_utf8_lossy(&help.stdout).contains("--cluster-id"));
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.contains("--cluster-id") && help.contains("--join"),
+        "{help}"
+    );
+    let out = Command::new(binary())
+        .args(["--id", "4", "--join", "--peers", "4=127.0.0.1:7004"])
+        .args(["--client", "127.0.0.1:8004", "--data"])
+        .arg(dir.path())
+        .output()
+        .expect("node");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--join needs --peers to name at least one member"),
+        "node said: {err}"
+    );
 }
 
 #[test]

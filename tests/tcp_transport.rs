@@ -638,3 +638,62 @@ async fn idle_sockets_cannot_keep_a_peer_out_and_a_reconnecting_peer_replaces_it
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_added_at_run_time_are_dialed_and_removed_ones_are_dropped() {
+    within_budget(async {
+        // Node 2's listener knows only node 3 at first; node 1's transport knows nobody.
+        let socket = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let options = ServeOptions::new(CLUSTER, 2, [2, 3]);
+        let members = options.members.clone();
+        let server = tokio::spawn(serve(socket, options, move |m| {
+            let _ = tx.send(m);
+        }));
+        let transport = TcpTransport::new(CLUSTER, 1, HashMap::new());
+        let (book, stats) = (transport.book(), transport.stats());
+        assert!(matches!(
+            transport.send(2, vec![heartbeat(1, 2)]).await,
+            Err(TransportError::UnknownPeer(2))
+        ));
+
+        // Node 2 is added to node 1's book, but node 2 does not take node 1 yet: refused.
+        assert!(book.set(2, addr));
+        assert!(!book.set(2, addr), "the same address twice is no change");
+        assert_eq!(book.peers(), [(2, addr)].into());
+        assert!(wait_until(|| stats.peer(2).unwrap().dials >= 1).await);
+        assert_eq!(stats.peer(2).unwrap().connects, 0);
+
+        // Node 2 learns of node 1: the link comes up and carries messages.
+        assert!(members.insert(1));
+        assert!(wait_until(|| stats.peer(2).unwrap().connected).await);
+        transport.send(2, vec![heartbeat(1, 2)]).await.unwrap();
+        let got = timeout(Duration::from_secs(5), rx.recv()).await.unwrap();
+        assert_eq!(got.map(|m| (m.from, m.to)), Some((1, 2)));
+
+        // Node 2 removes node 1: its connection is closed and redials are refused.
+        assert!(members.remove(1));
+        assert!(wait_until(|| !stats.peer(2).unwrap().connected).await);
+        sleep(Duration::from_millis(300)).await;
+        assert!(
+            !stats.peer(2).unwrap().connected,
+            "a removed id got back in"
+        );
+
+        // Node 1 removes node 2: no more link, no more counters, sends refused.
+        assert!(book.remove(2));
+        assert!(!book.remove(2));
+        assert_eq!(stats.peer(2), None);
+        assert!(book.peers().is_empty());
+        assert!(matches!(
+            transport.send(2, vec![heartbeat(1, 2)]).await,
+            Err(TransportError::UnknownPeer(2))
+        ));
+        // The book does not keep the transport alive.
+        drop(transport);
+        assert!(!book.set(2, addr));
+        server.abort();
+    })
+    .await;
+}

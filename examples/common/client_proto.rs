@@ -33,9 +33,17 @@
 
 // Its own copy in each of tcp.rs and client_proto.rs, so that a program includes only the
 // file it needs; node.rs includes both, which clippy notices.
+#[path = "endpoint.rs"]
+mod endpoint;
 #[allow(clippy::duplicate_mod)]
 #[path = "guard.rs"]
 pub mod guard;
+#[path = "members.rs"]
+pub mod members;
+
+// Each program that includes this file uses a different part of it.
+#[allow(unused_imports)]
+pub use endpoint::{MemberCallError, Seen, TcpKvEndpoint, MEMBERS_REFRESH, MEMBERS_RETRY};
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -43,11 +51,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use guard::{ByteBudget, HandshakeError, LogLimiter, Port, Secret, SlotState, Slots};
 use parking_lot::Mutex;
 use raftkv::error::ProposeError;
-use raftkv::kv::{Bytes, KvCommand, KvEndpoint, KvResult};
+use raftkv::kv::{KvCommand, KvResult};
 use raftkv::{Node, NodeId, NodeStatus};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -95,6 +102,25 @@ pub enum ClientRequest {
     /// A backup of the node's state (`Node::backup`): answered with `BackupChunk` frames
     /// (the 64-byte header first, then the content) and one `BackupDone`.
     Backup,
+    /// The configuration and the members' addresses (answered by the leader, like the
+    /// requests below, with `Members`; see [`members`]).
+    Members,
+    /// Add node `id` as a learner: its addresses are written to the replicated address
+    /// book first, so every member learns them.
+    AddLearner {
+        /// The new node.
+        id: NodeId,
+        /// Its Raft address.
+        raft: SocketAddr,
+        /// Its client address.
+        client: SocketAddr,
+    },
+    /// Make a caught-up learner a voter.
+    Promote(NodeId),
+    /// Remove a voter or a learner (not the leader itself: transfer leadership first).
+    Remove(NodeId),
+    /// Hand leadership to this voter.
+    TransferLeadership(NodeId),
 }
 
 /// Why a node did not answer a request with a result: [`ProposeError`] in a stable, tagged
@@ -288,6 +314,9 @@ pub enum ClientResponse {
     /// The end of a backup: its index and term, or why it failed (the chunks sent before
     /// a failure are not a backup).
     BackupDone(Result<(u64, u64), ClientFailure>),
+    /// The answer to a member request: the configuration once the change is in effect and
+    /// committed, or why not.
+    Members(Result<members::MembersView, members::MemberFailure>),
 }
 
 /// Why a frame could not be read or written, or a connection not made.
@@ -419,6 +448,8 @@ pub struct ClientServeOptions {
     pub max_frame: usize,
     /// Bytes of partly received frames held at most beyond [`SMALL_FRAME`] per connection.
     pub buffer_budget: usize,
+    /// Answers member requests; without it they get `Other`.
+    pub members: Option<Arc<members::MemberService>>,
 }
 
 impl Default for ClientServeOptions {
@@ -428,6 +459,7 @@ impl Default for ClientServeOptions {
             secret: Secret::none(),
             max_frame: MAX_CLIENT_FRAME,
             buffer_budget: CLIENT_BUFFER_BUDGET,
+            members: None,
         }
     }
 }
@@ -643,6 +675,15 @@ async fn serve_connection(
                 let done = stream_backup(&mut stream, &node).await?;
                 ClientResponse::BackupDone(done)
             }
+            member_request => ClientResponse::Members(match &port.options.members {
+                Some(service) => match service.answer(&node, &member_request).await {
+                    Some(answer) => answer,
+                    None => Err(members::MemberFailure::Other("not a member request".into())),
+                },
+                None => Err(members::MemberFailure::Other(
+                    "this node does not serve member requests".into(),
+                )),
+            }),
         };
         match write_message(&mut stream, &response).await {
             Err(ProtoError::TooLarge(n, max)) => {
@@ -830,145 +871,6 @@ pub async fn status_with(
         _ => Err(CallError::Lost(ProtoError::Io(std::io::Error::other(
             "another answer where a status was expected",
         )))),
-    }
-}
-
-/// What a [`TcpKvEndpoint`] last saw of one node: enough for a client to say what is true
-/// when a request fails (no quorum reachable, a refused secret, a full disk).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Seen {
-    /// No connection could be made (the reason).
-    Unreachable(String),
-    /// Connected, but the handshake failed (the reason): a wrong or missing secret, or not a
-    /// node's client port.
-    Refused(String),
-    /// The node answered: done, or its refusal. (A request too large to send is recorded
-    /// here as `TooLarge` too, though it never left.)
-    Answered(Result<(), ClientFailure>),
-    /// The request left and no answer came (the reason).
-    NoAnswer(String),
-}
-
-/// A [`KvEndpoint`] over TCP: one fresh connection per request to the node's client address.
-///
-/// Failures map back to [`ProposeError`] so [`raftkv::kv::KvClient`] follows redirects and
-/// retries: a node's own answer keeps its meaning; a connection that cannot be made or a
-/// handshake that fails is `Shutdown` (nothing was sent); a request too large to send is
-/// `TooLarge`; a connection lost after the request left, or a request that got no answer in
-/// time, is `Timeout` (it may or may not have been applied, and the client retries it under
-/// the same number). What it saw of each node is kept ([`TcpKvEndpoint::seen`]).
-#[derive(Clone, Debug)]
-pub struct TcpKvEndpoint {
-    nodes: BTreeMap<NodeId, SocketAddr>,
-    /// How long connecting (and the handshake) may take.
-    pub connect_timeout: Duration,
-    /// How long a request may wait for its answer once sent.
-    pub request_timeout: Duration,
-    /// The client secret proven in the handshake.
-    pub secret: Secret,
-    seen: Arc<Mutex<BTreeMap<NodeId, (Instant, Seen)>>>,
-}
-
-impl TcpKvEndpoint {
-    /// An endpoint for the nodes at `nodes` (node id to client address), with a 1 s connect
-    /// and a 7 s request timeout, and no secret.
-    pub fn new(nodes: impl IntoIterator<Item = (NodeId, SocketAddr)>) -> Self {
-        TcpKvEndpoint {
-            nodes: nodes.into_iter().collect(),
-            connect_timeout: Duration::from_secs(1),
-            request_timeout: Duration::from_secs(7),
-            secret: Secret::none(),
-            seen: Arc::default(),
-        }
-    }
-
-    /// The same endpoint, proving `secret`.
-    pub fn with_secret(mut self, secret: Secret) -> Self {
-        self.secret = secret;
-        self
-    }
-
-    /// The client address of `node`.
-    pub fn addr(&self, node: NodeId) -> Option<SocketAddr> {
-        self.nodes.get(&node).copied()
-    }
-
-    /// What this endpoint (and its clones) last saw of each node, and when.
-    pub fn seen(&self) -> BTreeMap<NodeId, (Instant, Seen)> {
-        self.seen.lock().clone()
-    }
-
-    fn saw(&self, node: NodeId, what: Seen) {
-        self.seen.lock().insert(node, (Instant::now(), what));
-    }
-
-    async fn call(&self, node: NodeId, req: ClientRequest) -> Result<KvResult, ProposeError> {
-        let Some(addr) = self.addr(node) else {
-            self.saw(node, Seen::Unreachable("not a known node".into()));
-            return Err(ProposeError::Shutdown);
-        };
-        let answer = call(
-            addr,
-            &self.secret,
-            &req,
-            self.connect_timeout,
-            self.request_timeout,
-        )
-        .await;
-        match answer {
-            Ok(ClientResponse::Result(r)) => {
-                self.saw(
-                    node,
-                    Seen::Answered(r.as_ref().map(|_| ()).map_err(Clone::clone)),
-                );
-                r.map_err(ProposeError::from)
-            }
-            Ok(ClientResponse::Status(_) | ClientResponse::BackupChunk(_))
-            | Ok(ClientResponse::BackupDone(_)) => {
-                self.saw(
-                    node,
-                    Seen::NoAnswer("another answer for a KV request".into()),
-                );
-                Err(ProposeError::Timeout)
-            }
-            Err(CallError::Connect(e)) => {
-                self.saw(node, Seen::Unreachable(e.to_string()));
-                Err(ProposeError::Shutdown)
-            }
-            Err(CallError::Handshake(e)) => {
-                self.saw(node, Seen::Refused(e.to_string()));
-                Err(ProposeError::Shutdown)
-            }
-            Err(CallError::TooLarge(n, max)) => {
-                // The entry limit is what the command's size is measured against; the frame
-                // adds only its overhead.
-                let (size, max) = (n as u64, (max - CLIENT_FRAME_OVERHEAD) as u64);
-                self.saw(
-                    node,
-                    Seen::Answered(Err(ClientFailure::TooLarge { size, max })),
-                );
-                Err(ProposeError::TooLarge { size, max })
-            }
-            // A lost connection, a bad frame, or no answer in time: the request's fate is
-            // unknown.
-            Err(CallError::Lost(e)) => {
-                self.saw(node, Seen::NoAnswer(e.to_string()));
-                Err(ProposeError::Timeout)
-            }
-        }
-    }
-}
-
-#[async_trait]
-impl KvEndpoint for TcpKvEndpoint {
-    fn nodes(&self) -> Vec<NodeId> {
-        self.nodes.keys().copied().collect()
-    }
-    async fn propose(&self, node: NodeId, command: Bytes) -> Result<KvResult, ProposeError> {
-        self.call(node, ClientRequest::Propose(command)).await
-    }
-    async fn read(&self, node: NodeId, query: Bytes) -> Result<KvResult, ProposeError> {
-        self.call(node, ClientRequest::Read(query)).await
     }
 }
 

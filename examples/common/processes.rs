@@ -280,6 +280,31 @@ impl ProcessCluster {
         Ok(())
     }
 
+    /// Adds node `id` on new free ports and starts it with `--join` (its `--peers` naming
+    /// every node of the cluster, itself included): a member-to-be, to be added with
+    /// `kv add-learner` (see [`ProcessCluster::raft_addr`] and
+    /// [`ProcessCluster::client_addr`]). Later restarts keep `--join` (a no-op on a
+    /// non-empty data directory).
+    pub fn join(&mut self, id: NodeId) -> Result<(), String> {
+        if self.nodes.contains_key(&id) {
+            return Err(format!("node {id} is already in the cluster"));
+        }
+        let addrs = free_addrs(2)?;
+        self.nodes.insert(
+            id,
+            NodeProcess {
+                raft: addrs[0],
+                client: addrs[1],
+                data: self.dir.path().join(format!("n{id}")),
+                log: self.dir.path().join(format!("n{id}.log")),
+                extra_args: vec!["--join".into()],
+                env: Vec::new(),
+                child: None,
+            },
+        );
+        self.restart(id)
+    }
+
     /// Kills node `id` with SIGKILL (no chance to flush anything) and reaps it.
     pub fn kill(&mut self, id: NodeId) {
         if let Some(node) = self.nodes.get_mut(&id) {

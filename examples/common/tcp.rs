@@ -13,6 +13,14 @@
 //! answer), then carries [`raftkv::wire`] frames: a [`Frame::Hello`] naming the dialer, then
 //! [`Frame::Messages`] batches; an empty batch every [`KEEPALIVE`] keeps an idle link open.
 //!
+//! # Members
+//! The peers are not fixed: the host adds, moves and removes them while the node runs
+//! ([`TcpTransport::book`] for the peers dialed, [`ServeOptions::members`] for the ids whose
+//! connections are taken), as the cluster's membership changes. A peer removed from the
+//! transport has its queue closed, which ends its connection task; an id removed from the
+//! listener's set is refused from then on and its open connection is closed at its next
+//! read.
+//!
 //! # Limits
 //! - Per peer, at most [`QUEUE_BATCHES`] batches wait to be written; when the queue is full the
 //!   newest batch is dropped and counted (Raft resends what matters).
@@ -38,15 +46,16 @@
 #[path = "guard.rs"]
 pub mod guard;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use guard::{HandshakeError, LogLimiter, Port, Refusal, Secret, SlotState, Slots};
+use parking_lot::RwLock;
 use raftkv::error::TransportError;
 use raftkv::raft::{Message, NodeId};
 use raftkv::transport::Transport;
@@ -121,14 +130,15 @@ pub struct PeerStats {
 }
 
 /// The counters of every peer link of a [`TcpTransport`]; stays valid after the transport
-/// moved into a node.
+/// moved into a node, and follows peers added and removed through its [`PeerBook`].
 #[derive(Clone, Debug, Default)]
-pub struct TransportStats(Arc<HashMap<NodeId, Arc<PeerCounters>>>);
+pub struct TransportStats(Arc<RwLock<HashMap<NodeId, Arc<PeerCounters>>>>);
 
 impl TransportStats {
     /// The counters of the link to `peer`, if it is one of the transport's peers.
     pub fn peer(&self, peer: NodeId) -> Option<PeerStats> {
-        let c = self.0.get(&peer)?;
+        let links = self.0.read();
+        let c = links.get(&peer)?;
         Some(PeerStats {
             connected: c.connected.load(Ordering::Relaxed),
             connects: c.connects.load(Ordering::Relaxed),
@@ -140,17 +150,93 @@ impl TransportStats {
 }
 
 struct PeerLink {
+    addr: SocketAddr,
     queue: mpsc::Sender<Vec<Message>>,
     counters: Arc<PeerCounters>,
 }
 
+/// The peers of one transport: each one's address and link. Invariant: the transport's own
+/// id is never a peer; `stats` holds exactly the counters of `links`.
+struct Links {
+    options: Arc<PeerOptions>,
+    links: RwLock<HashMap<NodeId, PeerLink>>,
+    stats: TransportStats,
+}
+
+impl Links {
+    /// Dials `peer` at `addr` from now on: a new link, or a replaced one if its address
+    /// changed (the old link's task ends with its queue). Returns whether anything changed.
+    fn set(&self, peer: NodeId, addr: SocketAddr) -> bool {
+        if peer == self.options.my_id {
+            return false;
+        }
+        let mut links = self.links.write();
+        if links.get(&peer).is_some_and(|l| l.addr == addr) {
+            return false;
+        }
+        let (queue, rx) = mpsc::channel(QUEUE_BATCHES);
+        let counters = Arc::new(PeerCounters::default());
+        let link = Link {
+            options: self.options.clone(),
+            peer,
+            addr,
+            counters: counters.clone(),
+        };
+        tokio::spawn(link.run(rx));
+        self.stats.0.write().insert(peer, counters.clone());
+        links.insert(
+            peer,
+            PeerLink {
+                addr,
+                queue,
+                counters,
+            },
+        );
+        true
+    }
+
+    /// Stops dialing `peer`: its queue closes, which ends its connection task. Returns
+    /// whether it was a peer.
+    fn remove(&self, peer: NodeId) -> bool {
+        let removed = self.links.write().remove(&peer).is_some();
+        self.stats.0.write().remove(&peer);
+        removed
+    }
+}
+
 /// A [`Transport`] over TCP: one bounded queue and one connection task per peer.
 ///
+/// Peers can be added, moved and removed while it runs, through [`TcpTransport::book`].
 /// Dropping the transport (which the node's driver does when the node shuts down) ends the
 /// connection tasks.
 pub struct TcpTransport {
-    links: HashMap<NodeId, PeerLink>,
-    stats: TransportStats,
+    links: Arc<Links>,
+}
+
+/// A handle on a [`TcpTransport`]'s peers, for the host to change them at run time (a member
+/// added or removed). It does not keep the transport alive: once the transport is dropped
+/// its changes do nothing.
+#[derive(Clone)]
+pub struct PeerBook(Weak<Links>);
+
+impl PeerBook {
+    /// Dials `peer` at `addr` from now on (replacing its old address, if it had one).
+    /// Returns whether anything changed.
+    pub fn set(&self, peer: NodeId, addr: SocketAddr) -> bool {
+        self.0.upgrade().is_some_and(|l| l.set(peer, addr))
+    }
+
+    /// Stops sending to `peer` and closes its connection. Returns whether it was a peer.
+    pub fn remove(&self, peer: NodeId) -> bool {
+        self.0.upgrade().is_some_and(|l| l.remove(peer))
+    }
+
+    /// The peers and their addresses (empty once the transport is dropped).
+    pub fn peers(&self) -> BTreeMap<NodeId, SocketAddr> {
+        self.0.upgrade().map_or_else(BTreeMap::new, |l| {
+            l.links.read().iter().map(|(id, l)| (*id, l.addr)).collect()
+        })
+    }
 }
 
 /// Who a node is on the peer port: its cluster, its id, the shared secret, and the frame
@@ -192,42 +278,33 @@ impl TcpTransport {
 
     /// Like [`TcpTransport::new`], with `options`.
     pub fn with_options(options: PeerOptions, peers: HashMap<NodeId, SocketAddr>) -> Self {
-        let options = Arc::new(options);
-        let mut links = HashMap::new();
+        let links = Arc::new(Links {
+            options: Arc::new(options),
+            links: RwLock::default(),
+            stats: TransportStats::default(),
+        });
         for (peer, addr) in peers {
-            if peer == options.my_id {
-                continue;
-            }
-            let (queue, rx) = mpsc::channel(QUEUE_BATCHES);
-            let counters = Arc::new(PeerCounters::default());
-            let link = Link {
-                options: options.clone(),
-                peer,
-                addr,
-                counters: counters.clone(),
-            };
-            tokio::spawn(link.run(rx));
-            links.insert(peer, PeerLink { queue, counters });
+            links.set(peer, addr);
         }
-        let stats = TransportStats(Arc::new(
-            links
-                .iter()
-                .map(|(id, l)| (*id, l.counters.clone()))
-                .collect(),
-        ));
-        TcpTransport { links, stats }
+        TcpTransport { links }
     }
 
     /// A handle on the per-peer counters.
     pub fn stats(&self) -> TransportStats {
-        self.stats.clone()
+        self.links.stats.clone()
+    }
+
+    /// A handle to add and remove peers while the transport runs.
+    pub fn book(&self) -> PeerBook {
+        PeerBook(Arc::downgrade(&self.links))
     }
 }
 
 #[async_trait]
 impl Transport for TcpTransport {
     async fn send(&self, to: NodeId, messages: Vec<Message>) -> Result<(), TransportError> {
-        let link = self.links.get(&to).ok_or(TransportError::UnknownPeer(to))?;
+        let links = self.links.links.read();
+        let link = links.get(&to).ok_or(TransportError::UnknownPeer(to))?;
         match link.queue.try_send(messages) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(_)) => {
@@ -315,6 +392,25 @@ pub async fn dial(
             )),
             challenge,
         )),
+    }
+}
+
+/// The cluster id and node id the Raft listener at `addr` names in its challenge (the
+/// handshake's first bytes; nothing is proven, so trust it as far as the address). A joining
+/// node learns its cluster's id so.
+pub async fn cluster_of(addr: SocketAddr) -> Result<(u64, NodeId), String> {
+    let ask = async {
+        let mut stream = TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+        let c = guard::read_challenge(&mut stream, Port::Peer)
+            .await
+            .map_err(|e| format!("{addr}: {e}"))?;
+        Ok((c.cluster, c.node))
+    };
+    match timeout(HANDSHAKE_TIMEOUT, ask).await {
+        Ok(answer) => answer,
+        Err(_) => Err(format!("{addr}: no challenge within {HANDSHAKE_TIMEOUT:?}")),
     }
 }
 
@@ -532,14 +628,48 @@ impl fmt::Display for Refused {
     }
 }
 
+/// The ids [`serve`] takes connections from, shared with the host so that it can change
+/// them while the listener runs (clones share one set).
+#[derive(Clone, Debug, Default)]
+pub struct MemberSet(Arc<RwLock<BTreeSet<NodeId>>>);
+
+impl MemberSet {
+    /// A set of these ids.
+    pub fn new(ids: impl IntoIterator<Item = NodeId>) -> Self {
+        MemberSet(Arc::new(RwLock::new(ids.into_iter().collect())))
+    }
+
+    /// Takes connections from `id` from now on. Returns whether it is new.
+    pub fn insert(&self, id: NodeId) -> bool {
+        self.0.write().insert(id)
+    }
+
+    /// Refuses `id` from now on, and closes its connection (at its next read, within
+    /// [`KEEPALIVE`] of a live peer). Returns whether it was a member.
+    pub fn remove(&self, id: NodeId) -> bool {
+        self.0.write().remove(&id)
+    }
+
+    /// Whether connections from `id` are taken.
+    pub fn contains(&self, id: NodeId) -> bool {
+        self.0.read().contains(&id)
+    }
+
+    /// The ids, in order.
+    pub fn ids(&self) -> Vec<NodeId> {
+        self.0.read().iter().copied().collect()
+    }
+}
+
 /// What [`serve`] needs to know: who this node is, the members it takes connections from,
 /// the secret and the frame limit.
 #[derive(Clone, Debug)]
 pub struct ServeOptions {
     /// This node's identity, secret and frame limit.
     pub peer: PeerOptions,
-    /// The cluster's members (this node's own id is ignored).
-    pub members: BTreeSet<NodeId>,
+    /// The cluster's members (this node's own id is ignored); the host may change them while
+    /// [`serve`] runs.
+    pub members: MemberSet,
 }
 
 impl ServeOptions {
@@ -548,7 +678,7 @@ impl ServeOptions {
     pub fn new(cluster_id: u64, my_id: NodeId, members: impl IntoIterator<Item = NodeId>) -> Self {
         ServeOptions {
             peer: PeerOptions::new(cluster_id, my_id),
-            members: members.into_iter().collect(),
+            members: MemberSet::new(members),
         }
     }
 }
@@ -635,7 +765,7 @@ async fn accept_handshake(
         .await
         .map_err(Refused::Handshake)?;
     let verdict = guard::check_hello(Port::Peer, &me.secret, &challenge, &hello).and_then(|()| {
-        if hello.from == me.my_id || !options.members.contains(&hello.from) {
+        if hello.from == me.my_id || !options.members.contains(hello.from) {
             Err(Refusal::UnknownPeer)
         } else {
             Ok(())
@@ -696,6 +826,9 @@ async fn read_connection(
             Err(_) if partial_since.is_some() => return Err(Refused::TooSlow),
             Err(_) => return Err(Refused::Idle),
         };
+        if !options.members.contains(id) {
+            return Err(Refused::Protocol("no longer a member"));
+        }
         if n == 0 {
             if decoder.buffered() > 0 {
                 return Err(Refused::Protocol("connection closed mid-frame"));
