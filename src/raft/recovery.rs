@@ -61,6 +61,9 @@ pub(super) struct Recovery {
     /// Step 1: answers to the term queries so far, each with whether the answerer held
     /// nothing (`None` once the terms are known).
     terms: Option<BTreeMap<NodeId, (Term, bool)>>,
+    /// Step 2: ticks since the outstanding commit question was asked. The question or its
+    /// answer may be lost; after an election timeout it is asked again.
+    commit_asked_ticks: u32,
 }
 
 impl Recovery {
@@ -68,6 +71,7 @@ impl Recovery {
         Recovery {
             loss,
             terms: loss.hard_state_lost.then(BTreeMap::new),
+            commit_asked_ticks: 0,
         }
     }
 
@@ -95,6 +99,19 @@ impl RaftCore {
         }
         if self.election_elapsed >= self.randomized_election_timeout {
             self.reset_election_timer();
+        }
+        // Step 2: a commit question unanswered for an election timeout was lost (or its
+        // answer was): forget it, so the next heartbeat asks again.
+        let timeout = self.cfg.election_ticks;
+        let Some(r) = self.recovery.as_mut() else {
+            return;
+        };
+        r.commit_asked_ticks = r.commit_asked_ticks.saturating_add(1);
+        if r.commit_asked_ticks >= timeout {
+            r.commit_asked_ticks = 0;
+            if let Some(f) = self.follower_mut() {
+                f.recovery_read = None;
+            }
         }
     }
 
@@ -178,6 +195,9 @@ impl RaftCore {
         }
         f.recovery_read = Some(wire);
         self.next_read_id = self.next_read_id.wrapping_add(1);
+        if let Some(r) = self.recovery.as_mut() {
+            r.commit_asked_ticks = 0;
+        }
         self.send(
             leader,
             MessageBody::ReadIndex { ctx: wire },
