@@ -301,6 +301,10 @@ fn describe(seen: &[(NodeId, &Seen)]) -> String {
                 Seen::Answered(Err(ClientFailure::NotLeader(Some(l)))) => {
                     format!("up, says node {l} leads")
                 }
+                // A leader that lost its quorum keeps the proposal until it times out.
+                Seen::Answered(Err(ClientFailure::Timeout | ClientFailure::Dropped)) => {
+                    "up, but what it proposed did not commit".to_string()
+                }
                 Seen::Answered(Err(f)) => format!("refused: {f}"),
                 Seen::NoAnswer(why) => format!("no answer ({why})"),
             };

@@ -42,14 +42,8 @@ fn nodes_arg(cluster: &ProcessCluster) -> String {
 }
 
 async fn scenario() {
-    let binary = processes::node_binary_path().expect("node binary path");
-    let examples = binary.parent().expect("examples dir").to_path_buf();
-    let release = examples
-        .parent()
-        .and_then(|p| p.file_name())
-        .is_some_and(|n| n == "release");
-    processes::build_examples(&examples, release, false).expect("building the examples");
-    let kv = examples.join(format!("kv{}", std::env::consts::EXE_SUFFIX));
+    let binary = processes::build_node_for_tests(false).expect("building the examples");
+    let kv = binary.with_file_name(format!("kv{}", std::env::consts::EXE_SUFFIX));
 
     let mut old = ProcessCluster::start(binary.clone(), 3).expect("starting the nodes");
     old.wait_for_leader(Duration::from_secs(30))

@@ -35,13 +35,7 @@ use tokio::time::{sleep, timeout};
 const BUDGET: Duration = Duration::from_secs(120);
 
 fn binaries() -> (PathBuf, PathBuf) {
-    let node = processes::node_binary_path().expect("node binary path");
-    let examples = node.parent().expect("examples dir").to_path_buf();
-    let release = examples
-        .parent()
-        .and_then(|p| p.file_name())
-        .is_some_and(|n| n == "release");
-    processes::build_examples(&examples, release, false).expect("building the examples");
+    let node = processes::build_node_for_tests(false).expect("building the examples");
     let kv = node.with_file_name(format!("kv{}", std::env::consts::EXE_SUFFIX));
     (node, kv)
 }

@@ -153,13 +153,7 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 
 async fn scenario() {
     let started = Instant::now();
-    let binary = processes::node_binary_path().expect("node binary path");
-    let examples = binary.parent().expect("examples dir").to_path_buf();
-    let release = examples
-        .parent()
-        .and_then(|p| p.file_name())
-        .is_some_and(|n| n == "release");
-    processes::build_examples(&examples, release, false).expect("building the examples");
+    let binary = processes::build_node_for_tests(false).expect("building the examples");
     let built = started.elapsed();
 
     let mut cluster = ProcessCluster::start(binary, 3).expect("starting the nodes");

@@ -34,14 +34,7 @@ use tokio::time::sleep;
 const RECORDS_START: u64 = 1536;
 
 fn build() -> PathBuf {
-    let binary = processes::node_binary_path().expect("node binary path");
-    let examples = binary.parent().expect("examples dir").to_path_buf();
-    let release = examples
-        .parent()
-        .and_then(|p| p.file_name())
-        .is_some_and(|n| n == "release");
-    processes::build_examples(&examples, release, true).expect("building the node example");
-    binary
+    processes::build_node_for_tests(true).expect("building the node example")
 }
 
 fn runtime() -> tokio::runtime::Runtime {

@@ -38,16 +38,7 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 fn binary() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
-        .get_or_init(|| {
-            let binary = processes::node_binary_path().expect("node binary path");
-            let examples = binary.parent().expect("examples dir").to_path_buf();
-            let release = examples
-                .parent()
-                .and_then(|p| p.file_name())
-                .is_some_and(|n| n == "release");
-            processes::build_examples(&examples, release, false).expect("building the examples");
-            binary
-        })
+        .get_or_init(|| processes::build_node_for_tests(false).expect("building the examples"))
         .clone()
 }
 

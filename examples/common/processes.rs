@@ -73,6 +73,22 @@ pub fn build_examples(examples_dir: &Path, release: bool, only_node: bool) -> Re
     Ok(())
 }
 
+/// Builds the examples (only `node` with `only_node`) in the profile of the running test and
+/// returns the `node` binary's path: what an end-to-end test calls first.
+pub fn build_node_for_tests(only_node: bool) -> Result<PathBuf, String> {
+    let binary = node_binary_path()?;
+    let examples = binary
+        .parent()
+        .ok_or("the node binary has no directory")?
+        .to_path_buf();
+    let release = examples
+        .parent()
+        .and_then(|p| p.file_name())
+        .is_some_and(|n| n == "release");
+    build_examples(&examples, release, only_node)?;
+    Ok(binary)
+}
+
 /// Free loopback addresses: bound to port 0 and released (another process could take one
 /// in between; on a quiet test machine they stay free).
 pub fn free_addrs(n: usize) -> Result<Vec<SocketAddr>, String> {
