@@ -2,8 +2,10 @@
 //! on a follower that lags behind the compaction point, restoring a state machine from it,
 //! restarting a node from a snapshot plus a 100,000-entry log tail, and the longest pause in
 //! commits while a snapshot is taken (beside the longest pause without one, measured in the
-//! same run). Beside them it prints the machine's limits measured in the same directory:
-//! sequential write + fdatasync bandwidth.
+//! same run), and membership on that state: the time to add a fourth node (as a learner, caught
+//! up by the snapshot, then promoted) and the longest commit pause while that happens and while
+//! leadership is handed over, all under 64 clients. Beside them it prints the machine's limits
+//! measured in the same directory: sequential write + fdatasync bandwidth.
 //!
 //! Run with: `cargo bench --bench snapshot` (`RAFTKV_BENCH_KEYS` changes the key count,
 //! `RAFTKV_BENCH_DIR` the directory; default the system temp directory).
@@ -14,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use raftkv::error::ProposeError;
+use raftkv::error::{MembershipError, ProposeError};
 use raftkv::raft::Role;
 use raftkv::storage::{FileStorage, FileStorageOptions};
 use raftkv::transport::LocalNetwork;
@@ -169,6 +171,9 @@ impl Harness {
         c.tick_interval = Duration::from_millis(10);
         c.max_log_bytes = None;
         c.propose_timeout = Duration::from_secs(60);
+        // Every directory here is new (the harness made it), and clusters form with members
+        // started later: an empty storage is what it seems.
+        c.trust_empty_storage = true;
         let storage = FileStorage::open(self.dir.join(format!("n{id}")), options(id)).unwrap();
         let (node, driver) = Node::start(c, storage, sm, self.net.transport(id)).unwrap();
         self.rt.spawn(driver);
@@ -239,6 +244,58 @@ fn load(h: &Harness, leader: &Node<()>, length: Duration, keys: u64) -> Vec<Inst
         all.sort();
         all
     })
+}
+
+/// Like [`load`], but the clients follow the leader as it moves (a proposal refused by a
+/// node that no longer leads goes to the one it names).
+fn load_following(h: &Harness, nodes: &[Node<()>], length: Duration, keys: u64) -> Vec<Instant> {
+    let nodes = nodes.to_vec();
+    h.block_on(async move {
+        let end = Instant::now() + length;
+        let workers = (0..64u64).map(|w| {
+            let nodes = nodes.clone();
+            async move {
+                let mut done = Vec::new();
+                let mut at = 0usize;
+                let mut i = 0;
+                while Instant::now() < end {
+                    match nodes[at].propose(command((w * 1_000_003 + i) % keys)).await {
+                        Ok(()) => {
+                            done.push(Instant::now());
+                            i += 1;
+                        }
+                        Err(ProposeError::NotLeader { leader }) => {
+                            at = leader
+                                .and_then(|l| nodes.iter().position(|n| n.id() == l))
+                                .unwrap_or((at + 1) % nodes.len());
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        }
+                        Err(ProposeError::Busy | ProposeError::Dropped) => {
+                            tokio::task::yield_now().await
+                        }
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+                done
+            }
+        });
+        let mut all: Vec<Instant> = futures::future::join_all(workers)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        all.sort();
+        all
+    })
+}
+
+/// The longest gap between commits from `from` to `to` (the gap that spans `from` counts).
+fn longest_gap_within(times: &[Instant], from: Instant, to: Instant) -> Duration {
+    let first = times.partition_point(|&t| t < from).saturating_sub(1);
+    let last = times
+        .partition_point(|&t| t <= to)
+        .min(times.len().saturating_sub(1));
+    longest_gap(&times[first..=last.max(first)])
 }
 
 fn longest_gap(times: &[Instant]) -> Duration {
@@ -385,6 +442,72 @@ fn bench(c: &mut Criterion) {
         h2.block_on(n.shutdown());
     }
     drop(h2);
+
+    // 5. Membership: a fourth node joins a cluster holding `keys` keys while 64 clients
+    // write (added as a learner, caught up by the leader's snapshot, promoted once caught up),
+    // then leadership is handed over under the same load.
+    let h3 = Harness::new("membership");
+    let nodes: Vec<Node<()>> = voters
+        .iter()
+        .map(|&i| h3.start(i, &voters, state.clone()))
+        .collect();
+    let leader = wait_leader(&nodes.iter().collect::<Vec<_>>());
+    h3.block_on(leader.propose(command(u64::MAX - 2))).unwrap();
+    h3.block_on(leader.snapshot()).expect("leader snapshot");
+    let joiner = h3.start(4, &[], ShardedMap::new());
+    let l = leader.clone();
+    let change = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        let started = Instant::now();
+        futures::executor::block_on(async {
+            l.add_learner(4).await.expect("add learner");
+            loop {
+                match l.promote(4).await {
+                    Ok(m) => break m,
+                    Err(MembershipError::NotCaughtUp(_) | MembershipError::InProgress) => {
+                        std::thread::sleep(Duration::from_millis(10))
+                    }
+                    Err(e) => panic!("promote: {e}"),
+                }
+            }
+        });
+        (started, Instant::now())
+    });
+    let mut all = nodes.clone();
+    all.push(joiner.clone());
+    let during = load_following(&h3, &all, Duration::from_secs(10), keys);
+    let (from, to) = change.join().unwrap();
+    assert!(joiner.status().raft.applied_index > 0);
+    println!(
+        "add a node to a {keys}-key cluster under 64 clients (learner, snapshot, catch-up, promotion): {:?}; longest pause between commits meanwhile {:?} ({} commits in the run)",
+        to - from,
+        longest_gap_within(&during, from, to),
+        during.len()
+    );
+    let leader = wait_leader(&all.iter().collect::<Vec<_>>());
+    let to_id = all
+        .iter()
+        .map(|n| n.id())
+        .find(|&i| i != leader.id())
+        .unwrap();
+    let l = leader.clone();
+    let handover = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        let started = Instant::now();
+        futures::executor::block_on(l.transfer_leadership(to_id)).expect("transfer");
+        started
+    });
+    let during = load_following(&h3, &all, Duration::from_secs(3), keys);
+    let from = handover.join().unwrap();
+    println!(
+        "longest pause between commits while leadership moves under 64 clients: {:?} ({:?} without a change in the same run)",
+        longest_gap_within(&during, from, from + Duration::from_secs(1)),
+        longest_gap_within(&during, from - Duration::from_millis(450), from)
+    );
+    for n in &all {
+        h3.block_on(n.shutdown());
+    }
+    drop(h3);
 
     let mut g = c.benchmark_group("snapshot_restore");
     g.sample_size(10).measurement_time(Duration::from_secs(20));

@@ -168,3 +168,38 @@ fn files_are_created_owner_only() {
     }
     assert!(files >= 3, "segment, snapshot and lock");
 }
+
+/// A node's storage lets go of the directory before `Node::shutdown` resolves, so a host can
+/// start the node again on the same directory at once (the snapshot benchmark's restart got
+/// `InUse` while the node thread still held it).
+#[test]
+fn a_node_s_directory_is_free_once_its_shutdown_resolves() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = raftkv::transport::LocalNetwork::new();
+    for round in 0..3 {
+        let storage = FileStorage::open(dir.path(), opts()).expect("reopen after shutdown");
+        let mut config = raftkv::NodeConfig::new(1, vec![1]);
+        config.tick_interval = Duration::from_millis(5);
+        let (node, driver) = raftkv::Node::start(
+            config,
+            storage,
+            raftkv::testing::RecordingMachine::default(),
+            net.transport(1),
+        )
+        .unwrap();
+        std::thread::spawn(move || futures::executor::block_on(driver));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while futures::executor::block_on(node.propose(format!("x{round}").as_str())).is_err() {
+            assert!(Instant::now() < deadline, "no commit");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // A long log in memory, so that taking the node apart takes a while.
+        let batch: Vec<raftkv::raft::Payload> = (0..50_000)
+            .map(|i| format!("{round}-{i}").as_str().into())
+            .collect();
+        for r in futures::executor::block_on(node.propose_many(batch)) {
+            r.expect("committed");
+        }
+        futures::executor::block_on(node.shutdown());
+    }
+}

@@ -87,8 +87,9 @@ pub struct NodeConfig {
     /// none holds anything (a new cluster), and otherwise neither votes nor campaigns until
     /// a leader has caught it up. So a node restarted on a wiped disk under its old id can
     /// never vote twice in a term, and a new cluster elects its first leader once every
-    /// bootstrap voter has started. To join an existing cluster, give its current voters as
-    /// `raft.voters` (or none), and add the node with [`Node::add_learner`].
+    /// bootstrap voter has started. To join an existing cluster, start with no voters
+    /// (`raft.voters` empty: the node learns the configuration from the leader) and add the
+    /// node with [`Node::add_learner`] on the leader.
     ///
     /// Set this only for a storage known never to have held state under this id, for a new
     /// cluster that must form while some bootstrap voter is not yet up.

@@ -287,7 +287,11 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
             let _ = c.reply.send(Err(crate::error::MembershipError::Timeout));
         }
         self.host.outbound.close();
-        for tx in self.shared.stopped.lock().drain(..) {
+        // The storage (with its directory lock) and the state machine go before anyone hears
+        // of the stop: whoever awaits `shutdown` may open the same directory next.
+        let shared = self.shared.clone();
+        drop(self);
+        for tx in shared.stopped.lock().drain(..) {
             let _ = tx.send(());
         }
     }
