@@ -157,3 +157,48 @@ fn one_way_link_cut_does_not_depose_a_healthy_leader() {
         );
     });
 }
+
+/// Transfers that are all abandoned: every TimeoutNow arrives long after its transfer timed
+/// out (a stalled connection), while the cluster is otherwise healthy. A late TimeoutNow
+/// must not start an election that bypasses the lease: the leader never changes.
+#[test]
+fn late_timeout_nows_of_abandoned_transfers_never_depose_a_healthy_leader() {
+    use raftkv::raft::{MessageBody, Rng};
+    for_each_seed("late_timeout_now", 20, |seed| {
+        let mut c = cluster(5, seed);
+        let leader = c.run_until_leader(3_000).expect("a leader");
+        let term = c.core(leader).unwrap().term();
+        c.network.delay_if(|m, rng| {
+            matches!(
+                m.body,
+                MessageBody::TimeoutNow | MessageBody::TimeoutNowAt { .. }
+            )
+            .then(|| rng.range(400, 900))
+        });
+        let mut rng = Rng::new(seed ^ 0x7140);
+        let mut requested = 0;
+        for _ in 0..20 {
+            let others: Vec<u64> = c.node_ids().into_iter().filter(|&i| i != leader).collect();
+            let to = others[rng.range(0, others.len() as u64) as usize];
+            if c.transfer_leadership(leader, to).is_ok() {
+                requested += 1;
+            }
+            let _ = c.propose(leader, "x");
+            c.run_for(rng.range(150, 400));
+            assert_eq!(
+                c.leader(),
+                Some(leader),
+                "a late TimeoutNow deposed the leader (seed {seed})"
+            );
+        }
+        c.run_for(1_500);
+        assert_eq!(
+            c.leader(),
+            Some(leader),
+            "a late TimeoutNow deposed the leader"
+        );
+        assert_eq!(c.core(leader).unwrap().term(), term);
+        // (A transfer is refused while another is under way.)
+        assert!(requested >= 3, "only {requested} transfers were started");
+    });
+}

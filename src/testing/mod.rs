@@ -18,6 +18,6 @@ pub mod sim;
 pub use file_disk::SimFileStorage;
 pub use lockstep::Lockstep;
 pub use machine::{DigestMachine, RecordingMachine};
-pub use network::{NetworkConfig, Traffic};
+pub use network::{Delay, NetworkConfig, Traffic};
 pub use seeds::for_each_seed;
 pub use sim::{Acknowledged, AppliedEntry, Cluster, SimConfig, SimStorage};

@@ -89,7 +89,12 @@ pub struct Network {
     filter: Option<Filter>,
     /// `(rate, max_delay_ms)`: see [`Network::set_stragglers`].
     stragglers: Option<(f64, u64)>,
+    delay: Option<Delay>,
 }
+
+/// A targeted delay: the delay in ms for a message it picks, `None` for the others. It gets
+/// the cluster's generator, so its choices replay with the seed.
+pub type Delay = Box<dyn FnMut(&Message, &mut Rng) -> Option<u64>>;
 
 /// A targeted fault: returns true for a message that must be lost. It gets the cluster's
 /// generator, so its choices replay with the seed.
@@ -102,6 +107,7 @@ impl std::fmt::Debug for Network {
             .field("cut", &self.cut)
             .field("traffic", &self.traffic)
             .field("filter", &self.filter.is_some())
+            .field("delay", &self.delay.is_some())
             .finish()
     }
 }
@@ -114,6 +120,7 @@ impl Network {
             traffic: BTreeMap::new(),
             filter: None,
             stragglers: None,
+            delay: None,
         }
     }
 
@@ -139,6 +146,17 @@ impl Network {
     /// turns it off. Runs without stragglers draw exactly as before.
     pub fn set_stragglers(&mut self, rate: f64, max_delay_ms: u64) {
         self.stragglers = (rate > 0.0).then_some((rate, max_delay_ms));
+    }
+
+    /// Holds every message `delay` picks for the delay it returns (a targeted fault: one kind
+    /// of message arriving late), until [`Network::clear_delay`].
+    pub fn delay_if(&mut self, delay: impl FnMut(&Message, &mut Rng) -> Option<u64> + 'static) {
+        self.delay = Some(Box::new(delay));
+    }
+
+    /// Removes the targeted delay.
+    pub fn clear_delay(&mut self) {
+        self.delay = None;
     }
 
     /// Removes the targeted fault.
@@ -194,10 +212,16 @@ impl Network {
         };
         let (min, max) = (self.config.min_delay_ms, self.config.max_delay_ms);
         let stragglers = self.stragglers;
+        let delay = &mut self.delay;
         (0..copies)
-            .map(|_| match stragglers {
-                Some((rate, long)) if rng.chance(rate) => rng.range(max, long.max(max) + 1),
-                _ => rng.range(min, max + 1),
+            .map(|_| {
+                if let Some(ms) = delay.as_mut().and_then(|d| d(m, rng)) {
+                    return ms;
+                }
+                match stragglers {
+                    Some((rate, long)) if rng.chance(rate) => rng.range(max, long.max(max) + 1),
+                    _ => rng.range(min, max + 1),
+                }
             })
             .collect()
     }
