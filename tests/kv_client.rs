@@ -290,6 +290,8 @@ async fn a_write_applied_before_its_session_expired_is_reported_as_unknown() {
 async fn the_same_request_is_reissued_after_a_timeout_and_learns_its_result() {
     let net = LocalNetwork::new();
     let nodes = cluster(&net);
+    // The first election must not eat the short deadline below: this is about lost answers.
+    leader_of(&nodes);
     let options = ClientOptions {
         deadline: Duration::from_millis(400),
         ..ClientOptions::default()
@@ -342,6 +344,8 @@ async fn the_same_request_is_reissued_after_a_timeout_and_learns_its_result() {
 async fn lost_register_answers_open_no_second_session() {
     let net = LocalNetwork::new();
     let nodes = cluster(&net);
+    // The first election must not eat the short deadline below: this is about lost answers.
+    leader_of(&nodes);
     let is_register = |c: &KvCommand| matches!(c, KvCommand::Register { .. });
     let endpoint = Arc::new(Lossy::new(nodes.clone(), usize::MAX, is_register));
     let options = ClientOptions {
