@@ -129,23 +129,8 @@ fn commands(c: &Sim, id: NodeId) -> Vec<Vec<u8>> {
 /// say, "receiving" a transfer that was abandoned): enough more commands to pass the bound
 /// twice, and every node must have compacted.
 fn settle_and_check(c: &mut Sim, snapshots: Option<u64>) {
-    c.network.heal();
-    c.network.clear_filter();
-    c.network.config = NetworkConfig::reliable();
-    for id in c.node_ids() {
-        if !c.is_up(id) {
-            c.restart(id);
-        }
-    }
-    let mut done = None;
-    for _ in 0..10 {
-        if let Some(l) = c.run_until_leader(10_000) {
-            if let Some(r) = c.propose_and_wait(l, b"final".as_slice(), 3_000) {
-                done = Some(r);
-                break;
-            }
-        }
-    }
+    c.heal_everything();
+    let done = c.commit_through_leader(b"final".as_slice(), 10);
     let (index, _) = done.expect("the healed cluster commits a final command");
     let ok = c.run_until(5_000, |c| {
         c.node_ids()

@@ -156,15 +156,7 @@ fn settle(c: &mut Sim) {
             c.restart(id);
         }
     }
-    let mut done = None;
-    for _ in 0..20 {
-        if let Some(l) = c.run_until_leader(10_000) {
-            if let Some(r) = c.propose_and_wait(l, b"final".as_slice(), 3_000) {
-                done = Some(r);
-                break;
-            }
-        }
-    }
+    let done = c.commit_through_leader(b"final".as_slice(), 20);
     let (index, _) = done.unwrap_or_else(|| panic!("no final commit (seed {})", c.seed()));
     assert!(
         c.run_until(10_000, |c| members

@@ -94,22 +94,8 @@ fn run(seed: u64, nodes: usize, network: NetworkConfig, snapshots: bool) {
     }
     assert!(damaged > 0);
     // Settle: everyone up, reliable network, one more command.
-    c.network.heal();
-    c.network.config = NetworkConfig::reliable();
-    for id in c.node_ids() {
-        if !c.is_up(id) {
-            c.restart(id);
-        }
-    }
-    let mut done = None;
-    for _ in 0..20 {
-        if let Some(l) = c.run_until_leader(10_000) {
-            if let Some(r) = c.propose_and_wait(l, b"final".as_slice(), 3_000) {
-                done = Some(r);
-                break;
-            }
-        }
-    }
+    c.heal_everything();
+    let done = c.commit_through_leader(b"final".as_slice(), 20);
     let (index, _) = done.unwrap_or_else(|| {
         panic!(
             "no final commit (seed {seed}): {:#?}",

@@ -296,6 +296,25 @@ struct SimNode<M: StateMachine, S> {
 }
 
 impl<M: StateMachine, S> SimNode<M, S> {
+    /// A node that has not started yet, on `storage`, at virtual time `now`.
+    fn new(storage: S, machine: M, trusted: bool, now: u64) -> Self {
+        SimNode {
+            life: Life::Down { storage, machine },
+            incarnation: 0,
+            mirror: LogMirror::default(),
+            applied: Vec::new(),
+            inbox: VecDeque::new(),
+            blocking: true,
+            sync_in_flight: false,
+            wake_scheduled: false,
+            last_sync_at: now,
+            snapshots_taken: 0,
+            snapshots_installed: 0,
+            peak_persisted: 0,
+            trusted,
+        }
+    }
+
     fn engine(&self) -> Option<&SimEngine<M, S>> {
         match &self.life {
             Life::Up(e) => Some(e),
@@ -375,24 +394,9 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
         for id in 1..=c.config.nodes as NodeId {
             let storage = storage(id);
             let machine = (c.factory)(id);
-            c.nodes.insert(
-                id,
-                SimNode {
-                    life: Life::Down { storage, machine },
-                    incarnation: 0,
-                    mirror: LogMirror::default(),
-                    applied: Vec::new(),
-                    inbox: VecDeque::new(),
-                    blocking: true,
-                    sync_in_flight: false,
-                    wake_scheduled: false,
-                    last_sync_at: 0,
-                    snapshots_taken: 0,
-                    snapshots_installed: 0,
-                    peak_persisted: 0,
-                    trusted: !c.config.distrust_initial_storage,
-                },
-            );
+            let trusted = !c.config.distrust_initial_storage;
+            c.nodes
+                .insert(id, SimNode::new(storage, machine, trusted, c.now));
             c.boot(id, None);
             let phase = c.rng.range(0, c.config.tick_ms);
             c.schedule(phase, EventKind::Tick(id));
@@ -852,6 +856,42 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
         self.read_results.remove(&ticket)
     }
 
+    /// The end of a fault scenario: heals every link, drops the targeted faults and delays,
+    /// makes the network reliable, and restarts every node that is down.
+    pub fn heal_everything(&mut self) {
+        self.network.heal();
+        self.network.clear_filter();
+        self.network.clear_delay();
+        self.network.set_stragglers(0.0, 0);
+        self.network.config = NetworkConfig::reliable();
+        for id in self.node_ids() {
+            if !self.is_up(id) {
+                self.restart(id);
+            }
+        }
+    }
+
+    /// Commits `command` through whoever leads: up to `attempts` times, waits up to 10 s for
+    /// a leader and 3 s for the commit. `None` if no attempt committed.
+    pub fn commit_through_leader(
+        &mut self,
+        command: impl Into<Payload>,
+        attempts: usize,
+    ) -> Option<(Index, M::Output)>
+    where
+        M::Output: Clone,
+    {
+        let command = command.into();
+        for _ in 0..attempts {
+            if let Some(l) = self.run_until_leader(10_000) {
+                if let Some(r) = self.propose_and_wait(l, command.clone(), 3_000) {
+                    return Some(r);
+                }
+            }
+        }
+        None
+    }
+
     /// Proposes on `id` and runs until the command is applied there (within `max_ms`).
     /// Returns its index and output, or `None` if it was refused, dropped or timed out. A
     /// proposal refused because the leader is busy (its uncommitted tail or its log is at its
@@ -962,24 +1002,8 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
     pub fn add_node(&mut self, id: NodeId, storage: S) {
         assert!(!self.nodes.contains_key(&id), "node {id} exists");
         let machine = (self.factory)(id);
-        self.nodes.insert(
-            id,
-            SimNode {
-                life: Life::Down { storage, machine },
-                incarnation: 0,
-                mirror: LogMirror::default(),
-                applied: Vec::new(),
-                inbox: VecDeque::new(),
-                blocking: true,
-                sync_in_flight: false,
-                wake_scheduled: false,
-                last_sync_at: self.now,
-                snapshots_taken: 0,
-                snapshots_installed: 0,
-                peak_persisted: 0,
-                trusted: false,
-            },
-        );
+        self.nodes
+            .insert(id, SimNode::new(storage, machine, false, self.now));
         self.boot(id, None);
         let phase = self.rng.range(0, self.config.tick_ms);
         self.schedule(phase, EventKind::Tick(id));
