@@ -290,7 +290,7 @@ fn resolve_cluster_id(args: &Args, learned: Option<u64>) -> Result<(u64, &'stati
     if stored.is_none() {
         std::fs::create_dir_all(&args.data)
             .map_err(|e| format!("cannot create {}: {e}", args.data.display()))?;
-        write_atomically(&path, format!("{id}\n").as_bytes())
+        members::write_atomically(&path, format!("{id}\n").as_bytes())
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     }
     Ok((id, how))
@@ -323,19 +323,6 @@ fn existing_files_cluster(dir: &Path) -> Option<u64> {
         .chain(found.snapshots.iter().filter_map(|s| s.identity))
         .map(|(cluster, _node)| cluster)
         .next()
-}
-
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("new");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
 }
 
 fn load_secret<S>(

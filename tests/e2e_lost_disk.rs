@@ -24,7 +24,7 @@ use client_proto::TcpKvEndpoint;
 use processes::ProcessCluster;
 use raftkv::kv::{ClientOptions, KvClient};
 use raftkv::NodeId;
-use tokio::time::{sleep, timeout};
+use tokio::time::sleep;
 
 fn binary() -> PathBuf {
     processes::build_node_for_tests(true).expect("building the node example")
@@ -67,16 +67,7 @@ async fn leader(cluster: &mut ProcessCluster) -> NodeId {
 
 #[test]
 fn a_node_whose_disk_was_wiped_comes_back_and_nothing_acknowledged_is_lost() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    runtime.block_on(async {
-        timeout(Duration::from_secs(120), scenario())
-            .await
-            .expect("the test exceeded its time budget")
-    });
+    processes::run_bounded(Duration::from_secs(120), scenario());
 }
 
 async fn scenario() {

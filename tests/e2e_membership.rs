@@ -29,7 +29,7 @@ use client_proto::TcpKvEndpoint;
 use processes::ProcessCluster;
 use raftkv::kv::{ClientOptions, KvClient};
 use raftkv::NodeId;
-use tokio::time::{sleep, timeout};
+use tokio::time::sleep;
 
 /// The whole test, building the examples included, finishes within this or fails.
 const BUDGET: Duration = Duration::from_secs(120);
@@ -278,14 +278,5 @@ async fn scenario() {
 
 #[test]
 fn a_node_joins_under_load_and_the_old_leader_leaves() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    runtime.block_on(async {
-        timeout(BUDGET, scenario())
-            .await
-            .expect("the test exceeded its time budget")
-    });
+    processes::run_bounded(BUDGET, scenario());
 }

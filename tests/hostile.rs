@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use client_proto::{ClientRequest, ClientResponse};
-use processes::ProcessCluster;
+use processes::{run_bounded as run, ProcessCluster};
 use raftkv::error::ProposeError;
 use raftkv::kv::{
     encode_command, request, ClientError, ClientOptions, KvClient, KvCommand, KvEndpoint, KvError,
@@ -147,19 +147,6 @@ fn binary() -> PathBuf {
     BUILT
         .get_or_init(|| processes::build_node_for_tests(false).expect("building the examples"))
         .clone()
-}
-
-fn run<F: std::future::Future<Output = ()>>(budget: Duration, test: F) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    runtime.block_on(async {
-        timeout(budget, test)
-            .await
-            .expect("the test exceeded its time budget")
-    });
 }
 
 async fn started(n: u64) -> ProcessCluster {

@@ -25,9 +25,9 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use client_proto::guard::Secret;
-use processes::ProcessCluster;
+use processes::{run_bounded as run, ProcessCluster};
 use raftkv::kv::{ClientOptions, KvClient};
-use tokio::time::{sleep, timeout};
+use tokio::time::sleep;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -59,19 +59,6 @@ fn kv(args: &[&str]) -> (bool, String, String, Duration) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
         started.elapsed(),
     )
-}
-
-fn run<F: std::future::Future<Output = ()>>(budget: Duration, test: F) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    runtime.block_on(async {
-        timeout(budget, test)
-            .await
-            .expect("the test exceeded its time budget")
-    });
 }
 
 fn nodes_arg(cluster: &ProcessCluster) -> String {

@@ -89,6 +89,21 @@ pub fn build_node_for_tests(only_node: bool) -> Result<PathBuf, String> {
     Ok(binary)
 }
 
+/// Runs an end-to-end test on a 2-worker tokio runtime, failing it if it takes longer than
+/// `budget` (so a hung cluster fails the test instead of the CI run).
+pub fn run_bounded<F: std::future::Future<Output = ()>>(budget: Duration, test: F) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(async {
+        tokio::time::timeout(budget, test)
+            .await
+            .expect("the test exceeded its time budget")
+    });
+}
+
 /// Free loopback addresses: bound to port 0 and released (another process could take one
 /// in between; on a quiet test machine they stay free).
 pub fn free_addrs(n: usize) -> Result<Vec<SocketAddr>, String> {
