@@ -25,6 +25,9 @@ mod client_proto;
 #[path = "common/tcp.rs"]
 mod tcp;
 
+#[path = "common/identity.rs"]
+mod identity;
+
 use client_proto::members;
 
 use std::collections::{BTreeMap, HashMap};
@@ -36,7 +39,6 @@ use std::sync::Arc;
 use raftkv::kv::KvStateMachine;
 use raftkv::storage::{FileStorage, FileStorageOptions};
 use raftkv::{Node, NodeConfig, NodeId};
-use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use tracing::{error, info, warn};
 
@@ -52,9 +54,10 @@ const USAGE: &str =
 
 options:
   --cluster-id N          the cluster's id, written into every file and checked in every
-                          handshake and frame. Default: the id stored in DIR, or for a new
-                          DIR one derived from --peers (so nodes started with the same
-                          --peers agree), then stored in DIR/cluster-id
+                          handshake and frame. Default: the id stored in DIR; for a new DIR,
+                          the id a peer already has, or a random one minted by the lowest id
+                          of --peers once every other peer has answered it has none (at once
+                          with --new-cluster); then stored in DIR/cluster-id
   --peer-secret-file F    a shared secret (at least 16 bytes) every node of the cluster
                           proves on the Raft port; peers without it are refused
   --client-secret-file F  a secret clients must prove on the client port (kv --secret-file)
@@ -73,8 +76,8 @@ options:
                           never forms a cluster of its own and waits to be added with
                           `kv add-learner ID RAFT CLIENT` (then `kv promote ID`). --peers
                           names this node and the cluster's voters (at least the one that
-                          leads when it is added); the cluster id is read from their
-                          handshake unless --cluster-id gives it
+                          leads when it is added); the cluster id is learned from them
+                          unless --cluster-id gives it
   --restore FILE          bootstrap this node, whose data directory must be empty, from a
                           backup taken with `kv backup FILE` (verified first); start every
                           node of the new cluster so
@@ -234,97 +237,6 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Args, ArgsError> {
     })
 }
 
-/// Where the cluster id is kept, next to the log.
-const CLUSTER_ID_FILE: &str = "cluster-id";
-
-/// The cluster id derived from the member list: the first 8 bytes of SHA-256 over the sorted
-/// `id=address` pairs (never 0).
-fn derived_cluster_id(peers: &BTreeMap<NodeId, SocketAddr>) -> u64 {
-    let mut h = Sha256::new();
-    for (id, addr) in peers {
-        h.update(format!("{id}={addr};").as_bytes());
-    }
-    let digest = h.finalize();
-    let mut first = [0u8; 8];
-    first.copy_from_slice(&digest[..8]);
-    u64::from_le_bytes(first).max(1)
-}
-
-/// The cluster id of the node with data directory `data`: the one stored there (which
-/// `--cluster-id` must match), else the one its existing files carry, else `--cluster-id` or
-/// one derived from `peers`; stored in the directory for the next start. Returns it with how
-/// it was found.
-fn resolve_cluster_id(args: &Args, learned: Option<u64>) -> Result<(u64, &'static str), String> {
-    let path = args.data.join(CLUSTER_ID_FILE);
-    let stored = match std::fs::read_to_string(&path) {
-        Ok(text) => Some(text.trim().parse::<u64>().map_err(|_| {
-            format!(
-                "{} does not hold a cluster id (`{}`)",
-                path.display(),
-                text.trim()
-            )
-        })?),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
-    };
-    // A directory written before the id was stored: its files say which cluster it is.
-    let found = match stored {
-        Some(id) => Some((id, "stored in the data directory")),
-        None => existing_files_cluster(&args.data).map(|id| (id, "read from the log's files")),
-    };
-    let (id, how) = match (found, args.cluster_id) {
-        (Some((id, _)), Some(given)) if given != id => {
-            return Err(format!(
-                "--cluster-id {given} does not match the data directory {}, which belongs to \
-                 cluster {id}",
-                args.data.display()
-            ))
-        }
-        (Some(found), _) => found,
-        (None, Some(given)) => (given, "given by --cluster-id"),
-        (None, None) => match learned {
-            Some(id) => (id, "read from the cluster's handshake"),
-            None => (derived_cluster_id(&args.peers), "derived from --peers"),
-        },
-    };
-    if stored.is_none() {
-        std::fs::create_dir_all(&args.data)
-            .map_err(|e| format!("cannot create {}: {e}", args.data.display()))?;
-        members::write_atomically(&path, format!("{id}\n").as_bytes())
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    }
-    Ok((id, how))
-}
-
-/// The cluster id the other nodes of `--peers` name in their handshakes (the first that
-/// answers; they must agree).
-async fn learn_cluster_id(args: &Args) -> Result<u64, String> {
-    let mut failures = Vec::new();
-    for (peer, addr) in args.peers.iter().filter(|(p, _)| **p != args.id) {
-        match tcp::cluster_of(*addr).await {
-            Ok((cluster, node)) if node == *peer => return Ok(cluster),
-            Ok((_, node)) => failures.push(format!("{addr} is node {node}, not node {peer}")),
-            Err(e) => failures.push(e),
-        }
-    }
-    Err(format!(
-        "--join: no member of --peers told its cluster id ({}); give --cluster-id",
-        failures.join("; ")
-    ))
-}
-
-/// The cluster id in the headers of the log's files in `dir`, if there are any.
-fn existing_files_cluster(dir: &Path) -> Option<u64> {
-    let found = raftkv::storage::file::inspect::inspect(dir).ok()?;
-    found
-        .segments
-        .iter()
-        .filter_map(|s| s.identity)
-        .chain(found.snapshots.iter().filter_map(|s| s.identity))
-        .map(|(cluster, _node)| cluster)
-        .next()
-}
-
 fn load_secret<S>(
     path: Option<&PathBuf>,
     from_file: impl Fn(&Path) -> Result<(S, Option<String>), String>,
@@ -416,21 +328,29 @@ fn main() -> ExitCode {
 
 async fn run(args: Args) -> Result<(), String> {
     let id = args.id;
-    let learned = if args.join
-        && args.cluster_id.is_none()
-        && !args.data.join(CLUSTER_ID_FILE).exists()
-        && existing_files_cluster(&args.data).is_none()
-    {
-        Some(
-            learn_cluster_id(&args)
-                .await
-                .map_err(|e| format!("node {id}: {e}"))?,
-        )
-    } else {
-        None
+    let raft_addr = args.peers[&id];
+    // Bind both ports first, so a port in use fails fast and clearly (and so the Raft port
+    // can answer peers while this node learns its cluster's id).
+    let raft_listener = TcpListener::bind(raft_addr)
+        .await
+        .map_err(|e| format!("node {id}: cannot listen on {raft_addr}: {e}"))?;
+    let client_listener = TcpListener::bind(args.client)
+        .await
+        .map_err(|e| format!("node {id}: cannot listen on {}: {e}", args.client))?;
+    let (incarnation, minted) =
+        identity::incarnation(&args.data).map_err(|e| format!("node {id}: {e}"))?;
+    let boot = identity::Bootstrap {
+        id,
+        peers: &args.peers,
+        given: args.cluster_id,
+        join: args.join,
+        new_cluster: args.new_cluster,
+        incarnation,
     };
-    let (cluster_id, cluster_how) =
-        resolve_cluster_id(&args, learned).map_err(|e| format!("node {id}: {e}"))?;
+    let (cluster_id, cluster_how) = identity::cluster_id(&args.data, &boot, &raft_listener)
+        .await
+        .map_err(|e| format!("node {id}: {e}"))?;
+    let incarnations = identity::seen_table(&args.data).map_err(|e| format!("node {id}: {e}"))?;
     let peer_secret = load_secret(
         args.peer_secret.as_ref(),
         tcp::guard::Secret::from_file,
@@ -511,14 +431,6 @@ async fn run(args: Args) -> Result<(), String> {
         );
     }
     let recovery = storage.recovery_report().clone();
-    let raft_addr = args.peers[&id];
-    // Bind both ports before starting, so a port in use fails fast and clearly.
-    let raft_listener = TcpListener::bind(raft_addr)
-        .await
-        .map_err(|e| format!("node {id}: cannot listen on {raft_addr}: {e}"))?;
-    let client_listener = TcpListener::bind(args.client)
-        .await
-        .map_err(|e| format!("node {id}: cannot listen on {}: {e}", args.client))?;
 
     // The address book: --peers, the cached records, then the replicated ones as they apply.
     let (machine, records) = members::BookMachine::new(KvStateMachine::default());
@@ -542,7 +454,28 @@ async fn run(args: Args) -> Result<(), String> {
         my_id: id,
         secret: peer_secret,
         max_frame: raft_frame,
+        incarnation,
+        incarnations,
     };
+    // An empty directory whose id a peer knows under another incarnation is a lost member:
+    // it must recover before it votes, which --new-cluster would skip.
+    let init = raftkv::storage::Storage::initial_state(&storage)
+        .map_err(|e| format!("node {id}: cannot read the storage's state: {e}"))?;
+    if raftkv::host::holds_nothing(&init) {
+        if let Some((peer, known)) = identity::lost_member(&peer_options, &args.peers).await {
+            if args.new_cluster {
+                return Err(format!(
+                    "node {id}: --new-cluster refused: node {peer} knows node {id} as \
+                     incarnation {known:#x}, so this id was a member whose data directory was \
+                     lost; start it without --new-cluster (it then recovers before it votes)"
+                ));
+            }
+            info!(
+                "node {id}: node {peer} knows this id as incarnation {known:#x}: this new data \
+                 directory (incarnation {incarnation:#x}) replaces a lost one"
+            );
+        }
+    }
     let transport = tcp::TcpTransport::with_options(peer_options.clone(), peers);
     let peer_book = transport.book();
     let (node, driver) = Node::start(config, storage, machine, transport)
@@ -583,8 +516,9 @@ async fn run(args: Args) -> Result<(), String> {
         )
     };
     info!(
-        "node {id} of cluster {cluster_id:#x} ({cluster_how}): raft on {raft_addr}, clients on \
-         {}, data in {}: {recovered}",
+        "node {id} of cluster {cluster_id:#x} ({cluster_how}), incarnation {incarnation:#x}{}: \
+         raft on {raft_addr}, clients on {}, data in {}: {recovered}",
+        if minted { " (new)" } else { "" },
         args.client,
         args.data.display(),
     );

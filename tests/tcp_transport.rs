@@ -4,7 +4,8 @@
 //! its peers have redialed; garbage, an oversized frame and another cluster's frame each cost
 //! the sender its connection and nothing else. The handshake: the right secret gets in, a
 //! wrong or missing one is refused, a replayed hello fails; idle sockets cannot keep a peer
-//! out, a reconnecting peer replaces its old link, and a silent link is closed.
+//! out, a reconnecting peer replaces its old link, and a silent link is closed. Incarnations:
+//! an older one than the newest seen of an id is refused, as dialer and as listener.
 
 #[allow(dead_code)]
 #[path = "../examples/common/tcp.rs"]
@@ -551,7 +552,7 @@ async fn a_replayed_hello_is_refused() {
         // A genuine handshake, recorded by someone on the path.
         let mut first = TcpStream::connect(addr).await.unwrap();
         let c1 = guard::read_challenge(&mut first, Port::Peer).await.unwrap();
-        let hello = guard::make_hello(Port::Peer, &secret, &c1, CLUSTER, 2, 1).unwrap();
+        let hello = guard::make_hello(Port::Peer, &secret, &c1, CLUSTER, 2, 1, 1).unwrap();
         let recorded = guard::hello_bytes(Port::Peer, &hello);
         first.write_all(&recorded).await.unwrap();
         guard::read_answer(&mut first, Port::Peer, &secret, &c1, &hello)
@@ -693,6 +694,71 @@ async fn peers_added_at_run_time_are_dialed_and_removed_ones_are_dropped() {
         // The book does not keep the transport alive.
         drop(transport);
         assert!(!book.set(2, addr));
+        server.abort();
+    })
+    .await;
+}
+
+fn as_incarnation(from: u64, incarnation: u64) -> PeerOptions {
+    let mut o = PeerOptions::new(CLUSTER, from);
+    o.incarnation = incarnation;
+    o
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_incarnation_is_refused_and_the_newest_is_known() {
+    use tcp::guard::{HandshakeError, Refusal};
+    use tcp::DialError;
+    within_budget(async {
+        let (addr, server, _rx) = listener_with(tcp::guard::Secret::none()).await;
+        let refused = |r: &Result<TcpStream, DialError>| {
+            matches!(
+                r,
+                Err(DialError::Handshake(
+                    HandshakeError::Refused(Refusal::RetiredIncarnation),
+                    _
+                ))
+            )
+        };
+
+        // Node 2's first directory, then a newer one: both taken; then the first is a
+        // zombie, refused, while the newest still gets in.
+        dial(addr, &as_incarnation(2, 200), 1).await.expect("first");
+        dial(addr, &as_incarnation(2, 300), 1).await.expect("newer");
+        let zombie = dial(addr, &as_incarnation(2, 200), 1).await;
+        assert!(refused(&zombie), "{zombie:?}");
+        dial(addr, &as_incarnation(2, 300), 1)
+            .await
+            .expect("newest");
+
+        // What the listener knows of node 2 is what a new directory asks about.
+        let asked = tcp::probe(addr, &as_incarnation(2, 400), 1).await.unwrap();
+        assert_eq!((asked.cluster, asked.known), (CLUSTER, 300));
+        let again = tcp::probe(addr, &as_incarnation(2, 400), 1).await.unwrap();
+        assert_eq!(
+            again.known, 400,
+            "the probe's newer incarnation was recorded"
+        );
+        // Node 3 was never seen.
+        assert_eq!(
+            tcp::probe(addr, &as_incarnation(3, 5), 1)
+                .await
+                .unwrap()
+                .known,
+            0
+        );
+        server.abort();
+
+        // The other direction: a dialer that saw a newer incarnation of node 1 refuses to
+        // talk to a listener still on an older one.
+        let (addr, server, _rx) = listener_with(tcp::guard::Secret::none()).await;
+        let dialer = PeerOptions::new(CLUSTER, 2);
+        dialer.incarnations.observe(1, 2).expect("recorded");
+        let stale = dial(addr, &dialer, 1).await;
+        assert!(
+            matches!(stale, Err(DialError::Retired(_, ref c)) if c.incarnation == 1),
+            "{stale:?}"
+        );
         server.abort();
     })
     .await;

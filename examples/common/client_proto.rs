@@ -573,16 +573,23 @@ async fn accept_client(
     node_id: NodeId,
 ) -> Result<(), ProtoError> {
     let secret = &options.secret;
-    let challenge = guard::send_challenge(stream, Port::Client, options.cluster_id, node_id)
+    let challenge = guard::send_challenge(stream, Port::Client, options.cluster_id, node_id, 0)
         .await
         .map_err(ProtoError::Handshake)?;
     let hello = guard::read_hello(stream, Port::Client)
         .await
         .map_err(ProtoError::Handshake)?;
     let verdict = guard::check_hello(Port::Client, secret, &challenge, &hello);
-    guard::send_answer(stream, Port::Client, secret, &challenge, &hello, verdict)
-        .await
-        .map_err(ProtoError::Io)?;
+    guard::send_answer(
+        stream,
+        Port::Client,
+        secret,
+        &challenge,
+        &hello,
+        verdict.map(|()| 0),
+    )
+    .await
+    .map_err(ProtoError::Io)?;
     verdict.map_err(|r| ProtoError::Handshake(HandshakeError::Refused(r)))
 }
 
@@ -591,11 +598,13 @@ async fn accept_client(
 async fn client_handshake(stream: &mut TcpStream, secret: &Secret) -> Result<(), ProtoError> {
     let shake = async {
         let c = guard::read_challenge(stream, Port::Client).await?;
-        let hello = guard::make_hello(Port::Client, secret, &c, c.cluster, 0, c.node)?;
+        let hello = guard::make_hello(Port::Client, secret, &c, c.cluster, 0, c.node, 0)?;
         stream
             .write_all(&guard::hello_bytes(Port::Client, &hello))
             .await?;
-        guard::read_answer(stream, Port::Client, secret, &c, &hello).await
+        guard::read_answer(stream, Port::Client, secret, &c, &hello)
+            .await
+            .map(drop)
     };
     shake.await.map_err(ProtoError::Handshake)
 }

@@ -9,16 +9,20 @@
 //! Fixed-size messages, so nothing is allocated from what a stranger sends:
 //!
 //! ```text
-//! server -> dialer  Challenge  magic[8] | cluster u64 | node u64 | nonce_s[32]            56 B
-//! dialer -> server  Hello      magic[8] | cluster u64 | from u64 | to u64 | nonce_d[32]
-//!                              | mac[32]                                                 96 B
-//! server -> dialer  Answer     magic[8] | status u8 | mac[32]                             41 B
+//! server -> dialer  Challenge  magic[8] | cluster u64 | node u64 | inc_s u64 | nonce_s[32]  64 B
+//! dialer -> server  Hello      magic[8] | cluster u64 | from u64 | to u64 | inc_d u64
+//!                              | nonce_d[32] | mac[32]                                    104 B
+//! server -> dialer  Answer     magic[8] | status u8 | known u64 | mac[32]                  49 B
 //! ```
 //!
-//! (integers little-endian). The dialer's `mac` is HMAC-SHA256 over a label naming the port
-//! and direction, then `cluster | from | to | nonce_s | nonce_d`, keyed with the shared
-//! secret; the server's answer carries the same over the reply label, proving the server
-//! knows the secret too. The server's nonce is fresh for every connection, so a recorded
+//! (integers little-endian). `inc_s` and `inc_d` are the two nodes' incarnations (the id of
+//! their data directories; 0 on the client port), and `known` is the incarnation the server
+//! last saw of the dialer's node id (0 if none): how a node with a new data directory learns
+//! that the cluster knew its id under another one. The dialer's `mac` is HMAC-SHA256 over a
+//! label naming the port and direction, then `cluster | from | to | inc_s | inc_d | nonce_s |
+//! nonce_d`, keyed with the shared secret; the server's answer carries the same plus `known`
+//! over the reply label, proving the server knows the secret too (and binding the
+//! incarnations: neither can be changed on the path unnoticed). The server's nonce is fresh for every connection, so a recorded
 //! Hello replayed on another connection fails. Without a secret the key is empty: the same
 //! exchange, proving nothing, and a node with a secret refuses a dialer without one (and the
 //! other way round).
@@ -47,11 +51,11 @@ type HmacSha256 = Hmac<Sha256>;
 /// Bytes of a nonce and of a MAC.
 pub const NONCE_LEN: usize = 32;
 /// Bytes of a [`Challenge`].
-pub const CHALLENGE_LEN: usize = 8 + 8 + 8 + NONCE_LEN;
+pub const CHALLENGE_LEN: usize = 8 + 8 + 8 + 8 + NONCE_LEN;
 /// Bytes of a [`Hello`].
-pub const HELLO_LEN: usize = 8 + 8 + 8 + 8 + NONCE_LEN + NONCE_LEN;
-/// Bytes of an [`Answer`].
-pub const ANSWER_LEN: usize = 8 + 1 + NONCE_LEN;
+pub const HELLO_LEN: usize = 8 + 8 + 8 + 8 + 8 + NONCE_LEN + NONCE_LEN;
+/// Bytes of the server's answer.
+pub const ANSWER_LEN: usize = 8 + 1 + 8 + NONCE_LEN;
 
 /// A shared secret (or none). The bytes are never printed.
 #[derive(Clone, Default)]
@@ -169,14 +173,14 @@ impl Port {
     }
     fn hello_label(self) -> &'static [u8] {
         match self {
-            Port::Peer => b"raftkv peer hello v1",
-            Port::Client => b"raftkv client hello v1",
+            Port::Peer => b"raftkv peer hello v2",
+            Port::Client => b"raftkv client hello v2",
         }
     }
     fn answer_label(self) -> &'static [u8] {
         match self {
-            Port::Peer => b"raftkv peer answer v1",
-            Port::Client => b"raftkv client answer v1",
+            Port::Peer => b"raftkv peer answer v2",
+            Port::Client => b"raftkv client answer v2",
         }
     }
 }
@@ -193,6 +197,9 @@ pub enum Refusal {
     /// The proof is wrong: the dialer does not have this node's secret (or has one and this
     /// node has none).
     BadProof = 4,
+    /// The dialer's incarnation of its node id is older than one this node has seen: it runs
+    /// on a data directory that a newer one replaced (see `incarnations.rs`).
+    RetiredIncarnation = 5,
 }
 
 impl Refusal {
@@ -202,6 +209,7 @@ impl Refusal {
             Refusal::WrongNode,
             Refusal::UnknownPeer,
             Refusal::BadProof,
+            Refusal::RetiredIncarnation,
         ]
         .into_iter()
         .find(|r| *r as u8 == code)
@@ -215,6 +223,10 @@ impl fmt::Display for Refusal {
             Refusal::WrongNode => "the dialer meant another node id at this address",
             Refusal::UnknownPeer => "the dialer's node id is not a member of the cluster",
             Refusal::BadProof => "the dialer's secret is wrong or missing",
+            Refusal::RetiredIncarnation => {
+                "the dialer runs on a data directory that a newer incarnation of its node id \
+                 replaced"
+            }
         })
     }
 }
@@ -226,6 +238,8 @@ pub struct Challenge {
     pub cluster: u64,
     /// The server's node id.
     pub node: u64,
+    /// The server's incarnation (0 on the client port).
+    pub incarnation: u64,
     /// Fresh for this connection.
     pub nonce: [u8; NONCE_LEN],
 }
@@ -239,6 +253,8 @@ pub struct Hello {
     pub from: u64,
     /// The node it means to reach.
     pub to: u64,
+    /// The dialer's incarnation (0 for a client).
+    pub incarnation: u64,
     /// The dialer's nonce.
     pub nonce: [u8; NONCE_LEN],
     /// The proof.
@@ -286,14 +302,45 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(x)
 }
 
-fn proof_parts<'a>(
-    cluster: &'a [u8; 8],
-    from: &'a [u8; 8],
-    to: &'a [u8; 8],
-    ns: &'a [u8],
-    nd: &'a [u8],
-) -> [&'a [u8]; 5] {
-    [cluster, from, to, ns, nd]
+/// The fields a proof covers, as bytes: `cluster | from | to | inc_s | inc_d` (then the two
+/// nonces, and for the answer `known`).
+fn proof_fields(challenge: &Challenge, hello: &Hello) -> [[u8; 8]; 5] {
+    [
+        hello.cluster.to_le_bytes(),
+        hello.from.to_le_bytes(),
+        hello.to.to_le_bytes(),
+        challenge.incarnation.to_le_bytes(),
+        hello.incarnation.to_le_bytes(),
+    ]
+}
+
+/// What the dialer's proof covers, after its label: the fields, then the two nonces.
+fn hello_parts<'a>(
+    fields: &'a [[u8; 8]; 5],
+    challenge: &'a Challenge,
+    hello: &'a Hello,
+) -> [&'a [u8]; 7] {
+    let f = fields;
+    [
+        &f[0],
+        &f[1],
+        &f[2],
+        &f[3],
+        &f[4],
+        &challenge.nonce,
+        &hello.nonce,
+    ]
+}
+
+/// What the server's proof covers, after its label: the dialer's parts, then `known`.
+fn answer_parts<'a>(
+    fields: &'a [[u8; 8]; 5],
+    challenge: &'a Challenge,
+    hello: &'a Hello,
+    known: &'a [u8; 8],
+) -> [&'a [u8]; 8] {
+    let [a, b, c, d, e, f, g] = hello_parts(fields, challenge, hello);
+    [a, b, c, d, e, f, g, known]
 }
 
 /// Server side, step 1: sends a fresh challenge.
@@ -302,16 +349,19 @@ pub async fn send_challenge<W: AsyncWrite + Unpin>(
     port: Port,
     cluster: u64,
     node: u64,
+    incarnation: u64,
 ) -> Result<Challenge, HandshakeError> {
     let c = Challenge {
         cluster,
         node,
+        incarnation,
         nonce: nonce()?,
     };
     let mut b = Vec::with_capacity(CHALLENGE_LEN);
     b.extend_from_slice(&port.magic(b'C'));
     b.extend_from_slice(&cluster.to_le_bytes());
     b.extend_from_slice(&node.to_le_bytes());
+    b.extend_from_slice(&incarnation.to_le_bytes());
     b.extend_from_slice(&c.nonce);
     w.write_all(&b).await?;
     Ok(c)
@@ -328,13 +378,14 @@ pub async fn read_hello<R: AsyncRead + Unpin>(
         return Err(HandshakeError::NotHandshake);
     }
     let mut nonce = [0u8; NONCE_LEN];
-    nonce.copy_from_slice(&b[32..64]);
+    nonce.copy_from_slice(&b[40..72]);
     let mut mac = [0u8; NONCE_LEN];
-    mac.copy_from_slice(&b[64..96]);
+    mac.copy_from_slice(&b[72..104]);
     Ok(Hello {
         cluster: u64_at(&b, 8),
         from: u64_at(&b, 16),
         to: u64_at(&b, 24),
+        incarnation: u64_at(&b, 32),
         nonce,
         mac,
     })
@@ -354,43 +405,38 @@ pub fn check_hello(
     if hello.to != challenge.node {
         return Err(Refusal::WrongNode);
     }
-    let (c, f, t) = (
-        hello.cluster.to_le_bytes(),
-        hello.from.to_le_bytes(),
-        hello.to.to_le_bytes(),
-    );
-    let parts = proof_parts(&c, &f, &t, &challenge.nonce, &hello.nonce);
+    let fields = proof_fields(challenge, hello);
+    let parts = hello_parts(&fields, challenge, hello);
     if !secret.verify(port.hello_label(), &parts, &hello.mac) {
         return Err(Refusal::BadProof);
     }
     Ok(())
 }
 
-/// Server side, step 4: accepts (with the server's proof) or refuses.
+/// Server side, step 4: accepts (with the server's proof, covering `known`: the incarnation
+/// this server last saw of the dialer's node id, 0 if none) or refuses.
 pub async fn send_answer<W: AsyncWrite + Unpin>(
     w: &mut W,
     port: Port,
     secret: &Secret,
     challenge: &Challenge,
     hello: &Hello,
-    verdict: Result<(), Refusal>,
+    verdict: Result<u64, Refusal>,
 ) -> std::io::Result<()> {
     let mut b = Vec::with_capacity(ANSWER_LEN);
     b.extend_from_slice(&port.magic(b'A'));
     match verdict {
-        Ok(()) => {
+        Ok(known) => {
             b.push(0);
-            let (c, f, t) = (
-                hello.cluster.to_le_bytes(),
-                hello.from.to_le_bytes(),
-                hello.to.to_le_bytes(),
-            );
-            let parts = proof_parts(&c, &f, &t, &challenge.nonce, &hello.nonce);
+            let known = known.to_le_bytes();
+            b.extend_from_slice(&known);
+            let fields = proof_fields(challenge, hello);
+            let parts = answer_parts(&fields, challenge, hello, &known);
             b.extend_from_slice(&secret.mac(port.answer_label(), &parts));
         }
         Err(r) => {
             b.push(r as u8);
-            b.extend_from_slice(&[0u8; NONCE_LEN]);
+            b.extend_from_slice(&[0u8; 8 + NONCE_LEN]);
         }
     }
     w.write_all(&b).await?;
@@ -408,15 +454,17 @@ pub async fn read_challenge<R: AsyncRead + Unpin>(
         return Err(HandshakeError::NotHandshake);
     }
     let mut nonce = [0u8; NONCE_LEN];
-    nonce.copy_from_slice(&b[24..56]);
+    nonce.copy_from_slice(&b[32..64]);
     Ok(Challenge {
         cluster: u64_at(&b, 8),
         node: u64_at(&b, 16),
+        incarnation: u64_at(&b, 24),
         nonce,
     })
 }
 
-/// Dialer side, step 2: the hello answering `challenge` (write it with [`hello_bytes`]).
+/// Dialer side, step 2: the hello answering `challenge`, as node `from` of incarnation
+/// `incarnation` (write it with [`hello_bytes`]).
 pub fn make_hello(
     port: Port,
     secret: &Secret,
@@ -424,17 +472,19 @@ pub fn make_hello(
     cluster: u64,
     from: u64,
     to: u64,
+    incarnation: u64,
 ) -> std::io::Result<Hello> {
-    let nonce = nonce()?;
-    let (c, f, t) = (cluster.to_le_bytes(), from.to_le_bytes(), to.to_le_bytes());
-    let parts = proof_parts(&c, &f, &t, &challenge.nonce, &nonce);
-    Ok(Hello {
+    let mut hello = Hello {
         cluster,
         from,
         to,
-        nonce,
-        mac: secret.mac(port.hello_label(), &parts),
-    })
+        incarnation,
+        nonce: nonce()?,
+        mac: [0u8; NONCE_LEN],
+    };
+    let fields = proof_fields(challenge, &hello);
+    hello.mac = secret.mac(port.hello_label(), &hello_parts(&fields, challenge, &hello));
+    Ok(hello)
 }
 
 /// The bytes of `hello`.
@@ -444,19 +494,21 @@ pub fn hello_bytes(port: Port, hello: &Hello) -> Vec<u8> {
     b.extend_from_slice(&hello.cluster.to_le_bytes());
     b.extend_from_slice(&hello.from.to_le_bytes());
     b.extend_from_slice(&hello.to.to_le_bytes());
+    b.extend_from_slice(&hello.incarnation.to_le_bytes());
     b.extend_from_slice(&hello.nonce);
     b.extend_from_slice(&hello.mac);
     b
 }
 
-/// Dialer side, step 3: reads the server's answer and checks its proof.
+/// Dialer side, step 3: reads the server's answer and checks its proof. Returns `known`: the
+/// incarnation the server last saw of our node id (0 if none).
 pub async fn read_answer<R: AsyncRead + Unpin>(
     r: &mut R,
     port: Port,
     secret: &Secret,
     challenge: &Challenge,
     hello: &Hello,
-) -> Result<(), HandshakeError> {
+) -> Result<u64, HandshakeError> {
     let mut b = [0u8; ANSWER_LEN];
     r.read_exact(&mut b).await?;
     if b[..8] != port.magic(b'A') {
@@ -467,16 +519,14 @@ pub async fn read_answer<R: AsyncRead + Unpin>(
             Refusal::from_code(b[8]).map_or(HandshakeError::NotHandshake, HandshakeError::Refused)
         );
     }
-    let (c, f, t) = (
-        hello.cluster.to_le_bytes(),
-        hello.from.to_le_bytes(),
-        hello.to.to_le_bytes(),
-    );
-    let parts = proof_parts(&c, &f, &t, &challenge.nonce, &hello.nonce);
-    if !secret.verify(port.answer_label(), &parts, &b[9..]) {
+    let mut known = [0u8; 8];
+    known.copy_from_slice(&b[9..17]);
+    let fields = proof_fields(challenge, hello);
+    let parts = answer_parts(&fields, challenge, hello, &known);
+    if !secret.verify(port.answer_label(), &parts, &b[17..]) {
         return Err(HandshakeError::ServerUnproven);
     }
-    Ok(())
+    Ok(u64::from_le_bytes(known))
 }
 
 /// Bytes of frames being received, bounded across every connection of a port. A large

@@ -1,7 +1,7 @@
 //! A cluster of `examples/node.rs` processes on loopback, for the `cluster` example and the
 //! end-to-end test: free ports, one data directory and one log file per node under a
-//! temporary directory, SIGKILL and restart. Each cluster gets its own cluster id (the nodes
-//! derive it from their `--peers`, which differ by port).
+//! temporary directory, SIGKILL and restart. Each cluster gets its own random cluster id
+//! (node 1 mints it, the others learn it).
 //!
 //! Include it with `#[path = "common/processes.rs"] mod processes;` next to
 //! `client_proto.rs` (it uses `crate::client_proto`).

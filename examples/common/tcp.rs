@@ -13,6 +13,13 @@
 //! answer), then carries [`raftkv::wire`] frames: a [`Frame::Hello`] naming the dialer, then
 //! [`Frame::Messages`] batches; an empty batch every [`KEEPALIVE`] keeps an idle link open.
 //!
+//! # Incarnations
+//! Both sides of a handshake name their incarnation (the id of their data directory), and
+//! each node keeps the newest it has seen of every peer id ([`incarnations`]): a peer whose
+//! incarnation is older than that record runs on a replaced directory and is refused, as a
+//! dialer ([`Refusal::RetiredIncarnation`]) and as a listener ([`DialError::Retired`]); a
+//! newer one is taken and logged as a replaced directory.
+//!
 //! # Members
 //! The peers are not fixed: the host adds, moves and removes them while the node runs
 //! ([`TcpTransport::book`] for the peers dialed, [`ServeOptions::members`] for the ids whose
@@ -45,6 +52,8 @@
 #[allow(clippy::duplicate_mod)]
 #[path = "guard.rs"]
 pub mod guard;
+#[path = "incarnations.rs"]
+pub mod incarnations;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
@@ -251,19 +260,48 @@ pub struct PeerOptions {
     pub secret: Secret,
     /// The largest frame body, in bytes (see [`frame_limit`]).
     pub max_frame: usize,
+    /// This node's incarnation: the id of its data directory ([`incarnations::mint`]).
+    pub incarnation: u64,
+    /// The newest incarnation seen of each peer (shared with the listener's options).
+    pub incarnations: incarnations::Incarnations,
 }
 
 impl PeerOptions {
     /// Node `my_id` of cluster `cluster_id`, no secret, frames up to
-    /// [`wire::DEFAULT_MAX_FRAME`].
+    /// [`wire::DEFAULT_MAX_FRAME`], incarnation 1 and an empty table of peers' incarnations
+    /// kept in memory. Incarnation 1 is the same for every process of `my_id`: a host with a
+    /// data directory sets the directory's ([`incarnations::mint`]) to tell directories
+    /// apart.
     pub fn new(cluster_id: u64, my_id: NodeId) -> Self {
         PeerOptions {
             cluster_id,
             my_id,
             secret: Secret::none(),
             max_frame: wire::DEFAULT_MAX_FRAME,
+            incarnation: 1,
+            incarnations: incarnations::Incarnations::in_memory(),
         }
     }
+}
+
+/// Applies the incarnation rule to `peer` presenting `incarnation` (storing a changed record
+/// off the async threads), logging a replaced directory.
+async fn observe_incarnation(
+    table: &incarnations::Incarnations,
+    peer: NodeId,
+    incarnation: u64,
+) -> Result<(), incarnations::Observed> {
+    let t = table.clone();
+    let seen = tokio::task::spawn_blocking(move || t.observe(peer, incarnation))
+        .await
+        .unwrap_or_else(|e| Err(incarnations::Observed::NotStored(e.to_string())))?;
+    if let incarnations::Seen::Replaced { was } = seen {
+        warn!(
+            "node {peer} is a new incarnation {incarnation:#x} (was {was:#x}): its data \
+             directory was replaced; the older one is refused from now on"
+        );
+    }
+    Ok(())
 }
 
 impl TcpTransport {
@@ -329,6 +367,9 @@ pub enum DialError {
     Connect(String),
     /// Connected, but the handshake failed; the listener's challenge, if it sent one.
     Handshake(HandshakeError, Option<guard::Challenge>),
+    /// The listener runs on a data directory older than one this node has seen of its id
+    /// (or its newer incarnation could not be recorded).
+    Retired(incarnations::Observed, guard::Challenge),
 }
 
 impl fmt::Display for DialError {
@@ -339,17 +380,78 @@ impl fmt::Display for DialError {
                 write!(f, "{e} (it is node {} of cluster {:#x})", c.node, c.cluster)
             }
             DialError::Handshake(e, None) => write!(f, "{e}"),
+            DialError::Retired(why, c) => write!(
+                f,
+                "node {} (incarnation {:#x}) refused: {why}",
+                c.node, c.incarnation
+            ),
         }
     }
 }
 
-/// Connects to node `to` at `addr` and completes the handshake as node `options.my_id`, then
-/// writes the [`Frame::Hello`]: the stream is ready for [`Frame::Messages`].
+/// Connects to node `to` at `addr`, completes the handshake as node `options.my_id` and
+/// applies the incarnation rule to the listener, then writes the [`Frame::Hello`]: the
+/// stream is ready for [`Frame::Messages`].
 pub async fn dial(
     addr: SocketAddr,
     options: &PeerOptions,
     to: NodeId,
 ) -> Result<TcpStream, DialError> {
+    let (mut stream, c, _known) = shake_hands(addr, options, to).await?;
+    let frame = wire::encode(
+        options.cluster_id,
+        &Frame::Hello {
+            from: options.my_id,
+        },
+    )
+    .map_err(|e| DialError::Handshake(HandshakeError::Io(std::io::Error::other(e)), Some(c)))?;
+    match timeout(WRITE_TIMEOUT, stream.write_all(&frame)).await {
+        Ok(Ok(())) => Ok(stream),
+        Ok(Err(e)) => Err(DialError::Handshake(HandshakeError::Io(e), Some(c))),
+        Err(_) => Err(DialError::Handshake(timed_out("the hello frame"), Some(c))),
+    }
+}
+
+/// What a listener told a [`probe`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Probed {
+    /// The listener's cluster.
+    pub cluster: u64,
+    /// The listener's incarnation.
+    pub incarnation: u64,
+    /// The incarnation the listener last saw of our node id (0 if none).
+    pub known: u64,
+}
+
+/// The handshake of [`dial`] alone, to learn what node `to` knows of us: a host about to
+/// start on a new data directory asks so whether its id was a member under another one.
+pub async fn probe(
+    addr: SocketAddr,
+    options: &PeerOptions,
+    to: NodeId,
+) -> Result<Probed, DialError> {
+    let (_stream, c, known) = shake_hands(addr, options, to).await?;
+    Ok(Probed {
+        cluster: c.cluster,
+        incarnation: c.incarnation,
+        known,
+    })
+}
+
+fn timed_out(what: &str) -> HandshakeError {
+    HandshakeError::Io(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("{what}: no progress within {HANDSHAKE_TIMEOUT:?}"),
+    ))
+}
+
+/// Connects and shakes hands; returns the stream, the listener's challenge and the `known`
+/// of its answer, once the listener's incarnation passed the rule.
+async fn shake_hands(
+    addr: SocketAddr,
+    options: &PeerOptions,
+    to: NodeId,
+) -> Result<(TcpStream, guard::Challenge, u64), DialError> {
     let mut stream = match timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(DialError::Connect(e.to_string())),
@@ -367,37 +469,29 @@ pub async fn dial(
             options.cluster_id,
             options.my_id,
             to,
+            options.incarnation,
         )?;
         stream
             .write_all(&guard::hello_bytes(Port::Peer, &hello))
             .await?;
-        guard::read_answer(&mut stream, Port::Peer, &options.secret, &c, &hello).await?;
-        let frame = wire::encode(
-            options.cluster_id,
-            &Frame::Hello {
-                from: options.my_id,
-            },
-        )
-        .map_err(std::io::Error::other)?;
-        stream.write_all(&frame).await?;
-        Ok::<(), HandshakeError>(())
+        guard::read_answer(&mut stream, Port::Peer, &options.secret, &c, &hello).await
     };
-    match timeout(HANDSHAKE_TIMEOUT, handshake).await {
-        Ok(Ok(())) => Ok(stream),
-        Ok(Err(e)) => Err(DialError::Handshake(e, challenge)),
-        Err(_) => Err(DialError::Handshake(
-            HandshakeError::Io(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("no answer within {HANDSHAKE_TIMEOUT:?}"),
-            )),
-            challenge,
-        )),
-    }
+    let (c, known) = match timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(known)) => (challenge.expect("read before the answer"), known),
+        Ok(Err(e)) => return Err(DialError::Handshake(e, challenge)),
+        Err(_) => return Err(DialError::Handshake(timed_out("the handshake"), challenge)),
+    };
+    // The answer's proof covers the challenge's incarnation: it is the listener's.
+    observe_incarnation(&options.incarnations, to, c.incarnation)
+        .await
+        .map_err(|why| DialError::Retired(why, c))?;
+    Ok((stream, c, known))
 }
 
 /// The cluster id and node id the Raft listener at `addr` names in its challenge (the
-/// handshake's first bytes; nothing is proven, so trust it as far as the address). A joining
-/// node learns its cluster's id so.
+/// handshake's first bytes; nothing is proven, so trust it as far as the address). A new
+/// node learns its cluster's id so; cluster 0 is a node that is itself waiting for one
+/// ([`answer_waiting`]).
 pub async fn cluster_of(addr: SocketAddr) -> Result<(u64, NodeId), String> {
     let ask = async {
         let mut stream = TcpStream::connect(addr)
@@ -411,6 +505,27 @@ pub async fn cluster_of(addr: SocketAddr) -> Result<(u64, NodeId), String> {
     match timeout(HANDSHAKE_TIMEOUT, ask).await {
         Ok(answer) => answer,
         Err(_) => Err(format!("{addr}: no challenge within {HANDSHAKE_TIMEOUT:?}")),
+    }
+}
+
+/// Answers every connection on `listener` with a challenge naming cluster 0 (no cluster id
+/// yet), node `my_id` and `incarnation`, then closes it: what a new node's Raft port says
+/// while it waits to learn (or mint) its cluster's id. Runs until dropped.
+pub async fn answer_waiting(listener: &TcpListener, my_id: NodeId, incarnation: u64) {
+    let mut answering = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((mut stream, _)) => {
+                    answering.spawn(async move {
+                        let say = guard::send_challenge(&mut stream, Port::Peer, 0, my_id, incarnation);
+                        let _ = timeout(HANDSHAKE_TIMEOUT, say).await;
+                    });
+                }
+                Err(_) => sleep(Duration::from_millis(100)).await,
+            },
+            Some(_) = answering.join_next(), if !answering.is_empty() => {}
+        }
     }
 }
 
@@ -442,7 +557,10 @@ impl Link {
             }
         };
         let mut backoff = BACKOFF_MIN;
-        let mut quiet = false; // log the first failure of a series only
+        // Log the first failure of a series only, and again when its kind changes (an
+        // unreachable peer that comes back refusing us, say).
+        let mut quiet = false;
+        let mut last_kind = None;
         loop {
             if queue.is_closed() {
                 return;
@@ -455,13 +573,15 @@ impl Link {
             let stream = match dialed {
                 Ok(stream) => stream,
                 Err(e) => {
-                    if !quiet {
+                    let kind = std::mem::discriminant(&e);
+                    if !quiet || last_kind != Some(kind) {
+                        last_kind = Some(kind);
                         match &e {
                             DialError::Connect(_) => warn!(
                                 "node {} at {} unreachable ({e}); retrying with backoff",
                                 self.peer, self.addr
                             ),
-                            DialError::Handshake(..) => warn!(
+                            DialError::Handshake(..) | DialError::Retired(..) => warn!(
                                 "node {} at {} refused this node (of cluster {:#x}) or could \
                                  not be verified: {e}; retrying with backoff",
                                 self.peer, self.addr, self.options.cluster_id
@@ -478,6 +598,7 @@ impl Link {
                 // After a logged failure or loss (a loss always sets `quiet` again).
                 info!("connected to node {} at {}", self.peer, self.addr);
             }
+            last_kind = None;
             self.counters.connects.fetch_add(1, Ordering::Relaxed);
             self.counters.connected.store(true, Ordering::Relaxed);
             let ended = self.pump(stream, &keepalive, &mut queue).await;
@@ -607,6 +728,8 @@ enum Refused {
     },
     Idle,
     TooSlow,
+    /// This node failed (it could not store a peer's incarnation).
+    Local(String),
 }
 
 impl fmt::Display for Refused {
@@ -618,12 +741,13 @@ impl fmt::Display for Refused {
             Refused::Handshake(e) => write!(f, "{e}"),
             Refused::Peer { why, hello, ours } => write!(
                 f,
-                "refused peer: {why} (it says it is node {} of cluster {:#x}, dialing node {}; \
-                 this node is in cluster {ours:#x})",
-                hello.from, hello.cluster, hello.to
+                "refused peer: {why} (it says it is node {} incarnation {:#x} of cluster {:#x}, \
+                 dialing node {}; this node is in cluster {ours:#x})",
+                hello.from, hello.incarnation, hello.cluster, hello.to
             ),
             Refused::Idle => write!(f, "silent for {PEER_IDLE_TIMEOUT:?}"),
             Refused::TooSlow => write!(f, "a frame took longer than its deadline"),
+            Refused::Local(why) => write!(f, "{why}"),
         }
     }
 }
@@ -758,22 +882,43 @@ async fn accept_handshake(
     options: &ServeOptions,
 ) -> Result<NodeId, Refused> {
     let me = &options.peer;
-    let challenge = guard::send_challenge(stream, Port::Peer, me.cluster_id, me.my_id)
-        .await
-        .map_err(Refused::Handshake)?;
+    let challenge =
+        guard::send_challenge(stream, Port::Peer, me.cluster_id, me.my_id, me.incarnation)
+            .await
+            .map_err(Refused::Handshake)?;
     let hello = guard::read_hello(stream, Port::Peer)
         .await
         .map_err(Refused::Handshake)?;
-    let verdict = guard::check_hello(Port::Peer, &me.secret, &challenge, &hello).and_then(|()| {
-        if hello.from == me.my_id || !options.members.contains(hello.from) {
-            Err(Refusal::UnknownPeer)
-        } else {
-            Ok(())
+    let mut verdict =
+        guard::check_hello(Port::Peer, &me.secret, &challenge, &hello).and_then(|()| {
+            if hello.from == me.my_id || !options.members.contains(hello.from) {
+                Err(Refusal::UnknownPeer)
+            } else {
+                Ok(())
+            }
+        });
+    // Only a proven hello's incarnation is recorded (a stranger cannot retire a member).
+    let mut known = 0;
+    if verdict.is_ok() {
+        known = me.incarnations.known(hello.from).unwrap_or(0);
+        match observe_incarnation(&me.incarnations, hello.from, hello.incarnation).await {
+            Ok(()) => {}
+            Err(incarnations::Observed::Retired(_)) => verdict = Err(Refusal::RetiredIncarnation),
+            Err(e @ incarnations::Observed::NotStored(_)) => {
+                return Err(Refused::Local(e.to_string()))
+            }
         }
-    });
-    guard::send_answer(stream, Port::Peer, &me.secret, &challenge, &hello, verdict)
-        .await
-        .map_err(Refused::Io)?;
+    }
+    guard::send_answer(
+        stream,
+        Port::Peer,
+        &me.secret,
+        &challenge,
+        &hello,
+        verdict.map(|()| known),
+    )
+    .await
+    .map_err(Refused::Io)?;
     match verdict {
         Ok(()) => Ok(hello.from),
         Err(why) => Err(Refused::Peer {

@@ -13,8 +13,8 @@
 //! - [`snapshot_messages`], [`restore_machine`]: a stored snapshot sent in chunks, or
 //!   restored into a state machine;
 //! - [`SnapshotPolicy`]: when to take a local snapshot, and the one being written;
-//! - [`start_core`], [`distrust_empty_storage`]: a core restored from its storage, where an
-//!   empty storage starts as a lost disk would.
+//! - [`start_core`], [`distrust_empty_storage`], [`holds_nothing`]: a core restored from its
+//!   storage, where an empty storage starts as a lost disk would.
 
 mod engine;
 mod events;
@@ -28,7 +28,7 @@ pub use write::{write_ready, WriteProgress};
 
 use crate::error::StorageError;
 use crate::raft::{Config, RaftCore};
-use crate::storage::{Storage, TailLoss};
+use crate::storage::{InitialState, Storage, TailLoss};
 
 /// The loss an empty storage starts with: everything, term and vote included.
 const EVERYTHING: TailLoss = TailLoss {
@@ -55,6 +55,22 @@ pub fn start_core<S: Storage>(
     Ok(core)
 }
 
+/// Whether a storage in state `init` holds nothing at all: no term, no vote, no entry, no
+/// snapshot. A vote at term 0 is the mark a finished empty-storage check leaves (see
+/// [`distrust_empty_storage`]), so a storage that passed the check is not "nothing" again.
+///
+/// ```
+/// use raftkv::storage::{MemStorage, Storage};
+/// let storage = MemStorage::new();
+/// assert!(raftkv::host::holds_nothing(&storage.initial_state().unwrap()));
+/// ```
+pub fn holds_nothing(init: &InitialState) -> bool {
+    init.last_index == 0
+        && init.snapshot.index == 0
+        && init.hard_state.term == 0
+        && init.hard_state.vote.is_none()
+}
+
 /// Marks an empty `storage` (no term, no vote, no entry, no snapshot, no loss recorded) as
 /// having lost everything — [`TailLoss`] `{ intact_through: 0, hard_state_lost: true }`,
 /// recorded durably where the storage can ([`Storage::record_tail_loss`]) — and returns
@@ -67,14 +83,7 @@ pub fn start_core<S: Storage>(
 /// it votes (see [`RaftCore::recover_from`]). Skip it only for a storage known never to
 /// have held state under this node id.
 pub fn distrust_empty_storage<S: Storage + ?Sized>(storage: &mut S) -> Result<bool, StorageError> {
-    let init = storage.initial_state()?;
-    // A vote at term 0 is the mark a finished check leaves (see `recovery.rs`): this
-    // storage already passed it, and is only still empty.
-    let empty = init.last_index == 0
-        && init.snapshot.index == 0
-        && init.hard_state.term == 0
-        && init.hard_state.vote.is_none();
-    if !empty || storage.tail_loss().is_some() {
+    if !holds_nothing(&storage.initial_state()?) || storage.tail_loss().is_some() {
         return Ok(false);
     }
     match storage.record_tail_loss(EVERYTHING) {
