@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use client_proto::TcpKvEndpoint;
 use processes::ProcessCluster;
-use raftkv::kv::{ClientOptions, KvClient};
+use raftkv::kv::{ClientError, ClientOptions, KvClient, KvError, Txn, TxnOp};
 use raftkv::NodeId;
 use tokio::time::sleep;
 
@@ -147,6 +147,35 @@ async fn scenario() {
     assert!(!ok && err.contains("node 9 is not a learner"), "{err}");
     let (ok, _, err) = kv(&kv_binary, &nodes_arg, &["remove", "9"]);
     assert!(!ok && err.contains("node 9 is not a member"), "{err}");
+
+    // The address book is written by member requests only: a client's write to its keys,
+    // alone or inside a transaction, is refused for good, and the book is unchanged.
+    let (ok, _, err) = kv(
+        &kv_binary,
+        &nodes_arg,
+        &["put", "__raftkv/members/9", "raft=127.0.0.1:1 client=-"],
+    );
+    assert!(!ok && err.contains("is reserved for the host"), "{err}");
+    let mut forger = KvClient::connect(original.clone(), ClientOptions::default())
+        .await
+        .expect("a client");
+    let book_write =
+        Txn::default().then([TxnOp::put("x", "1"), TxnOp::delete("__raftkv/members/1")]);
+    let refused = forger.txn(book_write).await;
+    assert!(
+        matches!(refused, Err(ClientError::Refused(KvError::Reserved { .. }))),
+        "{refused:?}"
+    );
+    assert_eq!(
+        forger.get("x").await.expect("get"),
+        None,
+        "the transaction ran"
+    );
+    assert_eq!(forger.get("__raftkv/members/9").await.expect("get"), None);
+    assert!(
+        forger.get("__raftkv/members/1").await.expect("get").is_some(),
+        "node 1's record was deleted"
+    );
 
     let (ok, out, err) = kv(&kv_binary, &nodes_arg, &["promote", "4"]);
     assert!(ok, "promote failed: {out}{err}");

@@ -54,7 +54,7 @@ use std::time::{Duration, Instant};
 use guard::{ByteBudget, HandshakeError, LogLimiter, Port, Secret, SlotState, Slots};
 use parking_lot::Mutex;
 use raftkv::error::ProposeError;
-use raftkv::kv::{KvCommand, KvResult};
+use raftkv::kv::{KvCommand, KvError, KvResult};
 use raftkv::{Node, NodeId, NodeStatus};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -609,27 +609,32 @@ async fn client_handshake(stream: &mut TcpStream, secret: &Secret) -> Result<(),
     shake.await.map_err(ProtoError::Handshake)
 }
 
-/// Whether `request` may go on to the node: `Some(refusal)` for a `Register` beyond this
-/// connection's one or the port's rate.
+/// Whether `request` may go on to the node: `Some(answer)` instead for a `Register` beyond
+/// this connection's one or the port's rate (`Busy`), and for a write to the address book's
+/// reserved keys when this port serves member requests (a final [`KvError::Reserved`]: only
+/// the member requests change the book).
 fn admit(
     request: &ClientRequest,
     port: &ClientPort,
     registered: &mut bool,
-) -> Option<ClientFailure> {
+) -> Option<Result<KvResult, ClientFailure>> {
     let ClientRequest::Propose(command) = request else {
         return None;
     };
-    if !matches!(
-        postcard::from_bytes::<KvCommand>(command),
-        Ok(KvCommand::Register { .. })
-    ) {
-        return None;
+    match postcard::from_bytes::<KvCommand>(command) {
+        Ok(KvCommand::Register { .. }) => {
+            if *registered || !port.registers.take() {
+                return Some(Err(ClientFailure::Busy));
+            }
+            *registered = true;
+            None
+        }
+        Ok(KvCommand::Request { op, .. }) if port.options.members.is_some() => op
+            .written_keys()
+            .find(|k| k.starts_with(members::MEMBER_PREFIX.as_bytes()))
+            .map(|key| Ok(KvResult::Error(KvError::Reserved { key: key.clone() }))),
+        _ => None,
     }
-    if *registered || !port.registers.take() {
-        return Some(ClientFailure::Busy);
-    }
-    *registered = true;
-    None
 }
 
 async fn serve_connection(
@@ -666,8 +671,8 @@ async fn serve_connection(
             Ok(Some(r)) => r,
         };
         slot.set(SlotState::Busy);
-        if let Some(refusal) = admit(&request, port, &mut registered) {
-            write_message(&mut stream, &ClientResponse::Result(Err(refusal))).await?;
+        if let Some(answer) = admit(&request, port, &mut registered) {
+            write_message(&mut stream, &ClientResponse::Result(answer)).await?;
             continue;
         }
         let response = match request {

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::changes::{ChangeBatch, Keys};
-use super::txn::{Txn, TxnResponse};
+use super::txn::{Txn, TxnOp, TxnResponse};
 use crate::raft::Index;
 
 /// A key or a value.
@@ -86,6 +86,33 @@ impl KvOp {
                 false
             }
         }
+    }
+
+    /// Every key it may write (a transaction's keys of both branches), in order: what a host
+    /// checks to keep clients off keys it reserves (see [`KvError::Reserved`]).
+    ///
+    /// ```
+    /// use raftkv::kv::{KvOp, Txn, TxnOp};
+    /// let op = KvOp::Txn(Txn::default().then([TxnOp::get("a"), TxnOp::put("b", "1")]));
+    /// let keys: Vec<&[u8]> = op.written_keys().map(|k| &k[..]).collect();
+    /// assert_eq!(keys, [&b"b"[..]]);
+    /// ```
+    pub fn written_keys(&self) -> impl Iterator<Item = &Bytes> {
+        let (single, txn) = match self {
+            KvOp::Put { key, .. }
+            | KvOp::Append { key, .. }
+            | KvOp::Delete { key }
+            | KvOp::Cas { key, .. } => (Some(key), None),
+            KvOp::Txn(t) => (None, Some(t)),
+            KvOp::Get { .. } | KvOp::Scan { .. } | KvOp::Changes { .. } | KvOp::Limits => {
+                (None, None)
+            }
+        };
+        let branches = txn
+            .into_iter()
+            .flat_map(|t| t.success.iter().chain(&t.failure))
+            .filter_map(TxnOp::written_key);
+        single.into_iter().chain(branches)
     }
 }
 
@@ -252,6 +279,18 @@ pub enum KvError {
     /// The bytes are not a command of this service.
     #[error("malformed command")]
     Malformed,
+    /// A write to a key the host reserves for itself (the example's replicated address book
+    /// under `__raftkv/members/`, say); not applied, and final: retrying cannot help. The
+    /// state machine never answers it; a host's client port does, before proposing
+    /// (see [`KvOp::written_keys`]).
+    #[error(
+        "key {} is reserved for the host; not applied",
+        String::from_utf8_lossy(key)
+    )]
+    Reserved {
+        /// The first reserved key the request writes.
+        key: Bytes,
+    },
 }
 
 /// Encodes a command for the log.

@@ -138,6 +138,13 @@ impl TxnOp {
     pub fn is_read(&self) -> bool {
         matches!(self, TxnOp::Get { .. })
     }
+    /// The key it writes, if it writes.
+    pub fn written_key(&self) -> Option<&Bytes> {
+        match self {
+            TxnOp::Get { .. } => None,
+            TxnOp::Put { key, .. } | TxnOp::Append { key, .. } | TxnOp::Delete { key } => Some(key),
+        }
+    }
 }
 
 /// An etcd-style transaction — compares on several keys; if all hold, one list of
