@@ -75,9 +75,10 @@ options:
   --join                  join a running cluster: start an empty DIR as a member-to-be that
                           never forms a cluster of its own and waits to be added with
                           `kv add-learner ID RAFT CLIENT` (then `kv promote ID`). --peers
-                          names this node and the cluster's voters (at least the one that
-                          leads when it is added); the cluster id is learned from them
-                          unless --cluster-id gives it
+                          names this node and at least one member; the cluster id is
+                          learned from them unless --cluster-id gives it. Until it is a
+                          member it takes any authenticated peer and answers it at the
+                          address its handshake names (the leader that adds it, say)
   --restore FILE          bootstrap this node, whose data directory must be empty, from a
                           backup taken with `kv backup FILE` (verified first); start every
                           node of the new cluster so
@@ -456,6 +457,7 @@ async fn run(args: Args) -> Result<(), String> {
         max_frame: raft_frame,
         incarnation,
         incarnations,
+        listen: Some(raft_addr),
     };
     // An empty directory whose id a peer knows under another incarnation is a lost member:
     // it must recover before it votes, which --new-cluster would skip.
@@ -486,7 +488,13 @@ async fn run(args: Args) -> Result<(), String> {
     let serve_options = tcp::ServeOptions {
         peer: peer_options.clone(),
         members: tcp::MemberSet::new(book.keys().copied()),
+        learn: Some(peer_book.clone()),
     };
+    // A joiner takes (and answers) any authenticated peer until it is a member: the leader
+    // that adds it need not be in its --peers.
+    let mut joining = args.join && !node.status().membership.contains(id);
+    serve_options.members.set_open(joining);
+    let listener_members = serve_options.members.clone();
     tokio::spawn(follow_book(
         id,
         service.clone(),
@@ -575,6 +583,21 @@ async fn run(args: Args) -> Result<(), String> {
             }
         }
         let status = node.status();
+        // Closed once it is a member and its address book has every other member (the
+        // records are applied after the configuration entry is appended).
+        if joining && status.membership.contains(id) {
+            let book = service.book();
+            if status
+                .membership
+                .members()
+                .iter()
+                .all(|m| book.contains_key(m))
+            {
+                joining = false;
+                listener_members.set_open(false);
+                info!("node {id}: a member now; takes peer connections from members only");
+            }
+        }
         if status.disk_full != disk_full {
             match &status.disk_full {
                 Some(why) => warn!("node {id}: disk full, writes refused: {why}"),

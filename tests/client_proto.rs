@@ -161,7 +161,7 @@ async fn send_and_expect_close(addr: SocketAddr, bytes: &[u8]) {
 async fn shaken(addr: SocketAddr, secret: &Secret) -> Result<TcpStream, guard::HandshakeError> {
     let mut stream = TcpStream::connect(addr).await?;
     let c = guard::read_challenge(&mut stream, Port::Client).await?;
-    let hello = guard::make_hello(Port::Client, secret, &c, c.cluster, 0, c.node, 0)?;
+    let hello = guard::make_hello(Port::Client, secret, &c, guard::Hello::client(&c))?;
     stream
         .write_all(&guard::hello_bytes(Port::Client, &hello))
         .await?;

@@ -59,7 +59,12 @@ mod attack {
         let c = guard::read_challenge(&mut s, Port::Peer)
             .await
             .map_err(|e| io::Error::other(e.to_string()))?;
-        let hello = guard::make_hello(Port::Peer, &none, &c, c.cluster, from, c.node, 1)?;
+        let hello = guard::make_hello(
+            Port::Peer,
+            &none,
+            &c,
+            guard::Hello::peer(c.cluster, from, c.node, 1, None),
+        )?;
         s.write_all(&guard::hello_bytes(Port::Peer, &hello)).await?;
         guard::read_answer(&mut s, Port::Peer, &none, &c, &hello)
             .await
@@ -76,7 +81,7 @@ mod attack {
         let c = guard::read_challenge(&mut s, Port::Client)
             .await
             .map_err(|e| io::Error::other(e.to_string()))?;
-        let hello = guard::make_hello(Port::Client, &none, &c, c.cluster, 0, c.node, 0)?;
+        let hello = guard::make_hello(Port::Client, &none, &c, guard::Hello::client(&c))?;
         s.write_all(&guard::hello_bytes(Port::Client, &hello))
             .await?;
         guard::read_answer(&mut s, Port::Client, &none, &c, &hello)

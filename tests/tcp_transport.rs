@@ -552,7 +552,13 @@ async fn a_replayed_hello_is_refused() {
         // A genuine handshake, recorded by someone on the path.
         let mut first = TcpStream::connect(addr).await.unwrap();
         let c1 = guard::read_challenge(&mut first, Port::Peer).await.unwrap();
-        let hello = guard::make_hello(Port::Peer, &secret, &c1, CLUSTER, 2, 1, 1).unwrap();
+        let hello = guard::make_hello(
+            Port::Peer,
+            &secret,
+            &c1,
+            guard::Hello::peer(CLUSTER, 2, 1, 1, None),
+        )
+        .unwrap();
         let recorded = guard::hello_bytes(Port::Peer, &hello);
         first.write_all(&recorded).await.unwrap();
         guard::read_answer(&mut first, Port::Peer, &secret, &c1, &hello)

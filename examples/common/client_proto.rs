@@ -598,7 +598,7 @@ async fn accept_client(
 async fn client_handshake(stream: &mut TcpStream, secret: &Secret) -> Result<(), ProtoError> {
     let shake = async {
         let c = guard::read_challenge(stream, Port::Client).await?;
-        let hello = guard::make_hello(Port::Client, secret, &c, c.cluster, 0, c.node, 0)?;
+        let hello = guard::make_hello(Port::Client, secret, &c, guard::Hello::client(&c))?;
         stream
             .write_all(&guard::hello_bytes(Port::Client, &hello))
             .await?;

@@ -11,15 +11,17 @@
 //! ```text
 //! server -> dialer  Challenge  magic[8] | cluster u64 | node u64 | inc_s u64 | nonce_s[32]  64 B
 //! dialer -> server  Hello      magic[8] | cluster u64 | from u64 | to u64 | inc_d u64
-//!                              | nonce_d[32] | mac[32]                                    104 B
+//!                              | listen[18] | nonce_d[32] | mac[32]                       122 B
 //! server -> dialer  Answer     magic[8] | status u8 | known u64 | mac[32]                  49 B
 //! ```
 //!
 //! (integers little-endian). `inc_s` and `inc_d` are the two nodes' incarnations (the id of
 //! their data directories; 0 on the client port), and `known` is the incarnation the server
 //! last saw of the dialer's node id (0 if none): how a node with a new data directory learns
-//! that the cluster knew its id under another one. The dialer's `mac` is HMAC-SHA256 over a
-//! label naming the port and direction, then `cluster | from | to | inc_s | inc_d | nonce_s |
+//! that the cluster knew its id under another one. `listen` is the dialer's own Raft address
+//! (IPv6, IPv4 mapped, then the port; all zero on the client port): how a node that does not
+//! know a peer yet can answer it. The dialer's `mac` is HMAC-SHA256 over a label naming the
+//! port and direction, then `cluster | from | to | inc_s | inc_d | listen | nonce_s |
 //! nonce_d`, keyed with the shared secret; the server's answer carries the same plus `known`
 //! over the reply label, proving the server knows the secret too (and binding the
 //! incarnations: neither can be changed on the path unnoticed). The server's nonce is fresh for every connection, so a recorded
@@ -35,6 +37,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -53,7 +56,9 @@ pub const NONCE_LEN: usize = 32;
 /// Bytes of a [`Challenge`].
 pub const CHALLENGE_LEN: usize = 8 + 8 + 8 + 8 + NONCE_LEN;
 /// Bytes of a [`Hello`].
-pub const HELLO_LEN: usize = 8 + 8 + 8 + 8 + 8 + NONCE_LEN + NONCE_LEN;
+pub const HELLO_LEN: usize = 8 + 8 + 8 + 8 + 8 + ADDR_LEN + NONCE_LEN + NONCE_LEN;
+/// Bytes of an address in a [`Hello`].
+pub const ADDR_LEN: usize = 18;
 /// Bytes of the server's answer.
 pub const ANSWER_LEN: usize = 8 + 1 + 8 + NONCE_LEN;
 
@@ -255,10 +260,68 @@ pub struct Hello {
     pub to: u64,
     /// The dialer's incarnation (0 for a client).
     pub incarnation: u64,
+    /// The dialer's own Raft address, if it has one (`None` for a client).
+    pub listen: Option<SocketAddr>,
     /// The dialer's nonce.
     pub nonce: [u8; NONCE_LEN],
     /// The proof.
     pub mac: [u8; NONCE_LEN],
+}
+
+impl Hello {
+    /// A client's hello to the node that sent `challenge`, before [`make_hello`] seals it.
+    pub fn client(challenge: &Challenge) -> Hello {
+        Hello::peer(challenge.cluster, 0, challenge.node, 0, None)
+    }
+
+    /// Node `from`'s hello (incarnation `incarnation`, Raft address `listen`) to node `to`
+    /// of cluster `cluster`, before [`make_hello`] seals it.
+    pub fn peer(
+        cluster: u64,
+        from: u64,
+        to: u64,
+        incarnation: u64,
+        listen: Option<SocketAddr>,
+    ) -> Hello {
+        Hello {
+            cluster,
+            from,
+            to,
+            incarnation,
+            listen,
+            nonce: [0; NONCE_LEN],
+            mac: [0; NONCE_LEN],
+        }
+    }
+}
+
+/// `addr` as [`ADDR_LEN`] bytes (all zero for none).
+fn addr_bytes(addr: Option<SocketAddr>) -> [u8; ADDR_LEN] {
+    let mut b = [0u8; ADDR_LEN];
+    if let Some(a) = addr {
+        let ip = match a {
+            SocketAddr::V4(v4) => v4.ip().to_ipv6_mapped(),
+            SocketAddr::V6(v6) => *v6.ip(),
+        };
+        b[..16].copy_from_slice(&ip.octets());
+        b[16..].copy_from_slice(&a.port().to_le_bytes());
+    }
+    b
+}
+
+/// The address of [`addr_bytes`] (`None` for port 0).
+fn addr_from(b: &[u8]) -> Option<SocketAddr> {
+    let mut ip = [0u8; 16];
+    ip.copy_from_slice(&b[..16]);
+    let port = u16::from_le_bytes([b[16], b[17]]);
+    if port == 0 {
+        return None;
+    }
+    let ip = Ipv6Addr::from(ip);
+    Some(match ip.to_ipv4_mapped() {
+        Some(v4) => SocketAddr::new(v4.into(), port),
+        None => SocketAddr::V6(SocketAddrV6::new(ip, port, 0, 0)),
+    })
 }
 
 /// Why a handshake did not complete.
@@ -314,12 +377,14 @@ fn proof_fields(challenge: &Challenge, hello: &Hello) -> [[u8; 8]; 5] {
     ]
 }
 
-/// What the dialer's proof covers, after its label: the fields, then the two nonces.
+/// What the dialer's proof covers, after its label: the fields, the address, then the two
+/// nonces.
 fn hello_parts<'a>(
     fields: &'a [[u8; 8]; 5],
+    listen: &'a [u8; ADDR_LEN],
     challenge: &'a Challenge,
     hello: &'a Hello,
-) -> [&'a [u8]; 7] {
+) -> [&'a [u8]; 8] {
     let f = fields;
     [
         &f[0],
@@ -327,6 +392,7 @@ fn hello_parts<'a>(
         &f[2],
         &f[3],
         &f[4],
+        listen,
         &challenge.nonce,
         &hello.nonce,
     ]
@@ -335,12 +401,13 @@ fn hello_parts<'a>(
 /// What the server's proof covers, after its label: the dialer's parts, then `known`.
 fn answer_parts<'a>(
     fields: &'a [[u8; 8]; 5],
+    listen: &'a [u8; ADDR_LEN],
     challenge: &'a Challenge,
     hello: &'a Hello,
     known: &'a [u8; 8],
-) -> [&'a [u8]; 8] {
-    let [a, b, c, d, e, f, g] = hello_parts(fields, challenge, hello);
-    [a, b, c, d, e, f, g, known]
+) -> [&'a [u8]; 9] {
+    let [a, b, c, d, e, f, g, h] = hello_parts(fields, listen, challenge, hello);
+    [a, b, c, d, e, f, g, h, known]
 }
 
 /// Server side, step 1: sends a fresh challenge.
@@ -378,14 +445,15 @@ pub async fn read_hello<R: AsyncRead + Unpin>(
         return Err(HandshakeError::NotHandshake);
     }
     let mut nonce = [0u8; NONCE_LEN];
-    nonce.copy_from_slice(&b[40..72]);
+    nonce.copy_from_slice(&b[58..90]);
     let mut mac = [0u8; NONCE_LEN];
-    mac.copy_from_slice(&b[72..104]);
+    mac.copy_from_slice(&b[90..122]);
     Ok(Hello {
         cluster: u64_at(&b, 8),
         from: u64_at(&b, 16),
         to: u64_at(&b, 24),
         incarnation: u64_at(&b, 32),
+        listen: addr_from(&b[40..58]),
         nonce,
         mac,
     })
@@ -405,8 +473,8 @@ pub fn check_hello(
     if hello.to != challenge.node {
         return Err(Refusal::WrongNode);
     }
-    let fields = proof_fields(challenge, hello);
-    let parts = hello_parts(&fields, challenge, hello);
+    let (fields, listen) = (proof_fields(challenge, hello), addr_bytes(hello.listen));
+    let parts = hello_parts(&fields, &listen, challenge, hello);
     if !secret.verify(port.hello_label(), &parts, &hello.mac) {
         return Err(Refusal::BadProof);
     }
@@ -430,8 +498,8 @@ pub async fn send_answer<W: AsyncWrite + Unpin>(
             b.push(0);
             let known = known.to_le_bytes();
             b.extend_from_slice(&known);
-            let fields = proof_fields(challenge, hello);
-            let parts = answer_parts(&fields, challenge, hello, &known);
+            let (fields, listen) = (proof_fields(challenge, hello), addr_bytes(hello.listen));
+            let parts = answer_parts(&fields, &listen, challenge, hello, &known);
             b.extend_from_slice(&secret.mac(port.answer_label(), &parts));
         }
         Err(r) => {
@@ -463,27 +531,20 @@ pub async fn read_challenge<R: AsyncRead + Unpin>(
     })
 }
 
-/// Dialer side, step 2: the hello answering `challenge`, as node `from` of incarnation
-/// `incarnation` (write it with [`hello_bytes`]).
+/// Dialer side, step 2: seals `hello` ([`Hello::peer`], [`Hello::client`]) as the answer
+/// to `challenge`: a fresh nonce and the proof (write it with [`hello_bytes`]).
 pub fn make_hello(
     port: Port,
     secret: &Secret,
     challenge: &Challenge,
-    cluster: u64,
-    from: u64,
-    to: u64,
-    incarnation: u64,
+    mut hello: Hello,
 ) -> std::io::Result<Hello> {
-    let mut hello = Hello {
-        cluster,
-        from,
-        to,
-        incarnation,
-        nonce: nonce()?,
-        mac: [0u8; NONCE_LEN],
-    };
-    let fields = proof_fields(challenge, &hello);
-    hello.mac = secret.mac(port.hello_label(), &hello_parts(&fields, challenge, &hello));
+    hello.nonce = nonce()?;
+    let (fields, listen) = (proof_fields(challenge, &hello), addr_bytes(hello.listen));
+    hello.mac = secret.mac(
+        port.hello_label(),
+        &hello_parts(&fields, &listen, challenge, &hello),
+    );
     Ok(hello)
 }
 
@@ -495,6 +556,7 @@ pub fn hello_bytes(port: Port, hello: &Hello) -> Vec<u8> {
     b.extend_from_slice(&hello.from.to_le_bytes());
     b.extend_from_slice(&hello.to.to_le_bytes());
     b.extend_from_slice(&hello.incarnation.to_le_bytes());
+    b.extend_from_slice(&addr_bytes(hello.listen));
     b.extend_from_slice(&hello.nonce);
     b.extend_from_slice(&hello.mac);
     b
@@ -521,8 +583,8 @@ pub async fn read_answer<R: AsyncRead + Unpin>(
     }
     let mut known = [0u8; 8];
     known.copy_from_slice(&b[9..17]);
-    let fields = proof_fields(challenge, hello);
-    let parts = answer_parts(&fields, challenge, hello, &known);
+    let (fields, listen) = (proof_fields(challenge, hello), addr_bytes(hello.listen));
+    let parts = answer_parts(&fields, &listen, challenge, hello, &known);
     if !secret.verify(port.answer_label(), &parts, &b[17..]) {
         return Err(HandshakeError::ServerUnproven);
     }

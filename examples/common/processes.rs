@@ -127,6 +127,8 @@ struct NodeProcess {
     extra_args: Vec<String>,
     /// Environment variables set on every (re)start.
     env: Vec<(String, String)>,
+    /// The nodes its `--peers` names (itself included), when not every node.
+    names: Option<Vec<NodeId>>,
     child: Option<Child>,
 }
 
@@ -180,6 +182,7 @@ impl ProcessCluster {
                     log: dir.path().join(format!("n{id}.log")),
                     extra_args: Vec::new(),
                     env: Vec::new(),
+                    names: None,
                     child: None,
                 },
             );
@@ -270,8 +273,14 @@ impl ProcessCluster {
         if let Some(p) = &self.peers_override {
             return p.clone();
         }
+        self.peers_of(None)
+    }
+
+    /// `--peers` naming `only` (every node if `None`).
+    fn peers_of(&self, only: Option<&[NodeId]>) -> String {
         self.nodes
             .iter()
+            .filter(|(id, _)| only.is_none_or(|o| o.contains(id)))
             .map(|(id, n)| format!("{id}={}", n.raft))
             .collect::<Vec<_>>()
             .join(",")
@@ -280,7 +289,11 @@ impl ProcessCluster {
     /// Starts node `id` (again) on its addresses and data directory, its stderr appended to
     /// its log file. Does nothing if it is running.
     pub fn restart(&mut self, id: NodeId) -> Result<(), String> {
-        let peers = self.peers_arg();
+        let names = self.nodes.get(&id).and_then(|n| n.names.clone());
+        let peers = match &names {
+            Some(names) => self.peers_of(Some(names)),
+            None => self.peers_arg(),
+        };
         let binary = self.binary.clone();
         let node = self.nodes.get_mut(&id).ok_or(format!("no node {id}"))?;
         if node.child.is_some() {
@@ -317,6 +330,12 @@ impl ProcessCluster {
     /// [`ProcessCluster::client_addr`]). Later restarts keep `--join` (a no-op on a
     /// non-empty data directory).
     pub fn join(&mut self, id: NodeId) -> Result<(), String> {
+        self.join_naming(id, None)
+    }
+
+    /// As [`ProcessCluster::join`], with a `--peers` naming only `names` of the cluster's
+    /// nodes (and itself) if given: a joiner told of one member, say.
+    pub fn join_naming(&mut self, id: NodeId, names: Option<&[NodeId]>) -> Result<(), String> {
         if self.nodes.contains_key(&id) {
             return Err(format!("node {id} is already in the cluster"));
         }
@@ -330,6 +349,7 @@ impl ProcessCluster {
                 log: self.dir.path().join(format!("n{id}.log")),
                 extra_args: vec!["--join".into()],
                 env: Vec::new(),
+                names: names.map(|n| n.iter().copied().chain([id]).collect()),
                 child: None,
             },
         );

@@ -228,6 +228,12 @@ pub struct TcpTransport {
 #[derive(Clone)]
 pub struct PeerBook(Weak<Links>);
 
+impl fmt::Debug for PeerBook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("PeerBook").field(&self.peers()).finish()
+    }
+}
+
 impl PeerBook {
     /// Dials `peer` at `addr` from now on (replacing its old address, if it had one).
     /// Returns whether anything changed.
@@ -264,6 +270,8 @@ pub struct PeerOptions {
     pub incarnation: u64,
     /// The newest incarnation seen of each peer (shared with the listener's options).
     pub incarnations: incarnations::Incarnations,
+    /// This node's Raft address, named in its hellos (see [`ServeOptions::learn`]).
+    pub listen: Option<SocketAddr>,
 }
 
 impl PeerOptions {
@@ -280,6 +288,7 @@ impl PeerOptions {
             max_frame: wire::DEFAULT_MAX_FRAME,
             incarnation: 1,
             incarnations: incarnations::Incarnations::in_memory(),
+            listen: None,
         }
     }
 }
@@ -462,15 +471,14 @@ async fn shake_hands(
     let handshake = async {
         let c = guard::read_challenge(&mut stream, Port::Peer).await?;
         challenge = Some(c);
-        let hello = guard::make_hello(
-            Port::Peer,
-            &options.secret,
-            &c,
+        let me = guard::Hello::peer(
             options.cluster_id,
             options.my_id,
             to,
             options.incarnation,
-        )?;
+            options.listen,
+        );
+        let hello = guard::make_hello(Port::Peer, &options.secret, &c, me)?;
         stream
             .write_all(&guard::hello_bytes(Port::Peer, &hello))
             .await?;
@@ -753,35 +761,50 @@ impl fmt::Display for Refused {
 }
 
 /// The ids [`serve`] takes connections from, shared with the host so that it can change
-/// them while the listener runs (clones share one set).
+/// them while the listener runs (clones share one set). An *open* set takes any id (see
+/// [`MemberSet::set_open`]).
 #[derive(Clone, Debug, Default)]
-pub struct MemberSet(Arc<RwLock<BTreeSet<NodeId>>>);
+pub struct MemberSet {
+    ids: Arc<RwLock<BTreeSet<NodeId>>>,
+    open: Arc<AtomicBool>,
+}
 
 impl MemberSet {
     /// A set of these ids.
     pub fn new(ids: impl IntoIterator<Item = NodeId>) -> Self {
-        MemberSet(Arc::new(RwLock::new(ids.into_iter().collect())))
+        MemberSet {
+            ids: Arc::new(RwLock::new(ids.into_iter().collect())),
+            open: Arc::default(),
+        }
     }
 
     /// Takes connections from `id` from now on. Returns whether it is new.
     pub fn insert(&self, id: NodeId) -> bool {
-        self.0.write().insert(id)
+        self.ids.write().insert(id)
     }
 
-    /// Refuses `id` from now on, and closes its connection (at its next read, within
-    /// [`KEEPALIVE`] of a live peer). Returns whether it was a member.
+    /// Refuses `id` from now on (unless the set is open), and closes its connection (at its
+    /// next read, within [`KEEPALIVE`] of a live peer). Returns whether it was a member.
     pub fn remove(&self, id: NodeId) -> bool {
-        self.0.write().remove(&id)
+        self.ids.write().remove(&id)
     }
 
-    /// Whether connections from `id` are taken.
-    pub fn contains(&self, id: NodeId) -> bool {
-        self.0.read().contains(&id)
+    /// Whether connections from `id` are taken: it is in the set, or the set is open.
+    pub fn admits(&self, id: NodeId) -> bool {
+        self.open.load(Ordering::Relaxed) || self.ids.read().contains(&id)
+    }
+
+    /// Opens the set (any id's connection is taken, and with [`ServeOptions::learn`] its
+    /// address learned) or closes it again (connections of ids not in the set are closed at
+    /// their next read). A node that joins a cluster is open until it is a member: the
+    /// leader that adds it, and later ones, may be nodes it was never told of.
+    pub fn set_open(&self, open: bool) {
+        self.open.store(open, Ordering::Relaxed);
     }
 
     /// The ids, in order.
     pub fn ids(&self) -> Vec<NodeId> {
-        self.0.read().iter().copied().collect()
+        self.ids.read().iter().copied().collect()
     }
 }
 
@@ -794,6 +817,10 @@ pub struct ServeOptions {
     /// The cluster's members (this node's own id is ignored); the host may change them while
     /// [`serve`] runs.
     pub members: MemberSet,
+    /// While `members` is open, a dialer this transport has no address for is dialed back at
+    /// the Raft address its hello names (how a joining node answers a leader it was never
+    /// told of, until the replicated address book has it). `None`: never.
+    pub learn: Option<PeerBook>,
 }
 
 impl ServeOptions {
@@ -803,6 +830,7 @@ impl ServeOptions {
         ServeOptions {
             peer: PeerOptions::new(cluster_id, my_id),
             members: MemberSet::new(members),
+            learn: None,
         }
     }
 }
@@ -891,7 +919,7 @@ async fn accept_handshake(
         .map_err(Refused::Handshake)?;
     let mut verdict =
         guard::check_hello(Port::Peer, &me.secret, &challenge, &hello).and_then(|()| {
-            if hello.from == me.my_id || !options.members.contains(hello.from) {
+            if hello.from == me.my_id || !options.members.admits(hello.from) {
                 Err(Refusal::UnknownPeer)
             } else {
                 Ok(())
@@ -920,12 +948,29 @@ async fn accept_handshake(
     .await
     .map_err(Refused::Io)?;
     match verdict {
-        Ok(()) => Ok(hello.from),
+        Ok(()) => {
+            learn_address(options, hello.from, hello.listen);
+            Ok(hello.from)
+        }
         Err(why) => Err(Refused::Peer {
             why,
             hello,
             ours: me.cluster_id,
         }),
+    }
+}
+
+/// Dials `peer` back at `listen` if the listener learns addresses now and the transport has
+/// none for it (see [`ServeOptions::learn`]).
+fn learn_address(options: &ServeOptions, peer: NodeId, listen: Option<SocketAddr>) {
+    let (Some(book), Some(addr)) = (&options.learn, listen) else {
+        return;
+    };
+    if options.members.open.load(Ordering::Relaxed)
+        && !book.peers().contains_key(&peer)
+        && book.set(peer, addr)
+    {
+        info!("node {peer} dialed in; it is answered at {addr}, the address its hello names");
     }
 }
 
@@ -971,7 +1016,7 @@ async fn read_connection(
             Err(_) if partial_since.is_some() => return Err(Refused::TooSlow),
             Err(_) => return Err(Refused::Idle),
         };
-        if !options.members.contains(id) {
+        if !options.members.admits(id) {
             return Err(Refused::Protocol("no longer a member"));
         }
         if n == 0 {
