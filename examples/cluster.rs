@@ -43,10 +43,12 @@ fn main() -> ExitCode {
     }
 }
 
-/// The `node` binary next to this one, built first if it is missing.
+/// The `node` binary next to this one, built first: always when run by cargo (`cargo run`
+/// sets `CARGO`; the build is a no-op when the binary is up to date, and a stale one would
+/// run old code), else only if it is missing.
 fn node_binary() -> Result<std::path::PathBuf, String> {
     let path = processes::node_binary_path()?;
-    if path.exists() {
+    if path.exists() && std::env::var_os("CARGO").is_none() {
         return Ok(path);
     }
     let examples = path.parent().ok_or("no examples directory")?;
@@ -55,8 +57,7 @@ fn node_binary() -> Result<std::path::PathBuf, String> {
         .and_then(|p| p.file_name())
         .is_some_and(|n| n == "release");
     println!(
-        "{} is missing: running `cargo build{} --example node`...",
-        path.display(),
+        "== Building the node binary (`cargo build{} --example node`)",
         if release { " --release" } else { "" }
     );
     processes::build_examples(examples, release, true).map_err(|e| {
