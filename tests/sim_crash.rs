@@ -399,3 +399,13 @@ fn churn_unreliable() {
         churn(seed, NetworkConfig::unreliable(), 100)
     });
 }
+
+/// Seed 21 of `churn_unreliable`, kept as a regression: a node that lost and regained
+/// leadership proposed at an index where a proposal of its older term still waited, and the
+/// engine replaced the older ticket instead of answering it (its caller saw the node as shut
+/// down). The simulation now checks after every engine call that every proposal taken is
+/// answered once; this seed broke that check before the fix.
+#[test]
+fn a_proposal_whose_slot_a_new_leader_reuses_is_answered() {
+    churn(21, NetworkConfig::unreliable(), 100);
+}

@@ -296,6 +296,13 @@ impl<S: Storage, M: StateMachine, P, R> Engine<S, M, P, R> {
 
     // ----- inputs ----------------------------------------------------------------------------
 
+    /// Proposals taken and not answered yet (each is answered exactly once, through
+    /// [`Host::proposal_done`], or handed back by [`Engine::take_expired`] or
+    /// [`Engine::take_all_waiting`]).
+    pub fn waiting_proposals(&self) -> usize {
+        self.proposals.len()
+    }
+
     /// Proposes `command`; `ticket` comes back through [`Host::proposal_done`]. Refused at
     /// once, with the ticket handed back, when this node does not lead, is busy, the command
     /// is too large, or the disk is full.
@@ -317,23 +324,19 @@ impl<S: Storage, M: StateMachine, P, R> Engine<S, M, P, R> {
         }
     }
 
-    /// Keeps `ticket` for the proposal at `p`, in index order. A leader's indexes only grow,
-    /// so this appends; only a node that lost and regained leadership (its log cut back) can
-    /// propose below a waiting proposal, which then goes in its place (one at the same index
-    /// is replaced, as its slot was taken).
+    /// Keeps `ticket` for the proposal at `p`, in `(index, term)` order. A leader's indexes
+    /// only grow, so this appends; only a node that lost and regained leadership (its log cut
+    /// back) can propose at or below a proposal still waiting from an older term. Both wait
+    /// then: the older one's slot was taken, and it is answered `Dropped` when the entry that
+    /// took it is applied (see `apply`). Never replaced: every ticket is answered once.
     fn insert_proposal(&mut self, p: Proposed, ticket: P) {
+        let key = (p.index, p.term);
         match self.proposals.back() {
-            None => self.proposals.push_back((p.index, p.term, ticket)),
-            Some((last, _, _)) if *last < p.index => {
-                self.proposals.push_back((p.index, p.term, ticket))
+            Some((i, t, _)) if (*i, *t) >= key => {
+                let at = self.proposals.partition_point(|(i, t, _)| (*i, *t) <= key);
+                self.proposals.insert(at, (p.index, p.term, ticket));
             }
-            Some(_) => match self
-                .proposals
-                .binary_search_by_key(&p.index, |(i, _, _)| *i)
-            {
-                Ok(at) => self.proposals[at] = (p.index, p.term, ticket),
-                Err(at) => self.proposals.insert(at, (p.index, p.term, ticket)),
-            },
+            _ => self.proposals.push_back((p.index, p.term, ticket)),
         }
     }
 

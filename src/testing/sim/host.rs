@@ -30,6 +30,8 @@ pub(super) struct SimHost<'a, O> {
     pub(super) serialize: &'a mut Vec<(SnapshotMeta, Vec<u8>)>,
     pub(super) snapshots_installed: &'a mut u64,
     pub(super) snapshots_taken: &'a mut u64,
+    /// Proposals taken and not answered yet (see `SimNode::tickets`).
+    pub(super) tickets: &'a mut usize,
 }
 
 impl<O> SimHost<'_, O> {
@@ -58,6 +60,10 @@ impl<S: SimStorage, O> Host<S, O> for SimHost<'_, O> {
     }
 
     fn proposal_done(&mut self, command: Payload, at: Proposed, result: Result<O, ProposeError>) {
+        match self.tickets.checked_sub(1) {
+            Some(n) => *self.tickets = n,
+            None => self.fail(format!("proposal at {at:?} answered, but none was waiting")),
+        }
         match result {
             Ok(output) => self.acknowledged.push(Acknowledged {
                 node: self.id,

@@ -293,6 +293,9 @@ struct SimNode<M: StateMachine, S> {
     /// The storage is known never to have held another node's state (a first node's own,
     /// with [`SimConfig::distrust_initial_storage`] off): its host trusts it even empty.
     trusted: bool,
+    /// Proposals the running engine took and has not answered yet: after every engine call
+    /// it must hold exactly this many (a proposal is answered once, never lost).
+    tickets: usize,
 }
 
 impl<M: StateMachine, S> SimNode<M, S> {
@@ -312,6 +315,7 @@ impl<M: StateMachine, S> SimNode<M, S> {
             snapshots_installed: 0,
             peak_persisted: 0,
             trusted,
+            tickets: 0,
         }
     }
 
@@ -447,6 +451,7 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
         let engine = Engine::new(core, storage, machine, max_log_bytes)
             .unwrap_or_else(|e| panic!("node {id} cannot restore its state machine: {e}"));
         node.life = Life::Up(Box::new(engine));
+        node.tickets = 0;
         node.applied.clear();
         node.inbox.clear();
         node.blocking = blocking;
@@ -557,6 +562,7 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
             applied,
             snapshots_installed,
             snapshots_taken,
+            tickets,
             ..
         } = node;
         let Life::Up(engine) = life else { return };
@@ -573,8 +579,17 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
             serialize: &mut serialize,
             snapshots_installed,
             snapshots_taken,
+            tickets,
         };
         call(engine, &mut host);
+        if engine.waiting_proposals() != *tickets {
+            panic!(
+                "safety violation (replay with RAFTKV_SEED={seed}): node {id}: the engine holds \
+                 {} proposals but {} were taken and not answered (one was lost unanswered)",
+                engine.waiting_proposals(),
+                tickets
+            );
+        }
         let core = engine.core();
         core.check_invariants();
         if let Err(what) = check_persisted(core, engine.storage()) {
@@ -821,6 +836,16 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
                 ProposeError::TooLarge { size, max } => CoreProposeError::TooLarge { size, max },
                 _ => CoreProposeError::Busy,
             })?;
+        let waiting = engine.waiting_proposals();
+        node.tickets += 1;
+        if waiting != node.tickets {
+            panic!(
+                "safety violation (replay with RAFTKV_SEED={}): node {id}: proposing at index {} \
+                 left the engine holding {} proposals, {} taken and not answered (one was lost \
+                 unanswered)",
+                self.config.seed, proposed.index, waiting, node.tickets
+            );
+        }
         self.wake(id);
         Ok(proposed)
     }
