@@ -475,20 +475,40 @@ fn bench(c: &mut Criterion) {
             .collect();
         let leader = wait_leader(&nodes.iter().collect::<Vec<_>>());
         h3.block_on(leader.propose(command(u64::MAX - 2))).unwrap();
-        h3.block_on(leader.snapshot()).expect("leader snapshot");
+        // Every node, so that whichever leads when the node is added sends a snapshot.
+        for n in &nodes {
+            h3.block_on(n.snapshot()).expect("snapshot");
+        }
         let joiner = h3.start(4, &[], ShardedMap::new());
-        let l = leader.clone();
+        let members = nodes.clone();
         let change = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(500));
             let started = Instant::now();
+            // Leadership can move before or during the change (a node thread that stalls past
+            // an election timeout on a loaded machine): follow the leader.
+            let leader_of = |leader: Option<u64>| {
+                members
+                    .iter()
+                    .find(|n| Some(n.id()) == leader)
+                    .cloned()
+                    .unwrap_or_else(|| wait_leader(&members.iter().collect::<Vec<_>>()))
+            };
+            let mut l = leader_of(None);
             futures::executor::block_on(async {
-                l.add_learner(4).await.expect("add learner");
+                loop {
+                    match l.add_learner(4).await {
+                        Ok(_) => break,
+                        Err(MembershipError::NotLeader { leader }) => l = leader_of(leader),
+                        Err(e) => panic!("add learner: {e}"),
+                    }
+                }
                 loop {
                     match l.promote(4).await {
                         Ok(m) => break m,
                         Err(MembershipError::NotCaughtUp(_) | MembershipError::InProgress) => {
                             std::thread::sleep(Duration::from_millis(10))
                         }
+                        Err(MembershipError::NotLeader { leader }) => l = leader_of(leader),
                         Err(e) => panic!("promote: {e}"),
                     }
                 }
@@ -500,6 +520,10 @@ fn bench(c: &mut Criterion) {
         let during = load_following(&h3, &all, Duration::from_secs(10), keys);
         let (from, to) = change.join().unwrap();
         assert!(joiner.status().raft.applied_index > 0);
+        assert!(
+            joiner.status().snapshots_installed >= 1,
+            "the new node was caught up without a snapshot"
+        );
         println!(
         "add a node to a {keys}-key cluster under 64 clients (learner, snapshot, catch-up, promotion): {:?}; longest pause between commits meanwhile {:?} ({} commits in the run)",
         to - from,
