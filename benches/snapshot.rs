@@ -8,7 +8,13 @@
 //! measured in the same directory: sequential write + fdatasync bandwidth.
 //!
 //! Run with: `cargo bench --bench snapshot` (`RAFTKV_BENCH_KEYS` changes the key count,
-//! `RAFTKV_BENCH_DIR` the directory; default the system temp directory).
+//! `RAFTKV_BENCH_DIR` the directory; default the system temp directory). `RAFTKV_BENCH_PARTS`
+//! runs only the named parts, comma-separated, of `create` (with the pause while a snapshot
+//! is taken), `restart` (on the snapshot `create` leaves, so only with it), `install`,
+//! `membership` (adding a node, then a leadership transfer) and `restore` (the criterion
+//! measurement); default all. The figures of the membership part alone, without criterion:
+//! `cargo bench --bench snapshot --no-run`, then
+//! `RAFTKV_BENCH_PARTS=membership target/release/deps/snapshot-<hash> --bench nomatch`.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -51,6 +57,18 @@ impl ShardedMap {
     }
     fn len(&self) -> usize {
         self.shards.iter().map(|s| s.len()).sum()
+    }
+    /// A copy that shares no shard with `self`. A clone shares them all, and the first write
+    /// to each shared shard then copies it (3,900 keys) inside `apply`: 256 such copies per
+    /// node stall its applies for hundreds of milliseconds after it starts.
+    fn deep_copy(&self) -> Self {
+        ShardedMap {
+            shards: self
+                .shards
+                .iter()
+                .map(|s| Arc::new((**s).clone()))
+                .collect(),
+        }
     }
 }
 
@@ -320,6 +338,13 @@ fn raw_bandwidth(dir: &std::path::Path) -> f64 {
     64.0 / secs
 }
 
+/// True if `RAFTKV_BENCH_PARTS` is unset or names `part`.
+fn part(name: &str) -> bool {
+    std::env::var("RAFTKV_BENCH_PARTS")
+        .map(|parts| parts.split(',').any(|p| p.trim() == name))
+        .unwrap_or(true)
+}
+
 fn bench(c: &mut Criterion) {
     let keys: u64 = std::env::var("RAFTKV_BENCH_KEYS")
         .ok()
@@ -332,183 +357,239 @@ fn bench(c: &mut Criterion) {
         h.dir.display()
     );
 
-    // 1. Creation: a single node whose state holds `keys` keys.
     let t = Instant::now();
     let state = filled(keys);
     println!("built a {}-key state in {:?}", state.len(), t.elapsed());
-    let node = h.start(1, &[1], state.clone());
-    let leader = wait_leader(&[&node]);
-    h.block_on(leader.propose(command(u64::MAX))).unwrap();
-    let t = Instant::now();
-    let meta = h.block_on(node.snapshot()).expect("snapshot");
-    let created = t.elapsed();
-    assert!(wait_until(Duration::from_secs(5), || node
-        .status()
-        .snapshots_taken
-        >= 1));
-    let size = node.status().persisted.snapshot_bytes;
-    println!(
-        "snapshot create ({keys} keys, {:.1} MiB): {created:?} ({:.0} MiB/s) at index {}",
-        size as f64 / (1 << 20) as f64,
-        size as f64 / (1 << 20) as f64 / created.as_secs_f64(),
-        meta.index
-    );
+    let voters = [1, 2, 3];
 
-    // 2. Pause: commits with 64 clients, without then with a snapshot being taken.
-    let quiet = load(&h, &leader, Duration::from_secs(2), keys);
-    let base_gap = longest_gap(&quiet);
-    let snapper = node.clone();
-    let trigger = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(300));
+    // 1. Creation: a single node whose state holds `keys` keys.
+    if part("create") {
+        let node = h.start(1, &[1], state.clone());
+        let leader = wait_leader(&[&node]);
+        h.block_on(leader.propose(command(u64::MAX))).unwrap();
         let t = Instant::now();
-        let m = futures::executor::block_on(snapper.snapshot());
-        (m, t.elapsed())
-    });
-    let busy = load(&h, &leader, Duration::from_secs(4), keys);
-    let (m, took) = trigger.join().unwrap();
-    assert!(m.is_some(), "no snapshot taken under load");
-    println!(
+        let meta = h.block_on(node.snapshot()).expect("snapshot");
+        let created = t.elapsed();
+        assert!(wait_until(Duration::from_secs(5), || node
+            .status()
+            .snapshots_taken
+            >= 1));
+        let size = node.status().persisted.snapshot_bytes;
+        println!(
+            "snapshot create ({keys} keys, {:.1} MiB): {created:?} ({:.0} MiB/s) at index {}",
+            size as f64 / (1 << 20) as f64,
+            size as f64 / (1 << 20) as f64 / created.as_secs_f64(),
+            meta.index
+        );
+
+        // 2. Pause: commits with 64 clients, without then with a snapshot being taken.
+        let quiet = load(&h, &leader, Duration::from_secs(2), keys);
+        let base_gap = longest_gap(&quiet);
+        let snapper = node.clone();
+        let trigger = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            let t = Instant::now();
+            let m = futures::executor::block_on(snapper.snapshot());
+            (m, t.elapsed())
+        });
+        let busy = load(&h, &leader, Duration::from_secs(4), keys);
+        let (m, took) = trigger.join().unwrap();
+        assert!(m.is_some(), "no snapshot taken under load");
+        println!(
         "longest pause between commits, 64 clients: {:?} with a {keys}-key snapshot being taken ({took:?} to take it), {base_gap:?} without ({} and {} commits)",
         longest_gap(&busy),
         busy.len(),
         quiet.len()
     );
-    h.block_on(node.shutdown());
+        h.block_on(node.shutdown());
+    }
 
-    // 3. Restore and restart: a node with the snapshot plus a 100,000-entry tail.
-    let node = h.start(1, &[1], ShardedMap::new());
-    let leader = wait_leader(&[&node]);
-    h.block_on(leader.propose(command(0))).unwrap();
-    let meta = h
-        .block_on(node.snapshot())
-        .expect("snapshot before the tail");
-    let tail_start = meta.index;
-    let t = Instant::now();
-    let mut written = 0u64;
-    h.block_on(async {
-        let mut inflight = futures::stream::FuturesUnordered::new();
-        use futures::StreamExt;
-        for i in 0..100_000u64 {
-            inflight.push(leader.propose(command(i % keys)));
-            if inflight.len() >= 256 {
-                inflight.next().await.unwrap().unwrap();
+    // 3. Restore and restart: a node with the snapshot plus a 100,000-entry tail (on the
+    // directory of part 1, so only with it).
+    if part("create") && part("restart") {
+        let node = h.start(1, &[1], ShardedMap::new());
+        let leader = wait_leader(&[&node]);
+        h.block_on(leader.propose(command(0))).unwrap();
+        let meta = h
+            .block_on(node.snapshot())
+            .expect("snapshot before the tail");
+        let tail_start = meta.index;
+        let t = Instant::now();
+        let mut written = 0u64;
+        h.block_on(async {
+            let mut inflight = futures::stream::FuturesUnordered::new();
+            use futures::StreamExt;
+            for i in 0..100_000u64 {
+                inflight.push(leader.propose(command(i % keys)));
+                if inflight.len() >= 256 {
+                    inflight.next().await.unwrap().unwrap();
+                    written += 1;
+                }
+            }
+            while let Some(r) = inflight.next().await {
+                r.unwrap();
                 written += 1;
             }
-        }
-        while let Some(r) = inflight.next().await {
-            r.unwrap();
-            written += 1;
-        }
-    });
-    println!(
-        "wrote a {written}-entry tail (from index {tail_start}) in {:?}",
-        t.elapsed()
-    );
-    let last = node.status().raft.last_index;
-    h.block_on(node.shutdown());
-    let t = Instant::now();
-    let node = h.start(1, &[1], ShardedMap::new());
-    assert!(wait_until(Duration::from_secs(120), || node
-        .status()
-        .raft
-        .applied_index
-        >= last));
-    let started = t.elapsed();
-    println!(
+        });
+        println!(
+            "wrote a {written}-entry tail (from index {tail_start}) in {:?}",
+            t.elapsed()
+        );
+        let last = node.status().raft.last_index;
+        h.block_on(node.shutdown());
+        let t = Instant::now();
+        let node = h.start(1, &[1], ShardedMap::new());
+        assert!(wait_until(Duration::from_secs(120), || node
+            .status()
+            .raft
+            .applied_index
+            >= last));
+        let started = t.elapsed();
+        println!(
         "restart with a {keys}-key snapshot and a {}-entry tail: {:?} until everything is applied (state restored: {} keys)",
         last - meta.index,
         started,
         keys
     );
-    h.block_on(node.shutdown());
+        h.block_on(node.shutdown());
+    }
 
     // 4. Install: a fresh, empty follower joins a leader that compacted its log.
-    let h2 = Harness::new("install");
-    let voters = [1, 2, 3];
-    let a = h2.start(1, &voters, state.clone());
-    let b = h2.start(2, &voters, state.clone());
-    let leader = wait_leader(&[&a, &b]);
-    h2.block_on(leader.propose(command(u64::MAX - 1))).unwrap();
-    h2.block_on(leader.snapshot()).expect("leader snapshot");
-    let t = Instant::now();
-    let joiner = h2.start(3, &voters, ShardedMap::new());
-    let target = leader.status().raft.commit_index;
-    assert!(wait_until(Duration::from_secs(300), || {
-        let s = joiner.status();
-        s.snapshots_installed >= 1 && s.raft.applied_index >= target
-    }));
-    println!("install of a {keys}-key snapshot on an empty follower (chunks over the in-process network): {:?}", t.elapsed());
-    for n in [&a, &b, &joiner] {
-        h2.block_on(n.shutdown());
+    if part("install") {
+        let h2 = Harness::new("install");
+        let a = h2.start(1, &voters, state.clone());
+        let b = h2.start(2, &voters, state.clone());
+        let leader = wait_leader(&[&a, &b]);
+        h2.block_on(leader.propose(command(u64::MAX - 1))).unwrap();
+        h2.block_on(leader.snapshot()).expect("leader snapshot");
+        let t = Instant::now();
+        let joiner = h2.start(3, &voters, ShardedMap::new());
+        let target = leader.status().raft.commit_index;
+        assert!(wait_until(Duration::from_secs(300), || {
+            let s = joiner.status();
+            s.snapshots_installed >= 1 && s.raft.applied_index >= target
+        }));
+        println!("install of a {keys}-key snapshot on an empty follower (chunks over the in-process network): {:?}", t.elapsed());
+        for n in [&a, &b, &joiner] {
+            h2.block_on(n.shutdown());
+        }
+        drop(h2);
     }
-    drop(h2);
 
     // 5. Membership: a fourth node joins a cluster holding `keys` keys while 64 clients
     // write (added as a learner, caught up by the leader's snapshot, promoted once caught up),
     // then leadership is handed over under the same load.
-    let h3 = Harness::new("membership");
-    let nodes: Vec<Node<()>> = voters
-        .iter()
-        .map(|&i| h3.start(i, &voters, state.clone()))
-        .collect();
-    let leader = wait_leader(&nodes.iter().collect::<Vec<_>>());
-    h3.block_on(leader.propose(command(u64::MAX - 2))).unwrap();
-    h3.block_on(leader.snapshot()).expect("leader snapshot");
-    let joiner = h3.start(4, &[], ShardedMap::new());
-    let l = leader.clone();
-    let change = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(500));
-        let started = Instant::now();
-        futures::executor::block_on(async {
-            l.add_learner(4).await.expect("add learner");
-            loop {
-                match l.promote(4).await {
-                    Ok(m) => break m,
-                    Err(MembershipError::NotCaughtUp(_) | MembershipError::InProgress) => {
-                        std::thread::sleep(Duration::from_millis(10))
+    if part("membership") {
+        let h3 = Harness::new("membership");
+        let nodes: Vec<Node<()>> = voters
+            .iter()
+            .map(|&i| h3.start(i, &voters, state.deep_copy()))
+            .collect();
+        let leader = wait_leader(&nodes.iter().collect::<Vec<_>>());
+        h3.block_on(leader.propose(command(u64::MAX - 2))).unwrap();
+        // Every node, so that whichever leads when the node is added sends a snapshot.
+        for n in &nodes {
+            h3.block_on(n.snapshot()).expect("snapshot");
+        }
+        let joiner = h3.start(4, &[], ShardedMap::new());
+        let members = nodes.clone();
+        let change = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(500));
+            let started = Instant::now();
+            // Leadership can move before or during the change (a node thread that stalls past
+            // an election timeout on a loaded machine): follow the leader.
+            let leader_of = |leader: Option<u64>| {
+                members
+                    .iter()
+                    .find(|n| Some(n.id()) == leader)
+                    .cloned()
+                    .unwrap_or_else(|| wait_leader(&members.iter().collect::<Vec<_>>()))
+            };
+            let mut l = leader_of(None);
+            futures::executor::block_on(async {
+                loop {
+                    match l.add_learner(4).await {
+                        Ok(_) => break,
+                        // An attempt the leader change seemed to drop took effect after all.
+                        Err(MembershipError::Invalid(_)) if l.status().membership.contains(4) => {
+                            break
+                        }
+                        Err(MembershipError::NotLeader { leader }) => l = leader_of(leader),
+                        Err(
+                            MembershipError::Dropped
+                            | MembershipError::Timeout
+                            | MembershipError::InProgress,
+                        ) => {
+                            std::thread::sleep(Duration::from_millis(10));
+                            l = leader_of(None);
+                        }
+                        Err(e) => panic!("add learner: {e}"),
                     }
-                    Err(e) => panic!("promote: {e}"),
                 }
-            }
+                loop {
+                    match l.promote(4).await {
+                        Ok(_) => break,
+                        Err(MembershipError::Invalid(_)) if l.status().membership.is_voter(4) => {
+                            break
+                        }
+                        Err(MembershipError::NotCaughtUp(_) | MembershipError::InProgress) => {
+                            std::thread::sleep(Duration::from_millis(10))
+                        }
+                        Err(MembershipError::NotLeader { leader }) => l = leader_of(leader),
+                        Err(MembershipError::Dropped | MembershipError::Timeout) => {
+                            std::thread::sleep(Duration::from_millis(10));
+                            l = leader_of(None);
+                        }
+                        Err(e) => panic!("promote: {e}"),
+                    }
+                }
+            });
+            (started, Instant::now())
         });
-        (started, Instant::now())
-    });
-    let mut all = nodes.clone();
-    all.push(joiner.clone());
-    let during = load_following(&h3, &all, Duration::from_secs(10), keys);
-    let (from, to) = change.join().unwrap();
-    assert!(joiner.status().raft.applied_index > 0);
-    println!(
+        let mut all = nodes.clone();
+        all.push(joiner.clone());
+        let during = load_following(&h3, &all, Duration::from_secs(10), keys);
+        let (from, to) = change.join().unwrap();
+        assert!(joiner.status().raft.applied_index > 0);
+        assert!(
+            joiner.status().snapshots_installed >= 1,
+            "the new node was caught up without a snapshot"
+        );
+        println!(
         "add a node to a {keys}-key cluster under 64 clients (learner, snapshot, catch-up, promotion): {:?}; longest pause between commits meanwhile {:?} ({} commits in the run)",
         to - from,
         longest_gap_within(&during, from, to),
         during.len()
     );
-    let leader = wait_leader(&all.iter().collect::<Vec<_>>());
-    let to_id = all
-        .iter()
-        .map(|n| n.id())
-        .find(|&i| i != leader.id())
-        .unwrap();
-    let l = leader.clone();
-    let handover = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(500));
-        let started = Instant::now();
-        futures::executor::block_on(l.transfer_leadership(to_id)).expect("transfer");
-        started
-    });
-    let during = load_following(&h3, &all, Duration::from_secs(3), keys);
-    let from = handover.join().unwrap();
-    println!(
+        let leader = wait_leader(&all.iter().collect::<Vec<_>>());
+        let to_id = all
+            .iter()
+            .map(|n| n.id())
+            .find(|&i| i != leader.id())
+            .unwrap();
+        let l = leader.clone();
+        let handover = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(500));
+            let started = Instant::now();
+            futures::executor::block_on(l.transfer_leadership(to_id)).expect("transfer");
+            started
+        });
+        let during = load_following(&h3, &all, Duration::from_secs(3), keys);
+        let from = handover.join().unwrap();
+        println!(
         "longest pause between commits while leadership moves under 64 clients: {:?} ({:?} without a change in the same run)",
         longest_gap_within(&during, from, from + Duration::from_secs(1)),
         longest_gap_within(&during, from - Duration::from_millis(450), from)
     );
-    for n in &all {
-        h3.block_on(n.shutdown());
+        for n in &all {
+            h3.block_on(n.shutdown());
+        }
+        drop(h3);
     }
-    drop(h3);
 
+    if !part("restore") {
+        return;
+    }
     let mut g = c.benchmark_group("snapshot_restore");
     g.sample_size(10).measurement_time(Duration::from_secs(20));
     let mut bytes = Vec::new();
