@@ -364,7 +364,7 @@ fn bench(c: &mut Criterion) {
 
     // 1. Creation: a single node whose state holds `keys` keys.
     if part("create") {
-        let node = h.start(1, &[1], state.clone());
+        let node = h.start(1, &[1], state.deep_copy());
         let leader = wait_leader(&[&node]);
         h.block_on(leader.propose(command(u64::MAX))).unwrap();
         let t = Instant::now();
@@ -457,8 +457,8 @@ fn bench(c: &mut Criterion) {
     // 4. Install: a fresh, empty follower joins a leader that compacted its log.
     if part("install") {
         let h2 = Harness::new("install");
-        let a = h2.start(1, &voters, state.clone());
-        let b = h2.start(2, &voters, state.clone());
+        let a = h2.start(1, &voters, state.deep_copy());
+        let b = h2.start(2, &voters, state.deep_copy());
         let leader = wait_leader(&[&a, &b]);
         h2.block_on(leader.propose(command(u64::MAX - 1))).unwrap();
         h2.block_on(leader.snapshot()).expect("leader snapshot");
