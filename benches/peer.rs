@@ -20,7 +20,12 @@
 //! - `PEER_WORKERS=2` server runtime worker threads (the client tasks run on a separate
 //!   one-worker runtime, as openraft's do);
 //! - `PEER_SHARED=1`: the client tasks on the server runtime instead (a host whose clients
-//!   live on the same executor as its nodes: every hand-off is then a task wake-up there).
+//!   live on the same executor as its nodes: every hand-off is then a task wake-up there);
+//! - `PEER_LOG_ENTRIES=5000`: a snapshot (and log compaction) every this many empty entries
+//!   (`NodeConfig::max_log_bytes` of that many `ENTRY_OVERHEAD`s), as openraft's benchmark
+//!   does with its default snapshot policy `LogsSinceLast(5000)`. Our default, 64 MiB of
+//!   log, is 2.8 million empty entries: a run of a few million writes would spend a fifth of
+//!   its time faulting in the memory of a log that in-memory peer never keeps.
 //!
 //! The last line reads `raftkv put/s median: c1 N c64 N ...`.
 
@@ -76,12 +81,17 @@ struct Run {
 fn start_cluster(
     server: &tokio::runtime::Runtime,
     in_task: bool,
+    log_entries: usize,
 ) -> (Arc<Vec<Node<()>>>, Node<()>) {
     let net = LocalNetwork::new();
     let mut nodes = Vec::new();
     for id in 1..=3 {
         let mut c = NodeConfig::new(id, vec![1, 2, 3]);
         c.tick_interval = Duration::from_millis(10);
+        // Compact as often as openraft does in its benchmark (its default snapshot policy,
+        // `LogsSinceLast(5000)`): our default of 64 MiB of log holds 2.8 million empty
+        // entries, which a run of a few million writes spends growing into.
+        c.max_log_bytes = Some(log_entries as u64 * raftkv::raft::ENTRY_OVERHEAD);
         let (node, driver) = if in_task {
             Node::start_in_task(c, MemStorage::new(), Nothing, net.transport(id))
         } else {
@@ -160,7 +170,22 @@ impl Histogram {
     }
 }
 
-fn run_once(clients: usize, ops: usize, workers: usize, in_task: bool, shared: bool) -> Run {
+/// How a run is set up (from the environment, see the module docs).
+#[derive(Clone, Copy)]
+struct Shape {
+    workers: usize,
+    in_task: bool,
+    shared: bool,
+    log_entries: usize,
+}
+
+fn run_once(clients: usize, ops: usize, shape: Shape) -> Run {
+    let Shape {
+        workers,
+        in_task,
+        shared,
+        log_entries,
+    } = shape;
     let server = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .enable_all()
@@ -173,7 +198,7 @@ fn run_once(clients: usize, ops: usize, workers: usize, in_task: bool, shared: b
             .build()
             .expect("client runtime")
     });
-    let (nodes, leader) = start_cluster(&server, in_task);
+    let (nodes, leader) = start_cluster(&server, in_task, log_entries);
     let per = ops / clients;
     let failed = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
@@ -275,8 +300,16 @@ fn main() {
     let workers = env_usize("PEER_WORKERS", 2);
     let in_task = std::env::var("PEER_MODE").map_or(true, |m| m != "thread");
     let shared = std::env::var("PEER_SHARED").is_ok_and(|v| v == "1");
+    let log_entries = env_usize("PEER_LOG_ENTRIES", 5000);
+    let shape = Shape {
+        workers,
+        in_task,
+        shared,
+        log_entries,
+    };
     println!(
-        "raftkv peer shape: nodes {}, {workers} server workers, 1 client worker",
+        "raftkv peer shape: nodes {}, {workers} server workers, 1 client worker, a snapshot \
+         every {log_entries} entries",
         if in_task {
             "as tasks"
         } else {
@@ -292,7 +325,7 @@ fn main() {
         let n = if n == 0 { 1_000_000 } else { n };
         let mut runs = Vec::new();
         for r in 1..=reps {
-            let run = run_once(c, n, workers, in_task, shared);
+            let run = run_once(c, n, shape);
             println!(
                 "clients {c} run {r}: {:.0} put/s, p50 {:?} p99 {:?} ({n} writes; term {}, {} retried)",
                 run.rate, run.p50, run.p99, run.terms, run.failed
