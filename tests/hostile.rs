@@ -22,6 +22,7 @@ mod client_proto;
 #[path = "../examples/common/processes.rs"]
 mod processes;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -34,13 +35,14 @@ use raftkv::kv::{
     encode_command, request, ClientError, ClientOptions, KvClient, KvCommand, KvEndpoint, KvError,
     KvOp, KvResult,
 };
+use raftkv::NodeId;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::{sleep, timeout};
 
 /// The attacker's side of each protocol, as an unfriendly program on the same host would
-/// speak it: no secret, but everything a stranger can learn (the challenge names the cluster
-/// and the node).
+/// speak it: no secret, but everything a stranger can learn (the challenge names the cluster,
+/// the node and its incarnation: an impostor of node 2 asks node 2's own listener for it).
 mod attack {
     use std::io;
     use std::net::SocketAddr;
@@ -51,9 +53,24 @@ mod attack {
     use tokio::io::AsyncWriteExt;
     use tokio::net::TcpStream;
 
-    /// A peer connection past the handshake and the hello, claiming to be node `from` of the
-    /// cluster the challenge names (refused if `from` is not a member).
-    pub async fn peer_hello(addr: SocketAddr, from: NodeId) -> io::Result<TcpStream> {
+    /// The incarnation the Raft listener at `addr` names in its challenge (anyone may ask).
+    pub async fn incarnation_at(addr: SocketAddr) -> io::Result<u64> {
+        let mut s = TcpStream::connect(addr).await?;
+        let c = guard::read_challenge(&mut s, Port::Peer)
+            .await
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        Ok(c.incarnation)
+    }
+
+    /// A peer connection past the handshake and the hello, claiming to be node `from` of
+    /// incarnation `incarnation` of the cluster the challenge names (refused if `from` is not
+    /// a member, or if the listener saw a newer incarnation of it). An attacker who names a
+    /// member's real incarnation (its own listener tells it) gets past the handshake.
+    pub async fn peer_hello(
+        addr: SocketAddr,
+        from: NodeId,
+        incarnation: u64,
+    ) -> io::Result<TcpStream> {
         let mut s = TcpStream::connect(addr).await?;
         let none = Secret::none();
         let c = guard::read_challenge(&mut s, Port::Peer)
@@ -63,7 +80,7 @@ mod attack {
             Port::Peer,
             &none,
             &c,
-            guard::Hello::peer(c.cluster, from, c.node, 1, None),
+            guard::Hello::peer(c.cluster, from, c.node, incarnation, None),
         )?;
         s.write_all(&guard::hello_bytes(Port::Peer, &hello)).await?;
         guard::read_answer(&mut s, Port::Peer, &none, &c, &hello)
@@ -107,6 +124,28 @@ mod attack {
             _ => 100 + n % 1000,
         }
     }
+
+    /// The real incarnations of the members [`claimed_id`] impersonates (2 and 3), learned
+    /// from their own listeners at `addrs` (by id); any other id gets 1.
+    pub async fn incarnations(
+        addrs: &std::collections::BTreeMap<NodeId, SocketAddr>,
+    ) -> std::collections::BTreeMap<NodeId, u64> {
+        let mut out = std::collections::BTreeMap::new();
+        for (id, addr) in addrs.iter().filter(|(id, _)| matches!(**id, 2 | 3)) {
+            let inc = incarnation_at(*addr).await.expect("a member's challenge");
+            out.insert(*id, inc);
+        }
+        out
+    }
+}
+
+/// The Raft addresses of `cluster`'s nodes, by id.
+fn raft_addrs(cluster: &ProcessCluster) -> BTreeMap<NodeId, std::net::SocketAddr> {
+    cluster
+        .ids()
+        .into_iter()
+        .filter_map(|id| Some((id, cluster.raft_addr(id)?)))
+        .collect()
 }
 
 /// The `kv` example binary next to the node binary.
@@ -286,6 +325,7 @@ fn an_oversized_put_is_refused_at_once_and_never_wedges_the_cluster() {
 /// connections opened.
 fn flood_peer_ports(
     addrs: Vec<std::net::SocketAddr>,
+    incarnations: BTreeMap<NodeId, u64>,
     per_port: usize,
     stop: Arc<AtomicBool>,
     opened: Arc<AtomicU64>,
@@ -297,10 +337,15 @@ fn flood_peer_ports(
                 held[port].retain(alive);
                 while held[port].len() < per_port && !stop.load(Ordering::Relaxed) {
                     let n = opened.fetch_add(1, Ordering::Relaxed);
+                    let id = attack::claimed_id(n);
                     let attempt = if n.is_multiple_of(2) {
                         timeout(
                             Duration::from_millis(300),
-                            attack::peer_hello(*addr, attack::claimed_id(n)),
+                            attack::peer_hello(
+                                *addr,
+                                id,
+                                incarnations.get(&id).copied().unwrap_or(1),
+                            ),
                         )
                         .await
                     } else {
@@ -329,7 +374,8 @@ fn idle_peer_sockets_do_not_keep_a_restarted_cluster_leaderless() {
             .collect();
         let stop = Arc::new(AtomicBool::new(false));
         let opened = Arc::new(AtomicU64::new(0));
-        let attacker = flood_peer_ports(addrs, 70, stop.clone(), opened.clone());
+        let incarnations = attack::incarnations(&raft_addrs(&cluster)).await;
+        let attacker = flood_peer_ports(addrs, incarnations, 70, stop.clone(), opened.clone());
         sleep(Duration::from_secs(2)).await;
         let lines_before: Vec<usize> = cluster
             .ids()
@@ -428,6 +474,7 @@ fn partial_frames_do_not_exhaust_memory() {
         let client_addr = cluster.client_addr(target).expect("client addr");
         let raft_addr = cluster.raft_addr(target).expect("raft addr");
         let peer_frame = attack::peer_frame();
+        let incarnations = Arc::new(attack::incarnations(&raft_addrs(&cluster)).await);
 
         // Each connection announces a maximum-size frame and sends all of it but 64 KiB.
         const CLIENTS: usize = 120;
@@ -441,11 +488,14 @@ fn partial_frames_do_not_exhaust_memory() {
             } else {
                 (peer_body.clone(), peer_frame)
             };
+            let incarnations = incarnations.clone();
             tasks.push(tokio::spawn(async move {
                 let connected = if i < CLIENTS {
                     attack::client(client_addr).await
                 } else {
-                    attack::peer_hello(raft_addr, attack::claimed_id(i as u64)).await
+                    let id = attack::claimed_id(i as u64);
+                    let inc = incarnations.get(&id).copied().unwrap_or(1);
+                    attack::peer_hello(raft_addr, id, inc).await
                 };
                 let Ok(mut s) = connected else {
                     return None;
