@@ -184,21 +184,24 @@ impl RaftLog {
     /// Entries `lo..hi` (clamped to the log), at most `max_count` of them and at most
     /// `max_bytes` (but at least one when the range is not empty).
     pub fn slice(&self, lo: Index, hi: Index, max_count: usize, max_bytes: u64) -> Vec<Entry> {
-        let lo = lo.max(self.first_index());
+        let first = self.first_index();
+        let lo = lo.max(first);
         let hi = hi.min(self.last_index() + 1);
-        let mut out = Vec::new();
+        if lo >= hi {
+            return Vec::new();
+        }
+        let range = &self.live()[(lo - first) as usize..(hi - first) as usize];
+        // Count first, then copy once into an exact allocation.
+        let mut n = 0;
         let mut bytes = 0;
-        let mut i = lo;
-        while i < hi && out.len() < max_count {
-            let Some(e) = self.get(i) else { break };
+        for e in range.iter().take(max_count) {
             bytes += e.size();
-            if !out.is_empty() && bytes > max_bytes {
+            if n > 0 && bytes > max_bytes {
                 break;
             }
-            out.push(e.clone());
-            i += 1;
+            n += 1;
         }
-        out
+        range[..n].to_vec()
     }
 
     /// Sum of [`Entry::size`] over the retained entries `lo..hi`, without copying them.
