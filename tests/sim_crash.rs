@@ -409,3 +409,76 @@ fn churn_unreliable() {
 fn a_proposal_whose_slot_a_new_leader_reuses_is_answered() {
     churn(21, NetworkConfig::unreliable(), 100);
 }
+
+/// Scripted: a leader cut off with proposals it cannot commit is deposed, catches up with the
+/// newer leader's log (its uncommitted tail replaced), and is handed the leadership back. Its
+/// first proposals then land at indexes where proposals of its old term still wait. Every one
+/// of them must be answered once: the old ones `Dropped`, the new ones applied. (The engine
+/// used to replace the old ticket, unanswered: the simulation's check after every engine call
+/// fails on that.)
+#[test]
+fn a_re_elected_leader_answers_the_proposals_its_old_term_left_waiting() {
+    let mut c = cluster(3, 3, NetworkConfig::reliable());
+    let first = c.run_until_leader(5_000).expect("a first leader");
+    c.propose_and_wait(first, "before", 2_000)
+        .expect("a first commit");
+    c.isolate(first);
+    for i in 0..6 {
+        c.propose(first, format!("lost{i}").as_str())
+            .expect("it still believes it leads");
+    }
+    c.run_for(50);
+    let second = c
+        .run_until(5_000, |c| c.leader().is_some_and(|l| l != first))
+        .then(|| c.leader())
+        .flatten()
+        .expect("the others elect a leader");
+    c.propose_and_wait(second, "second", 2_000)
+        .expect("the new leader commits");
+    let dropped_before = c.dropped();
+    c.reconnect(first);
+    let target = c.core(second).expect("up").log().last_index();
+    assert!(
+        c.run_until(2_000, |c| c.core(first).is_some_and(|f| f
+            .log()
+            .last_index()
+            >= target
+            && f.log().term(target)
+                == c.core(second).and_then(|s| s.log().term(target)))),
+        "the old leader took the newer log"
+    );
+    c.transfer_leadership(second, first).expect("a transfer");
+    assert!(
+        c.run_until(2_000, |c| c.leader() == Some(first)),
+        "the old leader leads again"
+    );
+    let reused: Vec<Index> = (0..6)
+        .map(|i| {
+            c.propose(first, format!("new{i}").as_str())
+                .expect("it leads")
+                .index
+        })
+        .collect();
+    for i in 0..6 {
+        c.propose_and_wait(first, format!("after{i}").as_str(), 2_000)
+            .expect("commits go on");
+    }
+    c.run_for(200);
+    let applied: Vec<&Payload> = c.machine(first).commands().iter().map(|(_, p)| p).collect();
+    for i in 0..6 {
+        let new = Payload::from(format!("new{i}").as_str());
+        assert!(
+            applied.contains(&&new),
+            "new{i} (at {:?}) was not applied",
+            reused
+        );
+        let lost = Payload::from(format!("lost{i}").as_str());
+        assert!(!applied.contains(&&lost), "lost{i} was applied");
+    }
+    assert!(
+        c.dropped() >= dropped_before + 6,
+        "the old term's 6 proposals were not all answered Dropped ({} then {})",
+        dropped_before,
+        c.dropped()
+    );
+}
