@@ -521,7 +521,7 @@ impl RaftCore {
         match m.body {
             MessageBody::TermQuery => {
                 let body = MessageBody::TermAnswer {
-                    empty: self.log.last_index() == 0 && self.log.snapshot().index == 0,
+                    empty: self.holds_nothing(),
                 };
                 self.send(m.from, body, Dispatch::AfterPersist);
                 return;

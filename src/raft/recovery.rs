@@ -178,7 +178,7 @@ impl RaftCore {
 
     /// True for a node that holds no entry and no snapshot: a member of a cluster being
     /// bootstrapped, or one that lost its disk.
-    fn holds_nothing(&self) -> bool {
+    pub(super) fn holds_nothing(&self) -> bool {
         self.log.last_index() == 0 && self.log.snapshot().index == 0
     }
 
