@@ -349,7 +349,7 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
                     Ok(at) => self.changes.push(super::membership::Pending {
                         at,
                         reply,
-                        deadline: Instant::now() + self.config.propose_timeout,
+                        deadline: self.now + self.config.propose_timeout,
                     }),
                     Err(e) => {
                         let _ = reply.send(Err(e));

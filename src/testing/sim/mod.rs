@@ -582,14 +582,7 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
             tickets,
         };
         call(engine, &mut host);
-        if engine.waiting_proposals() != *tickets {
-            panic!(
-                "safety violation (replay with RAFTKV_SEED={seed}): node {id}: the engine holds \
-                 {} proposals but {} were taken and not answered (one was lost unanswered)",
-                engine.waiting_proposals(),
-                tickets
-            );
-        }
+        check_tickets(seed, id, engine.waiting_proposals(), *tickets);
         let core = engine.core();
         core.check_invariants();
         if let Err(what) = check_persisted(core, engine.storage()) {
@@ -838,14 +831,7 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
             })?;
         let waiting = engine.waiting_proposals();
         node.tickets += 1;
-        if waiting != node.tickets {
-            panic!(
-                "safety violation (replay with RAFTKV_SEED={}): node {id}: proposing at index {} \
-                 left the engine holding {} proposals, {} taken and not answered (one was lost \
-                 unanswered)",
-                self.config.seed, proposed.index, waiting, node.tickets
-            );
-        }
+        check_tickets(self.config.seed, id, waiting, node.tickets);
         self.wake(id);
         Ok(proposed)
     }
@@ -1107,5 +1093,17 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
             self.network.restore(id, other);
             self.network.restore(other, id);
         }
+    }
+}
+
+/// Every proposal an engine took is still held or was answered once: the engine of node `id`
+/// holds `waiting` proposals, and `tickets` were taken and not answered.
+fn check_tickets(seed: u64, id: NodeId, waiting: usize, tickets: usize) {
+    if waiting != tickets {
+        panic!(
+            "safety violation (replay with RAFTKV_SEED={seed}): node {id}: the engine holds \
+             {waiting} proposals but {tickets} were taken and not answered (one was lost \
+             unanswered)"
+        );
     }
 }
