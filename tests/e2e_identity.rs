@@ -95,6 +95,21 @@ async fn wait_log(cluster: &ProcessCluster, id: NodeId, from: usize, pattern: &s
     }
 }
 
+/// Writes `k<i>` = `v<i>` for each `i` of `range`, each acknowledged (recorded in `acked`).
+async fn put_range(
+    client: &mut KvClient<TcpKvEndpoint>,
+    range: std::ops::Range<u64>,
+    acked: &mut Vec<u64>,
+) {
+    for i in range {
+        client
+            .put(format!("k{i}"), format!("v{i}"))
+            .await
+            .expect("put");
+        acked.push(i);
+    }
+}
+
 async fn leader(cluster: &mut ProcessCluster) -> NodeId {
     cluster
         .wait_for_leader(Duration::from_secs(20))
@@ -180,13 +195,7 @@ async fn zombie() {
         .await
         .expect("client");
     let mut acknowledged = Vec::new();
-    for i in 0..50 {
-        client
-            .put(format!("k{i}"), format!("v{i}"))
-            .await
-            .expect("put");
-        acknowledged.push(i);
-    }
+    put_range(&mut client, 0..50, &mut acknowledged).await;
     let victim = cluster
         .ids()
         .into_iter()
@@ -216,13 +225,7 @@ async fn zombie() {
     // incarnation.
     cluster.set_extra_args(victim, Vec::<String>::new());
     cluster.restart(victim).expect("start");
-    for i in 50..100 {
-        client
-            .put(format!("k{i}"), format!("v{i}"))
-            .await
-            .expect("put");
-        acknowledged.push(i);
-    }
+    put_range(&mut client, 50..100, &mut acknowledged).await;
     let commit = cluster.status(lead).await.expect("leader").commit;
     cluster
         .wait_applied(victim, commit, Duration::from_secs(30))
@@ -258,13 +261,7 @@ async fn zombie() {
         "a newer incarnation of its node id replaced",
     )
     .await;
-    for i in 100..150 {
-        client
-            .put(format!("k{i}"), format!("v{i}"))
-            .await
-            .expect("put");
-        acknowledged.push(i);
-    }
+    put_range(&mut client, 100..150, &mut acknowledged).await;
     let commit = cluster.status(lead).await.expect("leader").commit;
     let z = cluster.status(victim).await.expect("the zombie answers");
     assert!(

@@ -21,7 +21,6 @@ mod client_proto;
 mod processes;
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,24 +36,18 @@ const BUDGET: Duration = Duration::from_secs(120);
 
 fn binaries() -> (PathBuf, PathBuf) {
     let node = processes::build_node_for_tests(false).expect("building the examples");
-    let kv = node.with_file_name(format!("kv{}", std::env::consts::EXE_SUFFIX));
+    let kv = processes::kv_binary_beside(&node);
     (node, kv)
 }
 
 /// Runs `kv --nodes NODES ARGS...`: (exit success, stdout, stderr).
-fn kv(kv: &PathBuf, nodes: &str, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(kv)
-        .arg("--nodes")
-        .arg(nodes)
-        .args(["--timeout", "20"])
-        .args(args)
-        .output()
-        .expect("running kv");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+fn kv(kv: &std::path::Path, nodes: &str, args: &[&str]) -> (bool, String, String) {
+    let all: Vec<&str> = ["--nodes", nodes, "--timeout", "20"]
+        .into_iter()
+        .chain(args.iter().copied())
+        .collect();
+    let (ok, out, err, _) = processes::run_cli(kv, &all);
+    (ok, out, err)
 }
 
 /// The `NAME: a b c` line of `kv members` output, as ids.

@@ -149,23 +149,9 @@ fn raft_addrs(cluster: &ProcessCluster) -> BTreeMap<NodeId, std::net::SocketAddr
 }
 
 /// The `kv` example binary next to the node binary.
-fn kv_binary() -> PathBuf {
-    binary().with_file_name(format!("kv{}", std::env::consts::EXE_SUFFIX))
-}
-
 /// Runs `kv` with `args`: (exit success, stdout, stderr, how long it took).
-fn run_kv(args: &[String]) -> (bool, String, String, Duration) {
-    let started = Instant::now();
-    let out = std::process::Command::new(kv_binary())
-        .args(args)
-        .output()
-        .expect("running kv");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-        started.elapsed(),
-    )
+fn run_kv(args: &[String]) -> processes::CliRun {
+    processes::run_cli(&processes::kv_binary_beside(&binary()), args)
 }
 
 /// The `--nodes` argument for `cluster`'s client ports.

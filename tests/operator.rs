@@ -42,23 +42,9 @@ fn binary() -> PathBuf {
         .clone()
 }
 
-fn kv_binary() -> PathBuf {
-    binary().with_file_name(format!("kv{}", std::env::consts::EXE_SUFFIX))
-}
-
 /// Runs `kv` with `args`: (exit success, stdout, stderr, how long it took).
-fn kv(args: &[&str]) -> (bool, String, String, Duration) {
-    let started = Instant::now();
-    let out = Command::new(kv_binary())
-        .args(args)
-        .output()
-        .expect("running kv");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-        started.elapsed(),
-    )
+fn kv(args: &[&str]) -> processes::CliRun {
+    processes::run_cli(&processes::kv_binary_beside(&binary()), args)
 }
 
 fn nodes_arg(cluster: &ProcessCluster) -> String {

@@ -42,6 +42,29 @@ pub fn node_binary_path() -> Result<PathBuf, String> {
     Ok(examples.join(name))
 }
 
+/// The `kv` example binary beside the `node` binary at `node`.
+pub fn kv_binary_beside(node: &Path) -> PathBuf {
+    node.with_file_name(format!("kv{}", std::env::consts::EXE_SUFFIX))
+}
+
+/// What a run of a command-line program said: exit success, stdout, stderr, how long it took.
+pub type CliRun = (bool, String, String, Duration);
+
+/// Runs `program` with `args` to its end (the `kv` CLI, say).
+pub fn run_cli<A: AsRef<std::ffi::OsStr>>(program: &Path, args: &[A]) -> CliRun {
+    let started = Instant::now();
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        started.elapsed(),
+    )
+}
+
 /// Runs `cargo build --examples` (with `--release` if `release`) in this crate, with the
 /// target directory that holds `examples_dir`, so the node binary lands where
 /// [`node_binary_path`] looks. Uses `$CARGO` (set by cargo for the programs it runs).
