@@ -150,6 +150,12 @@ impl Secret {
     }
 }
 
+/// A random number from the operating system (the first bytes of a [`nonce`]).
+pub fn random_u64() -> std::io::Result<u64> {
+    let n = nonce()?;
+    Ok(u64_at(&n, 0))
+}
+
 /// A fresh random nonce from the operating system.
 pub fn nonce() -> std::io::Result<[u8; NONCE_LEN]> {
     let mut n = [0u8; NONCE_LEN];

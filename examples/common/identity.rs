@@ -261,9 +261,8 @@ async fn negotiate(boot: &Bootstrap<'_>) -> Result<(u64, String), String> {
 
 /// A random cluster id (never 0).
 fn mint_cluster_id() -> Result<u64, String> {
-    let mut b = [0u8; 8];
-    getrandom::fill(&mut b).map_err(|e| format!("no randomness for a cluster id: {e}"))?;
-    Ok(u64::from_le_bytes(b).max(1))
+    let n = tcp::guard::random_u64().map_err(|e| format!("cannot mint a cluster id: {e}"))?;
+    Ok(n.max(1))
 }
 
 /// For a node starting on an empty directory: the first peer of `options`' cluster that knows
@@ -280,6 +279,8 @@ pub async fn lost_member(
                 return Some((peer, p.known))
             }
             Ok(_) => {}
+            // A peer still waiting for its cluster id is new itself: it knows no one.
+            Err(tcp::DialError::Handshake(_, Some(c))) if c.cluster == 0 => {}
             Err(e) => warn!(
                 "node {}: could not ask node {peer} whether it knew this id: {e}",
                 options.my_id

@@ -43,10 +43,7 @@ pub fn mint() -> std::io::Result<u64> {
         .duration_since(UNIX_EPOCH)
         .map_err(|e| std::io::Error::other(format!("the clock is before 1970: {e}")))?
         .as_secs();
-    let mut random = [0u8; 4];
-    getrandom::fill(&mut random)
-        .map_err(|e| std::io::Error::other(format!("no randomness: {e}")))?;
-    let low = u64::from(u32::from_le_bytes(random)) & ((1 << RANDOM_BITS) - 1);
+    let low = super::guard::random_u64()? & ((1 << RANDOM_BITS) - 1);
     Ok(((secs << RANDOM_BITS) | low).max(1))
 }
 

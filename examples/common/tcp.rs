@@ -589,6 +589,11 @@ impl Link {
                                 "node {} at {} unreachable ({e}); retrying with backoff",
                                 self.peer, self.addr
                             ),
+                            DialError::Handshake(_, Some(c)) if c.cluster == 0 => info!(
+                                "node {} at {} has no cluster id yet (it is starting); \
+                                 retrying with backoff",
+                                self.peer, self.addr
+                            ),
                             DialError::Handshake(..) | DialError::Retired(..) => warn!(
                                 "node {} at {} refused this node (of cluster {:#x}) or could \
                                  not be verified: {e}; retrying with backoff",
