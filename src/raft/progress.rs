@@ -66,11 +66,10 @@ pub struct Progress {
     /// Heard from in the check-quorum round before (with `recent_active`: heard from within
     /// the last one to two election timeouts, whenever asked).
     pub active_last_round: bool,
-    /// Last index sent when the previous heartbeat left. If a heartbeat's answer comes back
-    /// while `match_index` is still below it — a whole heartbeat interval later — appends were
-    /// probably lost.
-    pub sent_before_last_heartbeat: Index,
-    /// Last index sent when the latest heartbeat left.
+    /// Last index sent when the latest heartbeat left. A heartbeat's answer that finds
+    /// `match_index` still below it suggests lost appends (or acknowledgements), or merely
+    /// ones still in flight or waiting for the follower's fsync; an empty append settles
+    /// which, for the price of one small message.
     pub sent_at_heartbeat: Index,
     /// The snapshot transfer, in Snapshot mode.
     pub transfer: Option<SnapshotTransfer>,
@@ -90,7 +89,6 @@ impl Progress {
             max_inflight,
             recent_active: true,
             active_last_round: true,
-            sent_before_last_heartbeat: 0,
             sent_at_heartbeat: 0,
             transfer: None,
             acked_read_round: 0,

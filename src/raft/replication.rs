@@ -183,11 +183,15 @@ impl RaftCore {
                 if p.state == ProgressState::Snapshot {
                     self.check_snapshot_progress(from);
                 } else if p.state == ProgressState::Replicate
-                    && p.match_index < p.sent_before_last_heartbeat.min(last)
+                    && p.match_index < p.sent_at_heartbeat.min(last)
                 {
-                    // Appends in flight may have been lost (the window may even be full of
-                    // them). An empty append at `next_index` settles it: accepted, it frees
-                    // the window; rejected, it sends the follower back to probing.
+                    // What was sent before this heartbeat is still unacknowledged: the append
+                    // or its acknowledgement may be lost (the window may even be full of
+                    // them), or the acknowledgement merely waits for the follower's fsync.
+                    // An empty append at `next_index` settles it for the price of one small
+                    // message: accepted, it frees the window; rejected, it sends the follower
+                    // back to probing. So a lost message costs at most one heartbeat and a few
+                    // round trips.
                     let prev_index = p.next_index - 1;
                     if let Some(prev_term) = self.log.term(prev_index) {
                         let body = MessageBody::Append {
@@ -316,7 +320,6 @@ impl RaftCore {
             .progress
             .iter_mut()
             .map(|(&id, p)| {
-                p.sent_before_last_heartbeat = p.sent_at_heartbeat;
                 p.sent_at_heartbeat = p.next_index - 1;
                 if let Some(t) = p.transfer.as_mut() {
                     t.acked_at_heartbeat = t.acked;
