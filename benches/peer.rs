@@ -76,6 +76,10 @@ struct Run {
     failed: u64,
     /// The highest term at the end (1 or 2: the first election; more: leadership moved).
     terms: u64,
+    /// The leader's batches (`Ready`s) and the entries they wrote: how much each round
+    /// carried.
+    batches: u64,
+    entries: u64,
 }
 
 fn start_cluster(
@@ -246,6 +250,7 @@ fn run_once(clients: usize, ops: usize, shape: Shape) -> Run {
         .map(|n| n.status().raft.term)
         .max()
         .unwrap_or(0);
+    let counters = leader.status().metrics.counters;
     for n in nodes.iter() {
         server.block_on(n.shutdown());
     }
@@ -255,6 +260,8 @@ fn run_once(clients: usize, ops: usize, shape: Shape) -> Run {
         p99: lat.quantile(0.99),
         failed: failed.load(std::sync::atomic::Ordering::Relaxed),
         terms,
+        batches: counters.batches,
+        entries: counters.entries_written,
     }
 }
 
@@ -327,8 +334,14 @@ fn main() {
         for r in 1..=reps {
             let run = run_once(c, n, shape);
             println!(
-                "clients {c} run {r}: {:.0} put/s, p50 {:?} p99 {:?} ({n} writes; term {}, {} retried)",
-                run.rate, run.p50, run.p99, run.terms, run.failed
+                "clients {c} run {r}: {:.0} put/s, p50 {:?} p99 {:?} ({n} writes; term {}, {} retried; leader: {} batches, {:.1} entries each)",
+                run.rate,
+                run.p50,
+                run.p99,
+                run.terms,
+                run.failed,
+                run.batches,
+                run.entries as f64 / run.batches.max(1) as f64
             );
             runs.push(run);
         }

@@ -130,7 +130,53 @@ pub fn write_fdatasync(dir: &Path) -> Duration {
     per
 }
 
-/// Prints both machine floors (measured now, in `dir`).
+/// Floor of a durable commit when three nodes share this disk: three threads each write 100
+/// bytes into their own zero-filled file and fdatasync it, all released at once; returns the
+/// median time until the second is done (a commit of three needs two). The disk serves
+/// them in some order, so this is above one fdatasync alone.
+pub fn quorum_fdatasync(dir: &Path) -> Duration {
+    use std::os::unix::fs::FileExt;
+    use std::sync::{Arc, Barrier, Mutex};
+    let rounds = 300;
+    let start = Arc::new(Barrier::new(4));
+    let done = Arc::new(Barrier::new(4));
+    let finished: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let threads: Vec<_> = (0..3)
+        .map(|i| {
+            let path = dir.join(format!("quorum-{i}"));
+            let f = std::fs::File::create(&path).expect("raw file");
+            f.write_all_at(&vec![0u8; 4 << 20], 0).expect("write");
+            f.sync_all().expect("fsync");
+            let (start, done, finished) = (start.clone(), done.clone(), finished.clone());
+            std::thread::spawn(move || {
+                for r in 0..rounds {
+                    start.wait();
+                    f.write_all_at(&[7u8; 100], 4096 + r * 100).expect("write");
+                    f.sync_data().expect("fdatasync");
+                    finished.lock().expect("lock").push(Instant::now());
+                    done.wait();
+                }
+                let _ = std::fs::remove_file(&path);
+            })
+        })
+        .collect();
+    let mut second = Vec::with_capacity(rounds as usize);
+    for _ in 0..rounds {
+        let t = Instant::now();
+        start.wait();
+        done.wait();
+        let mut at = std::mem::take(&mut *finished.lock().expect("lock"));
+        at.sort();
+        second.push(at[1] - t);
+    }
+    for t in threads {
+        t.join().expect("fdatasync thread");
+    }
+    second.sort();
+    second[second.len() / 2]
+}
+
+/// Prints the machine floors (measured now, in `dir`).
 pub fn print_floors(dir: &Path) {
     println!(
         "machine floor: thread-to-thread channel round trip {:?}",
@@ -140,5 +186,9 @@ pub fn print_floors(dir: &Path) {
         "machine floor: 100 B write + fdatasync {:?} in {}",
         write_fdatasync(dir),
         dir.display()
+    );
+    println!(
+        "machine floor: three at once on three files (a 3-node cluster on this disk), the second done after {:?}",
+        quorum_fdatasync(dir)
     );
 }
