@@ -263,6 +263,48 @@ fn simple_agreement_sends_no_needless_messages() {
 }
 
 #[test]
+fn read_rounds_do_not_multiply_loss_checks() {
+    for_each_seed("read_round_checks", 20, |seed| {
+        let mut cfg = SimConfig::new(3, seed);
+        cfg.network.min_delay_ms = 2;
+        cfg.network.max_delay_ms = 2;
+        let mut c = Cluster::new(cfg, |_| RecordingMachine::default());
+        let leader = c.run_until_leader(3_000).expect("leader");
+        c.run_for(200);
+        // Watch (never drop) the empty appends the leader sends.
+        let empty = std::rc::Rc::new(std::cell::Cell::new(0u64));
+        let seen = empty.clone();
+        c.network.set_filter(move |m, _| {
+            if let MessageBody::Append { entries, .. } = &m.body {
+                if entries.is_empty() {
+                    seen.set(seen.get() + 1);
+                }
+            }
+            false
+        });
+        // A write and a read every millisecond for 300 ms: there are always entries in
+        // flight, and every read round travels as a heartbeat the followers answer.
+        let start = c.now();
+        let mut reads = Vec::new();
+        for i in 0..300 {
+            c.propose(leader, format!("w{i}").as_str()).expect("leader");
+            reads.push(c.read(leader, "r").expect("leader"));
+            c.run_for(1);
+        }
+        assert!(c.run_until(1_000, |c| reads.iter().all(|&t| c.read_done(t))));
+        let ticks = (c.now() - start) / 10 + 1;
+        // The loss check runs once per periodic heartbeat (every tick) and follower, at the
+        // first answer after it: at most one empty append each, however many read rounds
+        // were answered meanwhile.
+        assert!(
+            empty.get() <= 2 * ticks,
+            "{} empty appends in {ticks} heartbeat intervals",
+            empty.get()
+        );
+    });
+}
+
+#[test]
 fn a_lost_append_is_settled_within_one_heartbeat() {
     for_each_seed("lost_append", 50, |seed| {
         let mut c = cluster(3, seed);

@@ -435,7 +435,7 @@ impl RaftCore {
             if let Some(l) = self.leader_mut() {
                 l.heartbeat_elapsed = 0;
             }
-            self.broadcast_heartbeat();
+            self.broadcast_heartbeat(true);
         }
     }
 

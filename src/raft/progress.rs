@@ -66,11 +66,15 @@ pub struct Progress {
     /// Heard from in the check-quorum round before (with `recent_active`: heard from within
     /// the last one to two election timeouts, whenever asked).
     pub active_last_round: bool,
-    /// Last index sent when the latest heartbeat left. A heartbeat's answer that finds
-    /// `match_index` still below it suggests lost appends (or acknowledgements), or merely
-    /// ones still in flight or waiting for the follower's fsync; an empty append settles
-    /// which, for the price of one small message.
+    /// Last index sent when the latest periodic heartbeat left. A heartbeat's answer that
+    /// finds `match_index` still below it suggests lost appends (or acknowledgements), or
+    /// merely ones still in flight or waiting for the follower's fsync; an empty append
+    /// settles which, for the price of one small message.
     pub sent_at_heartbeat: Index,
+    /// Set when a periodic heartbeat leaves, taken by the first heartbeat answer after it:
+    /// the loss checks run once per heartbeat interval, however many read rounds (which
+    /// also travel as heartbeats) are answered meanwhile.
+    loss_check_due: bool,
     /// The snapshot transfer, in Snapshot mode.
     pub transfer: Option<SnapshotTransfer>,
     /// Latest read round (ReadIndex) the follower answered.
@@ -90,6 +94,7 @@ impl Progress {
             recent_active: true,
             active_last_round: true,
             sent_at_heartbeat: 0,
+            loss_check_due: false,
             transfer: None,
             acked_read_round: 0,
         }
@@ -171,6 +176,21 @@ impl Progress {
     pub fn new_round(&mut self) {
         self.active_last_round = self.recent_active;
         self.recent_active = false;
+    }
+
+    /// A periodic heartbeat leaves: marks what its answer will check.
+    pub fn heartbeat_sent(&mut self) {
+        self.sent_at_heartbeat = self.next_index - 1;
+        if let Some(t) = self.transfer.as_mut() {
+            t.acked_at_heartbeat = t.acked;
+        }
+        self.loss_check_due = true;
+    }
+
+    /// True once per periodic heartbeat, at the first heartbeat answer after it: whether to
+    /// look for lost messages now.
+    pub fn take_loss_check(&mut self) -> bool {
+        std::mem::take(&mut self.loss_check_due)
     }
 
     /// Lets a new probe go out (a heartbeat response arrived).

@@ -104,7 +104,7 @@ impl RaftCore {
         for r in l.pending_reads.iter_mut().filter(|r| r.round == 0) {
             r.round = round;
         }
-        self.broadcast_heartbeat();
+        self.broadcast_heartbeat(false);
     }
 
     /// Leader: the commit index reached the current term; reads held until then can go.

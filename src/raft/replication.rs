@@ -180,7 +180,10 @@ impl RaftCore {
                 };
                 p.recent_active = true;
                 p.resume();
-                if p.state == ProgressState::Snapshot {
+                if !p.take_loss_check() {
+                    // A read round's answer, or a second answer to one heartbeat: the check
+                    // ran already in this interval.
+                } else if p.state == ProgressState::Snapshot {
                     self.check_snapshot_progress(from);
                 } else if p.state == ProgressState::Replicate
                     && p.match_index < p.sent_at_heartbeat.min(last)
@@ -312,7 +315,10 @@ impl RaftCore {
         }
     }
 
-    pub(super) fn broadcast_heartbeat(&mut self) {
+    /// Sends every follower a heartbeat carrying the current read round. A `periodic` one
+    /// (the tick's, not a read round's) also marks what the loss checks of its answers
+    /// compare with, so that they run once per heartbeat interval.
+    pub(super) fn broadcast_heartbeat(&mut self, periodic: bool) {
         let commit = self.log.commit();
         let Some(l) = self.leader_mut() else { return };
         let read_round = l.read_round;
@@ -320,9 +326,8 @@ impl RaftCore {
             .progress
             .iter_mut()
             .map(|(&id, p)| {
-                p.sent_at_heartbeat = p.next_index - 1;
-                if let Some(t) = p.transfer.as_mut() {
-                    t.acked_at_heartbeat = t.acked;
+                if periodic {
+                    p.heartbeat_sent();
                 }
                 (id, p.match_index.min(commit))
             })
