@@ -1,7 +1,10 @@
 //! Log replication and agreement in the simulated cluster.
 //! `RAFTKV_SEEDS=n` runs more seeds, `RAFTKV_SEED=s` replays one.
 
-use raftkv::raft::{AppendResponse, MessageBody, NodeId, Role};
+use std::cell::Cell;
+use std::rc::Rc;
+
+use raftkv::raft::{AppendResponse, Message, MessageBody, NodeId, Role};
 use raftkv::testing::{for_each_seed, Cluster, RecordingMachine, SimConfig};
 
 fn cluster(nodes: usize, seed: u64) -> Cluster<RecordingMachine> {
@@ -15,6 +18,33 @@ fn applied(c: &Cluster<RecordingMachine>, id: NodeId) -> Vec<String> {
         .iter()
         .map(|(_, p)| String::from_utf8_lossy(p.as_bytes()).into_owned())
         .collect()
+}
+
+/// Three nodes on an ordered network (every message takes 2 ms), settled under a leader.
+fn ordered_cluster(seed: u64) -> (Cluster<RecordingMachine>, NodeId) {
+    let mut cfg = SimConfig::new(3, seed);
+    cfg.network.min_delay_ms = 2;
+    cfg.network.max_delay_ms = 2;
+    let mut c = Cluster::new(cfg, |_| RecordingMachine::default());
+    let leader = c.run_until_leader(3_000).expect("leader");
+    c.run_for(200);
+    (c, leader)
+}
+
+/// Counts (never drops) the messages from now on that `which` picks.
+fn count_messages(
+    c: &mut Cluster<RecordingMachine>,
+    which: impl Fn(&Message) -> bool + 'static,
+) -> Rc<Cell<u64>> {
+    let count = Rc::new(Cell::new(0));
+    let seen = count.clone();
+    c.network.set_filter(move |m, _| {
+        if which(m) {
+            seen.set(seen.get() + 1);
+        }
+        false
+    });
+    count
 }
 
 #[test]
@@ -217,23 +247,15 @@ fn fast_backup_of_a_follower_with_many_divergent_entries() {
 #[test]
 fn simple_agreement_sends_no_needless_messages() {
     for_each_seed("message_count", 20, |seed| {
-        // An ordered network (every message takes 2 ms): on one that reorders, an empty
-        // append may overtake the entry before it and be rejected, and then the leader probes.
-        let mut cfg = SimConfig::new(3, seed);
-        cfg.network.min_delay_ms = 2;
-        cfg.network.max_delay_ms = 2;
-        let mut c = Cluster::new(cfg, |_| RecordingMachine::default());
-        let leader = c.run_until_leader(3_000).expect("leader");
-        c.run_for(200);
+        // An ordered network: on one that reorders, an empty append may overtake the entry
+        // before it and be rejected, and then the leader probes.
+        let (mut c, leader) = ordered_cluster(seed);
         c.network.reset_traffic();
-        // Watch (never drop) for rejected appends.
-        let rejected = std::rc::Rc::new(std::cell::Cell::new(0u64));
-        let seen = rejected.clone();
-        c.network.set_filter(move |m, _| {
-            if let MessageBody::AppendResponse(AppendResponse::Rejected { .. }) = m.body {
-                seen.set(seen.get() + 1);
-            }
-            false
+        let rejected = count_messages(&mut c, |m| {
+            matches!(
+                m.body,
+                MessageBody::AppendResponse(AppendResponse::Rejected { .. })
+            )
         });
         for i in 0..10 {
             c.propose_and_wait(leader, format!("m{i}").as_str(), 1_000)
@@ -265,23 +287,11 @@ fn simple_agreement_sends_no_needless_messages() {
 #[test]
 fn read_rounds_do_not_multiply_loss_checks() {
     for_each_seed("read_round_checks", 20, |seed| {
-        let mut cfg = SimConfig::new(3, seed);
-        cfg.network.min_delay_ms = 2;
-        cfg.network.max_delay_ms = 2;
-        let mut c = Cluster::new(cfg, |_| RecordingMachine::default());
-        let leader = c.run_until_leader(3_000).expect("leader");
-        c.run_for(200);
-        // Watch (never drop) the empty appends the leader sends.
-        let empty = std::rc::Rc::new(std::cell::Cell::new(0u64));
-        let seen = empty.clone();
-        c.network.set_filter(move |m, _| {
-            if let MessageBody::Append { entries, .. } = &m.body {
-                if entries.is_empty() {
-                    seen.set(seen.get() + 1);
-                }
-            }
-            false
-        });
+        let (mut c, leader) = ordered_cluster(seed);
+        let empty = count_messages(
+            &mut c,
+            |m| matches!(&m.body, MessageBody::Append { entries, .. } if entries.is_empty()),
+        );
         // A write and a read every millisecond for 300 ms: there are always entries in
         // flight, and every read round travels as a heartbeat the followers answer.
         let start = c.now();
