@@ -3,7 +3,10 @@
 //! tail. Every test also checks that snapshots really happened (none of these may pass by
 //! snapshotting never or always). `RAFTKV_SEEDS=n` runs more seeds, `RAFTKV_SEED=s` replays.
 
-use raftkv::raft::{Membership, NodeId, Rng, SnapshotHeader};
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use raftkv::raft::{Membership, MessageBody, NodeId, Rng, SnapshotHeader};
 use raftkv::testing::{
     for_each_seed, Cluster, DigestMachine, NetworkConfig, RecordingMachine, SimConfig,
     SimFileStorage, SimStorage,
@@ -594,6 +597,58 @@ fn a_transfer_resumed_by_another_leader_never_splices_two_images() {
             c.machine(f).set(),
             c.machine(leader).set(),
             "node {f} restored another state (seed {seed})"
+        );
+    });
+}
+
+#[test]
+fn reads_during_a_transfer_do_not_resend_its_chunks() {
+    for_each_seed("reads_during_transfer", 10, |seed| {
+        let mut cfg = config(3, seed, 1_000);
+        cfg.distrust_initial_storage = false;
+        // An ordered network, and chunks small enough for a transfer to take many of them.
+        cfg.network.min_delay_ms = 2;
+        cfg.network.max_delay_ms = 2;
+        cfg.raft.snapshot_chunk_bytes = 64;
+        let mut c = Cluster::new(cfg, |_| RecordingMachine::default());
+        let leader = c.run_until_leader(3_000).expect("leader");
+        let f = c.node_ids().into_iter().find(|&i| i != leader).unwrap();
+        c.isolate(f);
+        write(&mut c, "w", 200);
+        let l = c.leader().unwrap();
+        assert!(
+            c.core(l).unwrap().log().snapshot().index > c.core(f).unwrap().log().last_index(),
+            "leader did not compact past the follower"
+        );
+        // Watch (never drop) the chunks: their offsets, and the snapshot's size.
+        let sent = Rc::new(RefCell::new((Vec::new(), 0u64)));
+        let seen = sent.clone();
+        c.network.set_filter(move |m, _| {
+            if let MessageBody::InstallSnapshot { size, offset, .. } = m.body {
+                let mut s = seen.borrow_mut();
+                s.0.push(offset);
+                s.1 = size;
+            }
+            false
+        });
+        c.reconnect(f);
+        // A read every millisecond while the follower catches up: each read round travels
+        // as a heartbeat that the follower answers.
+        let mut reads = 0;
+        while c.snapshots_installed(f) == 0 && reads < 5_000 {
+            let _ = c.read(l, "r");
+            c.run_for(1);
+            reads += 1;
+        }
+        assert_eq!(c.snapshots_installed(f), 1, "no snapshot installed");
+        // Nothing was lost, so every chunk left once: neither read rounds nor a follower
+        // whose acknowledgements wait for its fsync may look like lost chunks.
+        let (offsets, size) = sent.borrow().clone();
+        assert_eq!(
+            offsets.len() as u64,
+            size.div_ceil(64),
+            "{} chunks sent for {size} bytes in 64-byte chunks: {offsets:?}",
+            offsets.len()
         );
     });
 }

@@ -42,9 +42,14 @@ pub struct SnapshotTransfer {
     pub sent: u64,
     /// True once the first chunk left (a zero-byte snapshot still takes one message).
     pub started: bool,
-    /// `acked` when the latest heartbeat left: no progress over a heartbeat round trip means
-    /// chunks were lost, and the transfer resumes from `acked`.
+    /// `acked` when the latest periodic heartbeat left (`u64::MAX` before the first).
     pub acked_at_heartbeat: u64,
+    /// Whether `acked` had not moved over the whole heartbeat interval that ended when the
+    /// latest periodic heartbeat left. If it still has not moved when that heartbeat is
+    /// answered, chunks were lost and the transfer resumes from `acked`. A follower
+    /// acknowledges a chunk only once it is durable, so one heartbeat round trip without
+    /// progress proves nothing: the chunks in flight may simply be waiting for its fsync.
+    pub stalled: bool,
 }
 
 /// A leader's view of one follower.
@@ -134,7 +139,8 @@ impl Progress {
             acked: 0,
             sent: 0,
             started: false,
-            acked_at_heartbeat: 0,
+            acked_at_heartbeat: u64::MAX,
+            stalled: false,
         });
     }
 
@@ -182,6 +188,7 @@ impl Progress {
     pub fn heartbeat_sent(&mut self) {
         self.sent_at_heartbeat = self.next_index - 1;
         if let Some(t) = self.transfer.as_mut() {
+            t.stalled = t.acked == t.acked_at_heartbeat;
             t.acked_at_heartbeat = t.acked;
         }
         self.loss_check_due = true;

@@ -194,9 +194,10 @@ impl RaftCore {
         }
     }
 
-    /// Leader, on a heartbeat answer from a follower in snapshot mode: if nothing was
-    /// acknowledged over the last heartbeat round trip, the chunks in flight are presumed lost
-    /// and the transfer resumes from the last acknowledged byte.
+    /// Leader, on the first heartbeat answer after a periodic heartbeat from a follower in
+    /// snapshot mode: if nothing was acknowledged over the whole interval before that
+    /// heartbeat nor since, the chunks in flight are presumed lost and the transfer resumes
+    /// from the last acknowledged byte.
     pub(super) fn check_snapshot_progress(&mut self, from: NodeId) {
         let Some(t) = self
             .leader_mut()
@@ -205,7 +206,10 @@ impl RaftCore {
         else {
             return;
         };
-        if t.acked == t.acked_at_heartbeat && (t.sent > t.acked || (t.started && t.size == 0)) {
+        if t.stalled
+            && t.acked == t.acked_at_heartbeat
+            && (t.sent > t.acked || (t.started && t.size == 0))
+        {
             t.sent = t.acked;
             t.started = t.sent > 0;
         }
