@@ -652,3 +652,45 @@ fn reads_during_a_transfer_do_not_resend_its_chunks() {
         );
     });
 }
+
+#[test]
+fn a_transfer_whose_last_chunk_is_lost_completes_under_reads() {
+    for_each_seed("last_chunk_lost", 10, |seed| {
+        let mut cfg = config(3, seed, 1_000);
+        cfg.distrust_initial_storage = false;
+        // Ordered: a chunk overtaken by a later one would be refused, and the refusal would
+        // say where the follower stands.
+        cfg.network.min_delay_ms = 2;
+        cfg.network.max_delay_ms = 2;
+        cfg.raft.snapshot_chunk_bytes = 64;
+        let mut c = Cluster::new(cfg, |_| RecordingMachine::default());
+        let leader = c.run_until_leader(3_000).expect("leader");
+        let f = c.node_ids().into_iter().find(|&i| i != leader).unwrap();
+        c.isolate(f);
+        write(&mut c, "w", 200);
+        // The first copy of the last chunk is lost: no later chunk makes the follower say
+        // where it stands, so only the leader's check at a heartbeat can resume the transfer.
+        let mut lost = false;
+        c.network.set_filter(move |m, _| match &m.body {
+            MessageBody::InstallSnapshot {
+                size, offset, data, ..
+            } if !lost && offset + data.len() as u64 == *size => {
+                lost = true;
+                true
+            }
+            _ => false,
+        });
+        c.reconnect(f);
+        // Reads every millisecond meanwhile: their rounds' answers may take the check.
+        let mut ms = 0;
+        while c.snapshots_installed(f) == 0 && ms < 10_000 {
+            let _ = c.read(leader, "r");
+            c.run_for(1);
+            ms += 1;
+        }
+        assert!(
+            c.snapshots_installed(f) >= 1,
+            "no snapshot installed on {f} after {ms} ms"
+        );
+    });
+}
