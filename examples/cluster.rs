@@ -18,7 +18,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use processes::ProcessCluster;
-use raftkv::kv::{ClientOptions, KvClient};
+use raftkv::kv::KvClient;
 use raftkv::NodeId;
 
 use client_proto::TcpKvEndpoint;
@@ -158,10 +158,7 @@ async fn run() -> Result<(), String> {
     println!("    node {leader} was elected leader");
     print_statuses(&cluster).await;
 
-    let options = ClientOptions {
-        deadline: Duration::from_secs(20),
-        ..ClientOptions::default()
-    };
+    let options = processes::client_options();
     let mut client = KvClient::connect(cluster.endpoint(), options)
         .await
         .map_err(|e| format!("cannot open a session: {e}"))?;

@@ -24,19 +24,12 @@ use std::time::{Duration, Instant};
 
 use client_proto::TcpKvEndpoint;
 use processes::ProcessCluster;
-use raftkv::kv::{ClientOptions, KvClient};
+use raftkv::kv::KvClient;
 use raftkv::NodeId;
 use tokio::time::sleep;
 
 fn binary() -> PathBuf {
     processes::build_node_for_tests(true).expect("building the node example")
-}
-
-fn options() -> ClientOptions {
-    ClientOptions {
-        deadline: Duration::from_secs(20),
-        ..ClientOptions::default()
-    }
 }
 
 fn cluster_id_of(dir: &Path) -> u64 {
@@ -125,7 +118,7 @@ fn a_new_cluster_mints_a_random_id_and_a_recreated_one_refuses_the_old_nodes() {
 async fn recreated() {
     let mut cluster = ProcessCluster::start(binary(), 3).expect("cluster");
     leader(&mut cluster).await;
-    let mut client = KvClient::connect(cluster.endpoint(), options())
+    let mut client = KvClient::connect(cluster.endpoint(), processes::client_options())
         .await
         .expect("client");
     client.put("first", "cluster").await.expect("put");
@@ -170,7 +163,7 @@ async fn recreated() {
     wait_log(&cluster, 3, from3, "the dialer belongs to another cluster").await;
 
     // Nodes 2 and 3 serve the second cluster meanwhile; it never held the first's key.
-    let mut client = KvClient::connect(endpoint_of(&cluster, &[2, 3]), options())
+    let mut client = KvClient::connect(endpoint_of(&cluster, &[2, 3]), processes::client_options())
         .await
         .expect("client of the second cluster");
     client.put("second", "cluster").await.expect("put");
@@ -191,7 +184,7 @@ fn a_lost_member_is_refused_new_cluster_and_its_old_directory_is_refused_as_a_zo
 async fn zombie() {
     let mut cluster = ProcessCluster::start(binary(), 3).expect("cluster");
     let lead = leader(&mut cluster).await;
-    let mut client = KvClient::connect(cluster.endpoint(), options())
+    let mut client = KvClient::connect(cluster.endpoint(), processes::client_options())
         .await
         .expect("client");
     let mut acknowledged = Vec::new();
@@ -278,7 +271,7 @@ async fn zombie() {
         .wait_applied(victim, commit, Duration::from_secs(30))
         .await
         .expect("the replacement catches up");
-    let mut reader = KvClient::connect(cluster.endpoint(), options())
+    let mut reader = KvClient::connect(cluster.endpoint(), processes::client_options())
         .await
         .expect("reader");
     for i in &acknowledged {

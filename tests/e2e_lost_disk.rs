@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use client_proto::TcpKvEndpoint;
 use processes::ProcessCluster;
-use raftkv::kv::{ClientOptions, KvClient};
+use raftkv::kv::KvClient;
 use raftkv::NodeId;
 use tokio::time::sleep;
 
@@ -30,16 +30,9 @@ fn binary() -> PathBuf {
     processes::build_node_for_tests(true).expect("building the node example")
 }
 
-fn options() -> ClientOptions {
-    ClientOptions {
-        deadline: Duration::from_secs(20),
-        ..ClientOptions::default()
-    }
-}
-
 /// Writes `w<i>` = `v<i>` one after another until `stop`; returns the acknowledged `i`s.
 async fn writer(endpoint: TcpKvEndpoint, stop: Arc<AtomicBool>) -> Result<Vec<u64>, String> {
-    let mut client = KvClient::connect(endpoint, options())
+    let mut client = KvClient::connect(endpoint, processes::client_options())
         .await
         .map_err(|e| e.to_string())?;
     let mut acknowledged = Vec::new();
@@ -132,7 +125,7 @@ async fn scenario() {
         acknowledged.len()
     );
 
-    let mut reader = KvClient::connect(cluster.endpoint(), options())
+    let mut reader = KvClient::connect(cluster.endpoint(), processes::client_options())
         .await
         .expect("reader");
     for i in &acknowledged {

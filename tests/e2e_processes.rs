@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use client_proto::TcpKvEndpoint;
 use processes::ProcessCluster;
-use raftkv::kv::{ClientError, ClientOptions, KvClient};
+use raftkv::kv::{ClientError, KvClient};
 use raftkv::testing::linearizability::{check, KvInput, KvOutput, Operation, Verdict};
 use tokio::time::sleep;
 
@@ -55,16 +55,9 @@ struct ClientLog {
     acknowledged: Vec<(u64, Vec<u8>)>,
 }
 
-fn options() -> ClientOptions {
-    ClientOptions {
-        deadline: Duration::from_secs(20),
-        ..ClientOptions::default()
-    }
-}
-
 /// A client (it writes nothing until its first write, which registers its session).
 async fn connect(endpoint: TcpKvEndpoint) -> Result<KvClient<TcpKvEndpoint>, String> {
-    KvClient::connect(endpoint, options())
+    KvClient::connect(endpoint, processes::client_options())
         .await
         .map_err(|e| e.to_string())
 }

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use raftkv::kv::ClientOptions;
 use raftkv::NodeId;
 
 use crate::client_proto::guard::Secret;
@@ -94,6 +95,15 @@ pub fn build_examples(examples_dir: &Path, release: bool, only_node: bool) -> Re
         return Err(format!("`cargo build` failed ({status})"));
     }
     Ok(())
+}
+
+/// What a client of a process cluster uses: a 20 s deadline per operation, since the
+/// cluster is killed and restarted under it and an election takes real time.
+pub fn client_options() -> ClientOptions {
+    ClientOptions {
+        deadline: Duration::from_secs(20),
+        ..ClientOptions::default()
+    }
 }
 
 /// Builds the examples (only `node` with `only_node`) in the profile of the running test and
