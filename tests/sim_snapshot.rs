@@ -601,25 +601,54 @@ fn a_transfer_resumed_by_another_leader_never_splices_two_images() {
     });
 }
 
+/// Three nodes on an ordered network (every message takes 2 ms; a chunk overtaken by a later
+/// one would be refused, and the refusal would say where the follower stands), 64-byte
+/// snapshot chunks, and a follower kept apart while the leader compacts past it. Returns the
+/// cluster (the follower still cut off), the leader and the follower.
+fn follower_behind_a_snapshot(seed: u64) -> (Cluster<RecordingMachine>, NodeId, NodeId) {
+    let mut cfg = config(3, seed, 1_000);
+    cfg.distrust_initial_storage = false;
+    cfg.network.min_delay_ms = 2;
+    cfg.network.max_delay_ms = 2;
+    cfg.raft.snapshot_chunk_bytes = 64;
+    let mut c = Cluster::new(cfg, |_| RecordingMachine::default());
+    let leader = c.run_until_leader(3_000).expect("leader");
+    let f = c.node_ids().into_iter().find(|&i| i != leader).unwrap();
+    c.isolate(f);
+    write(&mut c, "w", 200);
+    assert_eq!(
+        c.leader(),
+        Some(leader),
+        "leadership moved on a reliable network"
+    );
+    assert!(
+        c.core(leader).unwrap().log().snapshot().index > c.core(f).unwrap().log().last_index(),
+        "leader did not compact past the follower"
+    );
+    (c, leader, f)
+}
+
+/// Reconnects `f` and has `leader` serve a read every millisecond (each read round travels
+/// as a heartbeat the follower answers) until `f` installed a snapshot or 10 s passed.
+fn reconnect_under_reads(c: &mut Cluster<RecordingMachine>, leader: NodeId, f: NodeId) {
+    c.reconnect(f);
+    let mut ms = 0;
+    while c.snapshots_installed(f) == 0 && ms < 10_000 {
+        let _ = c.read(leader, "r");
+        c.run_for(1);
+        ms += 1;
+    }
+    assert_eq!(
+        c.snapshots_installed(f),
+        1,
+        "no snapshot installed on {f} after {ms} ms"
+    );
+}
+
 #[test]
 fn reads_during_a_transfer_do_not_resend_its_chunks() {
     for_each_seed("reads_during_transfer", 10, |seed| {
-        let mut cfg = config(3, seed, 1_000);
-        cfg.distrust_initial_storage = false;
-        // An ordered network, and chunks small enough for a transfer to take many of them.
-        cfg.network.min_delay_ms = 2;
-        cfg.network.max_delay_ms = 2;
-        cfg.raft.snapshot_chunk_bytes = 64;
-        let mut c = Cluster::new(cfg, |_| RecordingMachine::default());
-        let leader = c.run_until_leader(3_000).expect("leader");
-        let f = c.node_ids().into_iter().find(|&i| i != leader).unwrap();
-        c.isolate(f);
-        write(&mut c, "w", 200);
-        let l = c.leader().unwrap();
-        assert!(
-            c.core(l).unwrap().log().snapshot().index > c.core(f).unwrap().log().last_index(),
-            "leader did not compact past the follower"
-        );
+        let (mut c, leader, f) = follower_behind_a_snapshot(seed);
         // Watch (never drop) the chunks: their offsets, and the snapshot's size.
         let sent = Rc::new(RefCell::new((Vec::new(), 0u64)));
         let seen = sent.clone();
@@ -631,16 +660,7 @@ fn reads_during_a_transfer_do_not_resend_its_chunks() {
             }
             false
         });
-        c.reconnect(f);
-        // A read every millisecond while the follower catches up: each read round travels
-        // as a heartbeat that the follower answers.
-        let mut reads = 0;
-        while c.snapshots_installed(f) == 0 && reads < 5_000 {
-            let _ = c.read(l, "r");
-            c.run_for(1);
-            reads += 1;
-        }
-        assert_eq!(c.snapshots_installed(f), 1, "no snapshot installed");
+        reconnect_under_reads(&mut c, leader, f);
         // Nothing was lost, so every chunk left once: neither read rounds nor a follower
         // whose acknowledgements wait for its fsync may look like lost chunks.
         let (offsets, size) = sent.borrow().clone();
@@ -656,20 +676,10 @@ fn reads_during_a_transfer_do_not_resend_its_chunks() {
 #[test]
 fn a_transfer_whose_last_chunk_is_lost_completes_under_reads() {
     for_each_seed("last_chunk_lost", 10, |seed| {
-        let mut cfg = config(3, seed, 1_000);
-        cfg.distrust_initial_storage = false;
-        // Ordered: a chunk overtaken by a later one would be refused, and the refusal would
-        // say where the follower stands.
-        cfg.network.min_delay_ms = 2;
-        cfg.network.max_delay_ms = 2;
-        cfg.raft.snapshot_chunk_bytes = 64;
-        let mut c = Cluster::new(cfg, |_| RecordingMachine::default());
-        let leader = c.run_until_leader(3_000).expect("leader");
-        let f = c.node_ids().into_iter().find(|&i| i != leader).unwrap();
-        c.isolate(f);
-        write(&mut c, "w", 200);
+        let (mut c, leader, f) = follower_behind_a_snapshot(seed);
         // The first copy of the last chunk is lost: no later chunk makes the follower say
-        // where it stands, so only the leader's check at a heartbeat can resume the transfer.
+        // where it stands, so only the leader's check at a heartbeat can resume the
+        // transfer, while read rounds' answers take some of the checks.
         let mut lost = false;
         c.network.set_filter(move |m, _| match &m.body {
             MessageBody::InstallSnapshot {
@@ -680,17 +690,6 @@ fn a_transfer_whose_last_chunk_is_lost_completes_under_reads() {
             }
             _ => false,
         });
-        c.reconnect(f);
-        // Reads every millisecond meanwhile: their rounds' answers may take the check.
-        let mut ms = 0;
-        while c.snapshots_installed(f) == 0 && ms < 10_000 {
-            let _ = c.read(leader, "r");
-            c.run_for(1);
-            ms += 1;
-        }
-        assert!(
-            c.snapshots_installed(f) >= 1,
-            "no snapshot installed on {f} after {ms} ms"
-        );
+        reconnect_under_reads(&mut c, leader, f);
     });
 }
