@@ -5,7 +5,9 @@
 //! between two threads over a channel (a proposal crosses several), and one 100-byte
 //! write + fdatasync in the same directory, and three of them issued at once on three files
 //! until the second is done (every commit waits for one on the leader and one on a follower,
-//! or for two followers', and here the three nodes share one disk).
+//! or for two followers', and here the three nodes share one disk). Last, the durable rows
+//! again with a disk of its own per node (tmpfs, each sync taking that fdatasync's median;
+//! see `common::OwnDisk`), beside what those syncs really took.
 //!
 //! Run with: `cargo bench --bench cluster` (`RAFTKV_BENCH_DIR` picks the directory; it must
 //! be a real disk for the file figures to mean anything).
@@ -88,6 +90,39 @@ fn report(
     (rate, percentile(&lat, 0.50))
 }
 
+/// The durable rows again with a disk of its own per node (`common::OwnDisk`: tmpfs, and
+/// each sync with writes takes `flush`, the median fdatasync of this disk just measured), for
+/// what the library costs above the flush where nodes do not share one disk.
+fn own_disks(flush: Duration) {
+    let shm = std::path::Path::new("/dev/shm");
+    if !shm.is_dir() {
+        println!("own disks: skipped, no /dev/shm");
+        return;
+    }
+    let dir = shm.join(format!("raftkv-bench-own-disks-{}", std::process::id()));
+    let flushes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let backend = Backend::OwnDisks {
+        dir: dir.clone(),
+        flush,
+        flushes: flushes.clone(),
+    };
+    let c = cluster(&backend, DigestMachine::default);
+    flushes.lock().expect("lock").clear();
+    let (one, p50) = report("own disks", &c, 1, 5_000, 5, || {});
+    let took = median(std::mem::take(&mut *flushes.lock().expect("lock")));
+    let (many, _) = report("own disks", &c, 64, 100_000, 1, || {});
+    println!(
+        "own disks: 1 proposer p50 = {:.2}x one flush ({took:?}, the median of its syncs; asked {flush:?})",
+        p50.as_secs_f64() / took.as_secs_f64()
+    );
+    println!(
+        "own disks: 64 proposers commit {:.1}x the single proposer's rate (group commit)",
+        many / one
+    );
+    c.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -120,6 +155,7 @@ fn bench(crit: &mut Criterion) {
         "files: 64 proposers commit {:.1}x the single proposer's rate (group commit)",
         many / one
     );
+    own_disks(single);
 
     let mut g = crit.benchmark_group("cluster_propose_100B");
     g.throughput(Throughput::Elements(1));

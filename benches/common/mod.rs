@@ -6,8 +6,12 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use raftkv::error::StorageError;
 use raftkv::raft::Role;
-use raftkv::storage::{FileStorage, FileStorageOptions, MemStorage};
+use raftkv::raft::{Entry, HardState, Index, SnapshotMeta, Term};
+use raftkv::storage::{
+    FileStorage, FileStorageOptions, InitialState, MemStorage, PersistedSize, Storage, TailLoss,
+};
 use raftkv::transport::LocalNetwork;
 use raftkv::{Node, NodeConfig, StateMachine};
 
@@ -17,6 +21,15 @@ pub enum Backend {
     Memory,
     /// `FileStorage`, one data directory per node under this one.
     Files(PathBuf),
+    /// [`OwnDisk`]: one data directory per node under this one (on tmpfs), each sync with
+    /// writes taking `flush`; every such sync's duration is pushed to `flushes`. (Only the
+    /// cluster bench builds it; the other benches that share this module do not.)
+    #[allow(dead_code)]
+    OwnDisks {
+        dir: PathBuf,
+        flush: Duration,
+        flushes: std::sync::Arc<std::sync::Mutex<Vec<Duration>>>,
+    },
 }
 
 /// Three nodes over `LocalNetwork`, their drivers on a one-thread tokio runtime.
@@ -41,13 +54,19 @@ pub fn cluster<M: StateMachine>(backend: &Backend, machine: impl Fn() -> M) -> C
         let (node, driver) = match backend {
             Backend::Memory => Node::start(c, MemStorage::new(), machine(), net.transport(id)),
             Backend::Files(dir) => {
-                let opts = FileStorageOptions {
-                    cluster_id: 1,
-                    node_id: id,
-                    ..Default::default()
+                Node::start(c, file_storage(dir, id), machine(), net.transport(id))
+            }
+            Backend::OwnDisks {
+                dir,
+                flush,
+                flushes,
+            } => {
+                let storage = OwnDisk {
+                    inner: file_storage(dir, id),
+                    flush: *flush,
+                    dirty: false,
+                    flushes: flushes.clone(),
                 };
-                let storage =
-                    FileStorage::open(dir.join(format!("n{id}")), opts).expect("data directory");
                 Node::start(c, storage, machine(), net.transport(id))
             }
         }
@@ -64,6 +83,15 @@ pub fn cluster<M: StateMachine>(backend: &Backend, machine: impl Fn() -> M) -> C
         std::thread::sleep(Duration::from_millis(5));
     };
     Cluster { leader, nodes, rt }
+}
+
+fn file_storage(dir: &Path, id: u64) -> FileStorage {
+    let opts = FileStorageOptions {
+        cluster_id: 1,
+        node_id: id,
+        ..Default::default()
+    };
+    FileStorage::open(dir.join(format!("n{id}")), opts).expect("data directory")
 }
 
 impl<O: Send + 'static> Cluster<O> {
@@ -191,4 +219,106 @@ pub fn print_floors(dir: &Path) {
         "machine floor: three at once on three files (a 3-node cluster on this disk), the second done after {:?}",
         quorum_fdatasync(dir)
     );
+}
+
+/// A disk of its own per node, for a machine that has only one: `FileStorage` in a tmpfs
+/// directory, whose every `sync` with writes pending also takes `flush` in all (as a device
+/// flush would, the thread sleeping until it completes). Each such sync's real duration is
+/// recorded in `flushes`, so figures are printed beside what a flush actually cost.
+pub struct OwnDisk {
+    inner: FileStorage,
+    flush: Duration,
+    dirty: bool,
+    flushes: std::sync::Arc<std::sync::Mutex<Vec<Duration>>>,
+}
+
+impl OwnDisk {
+    fn wait_flush(&mut self, started: Instant) {
+        // A sleep on Linux overshoots by the thread's timer slack (50 µs by default), a
+        // third of the flush modelled: ask for the precise wake-up a device interrupt gives.
+        thread_local!(static PRECISE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) });
+        PRECISE.with(|p| {
+            if !p.replace(true) {
+                // SAFETY: PR_SET_TIMERSLACK takes one integer argument and affects only the
+                // calling thread.
+                unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
+            }
+        });
+        if let Some(left) = self.flush.checked_sub(started.elapsed()) {
+            std::thread::sleep(left);
+        }
+        self.flushes.lock().expect("lock").push(started.elapsed());
+        self.dirty = false;
+    }
+}
+
+impl Storage for OwnDisk {
+    fn initial_state(&self) -> Result<InitialState, StorageError> {
+        self.inner.initial_state()
+    }
+    fn first_index(&self) -> Index {
+        self.inner.first_index()
+    }
+    fn last_index(&self) -> Index {
+        self.inner.last_index()
+    }
+    fn term(&self, index: Index) -> Result<Term, StorageError> {
+        self.inner.term(index)
+    }
+    fn entries(&self, lo: Index, hi: Index, max_bytes: u64) -> Result<Vec<Entry>, StorageError> {
+        self.inner.entries(lo, hi, max_bytes)
+    }
+    fn set_hard_state(&mut self, hard_state: HardState) -> Result<(), StorageError> {
+        self.dirty = true;
+        self.inner.set_hard_state(hard_state)
+    }
+    fn append(&mut self, entries: &[Entry]) -> Result<(), StorageError> {
+        self.dirty |= !entries.is_empty();
+        self.inner.append(entries)
+    }
+    fn truncate_suffix(&mut self, from: Index) -> Result<(), StorageError> {
+        self.dirty = true;
+        self.inner.truncate_suffix(from)
+    }
+    fn sync(&mut self) -> Result<(), StorageError> {
+        let started = Instant::now();
+        self.inner.sync()?;
+        if self.dirty {
+            self.wait_flush(started);
+        }
+        Ok(())
+    }
+    fn write_snapshot_chunk(
+        &mut self,
+        meta: SnapshotMeta,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), StorageError> {
+        self.inner.write_snapshot_chunk(meta, offset, data)
+    }
+    fn install_snapshot(&mut self, meta: SnapshotMeta) -> Result<(), StorageError> {
+        let started = Instant::now();
+        self.inner.install_snapshot(meta)?;
+        self.wait_flush(started);
+        Ok(())
+    }
+    fn read_snapshot(&self, offset: u64, len: usize) -> Result<Vec<u8>, StorageError> {
+        self.inner.read_snapshot(offset, len)
+    }
+    fn compact(&mut self, through: Index) -> Result<(), StorageError> {
+        self.inner.compact(through)
+    }
+    fn persisted_size(&self) -> PersistedSize {
+        self.inner.persisted_size()
+    }
+    fn tail_loss(&self) -> Option<TailLoss> {
+        self.inner.tail_loss()
+    }
+    fn clear_tail_loss(&mut self) -> Result<(), StorageError> {
+        self.dirty = true;
+        self.inner.clear_tail_loss()
+    }
+    fn record_tail_loss(&mut self, loss: TailLoss) -> Result<(), StorageError> {
+        self.inner.record_tail_loss(loss)
+    }
 }
