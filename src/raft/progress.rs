@@ -50,6 +50,31 @@ pub struct SnapshotTransfer {
     /// acknowledges a chunk only once it is durable, so one heartbeat round trip without
     /// progress proves nothing: the chunks in flight may simply be waiting for its fsync.
     pub stalled: bool,
+    /// Where the transfer last resumed (after a refusal or a stall).
+    pub resumed_at: u64,
+    /// How many more refusals naming `resumed_at` to ignore: the chunks that were in flight
+    /// when it resumed there are refused one by one as they arrive, and each is an answer to
+    /// a chunk already sent again, not news. Once they are counted, a refusal naming
+    /// `resumed_at` means a resent chunk was lost too, and the transfer resumes again.
+    pub stale_refusals: u64,
+}
+
+impl SnapshotTransfer {
+    /// Resumes from `at`, the offset the follower holds everything before; refusals of the
+    /// chunks in flight now (all but one, for the one being answered when a refusal is the
+    /// reason) are expected and will be ignored.
+    pub fn resume_at(&mut self, at: u64, chunk: u64, answering: bool) {
+        let in_flight = self.sent.saturating_sub(self.acked).div_ceil(chunk.max(1));
+        self.stale_refusals = in_flight.saturating_sub(u64::from(answering));
+        self.resumed_at = at;
+        self.acked = at;
+        self.sent = at;
+        self.started = at > 0;
+        // The chunks sent from here get a whole heartbeat interval before a check may call
+        // them lost, as a new transfer's do.
+        self.acked_at_heartbeat = u64::MAX;
+        self.stalled = false;
+    }
 }
 
 /// A leader's view of one follower.
@@ -141,6 +166,8 @@ impl Progress {
             started: false,
             acked_at_heartbeat: u64::MAX,
             stalled: false,
+            resumed_at: 0,
+            stale_refusals: 0,
         });
     }
 

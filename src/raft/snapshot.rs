@@ -162,6 +162,7 @@ impl RaftCore {
         next_offset: u64,
         status: SnapshotStatus,
     ) {
+        let chunk = self.cfg.snapshot_chunk_bytes;
         let Some(p) = self.leader_mut().and_then(|l| l.progress.get_mut(&from)) else {
             return;
         };
@@ -187,9 +188,14 @@ impl RaftCore {
             }
             _ => {
                 // The follower expects another offset (it lost chunks or its partial copy).
-                t.acked = next_offset.min(t.size);
-                t.sent = t.acked;
-                t.started = t.sent > 0;
+                let at = next_offset.min(t.size);
+                if at == t.resumed_at && t.stale_refusals > 0 {
+                    // A chunk sent before the transfer resumed here, refused on arrival:
+                    // resuming again would send the same chunks twice more.
+                    t.stale_refusals -= 1;
+                } else {
+                    t.resume_at(at, chunk, true);
+                }
             }
         }
     }
@@ -199,6 +205,7 @@ impl RaftCore {
     /// heartbeat nor since, the chunks in flight are presumed lost and the transfer resumes
     /// from the last acknowledged byte.
     pub(super) fn check_snapshot_progress(&mut self, from: NodeId) {
+        let chunk = self.cfg.snapshot_chunk_bytes;
         let Some(t) = self
             .leader_mut()
             .and_then(|l| l.progress.get_mut(&from))
@@ -210,8 +217,8 @@ impl RaftCore {
             && t.acked == t.acked_at_heartbeat
             && (t.sent > t.acked || (t.started && t.size == 0))
         {
-            t.sent = t.acked;
-            t.started = t.sent > 0;
+            let at = t.acked;
+            t.resume_at(at, chunk, false);
         }
     }
 
