@@ -440,6 +440,80 @@ fn a_failed_fsync_poisons_the_storage() {
 }
 
 #[test]
+fn a_failed_wait_of_a_split_sync_poisons_the_storage() {
+    let disk = SimDisk::new();
+    let mut s = FileStorage::open_simulated(&disk, "/n", opts()).unwrap();
+    s.append(&entries(1, 2, 1)).unwrap();
+    s.sync().unwrap();
+    s.append(&entries(3, 4, 1)).unwrap();
+    let wait = s
+        .start_sync()
+        .unwrap()
+        .expect("the file storage splits its syncs");
+    assert!(wait.blocks(), "there are writes to flush");
+    disk.fail_next_sync();
+    let waited = wait.run();
+    assert!(matches!(waited, Err(StorageError::Io { op: "fsync", .. })));
+    assert!(matches!(
+        s.finish_sync(waited),
+        Err(StorageError::Io { op: "fsync", .. })
+    ));
+    assert!(
+        matches!(s.sync(), Err(StorageError::Poisoned)),
+        "no retry after a failed fsync"
+    );
+    assert!(matches!(s.start_sync(), Err(StorageError::Poisoned)));
+    drop(s);
+    disk.crash(1);
+    let s = FileStorage::open_simulated(&disk, "/n", opts()).unwrap();
+    assert!(s.last_index() >= 2, "what was synced before stays");
+}
+
+/// The node's way: the wait runs on another thread while the storage takes more writes, a
+/// blocking sync and a segment roll; each finish leaves a watermark the files reopen with.
+#[test]
+fn a_split_sync_waits_on_another_thread_while_writes_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let small = FileStorageOptions {
+        segment_size: 64 * 1024,
+        ..opts()
+    };
+    let mut s = FileStorage::open(dir.path(), small).unwrap();
+    let log: Vec<Entry> = (1..=200).map(|i| kib_entry(i, 1)).collect();
+    for (round, batch) in log.chunks(10).enumerate() {
+        s.append(batch).unwrap();
+        let wait = s
+            .start_sync()
+            .unwrap()
+            .expect("the file storage splits its syncs");
+        let waiter = std::thread::spawn(move || wait.run());
+        // Writes while the wait is in flight; every third round a blocking sync too, which
+        // gets the watermark further than the finish below would.
+        s.set_hard_state(HardState {
+            term: 1 + round as u64,
+            vote: Some(1),
+        })
+        .unwrap();
+        if round % 3 == 0 {
+            s.sync().unwrap();
+        }
+        s.finish_sync(waiter.join().unwrap()).unwrap();
+    }
+    assert!(
+        s.persisted_size().log_bytes > 3 * 64 * 1024,
+        "segments rolled while syncs were in flight"
+    );
+    drop(s);
+    let s = FileStorage::open(dir.path(), small).unwrap();
+    assert!(
+        s.recovery_report().torn_tail.is_none(),
+        "nothing above a watermark: {:?}",
+        s.recovery_report()
+    );
+    assert_eq!(all(&s), log, "every entry a finished sync covered is there");
+}
+
+#[test]
 fn a_full_disk_fails_cleanly_and_writing_resumes_when_space_returns() {
     let disk = SimDisk::new();
     let mut s = FileStorage::open_simulated(&disk, "/n", opts()).unwrap();

@@ -7,17 +7,20 @@
 //! state followed by some prefix of the later operations: everything synced is there, nothing
 //! appears that was not written, and nothing is out of order. It must then accept new writes.
 //! Random valid workloads (`RAFTKV_CRASH_WORKLOADS`, 60 by default) are crashed the same way
-//! at random points.
+//! at random points. Both kinds split some syncs in two (`start_sync`, the wait, `finish_sync`)
+//! with other writes, blocking syncs, snapshots and segment rolls in between, as a node whose
+//! fsync runs on another thread does: what a split sync covered is durable once it finished.
 //!
 //! Every tear is a tear: half of the reopens use recovery mode
 //! (`FileStorageOptions::recover_damaged_tail`), and a crash must never look like damage to
 //! synced data there (no tail loss, nothing cut but never-synced bytes) — nor be refused, even
 //! on a disk that persists the sectors of a write in any order.
 
+use raftkv::error::StorageError;
 use raftkv::raft::{Entry, EntryPayload, HardState, Index, SnapshotMeta};
 use raftkv::storage::file::conformance::snapshot_bytes;
 use raftkv::storage::file::sim::{SimDisk, SplitMix64};
-use raftkv::storage::{FileStorage, FileStorageOptions, Storage};
+use raftkv::storage::{FileStorage, FileStorageOptions, Storage, SyncWait};
 
 const SEEDS_PER_POINT: u64 = 8;
 
@@ -75,6 +78,12 @@ enum Op {
     Install(SnapshotMeta, Vec<u8>),
     Compact(Index),
     Sync,
+    /// `start_sync`: what was written so far is covered by the sync it begins.
+    StartSync,
+    /// The started sync's wait (an fdatasync, on another thread in a node).
+    Wait,
+    /// `finish_sync` with the wait's result: what the sync covered is durable now.
+    FinishSync,
 }
 
 /// The workload: a story of a follower's log.
@@ -102,9 +111,12 @@ fn workload() -> Vec<Op> {
         }),
         Sync,
         Append(run(10, 14, 2)), // a new leader overwrites 10..
-        Sync,
+        // A split sync with writes (and a blocking sync) while its wait is in flight.
+        StartSync,
         Truncate(13),
+        Wait,
         Append(run(13, 20, 2)),
+        FinishSync,
         Sync,
         snap(8, 1), // keeps 9..
         Compact(8),
@@ -122,13 +134,19 @@ fn workload() -> Vec<Op> {
         Chunk(streamed, 700, streamed_data[700..1500].to_vec()),
         Chunk(streamed, 1500, streamed_data[1500..].to_vec()),
         Append(run(34, 34, 2)),
+        // Started before the install (which syncs on its own), finished after it.
+        StartSync,
         Install(streamed, streamed_data.clone()), // keeps 21..
+        Wait,
+        FinishSync,
         Compact(20),
         Truncate(25),
         Sync,
         snap(40, 5), // beyond the log: discards it
         Append(run(41, 45, 5)),
-        Sync,
+        StartSync,
+        Wait,
+        FinishSync,
         Compact(40),
         Append(run(46, 50, 5)),
         HardState(raftkv::raft::HardState {
@@ -185,7 +203,12 @@ impl Model {
                 self.snapshot = *meta;
                 self.snapshot_data = data.clone();
             }
-            Op::Chunk(..) | Op::Compact(_) | Op::Sync => {}
+            Op::Chunk(..)
+            | Op::Compact(_)
+            | Op::Sync
+            | Op::StartSync
+            | Op::Wait
+            | Op::FinishSync => {}
         }
     }
 
@@ -215,6 +238,10 @@ fn run_workload_until_crash(disk: &SimDisk, workload: Vec<Op>) -> (Model, Vec<Op
     let Ok(mut s) = FileStorage::open_simulated(disk, "/data", opts()) else {
         return (durable, unsynced);
     };
+    // The started sync: how many of `unsynced` it covers, its wait, then the wait's result.
+    let mut covered = 0;
+    let mut wait: Option<SyncWait> = None;
+    let mut waited: Option<Result<(), StorageError>> = None;
     for op in workload {
         match &op {
             Op::Append(entries) => {
@@ -231,6 +258,15 @@ fn run_workload_until_crash(disk: &SimDisk, workload: Vec<Op>) -> (Model, Vec<Op
             Op::Install(meta, _) => s.install_snapshot(*meta),
             Op::Compact(through) => s.compact(*through),
             Op::Sync => s.sync(),
+            Op::StartSync => s.start_sync().map(|w| {
+                wait = Some(w.expect("the file storage splits its syncs"));
+                covered = unsynced.len() - 1;
+            }),
+            Op::Wait => {
+                waited = Some(wait.take().expect("a started sync").run());
+                Ok(())
+            }
+            Op::FinishSync => s.finish_sync(waited.take().expect("a waited sync")),
         };
         if result.is_err() {
             break;
@@ -242,6 +278,13 @@ fn run_workload_until_crash(disk: &SimDisk, workload: Vec<Op>) -> (Model, Vec<Op
             for op in unsynced.drain(..) {
                 durable.apply(&op);
             }
+            covered = 0;
+        }
+        if matches!(op, Op::FinishSync) {
+            for op in unsynced.drain(..covered) {
+                durable.apply(&op);
+            }
+            covered = 0;
         }
     }
     (durable, unsynced)
@@ -381,6 +424,8 @@ fn random_workload(seed: u64, len: usize) -> Vec<Op> {
     let mut model = Model::default();
     let mut term = 1;
     let mut ops = Vec::new();
+    // A started sync: operations until its wait (`None`: waited), then until its finish.
+    let mut split: Option<(Option<u64>, u64)> = None;
     while ops.len() < len {
         let first = model.first();
         let last = model.snapshot.index + model.log.len() as u64;
@@ -433,10 +478,39 @@ fn random_workload(seed: u64, len: usize) -> Vec<Op> {
                 }
             }
             7 => Op::Compact(model.snapshot.index - r.below(model.snapshot.index / 2 + 1)),
+            8 if split.is_none() => {
+                // A split sync: its wait and its finish come a few operations later.
+                split = Some((Some(r.below(4)), r.below(8)));
+                Op::StartSync
+            }
             _ => Op::Sync,
         };
         model.apply(&op);
         ops.push(op);
+        if let Some((wait_in, finish_in)) = &mut split {
+            match wait_in {
+                Some(0) => {
+                    ops.push(Op::Wait);
+                    *wait_in = None;
+                }
+                Some(n) => *n -= 1,
+                None => {}
+            }
+            if wait_in.is_none() {
+                if *finish_in == 0 {
+                    ops.push(Op::FinishSync);
+                    split = None;
+                } else {
+                    *finish_in -= 1;
+                }
+            }
+        }
+    }
+    if let Some((wait_in, _)) = split {
+        if wait_in.is_some() {
+            ops.push(Op::Wait);
+        }
+        ops.push(Op::FinishSync);
     }
     ops
 }

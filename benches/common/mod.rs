@@ -10,7 +10,8 @@ use raftkv::error::StorageError;
 use raftkv::raft::Role;
 use raftkv::raft::{Entry, HardState, Index, SnapshotMeta, Term};
 use raftkv::storage::{
-    FileStorage, FileStorageOptions, InitialState, MemStorage, PersistedSize, Storage, TailLoss,
+    FileStorage, FileStorageOptions, InitialState, MemStorage, PersistedSize, Storage, SyncWait,
+    TailLoss,
 };
 use raftkv::transport::LocalNetwork;
 use raftkv::{Node, NodeConfig, StateMachine};
@@ -232,22 +233,28 @@ pub struct OwnDisk {
     flushes: std::sync::Arc<std::sync::Mutex<Vec<Duration>>>,
 }
 
+/// Sleeps until `flush` has passed since `started`, as the thread would while a device
+/// flushes, and records how long it really took.
+fn wait_flush(flush: Duration, started: Instant, flushes: &std::sync::Mutex<Vec<Duration>>) {
+    // A sleep on Linux overshoots by the thread's timer slack (50 µs by default), a third of
+    // the flush modelled: ask for the precise wake-up a device interrupt gives.
+    thread_local!(static PRECISE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) });
+    PRECISE.with(|p| {
+        if !p.replace(true) {
+            // SAFETY: PR_SET_TIMERSLACK takes one integer argument and affects only the
+            // calling thread.
+            unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
+        }
+    });
+    if let Some(left) = flush.checked_sub(started.elapsed()) {
+        std::thread::sleep(left);
+    }
+    flushes.lock().expect("lock").push(started.elapsed());
+}
+
 impl OwnDisk {
     fn wait_flush(&mut self, started: Instant) {
-        // A sleep on Linux overshoots by the thread's timer slack (50 µs by default), a
-        // third of the flush modelled: ask for the precise wake-up a device interrupt gives.
-        thread_local!(static PRECISE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) });
-        PRECISE.with(|p| {
-            if !p.replace(true) {
-                // SAFETY: PR_SET_TIMERSLACK takes one integer argument and affects only the
-                // calling thread.
-                unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
-            }
-        });
-        if let Some(left) = self.flush.checked_sub(started.elapsed()) {
-            std::thread::sleep(left);
-        }
-        self.flushes.lock().expect("lock").push(started.elapsed());
+        wait_flush(self.flush, started, &self.flushes);
         self.dirty = false;
     }
 }
@@ -287,6 +294,24 @@ impl Storage for OwnDisk {
             self.wait_flush(started);
         }
         Ok(())
+    }
+    fn start_sync(&mut self) -> Result<Option<SyncWait>, StorageError> {
+        let started = Instant::now();
+        let Some(wait) = self.inner.start_sync()? else {
+            return Ok(None);
+        };
+        if !std::mem::take(&mut self.dirty) {
+            return Ok(Some(wait));
+        }
+        let (flush, flushes) = (self.flush, self.flushes.clone());
+        Ok(Some(SyncWait::blocking(move || {
+            wait.run()?;
+            wait_flush(flush, started, &flushes);
+            Ok(())
+        })))
+    }
+    fn finish_sync(&mut self, waited: Result<(), StorageError>) -> Result<(), StorageError> {
+        self.inner.finish_sync(waited)
     }
     fn write_snapshot_chunk(
         &mut self,

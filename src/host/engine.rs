@@ -23,6 +23,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use super::events::{self, EngineCounters, Watched};
 use super::snapshot::{read_header, restore_machine, snapshot_messages, SnapshotPolicy};
+use super::sync::{PendingSync, WaitedSync};
 use super::write::{write_ready, WriteProgress};
 use crate::error::{NodeError, ProposeError, StorageError};
 use crate::raft::{
@@ -160,6 +161,8 @@ pub struct Engine<S, M: StateMachine, P = (), R = ()> {
     completed: u64,
     stalled: Option<Stalled>,
     disk_full: Option<String>,
+    /// A sync from `start_sync` is not finished yet.
+    sync_started: bool,
     /// The state machine holds everything through here (applied, restored, or durable in
     /// its own storage).
     applied: Index,
@@ -209,6 +212,7 @@ impl<S: Storage, M: StateMachine, P, R> Engine<S, M, P, R> {
             completed: 0,
             stalled: None,
             disk_full: None,
+            sync_started: false,
             applied,
             skip_through: durable,
             proposals: VecDeque::new(),
@@ -605,6 +609,59 @@ impl<S: Storage, M: StateMachine, P, R> Engine<S, M, P, R> {
             self.disk_full = None;
         }
         self.complete(host, batches);
+        self.watch();
+        Ok(true)
+    }
+
+    /// Starts the sync of every batch written so far without waiting for the device: the
+    /// storage's buffered writes go to the operating system now ([`Storage::start_sync`]),
+    /// and the wait comes back for the host to run where blocking is allowed (see
+    /// [`PendingSync`]). Meanwhile the host keeps stepping and advancing; batches handed out
+    /// after this wait for the next sync. `None`: nothing waits for a sync, a started one is
+    /// not finished yet, or the disk is full (see [`Engine::disk_full`]; try again later).
+    pub fn start_sync<H>(&mut self, host: &mut H) -> Result<Option<PendingSync>, NodeError>
+    where
+        H: Host<S, M::Output, Proposal = P, Read = R>,
+    {
+        if self.sync_started || self.unsynced.is_empty() {
+            return Ok(None);
+        }
+        let wait = match self.storage.start_sync() {
+            Ok(wait) => wait,
+            Err(e @ StorageError::NoSpace { .. }) => {
+                host.observe(Observed::DiskFull(&e));
+                self.full_disk(&e);
+                self.watch();
+                return Ok(None);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        self.sync_started = true;
+        Ok(Some(PendingSync {
+            batches: self.written,
+            wait,
+        }))
+    }
+
+    /// Finishes a sync from [`Engine::start_sync`] after its wait: the batches written
+    /// before it started complete (their held-back messages go to [`Host::send`]). Returns
+    /// false if the sync failed for lack of space (possible only for a storage that cannot
+    /// split its sync: it syncs here instead); the batches then stay waiting. Any other
+    /// failure, the wait's own included, is fatal.
+    pub fn finish_sync<H>(&mut self, host: &mut H, waited: WaitedSync) -> Result<bool, NodeError>
+    where
+        H: Host<S, M::Output, Proposal = P, Read = R>,
+    {
+        self.sync_started = false;
+        let Some(result) = waited.waited else {
+            return self.sync_through(host, waited.batches);
+        };
+        self.storage.finish_sync(result)?;
+        self.counters.syncs += 1;
+        if self.stalled.is_none() {
+            self.disk_full = None;
+        }
+        self.complete(host, waited.batches);
         self.watch();
         Ok(true)
     }

@@ -19,11 +19,13 @@
 mod engine;
 mod events;
 mod snapshot;
+mod sync;
 mod write;
 
 pub use engine::{Engine, Host, Observed};
 pub use events::EngineCounters;
 pub use snapshot::{read_header, restore_machine, snapshot_messages, SnapshotPolicy};
+pub use sync::{PendingSync, WaitedSync};
 pub use write::{write_ready, WriteProgress};
 
 use crate::error::StorageError;

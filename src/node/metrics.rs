@@ -3,12 +3,13 @@
 //! latency, queue depths.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::error::StorageError;
 use crate::host::EngineCounters;
 use crate::raft::{Entry, HardState, Index, SnapshotMeta, Term};
-use crate::storage::{InitialState, PersistedSize, Storage, TailLoss};
+use crate::storage::{InitialState, PersistedSize, Storage, SyncWait, TailLoss};
 
 /// Counters and gauges of a running node. Counters count from the node's start.
 ///
@@ -22,7 +23,8 @@ use crate::storage::{InitialState, PersistedSize, Storage, TailLoss};
 pub struct NodeMetrics {
     /// Proposals, commits, applies, reads, batches, syncs, snapshots, leader changes.
     pub counters: EngineCounters,
-    /// Latency of the storage's syncs (`fsync`/`fdatasync` for the file storage).
+    /// Latency of the storage's syncs (`fsync`/`fdatasync` for the file storage): for a sync
+    /// whose wait runs on the node's fsync thread, the wait plus its finishing step.
     pub fsync: Histogram,
     /// Commands waiting in the node's inbox (proposals, reads, inbound messages).
     pub inbox_depth: u64,
@@ -94,6 +96,18 @@ impl Gauges {
 pub(super) struct Timed<S> {
     pub(super) inner: S,
     pub(super) fsync: Histogram,
+    /// How long the wait of the started sync took, in µs (set on the fsync thread).
+    pub(super) waited_us: Arc<AtomicU64>,
+}
+
+impl<S> Timed<S> {
+    pub(super) fn new(inner: S) -> Self {
+        Timed {
+            inner,
+            fsync: Histogram::default(),
+            waited_us: Arc::default(),
+        }
+    }
 }
 
 impl<S: Storage> Storage for Timed<S> {
@@ -125,6 +139,29 @@ impl<S: Storage> Storage for Timed<S> {
         let start = Instant::now();
         let r = self.inner.sync();
         self.fsync.record(start.elapsed().as_micros() as u64);
+        r
+    }
+    fn start_sync(&mut self) -> Result<Option<SyncWait>, StorageError> {
+        let Some(wait) = self.inner.start_sync()? else {
+            return Ok(None);
+        };
+        if !wait.blocks() {
+            return Ok(Some(wait));
+        }
+        let waited_us = self.waited_us.clone();
+        Ok(Some(SyncWait::blocking(move || {
+            let start = Instant::now();
+            let r = wait.run();
+            waited_us.store(start.elapsed().as_micros() as u64, Ordering::Relaxed);
+            r
+        })))
+    }
+    fn finish_sync(&mut self, waited: Result<(), StorageError>) -> Result<(), StorageError> {
+        let start = Instant::now();
+        let r = self.inner.finish_sync(waited);
+        let waited_us = self.waited_us.swap(0, Ordering::Relaxed);
+        self.fsync
+            .record(waited_us + start.elapsed().as_micros() as u64);
         r
     }
     fn write_snapshot_chunk(

@@ -40,6 +40,7 @@ mod membership;
 mod metrics;
 mod outbound;
 mod reply;
+mod syncer;
 mod worker;
 
 pub use backup::Backup;
@@ -174,6 +175,8 @@ enum Command<O> {
     LocalDone(SnapshotMeta, Result<(), String>),
     /// A backup's request (see `backup.rs`).
     Backup(backup::Request),
+    /// The fsync thread waited for a sync the engine started (see `syncer.rs`).
+    Synced(crate::host::WaitedSync),
     Shutdown,
     /// A handled command's place in the node's batch.
     Nothing,

@@ -15,9 +15,10 @@ use super::inbox::Inbox;
 use super::metrics::{NodeMetrics, Timed};
 use super::outbound::Outbound;
 use super::reply::{ReplyTo, Waiting};
+use super::syncer::Syncer;
 use super::{Command, NodeConfig, Shared};
 use crate::error::{NodeError, ProposeError};
-use crate::host::{Engine, Host};
+use crate::host::{Engine, Host, PendingSync};
 use crate::raft::{Message, Proposed, RaftCore, SnapshotMeta};
 use crate::state_machine::{SnapshotSource, StateMachine};
 use crate::storage::Storage;
@@ -104,6 +105,17 @@ pub(super) struct Worker<S, M: StateMachine> {
     /// Membership changes waiting to settle.
     changes: Vec<super::membership::Pending>,
     config: NodeConfig,
+    /// A sync's wait is on the fsync thread; its result comes back as `Command::Synced`.
+    sync_in_flight: bool,
+    fsync_thread: FsyncThread,
+}
+
+/// The node's fsync thread, started with the first sync that blocks.
+enum FsyncThread {
+    NotStarted,
+    Running(Syncer),
+    /// It could not be started: the node thread waits for its syncs itself.
+    Unavailable,
 }
 
 /// At most this many commands are handled per round (bounds the batch).
@@ -126,10 +138,7 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
         shared: Arc<Shared>,
         config: NodeConfig,
     ) -> Result<Self, NodeError> {
-        let storage = Timed {
-            inner: storage,
-            fsync: Default::default(),
-        };
+        let storage = Timed::new(storage);
         let engine = Engine::new(core, storage, machine, config.max_log_bytes)?;
         let now = Instant::now();
         Ok(Worker {
@@ -151,6 +160,8 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
             snapshot_waiters: Vec::new(),
             changes: Vec::new(),
             config,
+            sync_in_flight: false,
+            fsync_thread: FsyncThread::NotStarted,
         })
     }
 
@@ -244,7 +255,7 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
         }
         // A batch that hit a full disk is retried here first, at every round (so at least
         // every tick), before anything newer.
-        let processed = self.engine.run(&mut self.host);
+        let processed = self.drive();
         self.send_read_answers();
         self.settle_changes(now);
         // The status is published before the answers leave, so that a caller who got an
@@ -254,6 +265,58 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
             reply.send(answer);
         }
         processed.map(|()| Flow::Continue)
+    }
+
+    /// Advances the engine until it is quiet, with its syncs: a sync whose wait blocks goes to
+    /// the fsync thread (the node keeps stepping; the batches it covers complete when
+    /// `Command::Synced` comes back), one that does not is finished at once.
+    fn drive(&mut self) -> Result<(), NodeError> {
+        loop {
+            self.engine.advance(&mut self.host)?;
+            if self.sync_in_flight {
+                return Ok(());
+            }
+            let Some(pending) = self.engine.start_sync(&mut self.host)? else {
+                return Ok(()); // nothing to sync, or a full disk (retried next round)
+            };
+            let pending = if pending.blocks() {
+                match self.hand_off(pending) {
+                    Ok(()) => return Ok(()),
+                    Err(pending) => pending,
+                }
+            } else {
+                pending
+            };
+            let waited = pending.wait();
+            if !self.engine.finish_sync(&mut self.host, waited)? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Gives a blocking sync to the fsync thread (started on first use). Gives it back when
+    /// there is no thread: the node thread then waits itself.
+    fn hand_off(&mut self, pending: PendingSync) -> Result<(), PendingSync> {
+        if let FsyncThread::NotStarted = self.fsync_thread {
+            self.fsync_thread = match Syncer::start(self.inbox.clone()) {
+                Ok(syncer) => FsyncThread::Running(syncer),
+                Err(e) => {
+                    tracing::warn!(
+                        target: "raftkv::node",
+                        node = self.engine.core().id(),
+                        error = %e,
+                        "no fsync thread; the node thread waits for its syncs"
+                    );
+                    FsyncThread::Unavailable
+                }
+            };
+        }
+        let FsyncThread::Running(syncer) = &self.fsync_thread else {
+            return Err(pending);
+        };
+        syncer.send(pending)?;
+        self.sync_in_flight = true;
+        Ok(())
     }
 
     fn finish(mut self, fatal: Option<NodeError>) {
@@ -270,7 +333,10 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
         for cmd in self.commands.drain(self.next..) {
             if !matches!(
                 cmd,
-                Command::LocalChunk(..) | Command::LocalDone(..) | Command::Shutdown
+                Command::LocalChunk(..)
+                    | Command::LocalDone(..)
+                    | Command::Synced(..)
+                    | Command::Shutdown
             ) {
                 self.shared.gauges.taken();
             }
@@ -306,7 +372,11 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
         // Counted when the handle queued it (snapshot threads' and shutdown commands are not).
         if !matches!(
             cmd,
-            Command::LocalChunk(..) | Command::LocalDone(..) | Command::Shutdown | Command::Nothing
+            Command::LocalChunk(..)
+                | Command::LocalDone(..)
+                | Command::Synced(..)
+                | Command::Shutdown
+                | Command::Nothing
         ) {
             self.shared.gauges.taken();
         }
@@ -398,6 +468,10 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
                 len,
                 reply,
             }) => super::backup::serve_read(self.engine.storage(), meta, offset, len, reply),
+            Command::Synced(waited) => {
+                self.sync_in_flight = false;
+                self.engine.finish_sync(&mut self.host, waited)?;
+            }
             Command::Shutdown => return Ok(Flow::Stop),
             Command::Nothing => {}
         }

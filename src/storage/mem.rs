@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::{InitialState, PersistedSize, Storage, TailLoss};
+use super::{InitialState, PersistedSize, Storage, SyncWait, TailLoss};
 use crate::error::StorageError;
 use crate::raft::{Entry, HardState, Index, SnapshotMeta, Term};
 
@@ -113,6 +113,8 @@ struct Inner {
     current: State,
     durable: State,
     pending: Vec<Op>,
+    /// How many of the first `pending` operations the sync begun by `start_sync` covers.
+    started: usize,
     syncs: u64,
     /// A snapshot being written: its meta and the bytes so far.
     incoming: Option<(SnapshotMeta, Vec<u8>)>,
@@ -133,6 +135,13 @@ struct Inner {
 /// s.sync().unwrap();
 /// s.crash();
 /// assert_eq!(s.last_index(), 1);
+/// // A split sync covers the writes made before it started:
+/// s.append(&[Entry { index: 2, term: 1, payload: EntryPayload::Noop }]).unwrap();
+/// let wait = s.start_sync().unwrap().expect("splits its syncs");
+/// s.append(&[Entry { index: 3, term: 1, payload: EntryPayload::Noop }]).unwrap();
+/// s.finish_sync(wait.run()).unwrap();
+/// s.crash();
+/// assert_eq!(s.last_index(), 2);
 /// ```
 #[derive(Clone, Debug, Default)]
 pub struct MemStorage {
@@ -149,6 +158,7 @@ impl MemStorage {
     pub fn crash(&self) {
         let mut inner = self.inner.lock();
         inner.pending.clear();
+        inner.started = 0;
         inner.incoming = None;
         inner.current = inner.durable.clone();
     }
@@ -242,6 +252,7 @@ impl MemStorage {
     pub fn lose_tail(&self, intact_through: Index, forget_hard_state: bool) {
         let mut inner = self.inner.lock();
         inner.pending.clear();
+        inner.started = 0;
         inner.incoming = None;
         let d = &mut inner.durable;
         let through = intact_through.max(d.snapshot.index).min(d.last_index());
@@ -382,6 +393,32 @@ impl Storage for MemStorage {
             pending, durable, ..
         } = &mut *inner;
         for op in pending.drain(..) {
+            durable.apply_owned(op);
+        }
+        inner.started = 0;
+        inner.syncs += 1;
+        Ok(())
+    }
+
+    /// Nothing to wait for; the writes made so far become durable (what a crash keeps) at
+    /// `finish_sync`, so a simulated crash between the two loses them.
+    fn start_sync(&mut self) -> Result<Option<SyncWait>, StorageError> {
+        let mut inner = self.inner.lock();
+        inner.started = inner.pending.len();
+        Ok(Some(SyncWait::done()))
+    }
+
+    fn finish_sync(&mut self, waited: Result<(), StorageError>) -> Result<(), StorageError> {
+        waited?;
+        let mut inner = self.inner.lock();
+        let Inner {
+            pending,
+            durable,
+            started,
+            ..
+        } = &mut *inner;
+        let covered = std::mem::take(started).min(pending.len());
+        for op in pending.drain(..covered) {
             durable.apply_owned(op);
         }
         inner.syncs += 1;

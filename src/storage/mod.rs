@@ -12,6 +12,11 @@
 //! `first_index() - 1` is the snapshot's last entry (or the sentinel 0 when there is no
 //! snapshot). `first_index() == last_index() + 1` means the log is empty.
 //!
+//! A sync may also be split in two ([`Storage::start_sync`], [`Storage::finish_sync`]) so
+//! that the wait for the device runs on another thread while the node keeps working: the
+//! writes made before `start_sync` are durable once `finish_sync` returns `Ok`. At most one
+//! started sync is unfinished at a time; any other call (a `sync` too) may come in between.
+//!
 //! Errors: [`StorageError::NoSpace`] from a write, `sync` or snapshot call leaves what was
 //! durable intact and the call may be repeated once space is free (the node pauses and
 //! retries). Any other error is fatal for the node: the driver stops and reports it. An
@@ -76,6 +81,58 @@ pub struct PersistedSize {
     pub snapshot_bytes: u64,
 }
 
+/// The part of a sync that waits for the device, returned by [`Storage::start_sync`]: it may
+/// run on any thread, while the storage goes on taking calls on its own; what it returns goes
+/// to [`Storage::finish_sync`].
+///
+/// ```
+/// use raftkv::storage::SyncWait;
+///
+/// let wait = SyncWait::blocking(|| Ok(())); // an fdatasync of a cloned handle, say
+/// assert!(wait.blocks());
+/// assert!(wait.run().is_ok());
+/// assert!(!SyncWait::done().blocks());
+/// ```
+pub struct SyncWait {
+    wait: Option<Box<dyn FnOnce() -> Result<(), StorageError> + Send>>,
+}
+
+impl SyncWait {
+    /// A wait that blocks (on a device, say): a host runs it off its own thread.
+    pub fn blocking(wait: impl FnOnce() -> Result<(), StorageError> + Send + 'static) -> Self {
+        SyncWait {
+            wait: Some(Box::new(wait)),
+        }
+    }
+
+    /// Nothing to wait for: the writes were durable when `start_sync` returned (an
+    /// in-memory storage). A host finishes such a sync at once, without a thread hand-off.
+    pub fn done() -> Self {
+        SyncWait { wait: None }
+    }
+
+    /// Whether running it blocks (see [`SyncWait::blocking`]).
+    pub fn blocks(&self) -> bool {
+        self.wait.is_some()
+    }
+
+    /// Waits for the device.
+    pub fn run(self) -> Result<(), StorageError> {
+        match self.wait {
+            Some(wait) => wait(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl std::fmt::Debug for SyncWait {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SyncWait")
+            .field("blocks", &self.blocks())
+            .finish()
+    }
+}
+
 /// A [`Storage`] none of whose methods ever blocks on IO (it keeps everything in memory), so
 /// a node may run it on an async executor's own thread
 /// ([`Node::start_in_task`](crate::Node::start_in_task)). Implement it only for such a
@@ -121,6 +178,23 @@ pub trait Storage: Send + 'static {
     /// Makes every earlier write durable. A failure is fatal: later calls may return
     /// [`StorageError::Poisoned`].
     fn sync(&mut self) -> Result<(), StorageError>;
+
+    /// Starts making every earlier write durable without waiting for the device: does on
+    /// this thread what must be done here (handing buffered bytes to the operating system)
+    /// and returns the wait, which the caller runs on any thread and whose result it passes
+    /// to [`Storage::finish_sync`]. Meanwhile the storage takes further calls as usual; they
+    /// are not covered by this sync. `None` (the default): this storage cannot split its sync,
+    /// so the caller uses [`Storage::sync`]. At most one started sync is unfinished at a time.
+    fn start_sync(&mut self) -> Result<Option<SyncWait>, StorageError> {
+        Ok(None)
+    }
+
+    /// Completes the sync last started with [`Storage::start_sync`], whose wait returned
+    /// `waited`. After `Ok`, every write made before `start_sync` is durable, as after
+    /// [`Storage::sync`]. An error (the wait's own included) is fatal, as from `sync`.
+    fn finish_sync(&mut self, waited: Result<(), StorageError>) -> Result<(), StorageError> {
+        waited
+    }
 
     /// Writes bytes of a snapshot being received (from the leader, or from this node's own
     /// state machine), in order: `offset == 0` starts snapshot `meta` afresh (discarding any

@@ -14,7 +14,8 @@ use crate::error::StorageError;
 use crate::raft::{Entry, HardState, Index, Rng, SnapshotMeta, Term};
 use crate::storage::file::sim::SimDisk;
 use crate::storage::{
-    FileStorage, FileStorageOptions, InitialState, MemStorage, PersistedSize, Storage, TailLoss,
+    FileStorage, FileStorageOptions, InitialState, MemStorage, PersistedSize, Storage, SyncWait,
+    TailLoss,
 };
 
 /// A [`FileStorage`] over its own simulated disk. A power loss crashes the disk (unsynced
@@ -163,6 +164,18 @@ impl Storage for SimFileStorage {
     fn sync(&mut self) -> Result<(), StorageError> {
         self.storage.sync()?;
         self.shadow.sync()
+    }
+    fn start_sync(&mut self) -> Result<Option<SyncWait>, StorageError> {
+        let wait = self.storage.start_sync()?;
+        if wait.is_some() {
+            // The shadow covers the same writes; its own wait is nothing.
+            self.shadow.start_sync()?;
+        }
+        Ok(wait)
+    }
+    fn finish_sync(&mut self, waited: Result<(), StorageError>) -> Result<(), StorageError> {
+        self.storage.finish_sync(waited)?;
+        self.shadow.finish_sync(Ok(()))
     }
     fn write_snapshot_chunk(
         &mut self,

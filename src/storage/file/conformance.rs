@@ -49,6 +49,7 @@ pub fn storage_conformance<S: Storage>(mut make: impl FnMut() -> S) {
     chunked_snapshot_rejects_chunks_out_of_order(&mut make());
     read_snapshot_in_pieces(&mut make());
     chunked_snapshot_older_than_current_is_ignored(&mut make());
+    split_sync_lets_writes_go_on(&mut make());
 }
 
 fn empty_storage<S: Storage>(s: &mut S) {
@@ -596,4 +597,24 @@ fn chunked_snapshot_older_than_current_is_ignored<S: Storage>(s: &mut S) {
         assert_eq!(s.snapshot().expect("snapshot"), Some((meta, data.clone())));
         assert_eq!(all(s), entries(7, 10, 1));
     }
+}
+
+fn split_sync_lets_writes_go_on<S: Storage>(s: &mut S) {
+    s.append(&entries(1, 3, 1)).expect("append");
+    let Some(wait) = s.start_sync().expect("start_sync") else {
+        return; // a storage that cannot split its syncs
+    };
+    s.append(&entries(4, 5, 1))
+        .expect("split sync: append while the wait is in flight");
+    assert_eq!(
+        all(s),
+        entries(1, 5, 1),
+        "split sync: reads see the writes made while the wait is in flight"
+    );
+    let waited = wait.run();
+    s.finish_sync(waited).expect("split sync: finish_sync");
+    s.truncate_suffix(5)
+        .expect("split sync: truncate afterwards");
+    s.sync().expect("split sync: sync afterwards");
+    assert_eq!(all(s), entries(1, 4, 1), "split sync: the log afterwards");
 }

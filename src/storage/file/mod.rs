@@ -114,7 +114,7 @@ use snapshot::{IncomingSnapshot, SnapshotFile};
 use tail_loss::{remove_tail_loss, RecordedLoss};
 use vfs::{io_error, RealFs, Vfs};
 
-use super::{InitialState, PersistedSize, Storage, TailLoss};
+use super::{InitialState, PersistedSize, Storage, SyncWait, TailLoss};
 use crate::error::StorageError;
 use crate::raft::{Entry, HardState, Index, SnapshotMeta, Term};
 
@@ -173,6 +173,17 @@ pub struct FileStorage {
     tail_loss: Option<RecordedLoss>,
     /// `clear_tail_loss` was called: remove the record at the next sync.
     clear_tail_loss: bool,
+    /// What the sync begun by `start_sync` covers, until `finish_sync`.
+    started: Option<Covered>,
+}
+
+/// How far an fdatasync of a segment makes its records durable.
+#[derive(Clone, Copy, Debug)]
+struct Covered {
+    seq: u64,
+    end: u64,
+    /// The hard state the records up to `end` replay to.
+    hard_state: HardState,
 }
 
 impl FileStorage {
@@ -243,6 +254,7 @@ impl FileStorage {
             next_segment_len: opts.segment_size,
             tail_loss: r.tail_loss,
             clear_tail_loss: false,
+            started: None,
         };
         if !storage.active().has_hard_state || r.needs_hard_state_record {
             // Every segment with records starts with the hard state (see `segment.rs`); a
@@ -437,31 +449,44 @@ impl FileStorage {
         Ok(())
     }
 
-    /// Writes the pending buffer in one `write_at`, fdatasyncs it, then writes the next
-    /// watermark generation (durable at the next fdatasync; see `watermark.rs`).
-    fn flush_pending(&mut self) -> Result<(), StorageError> {
-        // A watermark a full disk kept back goes first: the fdatasync below makes it durable
-        // before the next one claims more.
+    /// Writes the pending buffer in one `write_at` (after a watermark a full disk kept back,
+    /// which the next fdatasync then makes durable before a later one claims more). Returns
+    /// what an fdatasync of the active segment from now on covers.
+    fn write_pending(&mut self) -> Result<Covered, StorageError> {
         self.write_unwritten_watermark()?;
-        if self.pending.is_empty() {
+        // Everything logged is written after this: the watermark records what it replays to.
+        let hard_state = self.logged_hard_state;
+        let active = &self.segments[self.segments.len() - 1];
+        if !self.pending.is_empty() {
+            active
+                .file
+                .write_at(&self.pending, active.end)
+                .map_err(|e| io_error("write", &active.path, e))?;
+            let written = self.pending.len() as u64;
+            self.pending.clear();
+            self.active_mut().end += written;
+        }
+        let active = self.active();
+        Ok(Covered {
+            seq: active.seq,
+            end: active.end,
+            hard_state,
+        })
+    }
+
+    /// After an fdatasync that covered `covered`, writes the next watermark generation saying
+    /// so (durable at the next fdatasync; see `watermark.rs`). Nothing when the watermark
+    /// already says as much (a later sync got there first) or `covered` was in a segment that
+    /// is no longer the active one (sealed since, with its final watermark, or gone).
+    fn mark_synced(&mut self, covered: Covered) -> Result<(), StorageError> {
+        let active = self.active_mut();
+        if active.seq != covered.seq || active.watermark.synced_end >= covered.end {
             return Ok(());
         }
-        let active = &self.segments[self.segments.len() - 1];
-        active
-            .file
-            .write_at(&self.pending, active.end)
-            .map_err(|e| io_error("write", &active.path, e))?;
-        let written = self.pending.len() as u64;
-        self.pending.clear();
-        // Everything logged is written now: the watermark records what it replays to.
-        let hard_state = self.logged_hard_state;
-        let active = self.active_mut();
-        active.end += written;
-        active
-            .file
-            .sync_data()
-            .map_err(|e| io_error("fsync", &active.path, e))?;
-        active.watermark = active.watermark.next(active.end, hard_state);
+        // A generation a full disk kept back claims at least as much: it was set by a sync
+        // that started after this one was covered.
+        debug_assert!(!active.watermark_unwritten);
+        active.watermark = active.watermark.next(covered.end, covered.hard_state);
         let w = active.watermark;
         match active.file.write_at(&w.encode(), w.offset()) {
             Ok(()) => self.watermark_unsynced = true,
@@ -472,6 +497,22 @@ impl FileStorage {
             },
         }
         Ok(())
+    }
+
+    /// Writes the pending buffer, fdatasyncs what the active segment holds above its
+    /// watermark (that buffer, and what a split sync wrote and may not have synced yet), then
+    /// writes the next watermark generation.
+    fn flush_pending(&mut self) -> Result<(), StorageError> {
+        let covered = self.write_pending()?;
+        let active = self.active();
+        if active.watermark.synced_end >= covered.end {
+            return Ok(());
+        }
+        active
+            .file
+            .sync_data()
+            .map_err(|e| io_error("fsync", &active.path, e))?;
+        self.mark_synced(covered)
     }
 
     fn sync_inner(&mut self) -> Result<(), StorageError> {
@@ -758,6 +799,42 @@ impl Storage for FileStorage {
     fn sync(&mut self) -> Result<(), StorageError> {
         self.check_poison()?;
         let r = self.sync_inner();
+        self.guard(r)
+    }
+
+    /// Writes what is pending and returns the fdatasync of the active segment, on a handle
+    /// of its own. Appends, reads and even a blocking `sync` may run meanwhile: the
+    /// watermark is written by `finish_sync` only if no later sync (or a seal) already
+    /// claims as much. A pending removal of a tail-loss record is left to `sync`.
+    fn start_sync(&mut self) -> Result<Option<SyncWait>, StorageError> {
+        self.check_poison()?;
+        if self.clear_tail_loss {
+            return Ok(None);
+        }
+        let r = self.write_pending();
+        let covered = self.guard(r)?;
+        let active = self.active();
+        if active.watermark.synced_end >= covered.end {
+            self.started = None;
+            return Ok(Some(SyncWait::done()));
+        }
+        let file = active.file.clone();
+        let path = active.path.clone();
+        self.started = Some(covered);
+        Ok(Some(SyncWait::blocking(move || {
+            file.sync_data().map_err(|e| io_error("fsync", &path, e))
+        })))
+    }
+
+    fn finish_sync(&mut self, waited: Result<(), StorageError>) -> Result<(), StorageError> {
+        let started = self.started.take();
+        let r = waited.and_then(|()| {
+            self.check_poison()?;
+            match started {
+                Some(covered) => self.mark_synced(covered),
+                None => Ok(()),
+            }
+        });
         self.guard(r)
     }
 

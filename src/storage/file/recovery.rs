@@ -224,7 +224,7 @@ fn scan_segment(
     let mut seg = Segment {
         seq,
         path: path.clone(),
-        file,
+        file: file.into(),
         map,
         len,
         end: RECORDS_START,

@@ -65,6 +65,7 @@
 //!   (`from` at or below the first index empties the log).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use memmap2::Mmap;
 use serde::{Deserialize, Serialize};
@@ -409,7 +410,8 @@ pub(crate) fn parse_segment_name(name: &str) -> Option<u64> {
 pub(crate) struct Segment {
     pub seq: u64,
     pub path: PathBuf,
-    pub file: Box<dyn VfsFile>,
+    /// Shared with a sync's wait while it runs on another thread (see `FileStorage::start_sync`).
+    pub file: Arc<dyn VfsFile>,
     /// Read-only map of the whole file (real file system only).
     pub map: Option<Mmap>,
     /// Allocated length of the file.
@@ -564,7 +566,7 @@ pub(crate) fn create_segment(
         Ok(Segment {
             seq: header.seq,
             path: path.clone(),
-            file,
+            file: file.into(),
             map,
             len: header.allocated_len,
             end,

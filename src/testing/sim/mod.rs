@@ -32,7 +32,7 @@ mod observe;
 use self::host::{check_persisted, SimHost};
 use super::network::{Network, NetworkConfig};
 use crate::error::{CoreProposeError, ProposeError};
-use crate::host::Engine;
+use crate::host::{Engine, PendingSync};
 use crate::raft::{
     Config, HardState, Index, Message, NodeId, Payload, Proposed, Rng, Role, SnapshotMeta, Term,
 };
@@ -170,11 +170,10 @@ enum EventKind {
         node: NodeId,
         incarnation: u64,
     },
-    /// An fsync started after `batches` batches were handed out completes.
+    /// The node's started fsync (its `SimNode::sync`) completes.
     SyncDone {
         node: NodeId,
         incarnation: u64,
-        batches: u64,
     },
     /// A local snapshot finished serializing.
     SnapshotSerialized {
@@ -281,7 +280,8 @@ struct SimNode<M: StateMachine, S> {
     inbox: VecDeque<Input>,
     /// This incarnation steps nothing while an fsync is in flight.
     blocking: bool,
-    sync_in_flight: bool,
+    /// The fsync in flight, started by the engine; its wait runs when it completes.
+    sync: Option<PendingSync>,
     wake_scheduled: bool,
     /// Virtual time the latest fsync completes (fsyncs complete in order).
     last_sync_at: u64,
@@ -308,7 +308,7 @@ impl<M: StateMachine, S> SimNode<M, S> {
             applied: Vec::new(),
             inbox: VecDeque::new(),
             blocking: true,
-            sync_in_flight: false,
+            sync: None,
             wake_scheduled: false,
             last_sync_at: now,
             snapshots_taken: 0,
@@ -455,7 +455,7 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
         node.applied.clear();
         node.inbox.clear();
         node.blocking = blocking;
-        node.sync_in_flight = false;
+        node.sync = None;
         node.wake_scheduled = false;
     }
 
@@ -488,7 +488,7 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
     /// waits for an fsync).
     fn wake(&mut self, id: NodeId) {
         let node = self.nodes.get_mut(&id).expect("known node");
-        if node.wake_scheduled || (node.blocking && node.sync_in_flight) {
+        if node.wake_scheduled || (node.blocking && node.sync.is_some()) {
             return;
         }
         node.wake_scheduled = true;
@@ -510,7 +510,7 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
         let take = {
             let node = self.nodes.get_mut(&id).expect("known node");
             node.wake_scheduled = false;
-            if node.engine().is_none() || (node.blocking && node.sync_in_flight) {
+            if node.engine().is_none() || (node.blocking && node.sync.is_some()) {
                 return;
             }
             let queued = node.inbox.len().min(self.config.host.max_inputs.max(1));
@@ -639,34 +639,44 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
         let fsync = self
             .rng
             .range(self.config.fsync_ms.0, self.config.fsync_ms.1 + 1);
-        let now = self.now;
-        let node = self.nodes.get_mut(&id).expect("known node");
-        let Some(engine) = node.engine() else { return };
-        if node.sync_in_flight || !engine.needs_sync() {
+        let node = &self.nodes[&id];
+        if node.sync.is_some() || !node.engine().is_some_and(|e| e.needs_sync()) {
             return;
         }
-        let batches = engine.batches_written();
+        // The engine hands the writes to the storage now; the wait runs at completion, so a
+        // crash meanwhile keeps only what earlier syncs made durable.
+        let mut started = None;
+        self.with_engine(id, |engine, host| {
+            started = engine
+                .start_sync(host)
+                .unwrap_or_else(|e| panic!("node storage failed: {e}"));
+        });
+        let Some(started) = started else {
+            return; // a full disk: retried at the node's next round
+        };
+        let now = self.now;
+        let node = self.nodes.get_mut(&id).expect("known node");
         let at = (now + fsync).max(node.last_sync_at);
         node.last_sync_at = at;
-        node.sync_in_flight = true;
+        node.sync = Some(started);
         let incarnation = node.incarnation;
         self.schedule(
             at - now,
             EventKind::SyncDone {
                 node: id,
                 incarnation,
-                batches,
             },
         );
     }
 
-    fn on_sync_done(&mut self, id: NodeId, batches: u64) {
+    fn on_sync_done(&mut self, id: NodeId) {
+        let node = self.nodes.get_mut(&id).expect("known node");
+        let waited = node.sync.take().expect("a sync in flight").wait();
         self.with_engine(id, |engine, host| {
             engine
-                .sync_through(host, batches)
+                .finish_sync(host, waited)
                 .unwrap_or_else(|e| panic!("node storage failed: {e}"));
         });
-        self.nodes.get_mut(&id).expect("known node").sync_in_flight = false;
         self.advance(id);
         if !self.nodes[&id].inbox.is_empty() {
             self.wake(id);
@@ -731,11 +741,10 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
             EventKind::SyncDone {
                 node: id,
                 incarnation,
-                batches,
             } => {
                 // A crash before the fsync completed lost what it would have made durable.
                 if current(self, id, incarnation) {
-                    self.on_sync_done(id, batches);
+                    self.on_sync_done(id);
                 }
             }
             EventKind::SnapshotSerialized {
@@ -992,7 +1001,7 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
         node.life = Life::Down { storage, machine };
         node.incarnation += 1;
         node.inbox.clear();
-        node.sync_in_flight = false;
+        node.sync = None;
         node.wake_scheduled = false;
         node.last_sync_at = self.now;
     }
