@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use raftkv::error::{ProposeError, StorageError};
 use raftkv::raft::{Entry, HardState, Index, SnapshotMeta, Term};
-use raftkv::storage::{InitialState, MemStorage, PersistedSize, Storage};
+use raftkv::storage::{InitialState, MemStorage, PersistedSize, Storage, SyncWait};
 use raftkv::testing::RecordingMachine;
 use raftkv::transport::LocalNetwork;
 use raftkv::{Driver, Node, NodeConfig};
@@ -194,15 +194,66 @@ fn errors_name_the_leader_time_out_and_report_shutdown() {
     );
 }
 
-/// A storage whose `sync` starts failing on demand, or whose disk fills up on demand.
+/// A storage whose `sync` starts failing on demand, or whose disk fills up on demand, and
+/// whose split syncs wait at a gate while it is closed (a device that takes its time).
 #[derive(Clone)]
 struct FailingSync {
     inner: MemStorage,
     fail: Arc<AtomicBool>,
     full: Arc<AtomicBool>,
+    gate: Arc<Gate>,
+}
+
+/// Where a sync's wait blocks while the test holds it closed.
+#[derive(Default)]
+struct Gate {
+    /// (closed, a wait is blocked here)
+    state: std::sync::Mutex<(bool, bool)>,
+    changed: std::sync::Condvar,
+}
+
+impl Gate {
+    fn set_closed(&self, closed: bool) {
+        self.state.lock().unwrap().0 = closed;
+        self.changed.notify_all();
+    }
+    fn closed(&self) -> bool {
+        self.state.lock().unwrap().0
+    }
+    fn pass(&self) {
+        let mut state = self.state.lock().unwrap();
+        while state.0 {
+            state.1 = true;
+            state = self.changed.wait(state).unwrap();
+        }
+        state.1 = false;
+    }
+    fn has_waiter(&self) -> bool {
+        self.state.lock().unwrap().1
+    }
 }
 
 impl FailingSync {
+    fn new() -> Self {
+        FailingSync {
+            inner: MemStorage::new(),
+            fail: Arc::default(),
+            full: Arc::default(),
+            gate: Arc::default(),
+        }
+    }
+
+    fn check_fail(&self) -> Result<(), StorageError> {
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(StorageError::Io {
+                op: "fsync",
+                path: "test".into(),
+                source: std::io::Error::other("injected EIO"),
+            });
+        }
+        Ok(())
+    }
+
     fn check_space(&self) -> Result<(), StorageError> {
         if self.full.load(Ordering::SeqCst) {
             return Err(StorageError::NoSpace {
@@ -241,14 +292,25 @@ impl Storage for FailingSync {
         self.inner.truncate_suffix(from)
     }
     fn sync(&mut self) -> Result<(), StorageError> {
-        if self.fail.load(Ordering::SeqCst) {
-            return Err(StorageError::Io {
-                op: "fsync",
-                path: "test".into(),
-                source: std::io::Error::other("injected EIO"),
-            });
-        }
+        self.check_fail()?;
         self.inner.sync()
+    }
+    fn start_sync(&mut self) -> Result<Option<SyncWait>, StorageError> {
+        let wait = self.inner.start_sync()?;
+        if !self.gate.closed() {
+            return Ok(wait);
+        }
+        let gate = self.gate.clone();
+        Ok(wait.map(|wait| {
+            SyncWait::blocking(move || {
+                gate.pass();
+                wait.run()
+            })
+        }))
+    }
+    fn finish_sync(&mut self, waited: Result<(), StorageError>) -> Result<(), StorageError> {
+        self.check_fail()?;
+        self.inner.finish_sync(waited)
     }
     fn write_snapshot_chunk(
         &mut self,
@@ -275,12 +337,8 @@ impl Storage for FailingSync {
 #[test]
 fn a_failed_fsync_stops_the_node_with_the_error() {
     let net = LocalNetwork::new();
-    let fail = Arc::new(AtomicBool::new(false));
-    let storage = FailingSync {
-        inner: MemStorage::new(),
-        fail: fail.clone(),
-        full: Arc::new(AtomicBool::new(false)),
-    };
+    let storage = FailingSync::new();
+    let fail = storage.fail.clone();
     let (nodes, drivers) = start_cluster(&net, &[storage]);
     for d in drivers {
         std::thread::spawn(move || futures::executor::block_on(d));
@@ -294,15 +352,124 @@ fn a_failed_fsync_stops_the_node_with_the_error() {
     assert!(status.fatal_error.unwrap().contains("injected EIO"));
 }
 
+/// While the leader's fsync of a later batch is in flight, acknowledgements of an earlier
+/// batch (durable on the leader already) are counted and its proposal answered: the wait runs
+/// on the node's fsync thread, not on the node thread.
+#[test]
+fn an_earlier_batch_is_answered_while_the_leaders_next_fsync_is_in_flight() {
+    use raftkv::raft::{Message, Payload, Role};
+    let net = LocalNetwork::new();
+    let storages: Vec<FailingSync> = (0..3).map(|_| FailingSync::new()).collect();
+    // Messages to `held_for` from the others wait in `held` until the test lets them go.
+    let held_for = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let held: Arc<std::sync::Mutex<Vec<Message>>> = Arc::default();
+    let mut nodes = Vec::new();
+    for (i, s) in storages.iter().enumerate() {
+        let id = i as u64 + 1;
+        let mut c = config(id, 3);
+        c.tick_interval = Duration::from_millis(20); // holding a few ms costs no election
+        let (node, driver) =
+            Node::start(c, s.clone(), RecordingMachine::default(), net.transport(id)).unwrap();
+        std::thread::spawn(move || futures::executor::block_on(driver));
+        let (inbox, held_for, held) = (node.clone(), held_for.clone(), held.clone());
+        net.register(id, move |m: Message| {
+            if held_for.load(Ordering::SeqCst) == m.to {
+                held.lock().unwrap().push(m);
+            } else {
+                inbox.step(m);
+            }
+        });
+        nodes.push(node);
+    }
+    let warm = futures::executor::block_on(propose(&nodes, "warm"));
+    let leader = nodes
+        .iter()
+        .find(|n| n.status().raft.role == Role::Leader)
+        .expect("a leader")
+        .clone();
+    let id = leader.status().raft.id;
+    let storage = &storages[id as usize - 1];
+    assert!(wait_until(|| nodes.iter().all(|n| n
+        .status()
+        .raft
+        .applied_index
+        >= warm)));
+    // A: durable on the leader, its acknowledgements held back.
+    held_for.store(id, Ordering::SeqCst);
+    let (tx, answers) = std::sync::mpsc::channel();
+    let propose_on = |cmd: &'static str| {
+        let (leader, tx) = (leader.clone(), tx.clone());
+        std::thread::spawn(move || {
+            let r = futures::executor::block_on(leader.propose(Payload::from(cmd.as_bytes())));
+            tx.send((cmd, r)).unwrap();
+        })
+    };
+    propose_on("A");
+    assert!(
+        wait_until(|| storage.inner.durable_last_index() > warm),
+        "A is durable on the leader"
+    );
+    // B: the leader's fsync of it waits at the closed gate.
+    storage.gate.set_closed(true);
+    propose_on("B");
+    assert!(
+        wait_until(|| storage.gate.has_waiter()),
+        "the fsync of B is in flight"
+    );
+    // A's acknowledgements arrive now, during that fsync.
+    held_for.store(0, Ordering::SeqCst);
+    for m in held.lock().unwrap().drain(..) {
+        leader.step(m);
+    }
+    let first = answers.recv_timeout(Duration::from_secs(5));
+    let b_still_waiting = storage.gate.has_waiter();
+    storage.gate.set_closed(false);
+    let first = first.expect("A was answered while B's fsync was in flight");
+    assert_eq!(first.0, "A");
+    assert_eq!(first.1, Ok(warm + 1));
+    assert!(
+        b_still_waiting,
+        "B's fsync was still in flight when A was answered"
+    );
+    let second = answers.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert_eq!(second, ("B", Ok(warm + 2)));
+    for n in &nodes {
+        futures::executor::block_on(n.shutdown());
+    }
+}
+
+/// The same on files, where the fdatasync runs on the node's fsync thread: its failure comes
+/// back to the node thread, which stops without acknowledging what it did not make durable.
+#[test]
+fn a_failed_fsync_on_the_fsync_thread_stops_the_node_with_the_error() {
+    use raftkv::testing::SimFileStorage;
+    let net = LocalNetwork::new();
+    let storage = SimFileStorage::new(1);
+    let disk = storage.disk().clone();
+    let (node, driver) = Node::start(
+        config(1, 1),
+        storage,
+        RecordingMachine::default(),
+        net.transport(1),
+    )
+    .unwrap();
+    std::thread::spawn(move || futures::executor::block_on(driver));
+    let nodes = vec![node];
+    futures::executor::block_on(propose(&nodes, "ok"));
+    disk.fail_next_sync();
+    let err = futures::executor::block_on(nodes[0].propose("doomed")).unwrap_err();
+    assert_eq!(err, ProposeError::Shutdown);
+    let status = nodes[0].status();
+    assert!(!status.running);
+    let fatal = status.fatal_error.expect("the error is reported");
+    assert!(fatal.contains("fsync"), "{fatal}");
+}
+
 #[test]
 fn a_full_disk_pauses_the_node_which_resumes_once_space_returns() {
     let net = LocalNetwork::new();
-    let full = Arc::new(AtomicBool::new(false));
-    let storage = FailingSync {
-        inner: MemStorage::new(),
-        fail: Arc::new(AtomicBool::new(false)),
-        full: full.clone(),
-    };
+    let storage = FailingSync::new();
+    let full = storage.full.clone();
     let (nodes, drivers) = start_cluster(&net, std::slice::from_ref(&storage));
     for d in drivers {
         std::thread::spawn(move || futures::executor::block_on(d));

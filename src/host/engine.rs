@@ -293,6 +293,18 @@ impl<S: Storage, M: StateMachine, P, R> Engine<S, M, P, R> {
     pub fn needs_sync(&self) -> bool {
         !self.unsynced.is_empty()
     }
+    /// Whether an answer here waits only on other nodes: a proposal whose entry is durable
+    /// here already (it waits for acknowledgements), or a read (it waits for a heartbeat
+    /// round). Only then does a host gain from stepping while its fsync runs; otherwise it
+    /// may as well wait for the fsync itself (the `Node` then saves two thread hand-offs).
+    pub fn awaits_peers(&self) -> bool {
+        !self.reads.is_empty()
+            || self
+                .proposals
+                .front()
+                .is_some_and(|(index, _, _)| *index <= self.core.log().persisted())
+    }
+
     /// How many batches have been handed out so far (pass it to [`Engine::sync_through`]).
     pub fn batches_written(&self) -> u64 {
         self.written

@@ -269,7 +269,9 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
 
     /// Advances the engine until it is quiet, with its syncs: a sync whose wait blocks goes to
     /// the fsync thread (the node keeps stepping; the batches it covers complete when
-    /// `Command::Synced` comes back), one that does not is finished at once.
+    /// `Command::Synced` comes back) when answers wait on other nodes meanwhile
+    /// ([`Engine::awaits_peers`]); otherwise, and for a wait that does not block, the node
+    /// thread waits and finishes it at once.
     fn drive(&mut self) -> Result<(), NodeError> {
         loop {
             self.engine.advance(&mut self.host)?;
@@ -279,7 +281,8 @@ impl<S: Storage, M: StateMachine> Worker<S, M> {
             let Some(pending) = self.engine.start_sync(&mut self.host)? else {
                 return Ok(()); // nothing to sync, or a full disk (retried next round)
             };
-            let pending = if pending.blocks() {
+            // Handed off only when stepping during the fsync can answer someone sooner.
+            let pending = if pending.blocks() && self.engine.awaits_peers() {
                 match self.hand_off(pending) {
                     Ok(()) => return Ok(()),
                     Err(pending) => pending,

@@ -100,7 +100,7 @@ pub struct HostModel {
 }
 
 impl Default for HostModel {
-    /// Up to 64 inputs per round; each node blocking or pipelined at random, per start.
+    /// Up to 64 inputs per round; each node blocking or pipelined at random, per fsync.
     fn default() -> Self {
         HostModel {
             max_inputs: 64,
@@ -126,7 +126,9 @@ pub enum SyncMode {
     Blocking,
     /// Inputs are stepped and further batches handed out and written while the fsync runs.
     Pipelined,
-    /// Each node picks one of the two, from the seed, at every start.
+    /// Each node picks one of the two, from the seed, for every fsync (the `Node` waits for
+    /// an fsync itself, or steps on while its fsync thread waits, as the answers it holds
+    /// require; see [`Engine::awaits_peers`]).
     Mixed,
 }
 
@@ -656,6 +658,9 @@ impl<M: StateMachine, S: SimStorage> Cluster<M, S> {
         };
         let now = self.now;
         let node = self.nodes.get_mut(&id).expect("known node");
+        if self.config.host.sync == SyncMode::Mixed {
+            node.blocking = self.rng.chance(0.5);
+        }
         let at = (now + fsync).max(node.last_sync_at);
         node.last_sync_at = at;
         node.sync = Some(started);
