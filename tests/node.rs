@@ -438,13 +438,10 @@ fn an_earlier_batch_is_answered_while_the_leaders_next_fsync_is_in_flight() {
     }
 }
 
-/// The same on files, where the fdatasync runs on the node's fsync thread: its failure comes
-/// back to the node thread, which stops without acknowledging what it did not make durable.
-#[test]
-fn a_failed_fsync_on_the_fsync_thread_stops_the_node_with_the_error() {
-    use raftkv::testing::SimFileStorage;
+/// One node on `FileStorage` over a simulated disk, its driver on a thread of its own.
+fn single_node_on_a_simulated_disk() -> (Vec<TestNode>, raftkv::storage::file::sim::SimDisk) {
     let net = LocalNetwork::new();
-    let storage = SimFileStorage::new(1);
+    let storage = raftkv::testing::SimFileStorage::new(1);
     let disk = storage.disk().clone();
     let (node, driver) = Node::start(
         config(1, 1),
@@ -454,7 +451,14 @@ fn a_failed_fsync_on_the_fsync_thread_stops_the_node_with_the_error() {
     )
     .unwrap();
     std::thread::spawn(move || futures::executor::block_on(driver));
-    let nodes = vec![node];
+    (vec![node], disk)
+}
+
+/// The same on files, where the fdatasync runs on the node's fsync thread: its failure comes
+/// back to the node thread, which stops without acknowledging what it did not make durable.
+#[test]
+fn a_failed_fsync_on_the_fsync_thread_stops_the_node_with_the_error() {
+    let (nodes, disk) = single_node_on_a_simulated_disk();
     futures::executor::block_on(propose(&nodes, "ok"));
     disk.fail_next_sync();
     let err = futures::executor::block_on(nodes[0].propose("doomed")).unwrap_err();
@@ -504,19 +508,7 @@ fn a_full_disk_pauses_the_node_which_resumes_once_space_returns() {
 #[test]
 fn a_full_simulated_disk_under_file_storage_pauses_then_resumes_and_restarts_cleanly() {
     use raftkv::storage::FileStorage;
-    use raftkv::testing::SimFileStorage;
-    let net = LocalNetwork::new();
-    let storage = SimFileStorage::new(1);
-    let disk = storage.disk().clone();
-    let (node, driver) = Node::start(
-        config(1, 1),
-        storage,
-        RecordingMachine::default(),
-        net.transport(1),
-    )
-    .unwrap();
-    std::thread::spawn(move || futures::executor::block_on(driver));
-    let nodes = vec![node];
+    let (nodes, disk) = single_node_on_a_simulated_disk();
     let mut acked = Vec::new();
     for i in 0..20 {
         acked.push(futures::executor::block_on(propose(

@@ -607,22 +607,39 @@ impl<S: Storage, M: StateMachine, P, R> Engine<S, M, P, R> {
             return Ok(true);
         }
         match self.storage.sync() {
-            Ok(()) => {}
-            Err(e @ StorageError::NoSpace { .. }) => {
-                host.observe(Observed::DiskFull(&e));
-                self.full_disk(&e);
-                self.watch();
-                return Ok(false);
+            Ok(()) => {
+                self.synced(host, batches);
+                Ok(true)
             }
-            Err(e) => return Err(e.into()),
+            Err(e @ StorageError::NoSpace { .. }) => {
+                self.out_of_space(host, &e);
+                Ok(false)
+            }
+            Err(e) => Err(e.into()),
         }
+    }
+
+    /// A sync covering the first `batches` batches succeeded: they complete.
+    fn synced<H>(&mut self, host: &mut H, batches: u64)
+    where
+        H: Host<S, M::Output, Proposal = P, Read = R>,
+    {
         self.counters.syncs += 1;
         if self.stalled.is_none() {
             self.disk_full = None;
         }
         self.complete(host, batches);
         self.watch();
-        Ok(true)
+    }
+
+    /// A sync (or its start) failed for lack of space: the batches stay waiting.
+    fn out_of_space<H>(&mut self, host: &mut H, e: &StorageError)
+    where
+        H: Host<S, M::Output, Proposal = P, Read = R>,
+    {
+        host.observe(Observed::DiskFull(e));
+        self.full_disk(e);
+        self.watch();
     }
 
     /// Starts the sync of every batch written so far without waiting for the device: the
@@ -631,6 +648,41 @@ impl<S: Storage, M: StateMachine, P, R> Engine<S, M, P, R> {
     /// [`PendingSync`]). Meanwhile the host keeps stepping and advancing; batches handed out
     /// after this wait for the next sync. `None`: nothing waits for a sync, a started one is
     /// not finished yet, or the disk is full (see [`Engine::disk_full`]; try again later).
+    ///
+    /// ```
+    /// use raftkv::host::{Engine, Host};
+    /// use raftkv::raft::{Config, Message, Proposed, RaftCore, Role};
+    /// use raftkv::storage::MemStorage;
+    /// use raftkv::error::ProposeError;
+    /// use raftkv::testing::RecordingMachine;
+    ///
+    /// struct Answers(Vec<u64>);
+    /// impl Host<MemStorage, u64> for Answers {
+    ///     type Proposal = ();
+    ///     type Read = ();
+    ///     fn send(&mut self, _: &RaftCore, _: &MemStorage, _: Vec<Message>) {}
+    ///     fn proposal_done(&mut self, _: (), at: Proposed, _: Result<u64, ProposeError>) {
+    ///         self.0.push(at.index);
+    ///     }
+    ///     fn read_done(&mut self, _: (), _: Result<u64, ProposeError>) {}
+    /// }
+    ///
+    /// let core = RaftCore::new(Config::new(1, vec![1]), Default::default(), Default::default(), vec![]).unwrap();
+    /// let mut engine = Engine::new(core, MemStorage::new(), RecordingMachine::default(), None).unwrap();
+    /// let mut host = Answers(Vec::new());
+    /// while engine.core().role() != Role::Leader {
+    ///     engine.core_mut().tick();
+    /// }
+    /// engine.run(&mut host).unwrap();
+    /// engine.propose(b"x".as_slice().into(), ()).map_err(|(e, _)| e).unwrap();
+    /// engine.advance(&mut host).unwrap(); // entry 2 written, not yet durable
+    /// let pending = engine.start_sync(&mut host).unwrap().expect("a batch waits");
+    /// let waited = std::thread::spawn(move || pending.wait()).join().unwrap();
+    /// assert!(host.0.is_empty(), "nothing is answered before its sync finishes");
+    /// assert!(engine.finish_sync(&mut host, waited).unwrap());
+    /// engine.advance(&mut host).unwrap(); // applies what is now durable and committed
+    /// assert_eq!(host.0, vec![2]);
+    /// ```
     pub fn start_sync<H>(&mut self, host: &mut H) -> Result<Option<PendingSync>, NodeError>
     where
         H: Host<S, M::Output, Proposal = P, Read = R>,
@@ -641,9 +693,7 @@ impl<S: Storage, M: StateMachine, P, R> Engine<S, M, P, R> {
         let wait = match self.storage.start_sync() {
             Ok(wait) => wait,
             Err(e @ StorageError::NoSpace { .. }) => {
-                host.observe(Observed::DiskFull(&e));
-                self.full_disk(&e);
-                self.watch();
+                self.out_of_space(host, &e);
                 return Ok(None);
             }
             Err(e) => return Err(e.into()),
@@ -669,12 +719,7 @@ impl<S: Storage, M: StateMachine, P, R> Engine<S, M, P, R> {
             return self.sync_through(host, waited.batches);
         };
         self.storage.finish_sync(result)?;
-        self.counters.syncs += 1;
-        if self.stalled.is_none() {
-            self.disk_full = None;
-        }
-        self.complete(host, waited.batches);
-        self.watch();
+        self.synced(host, waited.batches);
         Ok(true)
     }
 
