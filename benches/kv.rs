@@ -320,7 +320,7 @@ fn bench(crit: &mut Criterion) {
     for (_, c, _) in setups {
         c.shutdown();
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    common::remove_bench_dirs(&dir);
 }
 
 /// The fan-out figures: [`WATCHERS`] watchers on one prefix, a paced then an unpaced writer.

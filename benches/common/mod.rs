@@ -55,7 +55,8 @@ pub fn cluster<M: StateMachine>(backend: &Backend, machine: impl Fn() -> M) -> C
         let (node, driver) = match backend {
             Backend::Memory => Node::start(c, MemStorage::new(), machine(), net.transport(id)),
             Backend::Files(dir) => {
-                Node::start(c, file_storage(dir, id), machine(), net.transport(id))
+                let storage = file_storage(&node_dir(dir, id), id);
+                Node::start(c, storage, machine(), net.transport(id))
             }
             Backend::OwnDisks {
                 dir,
@@ -86,6 +87,7 @@ pub fn cluster<M: StateMachine>(backend: &Backend, machine: impl Fn() -> M) -> C
     Cluster { leader, nodes, rt }
 }
 
+/// Node `id`'s storage in `dir/n<id>`.
 fn file_storage(dir: &Path, id: u64) -> FileStorage {
     let opts = FileStorageOptions {
         cluster_id: 1,
@@ -105,6 +107,47 @@ impl<O: Send + 'static> Cluster<O> {
 }
 
 /// The directory benchmarks write in: `RAFTKV_BENCH_DIR`, else the system temp directory.
+/// The directories named by `RAFTKV_BENCH_NODE_DIRS` (colon-separated, one per node, each on
+/// a disk of its own), if set: then node `i`'s data and its floor file go under the `i`-th,
+/// in a directory named like `dir`, instead of all three under `dir` on one disk.
+fn node_roots() -> Option<Vec<PathBuf>> {
+    let roots: Vec<PathBuf> = std::env::var_os("RAFTKV_BENCH_NODE_DIRS")?
+        .to_str()
+        .expect("RAFTKV_BENCH_NODE_DIRS is not UTF-8")
+        .split(':')
+        .map(PathBuf::from)
+        .collect();
+    assert!(
+        roots.len() >= 3,
+        "RAFTKV_BENCH_NODE_DIRS names {} directories, the cluster has 3 nodes",
+        roots.len()
+    );
+    Some(roots)
+}
+
+/// Where node `id` (1-based) of a bench in `dir` keeps its files (see [`node_roots`]).
+pub fn node_dir(dir: &Path, id: u64) -> PathBuf {
+    match node_roots() {
+        Some(roots) => {
+            let name = dir.file_name().expect("bench directory has a name");
+            let d = roots[(id - 1) as usize].join(name);
+            std::fs::create_dir_all(&d).expect("node bench directory");
+            d
+        }
+        None => dir.to_path_buf(),
+    }
+}
+
+/// Removes the bench's directory and the nodes' own ones (see [`node_roots`]).
+pub fn remove_bench_dirs(dir: &Path) {
+    if node_roots().is_some() {
+        for id in 1..=3 {
+            let _ = std::fs::remove_dir_all(node_dir(dir, id));
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 pub fn bench_dir(name: &str) -> PathBuf {
     let root = std::env::var_os("RAFTKV_BENCH_DIR")
         .map(PathBuf::from)
@@ -172,7 +215,7 @@ pub fn quorum_fdatasync(dir: &Path) -> Duration {
     let finished: Arc<Mutex<Vec<Instant>>> = Arc::default();
     let threads: Vec<_> = (0..3)
         .map(|i| {
-            let path = dir.join(format!("quorum-{i}"));
+            let path = node_dir(dir, i + 1).join(format!("quorum-{i}"));
             let f = std::fs::File::create(&path).expect("raw file");
             f.write_all_at(&vec![0u8; 4 << 20], 0).expect("write");
             f.sync_all().expect("fsync");
@@ -211,13 +254,19 @@ pub fn print_floors(dir: &Path) {
         "machine floor: thread-to-thread channel round trip {:?}",
         channel_round_trip()
     );
+    let first = node_dir(dir, 1);
     println!(
         "machine floor: 100 B write + fdatasync {:?} in {}",
-        write_fdatasync(dir),
-        dir.display()
+        write_fdatasync(&first),
+        first.display()
     );
+    let disks = if node_roots().is_some() {
+        "three files, one in each node's directory (RAFTKV_BENCH_NODE_DIRS)"
+    } else {
+        "three files (a 3-node cluster on this disk)"
+    };
     println!(
-        "machine floor: three at once on three files (a 3-node cluster on this disk), the second done after {:?}",
+        "machine floor: three at once on {disks}, the second done after {:?}",
         quorum_fdatasync(dir)
     );
 }
