@@ -175,6 +175,9 @@ pub struct FileStorage {
     clear_tail_loss: bool,
     /// What the sync begun by `start_sync` covers, until `finish_sync`.
     started: Option<Covered>,
+    /// What a blocking sync made durable while that sync's wait was in flight (its watermark
+    /// is written at the finish).
+    synced_meanwhile: Option<Covered>,
 }
 
 /// How far an fdatasync of a segment makes its records durable.
@@ -255,6 +258,7 @@ impl FileStorage {
             tail_loss: r.tail_loss,
             clear_tail_loss: false,
             started: None,
+            synced_meanwhile: None,
         };
         if !storage.active().has_hard_state || r.needs_hard_state_record {
             // Every segment with records starts with the hard state (see `segment.rs`); a
@@ -453,7 +457,12 @@ impl FileStorage {
     /// which the next fdatasync then makes durable before a later one claims more). Returns
     /// what an fdatasync of the active segment from now on covers.
     fn write_pending(&mut self) -> Result<Covered, StorageError> {
-        self.write_unwritten_watermark()?;
+        // Not while a split sync's wait may be fdatasyncing the segment: a slot write that a
+        // full disk refuses may land in part, and that wait would make the part durable. The
+        // kept-back generation is written at that sync's finish, or by the next start.
+        if self.started.is_none() {
+            self.write_unwritten_watermark()?;
+        }
         // Everything logged is written after this: the watermark records what it replays to.
         let hard_state = self.logged_hard_state;
         let active = &self.segments[self.segments.len() - 1];
@@ -479,13 +488,19 @@ impl FileStorage {
     /// already says as much (a later sync got there first) or `covered` was in a segment that
     /// is no longer the active one (sealed since, with its final watermark, or gone).
     fn mark_synced(&mut self, covered: Covered) -> Result<(), StorageError> {
-        let active = self.active_mut();
+        let active = self.active();
         if active.seq != covered.seq || active.watermark.synced_end >= covered.end {
             return Ok(());
         }
-        // A generation a full disk kept back claims at least as much: it was set by a sync
-        // that started after this one was covered.
-        debug_assert!(!active.watermark_unwritten);
+        // A generation a full disk kept back goes first (the two slots' generations differ
+        // by one). If the disk is still full, this claim waits too: the records it covers
+        // are synced and valid, and a later sync claims them with its own.
+        match self.write_unwritten_watermark() {
+            Ok(()) => {}
+            Err(StorageError::NoSpace { .. }) => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        let active = self.active_mut();
         active.watermark = active.watermark.next(covered.end, covered.hard_state);
         let w = active.watermark;
         match active.file.write_at(&w.encode(), w.offset()) {
@@ -512,6 +527,12 @@ impl FileStorage {
             .file
             .sync_data()
             .map_err(|e| io_error("fsync", &active.path, e))?;
+        if self.started.is_some() {
+            // A split sync's wait is in flight: its finish writes the watermark for both (see
+            // `write_pending` for why no slot is written meanwhile).
+            self.synced_meanwhile = Some(covered);
+            return Ok(());
+        }
         self.mark_synced(covered)
     }
 
@@ -828,12 +849,15 @@ impl Storage for FileStorage {
 
     fn finish_sync(&mut self, waited: Result<(), StorageError>) -> Result<(), StorageError> {
         let started = self.started.take();
+        let meanwhile = self.synced_meanwhile.take();
         let r = waited.and_then(|()| {
             self.check_poison()?;
-            match started {
-                Some(covered) => self.mark_synced(covered),
-                None => Ok(()),
+            // The later claim first (it covers more of the same segment, or a newer one);
+            // `mark_synced` ignores what the watermark already says and sealed segments.
+            for covered in [meanwhile, started].into_iter().flatten() {
+                self.mark_synced(covered)?;
             }
+            Ok(())
         });
         self.guard(r)
     }
