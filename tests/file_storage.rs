@@ -485,17 +485,63 @@ fn no_watermark_slot_is_written_while_a_split_sync_waits() {
         .expect("a segment");
     let slots = |disk: &SimDisk| disk.read(&segment).expect("segment")[512..1536].to_vec();
     s.append(&entries(3, 4, 1)).unwrap();
-    let wait = s.start_sync().unwrap().expect("the file storage splits its syncs");
+    let wait = s
+        .start_sync()
+        .unwrap()
+        .expect("the file storage splits its syncs");
     let before = slots(&disk);
     s.append(&entries(5, 6, 1)).unwrap();
     s.sync().unwrap();
-    assert_eq!(slots(&disk), before, "a slot was written while the wait was in flight");
+    assert_eq!(
+        slots(&disk),
+        before,
+        "a slot was written while the wait was in flight"
+    );
     s.finish_sync(wait.run()).unwrap();
     assert_ne!(slots(&disk), before, "the finish writes the watermark");
     drop(s);
     disk.crash(5);
     let s = FileStorage::open_simulated(&disk, "/n", opts()).unwrap();
     assert_eq!(s.last_index(), 6, "everything synced is there");
+}
+
+/// A segment sealed while a split sync's wait is in flight, its final watermark refused by a
+/// full disk (the slot may hold part of it): the retry writes the slot whole before anything
+/// else, so the wait's fdatasync of that segment never leaves a torn slot behind.
+#[test]
+fn a_refused_seal_during_a_split_sync_is_written_whole_on_retry() {
+    let disk = SimDisk::new();
+    let small = FileStorageOptions {
+        segment_size: 4096,
+        ..opts()
+    };
+    let mut s = FileStorage::open_simulated(&disk, "/n", small).unwrap();
+    s.append(&entries(1, 2, 1)).unwrap();
+    s.sync().unwrap();
+    s.append(&[kib_entry(3, 1)]).unwrap();
+    let wait = s
+        .start_sync()
+        .unwrap()
+        .expect("the file storage splits its syncs");
+    // Synced while the wait is in flight: the watermark is left to the finish, so the
+    // segment's records now lie above it and the seal below must write its slot.
+    s.append(&[kib_entry(4, 1)]).unwrap();
+    s.sync().unwrap();
+    disk.set_no_space_below(Some(1536));
+    let big: Vec<Entry> = (5..=6).map(|i| kib_entry(i, 1)).collect();
+    assert!(
+        matches!(s.append(&big), Err(StorageError::NoSpace { .. })),
+        "the roll's seal is refused"
+    );
+    disk.set_no_space_below(None);
+    s.append(&big).unwrap();
+    s.sync().unwrap();
+    s.finish_sync(wait.run()).unwrap();
+    drop(s);
+    disk.crash(11);
+    let s = FileStorage::open_simulated(&disk, "/n", small)
+        .unwrap_or_else(|e| panic!("reopens without damage: {e}"));
+    assert_eq!(s.last_index(), 6);
 }
 
 /// The node's way: the wait runs on another thread while the storage takes more writes, a

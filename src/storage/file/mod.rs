@@ -436,10 +436,15 @@ impl FileStorage {
                 .map_err(|e| io_error("fsync", &active.path, e))?;
             active.watermark = active.watermark.next(active.end, hard_state);
             let w = active.watermark;
-            active
-                .file
-                .write_at(&w.encode(), w.offset())
-                .map_err(|e| io_error("write", &active.path, e))?;
+            if let Err(e) = active.file.write_at(&w.encode(), w.offset()) {
+                // The slot may hold part of it: the retry writes it whole before anything else
+                // (`write_unwritten_watermark`), as after a refused slot write elsewhere.
+                let e = io_error("write", &active.path, e);
+                if matches!(e, StorageError::NoSpace { .. }) {
+                    active.watermark_unwritten = true;
+                }
+                return Err(e);
+            }
             self.watermark_unsynced = true;
         }
         if self.watermark_unsynced {

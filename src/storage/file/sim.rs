@@ -126,6 +126,8 @@ struct State {
     ops_until_crash: Option<u64>,
     dead: bool,
     no_space: bool,
+    /// Writes starting below this offset fail as with `no_space`.
+    no_space_below: Option<u64>,
     fail_next_sync: bool,
     tear_sectors: bool,
     capacity: Option<u64>,
@@ -271,6 +273,7 @@ impl SimDisk {
         s.ops_until_crash = None;
         s.dead = false;
         s.no_space = false;
+        s.no_space_below = None;
         s.fail_next_sync = false;
     }
 
@@ -299,6 +302,13 @@ impl SimDisk {
     /// While on, writes and growing `set_len`s fail with `ENOSPC`.
     pub fn set_no_space(&self, on: bool) {
         self.state.lock().no_space = on;
+    }
+
+    /// While `Some(offset)`, writes that start below `offset` fail as with
+    /// [`SimDisk::set_no_space`] (a segment's watermark slots, say, which lie below its
+    /// records).
+    pub fn set_no_space_below(&self, offset: Option<u64>) {
+        self.state.lock().no_space_below = offset;
     }
 
     /// The next `sync_data` or `sync_dir` fails with `EIO`.
@@ -461,7 +471,7 @@ impl VfsFile for SimFile {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         let mut s = self.disk.state.lock();
         s.tick()?;
-        let no_space = s.no_space;
+        let no_space = s.no_space || s.no_space_below.is_some_and(|below| offset < below);
         s.check_capacity(self.ino, offset + buf.len() as u64)?;
         let inode = s.inode(self.ino)?;
         let data = if no_space { &buf[..buf.len() / 2] } else { buf };
