@@ -34,12 +34,6 @@ impl PendingSync {
         self.wait.as_ref().is_some_and(SyncWait::blocks)
     }
 
-    /// How many batches it completes (a count of
-    /// [`Engine::batches_written`](super::Engine::batches_written)).
-    pub fn batches(&self) -> u64 {
-        self.batches
-    }
-
     /// Waits for the device (on any thread).
     pub fn wait(self) -> WaitedSync {
         WaitedSync {

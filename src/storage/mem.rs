@@ -108,6 +108,19 @@ impl State {
     }
 }
 
+impl Inner {
+    /// Makes the first `ops` pending operations durable (what a crash keeps); a started sync
+    /// covered no more than that.
+    fn make_durable(&mut self, ops: usize) {
+        let ops = ops.min(self.pending.len());
+        for op in self.pending.drain(..ops) {
+            self.durable.apply_owned(op);
+        }
+        self.started = 0;
+        self.syncs += 1;
+    }
+}
+
 #[derive(Debug, Default)]
 struct Inner {
     current: State,
@@ -389,14 +402,8 @@ impl Storage for MemStorage {
 
     fn sync(&mut self) -> Result<(), StorageError> {
         let mut inner = self.inner.lock();
-        let Inner {
-            pending, durable, ..
-        } = &mut *inner;
-        for op in pending.drain(..) {
-            durable.apply_owned(op);
-        }
-        inner.started = 0;
-        inner.syncs += 1;
+        let all = inner.pending.len();
+        inner.make_durable(all);
         Ok(())
     }
 
@@ -411,17 +418,8 @@ impl Storage for MemStorage {
     fn finish_sync(&mut self, waited: Result<(), StorageError>) -> Result<(), StorageError> {
         waited?;
         let mut inner = self.inner.lock();
-        let Inner {
-            pending,
-            durable,
-            started,
-            ..
-        } = &mut *inner;
-        let covered = std::mem::take(started).min(pending.len());
-        for op in pending.drain(..covered) {
-            durable.apply_owned(op);
-        }
-        inner.syncs += 1;
+        let covered = inner.started;
+        inner.make_durable(covered);
         Ok(())
     }
 

@@ -105,8 +105,9 @@ impl SyncWait {
         }
     }
 
-    /// Nothing to wait for: the writes were durable when `start_sync` returned (an
-    /// in-memory storage). A host finishes such a sync at once, without a thread hand-off.
+    /// Nothing to wait for on a device (an in-memory storage, or nothing new to sync): a host
+    /// finishes such a sync at once, without a thread hand-off. The writes are durable once
+    /// `finish_sync` returns, as for any split sync.
     pub fn done() -> Self {
         SyncWait { wait: None }
     }
