@@ -469,45 +469,9 @@ fn a_failed_wait_of_a_split_sync_poisons_the_storage() {
     assert!(s.last_index() >= 2, "what was synced before stays");
 }
 
-/// While a split sync's wait is in flight, a blocking sync writes no watermark slot (a slot
-/// write a full disk refuses may land in part, and the wait would make the part durable);
-/// the finish writes one watermark for both.
-#[test]
-fn no_watermark_slot_is_written_while_a_split_sync_waits() {
-    let disk = SimDisk::new();
-    let mut s = FileStorage::open_simulated(&disk, "/n", opts()).unwrap();
-    s.append(&entries(1, 2, 1)).unwrap();
-    s.sync().unwrap();
-    let segment = disk
-        .files()
-        .into_iter()
-        .find(|p| p.to_string_lossy().ends_with(".log"))
-        .expect("a segment");
-    let slots = |disk: &SimDisk| disk.read(&segment).expect("segment")[512..1536].to_vec();
-    s.append(&entries(3, 4, 1)).unwrap();
-    let wait = s
-        .start_sync()
-        .unwrap()
-        .expect("the file storage splits its syncs");
-    let before = slots(&disk);
-    s.append(&entries(5, 6, 1)).unwrap();
-    s.sync().unwrap();
-    assert_eq!(
-        slots(&disk),
-        before,
-        "a slot was written while the wait was in flight"
-    );
-    s.finish_sync(wait.run()).unwrap();
-    assert_ne!(slots(&disk), before, "the finish writes the watermark");
-    drop(s);
-    disk.crash(5);
-    let s = FileStorage::open_simulated(&disk, "/n", opts()).unwrap();
-    assert_eq!(s.last_index(), 6, "everything synced is there");
-}
-
 /// A segment sealed while a split sync's wait is in flight, its final watermark refused by a
-/// full disk (the slot may hold part of it): the retry writes the slot whole before anything
-/// else, so the wait's fdatasync of that segment never leaves a torn slot behind.
+/// full disk: the retry writes that generation before anything else, so the two slots stay
+/// consecutive generations.
 #[test]
 fn a_refused_seal_during_a_split_sync_is_written_whole_on_retry() {
     let disk = SimDisk::new();

@@ -84,6 +84,10 @@ enum Op {
     Wait,
     /// `finish_sync` with the wait's result: what the sync covered is durable now.
     FinishSync,
+    /// The operation while the disk refuses writes to the segments' first sectors (their
+    /// watermark slots; a refused write may land in part), retried once they are accepted
+    /// again if it failed for space, as a node retries a batch when space returns.
+    SlotsFull(Box<Op>),
 }
 
 /// The workload: a story of a follower's log.
@@ -178,6 +182,7 @@ impl Model {
     }
     fn apply(&mut self, op: &Op) {
         match op {
+            Op::SlotsFull(inner) => self.apply(inner),
             Op::HardState(hs) => self.hard_state = *hs,
             Op::Append(entries) => {
                 if let Some(first) = entries.first() {
@@ -243,31 +248,26 @@ fn run_workload_until_crash(disk: &SimDisk, workload: Vec<Op>) -> (Model, Vec<Op
     let mut wait: Option<SyncWait> = None;
     let mut waited: Option<Result<(), StorageError>> = None;
     for op in workload {
+        let (op, slots_full) = match op {
+            Op::SlotsFull(inner) => (*inner, true),
+            op => (op, false),
+        };
         match &op {
             Op::Append(entries) => {
                 unsynced.extend(entries.iter().map(|x| Op::Append(vec![x.clone()])))
             }
             other => unsynced.push(other.clone()),
         }
-        let result = match &op {
-            Op::HardState(hs) => s.set_hard_state(*hs),
-            Op::Append(entries) => s.append(entries),
-            Op::Truncate(from) => s.truncate_suffix(*from),
-            Op::Snapshot(meta, data) => s.save_snapshot(*meta, data),
-            Op::Chunk(meta, offset, data) => s.write_snapshot_chunk(*meta, *offset, data),
-            Op::Install(meta, _) => s.install_snapshot(*meta),
-            Op::Compact(through) => s.compact(*through),
-            Op::Sync => s.sync(),
-            Op::StartSync => s.start_sync().map(|w| {
-                wait = Some(w.expect("the file storage splits its syncs"));
-                covered = unsynced.len() - 1;
-            }),
-            Op::Wait => {
-                waited = Some(wait.take().expect("a started sync").run());
-                Ok(())
+        if slots_full {
+            disk.set_no_space_below(Some(SLOTS_END));
+        }
+        let mut result = run_op(&mut s, &op, &mut wait, &mut waited, &mut covered, &unsynced);
+        if slots_full {
+            disk.set_no_space_below(None);
+            if matches!(result, Err(StorageError::NoSpace { .. })) {
+                result = run_op(&mut s, &op, &mut wait, &mut waited, &mut covered, &unsynced);
             }
-            Op::FinishSync => s.finish_sync(waited.take().expect("a waited sync")),
-        };
+        }
         if result.is_err() {
             break;
         }
@@ -288,6 +288,40 @@ fn run_workload_until_crash(disk: &SimDisk, workload: Vec<Op>) -> (Model, Vec<Op
         }
     }
     (durable, unsynced)
+}
+
+/// Segments' watermark slots lie below this offset, their records above it.
+const SLOTS_END: u64 = 1536;
+
+/// Carries out one operation (`StartSync` records how many of `unsynced` its sync covers).
+fn run_op(
+    s: &mut FileStorage,
+    op: &Op,
+    wait: &mut Option<SyncWait>,
+    waited: &mut Option<Result<(), StorageError>>,
+    covered: &mut usize,
+    unsynced: &[Op],
+) -> Result<(), StorageError> {
+    match op {
+        Op::HardState(hs) => s.set_hard_state(*hs),
+        Op::Append(entries) => s.append(entries),
+        Op::Truncate(from) => s.truncate_suffix(*from),
+        Op::Snapshot(meta, data) => s.save_snapshot(*meta, data),
+        Op::Chunk(meta, offset, data) => s.write_snapshot_chunk(*meta, *offset, data),
+        Op::Install(meta, _) => s.install_snapshot(*meta),
+        Op::Compact(through) => s.compact(*through),
+        Op::Sync => s.sync(),
+        Op::StartSync => s.start_sync().map(|w| {
+            *wait = Some(w.expect("the file storage splits its syncs"));
+            *covered = unsynced.len() - 1;
+        }),
+        Op::Wait => {
+            *waited = Some(wait.take().expect("a started sync").run());
+            Ok(())
+        }
+        Op::FinishSync => s.finish_sync(waited.take().expect("a waited sync")),
+        Op::SlotsFull(_) => unreachable!("unwrapped by the caller"),
+    }
 }
 
 /// The recovered state must be the durable one followed by a prefix of the rest. Returns how
@@ -484,6 +518,13 @@ fn random_workload(seed: u64, len: usize) -> Vec<Op> {
                 Op::StartSync
             }
             _ => Op::Sync,
+        };
+        // Some appends (a segment roll seals its segment: a slot write) and syncs (their
+        // watermark) meet a disk that refuses the slots' sectors.
+        let op = if matches!(op, Op::Append(_) | Op::Sync) && r.below(4) == 0 {
+            Op::SlotsFull(Box::new(op))
+        } else {
+            op
         };
         model.apply(&op);
         ops.push(op);

@@ -175,9 +175,6 @@ pub struct FileStorage {
     clear_tail_loss: bool,
     /// What the sync begun by `start_sync` covers, until `finish_sync`.
     started: Option<Covered>,
-    /// What a blocking sync made durable while that sync's wait was in flight (its watermark
-    /// is written at the finish).
-    synced_meanwhile: Option<Covered>,
 }
 
 /// How far an fdatasync of a segment makes its records durable.
@@ -258,7 +255,6 @@ impl FileStorage {
             tail_loss: r.tail_loss,
             clear_tail_loss: false,
             started: None,
-            synced_meanwhile: None,
         };
         if !storage.active().has_hard_state || r.needs_hard_state_record {
             // Every segment with records starts with the hard state (see `segment.rs`); a
@@ -437,8 +433,8 @@ impl FileStorage {
             active.watermark = active.watermark.next(active.end, hard_state);
             let w = active.watermark;
             if let Err(e) = active.file.write_at(&w.encode(), w.offset()) {
-                // The slot may hold part of it: the retry writes it whole before anything else
-                // (`write_unwritten_watermark`), as after a refused slot write elsewhere.
+                // The slot keeps the generation before: the retry writes this one first
+                // (`write_unwritten_watermark`), so the two slots stay consecutive.
                 let e = io_error("write", &active.path, e);
                 if matches!(e, StorageError::NoSpace { .. }) {
                     active.watermark_unwritten = true;
@@ -462,12 +458,7 @@ impl FileStorage {
     /// which the next fdatasync then makes durable before a later one claims more). Returns
     /// what an fdatasync of the active segment from now on covers.
     fn write_pending(&mut self) -> Result<Covered, StorageError> {
-        // Not while a split sync's wait may be fdatasyncing the segment: a slot write that a
-        // full disk refuses may land in part, and that wait would make the part durable. The
-        // kept-back generation is written at that sync's finish, or by the next start.
-        if self.started.is_none() {
-            self.write_unwritten_watermark()?;
-        }
+        self.write_unwritten_watermark()?;
         // Everything logged is written after this: the watermark records what it replays to.
         let hard_state = self.logged_hard_state;
         let active = &self.segments[self.segments.len() - 1];
@@ -532,12 +523,6 @@ impl FileStorage {
             .file
             .sync_data()
             .map_err(|e| io_error("fsync", &active.path, e))?;
-        if self.started.is_some() {
-            // A split sync's wait is in flight: its finish writes the watermark for both (see
-            // `write_pending` for why no slot is written meanwhile).
-            self.synced_meanwhile = Some(covered);
-            return Ok(());
-        }
         self.mark_synced(covered)
     }
 
@@ -854,15 +839,12 @@ impl Storage for FileStorage {
 
     fn finish_sync(&mut self, waited: Result<(), StorageError>) -> Result<(), StorageError> {
         let started = self.started.take();
-        let meanwhile = self.synced_meanwhile.take();
         let r = waited.and_then(|()| {
             self.check_poison()?;
-            // The later claim first (it covers more of the same segment, or a newer one);
-            // `mark_synced` ignores what the watermark already says and sealed segments.
-            for covered in [meanwhile, started].into_iter().flatten() {
-                self.mark_synced(covered)?;
+            match started {
+                Some(covered) => self.mark_synced(covered),
+                None => Ok(()),
             }
-            Ok(())
         });
         self.guard(r)
     }

@@ -18,7 +18,8 @@
 //!
 //! Faults: [`SimDisk::crash_after`] makes the n-th next mutating operation and everything after
 //! it fail (the process "dies" there); [`SimDisk::set_no_space`] makes writes and growing
-//! `set_len`s fail with `ENOSPC` (a write first lands half of its bytes, unsynced);
+//! `set_len`s fail with `ENOSPC` (a write first lands half of its bytes, unsynced, or none
+//! if it lies within one 512-byte sector);
 //! [`SimDisk::fail_next_sync`] makes the next fsync fail with `EIO`; [`SimDisk::set_capacity`]
 //! makes the disk small: a write or `set_len` that would grow the files (those with a name)
 //! beyond it fails with `ENOSPC` and changes nothing.
@@ -474,7 +475,14 @@ impl VfsFile for SimFile {
         let no_space = s.no_space || s.no_space_below.is_some_and(|below| offset < below);
         s.check_capacity(self.ino, offset + buf.len() as u64)?;
         let inode = s.inode(self.ino)?;
-        let data = if no_space { &buf[..buf.len() / 2] } else { buf };
+        // A refused write lands half its bytes, unless it lies within one sector: a sector is
+        // written whole or not at all (the assumption the watermark slots rely on).
+        let one_sector = offset / 512 == (offset + buf.len().max(1) as u64 - 1) / 512;
+        let data = match (no_space, one_sector) {
+            (false, _) => buf,
+            (true, false) => &buf[..buf.len() / 2],
+            (true, true) => &[],
+        };
         let op = FileOp::Write {
             offset,
             data: data.to_vec(),
